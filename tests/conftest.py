@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def llama_spec(**overrides):
+    """Llama-3-8B with an 8K x 16 SLA, as a plain dict; overrides merge at the top."""
+    spec = {
+        "weights": {"parameters": 8030261248, "dtype": "bf16"},
+        "architecture": {
+            "layers": 32, "attentionHeads": 32, "kvHeads": 8, "headDim": 128,
+            "maxContextTokens": 8192,
+        },
+        "sla": {"contextTokens": 8192, "concurrentSequences": 16},
+    }
+    spec.update(overrides)
+    return spec
+
+
+@pytest.fixture
+def example_docs():
+    return {p.stem: yaml.safe_load(p.read_text()) for p in sorted(EXAMPLES.glob("*.yaml"))}

@@ -1,0 +1,87 @@
+"""The Model API as pydantic sees it: defaults, aliases and the cross-field rules."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from kvpilot.api.model import Model, ModelSpec
+from kvpilot.api.quantity import format_bytes, parse_bytes
+from tests.conftest import llama_spec
+
+
+def test_defaults_and_camel_case_names():
+    spec = ModelSpec.model_validate(llama_spec())
+    assert spec.replicas == 1 and spec.min_replicas == 1 and spec.max_replicas is None
+    assert spec.tensor_parallel == "auto"
+    assert spec.kv_cache_dtype == "bf16"
+    assert spec.autoscaling.target_kv_pressure_percent == 75
+    dumped = spec.model_dump(by_alias=True, exclude_none=True)
+    assert dumped["architecture"]["kvHeads"] == 8
+    assert dumped["sla"]["concurrentSequences"] == 16
+
+
+def test_examples_load(example_docs):
+    assert len(example_docs) >= 4
+    for name, doc in example_docs.items():
+        model = Model.model_validate(doc)
+        assert model.metadata.name, name
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"minReplicas": 3, "maxReplicas": 2, "replicas": 2}, "minReplicas must be <= maxReplicas"),
+        ({"replicas": 0}, "replicas must be >= minReplicas"),
+        ({"replicas": 5, "maxReplicas": 4}, "replicas must be <= maxReplicas"),
+        ({"sla": {"contextTokens": 9000, "concurrentSequences": 1}},
+         "sla.contextTokens must be <= architecture.maxContextTokens"),
+        ({"tensorParallel": 3}, "tensorParallel must divide architecture.kvHeads"),
+        ({"tensorParallel": "two"}, "tensorParallel"),
+        ({"tensorParallel": 32}, "tensorParallel"),
+        ({"autoscaling": {"enabled": True}}, "autoscaling.enabled needs maxReplicas"),
+        ({"weights": {"dtype": "bf16"}}, "weights needs parameters"),
+        ({"weights": {"bytes": "16 gigs"}}, "weights.bytes"),
+        ({"kvCacheDtype": "int3"}, "kvCacheDtype"),
+        ({"architecture": {"layers": 32, "attentionHeads": 32, "kvHeads": 6, "headDim": 128,
+                           "maxContextTokens": 8192}}, "kvHeads must divide attentionHeads"),
+        ({"replica": 2}, "replica"),  # a typo is refused, not silently dropped
+        ({"runtimeOverhead": "-1Gi"}, "runtimeOverhead"),
+    ],
+)
+def test_invalid_specs_name_the_field_and_fix(overrides, message):
+    with pytest.raises(ValidationError) as err:
+        ModelSpec.model_validate(llama_spec(**overrides))
+    assert message in str(err.value)
+
+
+def test_tp_multiple_of_kv_heads_is_allowed():
+    spec = llama_spec(
+        architecture={"layers": 32, "attentionHeads": 32, "kvHeads": 1, "headDim": 128,
+                      "maxContextTokens": 8192},
+        tensorParallel=4,
+    )
+    assert ModelSpec.model_validate(spec).tensor_parallel == 4
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (4096, 4096), ("4096", 4096), ("16Gi", 16 * 2**30), ("1.5Gi", 3 * 2**29),
+        ("8G", 8 * 10**9), ("500Mi", 500 * 2**20), ("1e3", 1000), ("0.5", 1),
+    ],
+)
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["-1", "16GB", "1.5gi", "", "Gi", True])
+def test_parse_bytes_refuses(bad):
+    with pytest.raises(ValueError):
+        parse_bytes(bad)
+
+
+def test_format_bytes():
+    assert format_bytes(65755949056) == "61.2 GiB"
+    assert format_bytes(1536 * 2**20) == "1.5 GiB"
+    assert format_bytes(512) == "512 B"
