@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from kvpilot.api.model import Model, ModelSpec
 from kvpilot.api.quantity import format_bytes, parse_bytes
 from tests.conftest import llama_spec
+from tests.invalid_models import INVALID, apply_overrides
 
 
 def test_defaults_and_camel_case_names():
@@ -29,30 +30,18 @@ def test_examples_load(example_docs):
 
 
 @pytest.mark.parametrize(
-    "overrides, message",
-    [
-        ({"minReplicas": 3, "maxReplicas": 2, "replicas": 2}, "minReplicas must be <= maxReplicas"),
-        ({"replicas": 0}, "replicas must be >= minReplicas"),
-        ({"replicas": 5, "maxReplicas": 4}, "replicas must be <= maxReplicas"),
-        ({"sla": {"contextTokens": 9000, "concurrentSequences": 1}},
-         "sla.contextTokens must be <= architecture.maxContextTokens"),
-        ({"tensorParallel": 3}, "tensorParallel must divide architecture.kvHeads"),
-        ({"tensorParallel": "two"}, "tensorParallel"),
-        ({"tensorParallel": 32}, "tensorParallel"),
-        ({"autoscaling": {"enabled": True}}, "autoscaling.enabled needs maxReplicas"),
-        ({"weights": {"dtype": "bf16"}}, "weights needs parameters"),
-        ({"weights": {"bytes": "16 gigs"}}, "weights.bytes"),
-        ({"kvCacheDtype": "int3"}, "kvCacheDtype"),
-        ({"architecture": {"layers": 32, "attentionHeads": 32, "kvHeads": 6, "headDim": 128,
-                           "maxContextTokens": 8192}}, "kvHeads must divide attentionHeads"),
-        ({"replica": 2}, "replica"),  # a typo is refused, not silently dropped
-        ({"runtimeOverhead": "-1Gi"}, "runtimeOverhead"),
-    ],
+    "overrides, message", [pytest.param(o, m, id=i) for i, o, m, _ in INVALID]
 )
 def test_invalid_specs_name_the_field_and_fix(overrides, message):
     with pytest.raises(ValidationError) as err:
-        ModelSpec.model_validate(llama_spec(**overrides))
+        ModelSpec.model_validate(apply_overrides(llama_spec(), overrides))
     assert message in str(err.value)
+
+
+def test_unknown_fields_are_refused():
+    # a typo is refused, not silently dropped
+    with pytest.raises(ValidationError, match="replica"):
+        ModelSpec.model_validate(llama_spec(replica=2))
 
 
 def test_tp_multiple_of_kv_heads_is_allowed():
