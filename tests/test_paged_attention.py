@@ -1,0 +1,347 @@
+"""Paged-attention decode and reshape_and_cache against the plain PyTorch reference.
+
+Runs on a GPU when there is one, else on CPU through Triton's interpreter (set below,
+before Triton is first imported). Edge cases use tiny batches and head counts because
+the interpreter is slow; each check compares ``||out - ref|| / ||ref||`` against a
+tolerance per dtype, on fresh random data, with the output poisoned (NaN) beforehand
+so an unwritten element fails.
+"""
+
+from __future__ import annotations
+
+import os
+
+torch = __import__("pytest").importorskip("torch")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from kvpilot.worker.kernels import cache as kv_cache  # noqa: E402
+from kvpilot.worker.kernels.paged_attention import (  # noqa: E402
+    DecodeConfig,
+    choose_num_splits,
+    paged_attention_decode,
+)
+from kvpilot.worker.kernels.reference import (  # noqa: E402
+    FP8_DTYPE,
+    dequantize,
+    gather_sequence,
+    paged_attention_ref,
+    quantize_fp8,
+    reshape_and_cache_ref,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# ||out - ref|| / ||ref||: bf16 keeps 8 mantissa bits (output and P rounded to it), fp16 11.
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# The kernel's FP8 path converts e4m3 exactly and runs the dots in fp16, so against the
+# dequantized reference its error is that of its bf16 output; against the unquantized
+# values e4m3's 3 mantissa bits dominate (about 2-3e-2 measured).
+FP8_TOL = TOL[torch.bfloat16]
+FP8_VS_ORIGINAL_TOL = 6e-2
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "NaN in output (unwritten or bad masking)"
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+class World:
+    """Random sequences in a paged cache with a shuffled, non-contiguous block table."""
+
+    def __init__(self, seq_lens, kv_heads, group, head_dim, page_size, dtype, *,
+                 head_major=True, seed=0, spare_pages=3, q_scale=1.0):
+        g = torch.Generator().manual_seed(seed)
+        self.seq_lens_list = list(seq_lens)
+        batch = len(seq_lens)
+        pages_per_seq = [-(-n // page_size) for n in seq_lens]
+        max_pages = max(max(pages_per_seq), 1) + 1  # a stale column past every sequence
+        num_pages = sum(pages_per_seq) + spare_pages
+        perm = torch.randperm(num_pages, generator=g)
+        # Stale entries past a sequence's pages: arbitrary page ids the kernel must not read.
+        table = torch.randint(0, num_pages, (batch, max_pages), generator=g, dtype=torch.int32)
+        taken = 0
+        for b, n in enumerate(pages_per_seq):
+            table[b, :n] = perm[taken:taken + n].to(torch.int32)
+            taken += n
+        self.block_table = table.to(DEVICE)
+        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+        self.layer = kv_cache.allocate_layer(num_pages, page_size, kv_heads, head_dim, dtype,
+                                             DEVICE, head_major=head_major)
+        # Fill every page (including unused ones) with random values: never test on zeros.
+        shape = (num_pages, page_size, kv_heads, head_dim)
+        self.k_full = torch.randn(shape, generator=g).to(DEVICE)
+        self.v_full = torch.randn(shape, generator=g).to(DEVICE)
+        q_dtype = torch.bfloat16 if dtype == FP8_DTYPE else dtype
+        self.q = (q_scale * torch.randn(batch, kv_heads * group, head_dim, generator=g)).to(
+            q_dtype).to(DEVICE)
+        if dtype == FP8_DTYPE:
+            self.layer.k_scale.copy_(self.k_full.abs().amax() / 448.0)
+            self.layer.v_scale.copy_(self.v_full.abs().amax() / 448.0)
+            self.layer.key.copy_(quantize_fp8(self.k_full, self.layer.k_scale))
+            self.layer.value.copy_(quantize_fp8(self.v_full, self.layer.v_scale))
+        else:
+            self.layer.key.copy_(self.k_full)
+            self.layer.value.copy_(self.v_full)
+
+    def run(self, **kw):
+        out = torch.full_like(self.q, float("nan"))
+        return paged_attention_decode(self.q, self.layer.key, self.layer.value, self.block_table,
+                                      self.seq_lens, k_scale=self.layer.k_scale,
+                                      v_scale=self.layer.v_scale, out=out, **kw)
+
+    def ref(self):
+        return paged_attention_ref(self.q, self.layer.key, self.layer.value, self.block_table,
+                                   self.seq_lens, k_scale=self.layer.k_scale,
+                                   v_scale=self.layer.v_scale)
+
+
+# ---- lengths that are not multiples of the page, with and without splits --------------
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_lengths_not_multiple_of_page(num_splits):
+    w = World([1, 15, 17, 1025, 1027], kv_heads=1, group=4, head_dim=64, page_size=16,
+              dtype=torch.bfloat16, seed=num_splits)
+    assert rel_err(w.run(num_splits=num_splits), w.ref()) < TOL[torch.bfloat16]
+
+
+# ---- GQA ratios x head dims x dtypes ---------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_gqa_and_head_dims(group, head_dim, dtype):
+    w = World([70, 33], kv_heads=2, group=group, head_dim=head_dim, page_size=16, dtype=dtype,
+              seed=group * head_dim)
+    assert rel_err(w.run(num_splits=2), w.ref()) < TOL[dtype]
+
+
+def test_peaked_softmax_is_stable():
+    # Large scores: one token dominates; the running max must keep exp2 in range.
+    w = World([300], kv_heads=1, group=4, head_dim=64, page_size=16, dtype=torch.float16,
+              seed=7, q_scale=30.0)
+    assert rel_err(w.run(num_splits=3), w.ref()) < TOL[torch.float16]
+
+
+# ---- page sizes ------------------------------------------------------------------------
+def _same_kv_in_pages(page_size, lens, seed=3):
+    """One fixed set of sequences written into a cache with `page_size`."""
+    g = torch.Generator().manual_seed(seed)
+    kv_heads, head_dim = 2, 64
+    seqs_k = [torch.randn(n, kv_heads, head_dim, generator=g).half() for n in lens]
+    seqs_v = [torch.randn(n, kv_heads, head_dim, generator=g).half() for n in lens]
+    q = torch.randn(len(lens), kv_heads * 4, head_dim, generator=g).half().to(DEVICE)
+    w = World(lens, kv_heads=kv_heads, group=4, head_dim=head_dim, page_size=page_size,
+              dtype=torch.float16, seed=seed + page_size)
+    for b, n in enumerate(lens):
+        pos = torch.arange(n)
+        pages = w.block_table[b].cpu().long()[pos // page_size]
+        idx = (pages.to(DEVICE), (pos % page_size).to(DEVICE))
+        w.layer.key[idx] = seqs_k[b].to(DEVICE)
+        w.layer.value[idx] = seqs_v[b].to(DEVICE)
+    w.q = q
+    return w
+
+
+def test_page_sizes_1_and_16_agree():
+    lens = [17, 130]
+    w1, w16 = _same_kv_in_pages(1, lens), _same_kv_in_pages(16, lens)
+    out1, out16 = w1.run(num_splits=2), w16.run(num_splits=2)
+    # Same tiles in the same order: the page size changes addresses, not arithmetic.
+    torch.testing.assert_close(out1, out16, atol=1e-3, rtol=1e-3)
+    assert rel_err(out16, w16.ref()) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("page_size", [7, 128])
+def test_odd_and_large_pages(page_size):
+    w = World([1, 200], kv_heads=2, group=2, head_dim=64, page_size=page_size,
+              dtype=torch.float16, seed=page_size)
+    assert rel_err(w.run(num_splits=2), w.ref()) < TOL[torch.float16]
+
+
+def test_token_major_layout():
+    w = World([40, 77], kv_heads=2, group=4, head_dim=64, page_size=16, dtype=torch.bfloat16,
+              head_major=False, seed=11)
+    assert w.layer.key.is_contiguous()  # token-major pages are plain contiguous
+    assert rel_err(w.run(num_splits=2), w.ref()) < TOL[torch.bfloat16]
+
+
+# ---- splits: many, empty, and the count heuristic --------------------------------------
+def test_more_splits_than_tiles_leaves_empty_splits_harmless():
+    # 8 splits over sequences of 1..2 tiles: most splits are empty; no NaN, same answer.
+    w = World([1, 65, 5], kv_heads=1, group=4, head_dim=64, page_size=16,
+              dtype=torch.float16, seed=5)
+    out = w.run(num_splits=8)
+    assert rel_err(out, w.ref()) < TOL[torch.float16]
+    torch.testing.assert_close(out, w.run(num_splits=1), atol=2e-3, rtol=2e-3)
+
+
+def test_empty_sequence_gives_zeros_not_nan():
+    w = World([0, 20], kv_heads=1, group=4, head_dim=64, page_size=16, dtype=torch.float16,
+              seed=9)
+    for splits in (1, 4):
+        out = w.run(num_splits=splits)
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+        assert rel_err(out[1], w.ref()[1]) < TOL[torch.float16]
+
+
+def test_small_block_config():
+    w = World([100], kv_heads=1, group=8, head_dim=64, page_size=16, dtype=torch.bfloat16,
+              seed=13)
+    cfg = DecodeConfig(block_n=16, num_warps=2, num_stages=1)
+    assert rel_err(w.run(num_splits=3, config=cfg), w.ref()) < TOL[torch.bfloat16]
+
+
+def test_choose_num_splits():
+    # Llama-3-8B (8 KV heads), 132 SMs, tiles of 64, 4 programs per SM, splits >= 4 tiles.
+    assert choose_num_splits(1, 8, 32768, 132, 64) == 66       # 528 programs
+    assert choose_num_splits(1, 8, 4096, 132, 64) == 16        # capped: 64 tiles / 4
+    assert choose_num_splits(1, 8, 100, 132, 64) == 1          # too short to split
+    assert choose_num_splits(16, 8, 32768, 132, 64) == 5       # 128 programs -> 640
+    assert choose_num_splits(128, 8, 1024, 132, 64) == 1       # the batch fills the GPU
+    assert choose_num_splits(1, 1, 10**7, 132, 16) == 256      # MAX_SPLITS
+
+
+# ---- FP8 KV ----------------------------------------------------------------------------
+@pytest.mark.parametrize("per_head", [False, True])
+def test_fp8_against_dequantized_reference(per_head):
+    w = World([1, 17, 300], kv_heads=2, group=4, head_dim=128, page_size=16, dtype=FP8_DTYPE,
+              seed=21 + per_head)
+    if per_head:
+        # Different scales per head: a head that used the wrong scale would be off by 2-4x.
+        heads = torch.tensor([1.0, 3.0], device=DEVICE)
+        k_true, v_true = w.k_full * heads[:, None], w.v_full * heads.flip(0)[:, None]
+        w.layer.k_scale = (k_true.abs().amax(dim=(0, 1, 3)) / 448.0).float()
+        w.layer.v_scale = (v_true.abs().amax(dim=(0, 1, 3)) / 448.0).float()
+        w.layer.key.copy_(quantize_fp8(k_true, w.layer.k_scale))
+        w.layer.value.copy_(quantize_fp8(v_true, w.layer.v_scale))
+    else:
+        k_true, v_true = w.k_full, w.v_full
+    out = w.run(num_splits=2)
+    assert rel_err(out, w.ref()) < FP8_TOL
+    # And against attention over the unquantized values: e4m3 rounding only.
+    exact = paged_attention_ref(w.q, k_true, v_true, w.block_table, w.seq_lens)
+    assert rel_err(out, exact) < FP8_VS_ORIGINAL_TOL
+
+
+# ---- reshape_and_cache -------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,rounds", [
+    (torch.bfloat16, False),
+    (FP8_DTYPE, False),
+    pytest.param(FP8_DTYPE, True, marks=pytest.mark.skipif(
+        DEVICE != "cuda", reason="the interpreter's float downcast misrounds "
+                                 "(triton-lang/triton#8322); the device cast is checked")),
+])
+def test_reshape_and_cache_matches_reference(dtype, rounds):
+    g = torch.Generator().manual_seed(31)
+    kv_heads, head_dim, page_size, num_pages, tokens = 3, 64, 16, 6, 9
+    layer = kv_cache.allocate_layer(num_pages, page_size, kv_heads, head_dim, dtype, DEVICE,
+                                    per_head_scales=True)
+    heads = torch.ones(kv_heads, 1, device=DEVICE)
+    if layer.is_fp8:
+        # Powers of two, so that a value already on the e4m3 grid divides exactly.
+        layer.k_scale.copy_(torch.tensor([2.0**-7, 2.0**-6, 2.0**-8]))
+        layer.v_scale.copy_(torch.tensor([2.0**-6, 2.0**-7, 2.0**-9]))
+        heads = layer.k_scale[:, None]
+    fill = torch.randn(num_pages, page_size, kv_heads, head_dim, generator=g).to(DEVICE)
+    layer.key.copy_(fill.to(dtype))
+    layer.value.copy_((-fill).to(dtype))
+    ref_k, ref_v = layer.key.clone(), layer.value.clone()
+    key = 50 * torch.randn(tokens, kv_heads, head_dim, generator=g).to(DEVICE)
+    value = 50 * torch.randn(tokens, kv_heads, head_dim, generator=g).to(DEVICE)
+    if not rounds:
+        # Values on the cache's grid: the write is exact in any mode, so this checks
+        # placement, scales and saturation without depending on a rounding routine.
+        key = (key / heads).clamp(-448, 448).to(dtype).float() * heads
+        value = (value / heads).clamp(-448, 448).to(dtype).float() * heads
+        if layer.is_fp8:
+            value = value / layer.k_scale[:, None] * layer.v_scale[:, None]
+    key, value = key.bfloat16(), value.bfloat16()
+    slots = torch.randperm(num_pages * page_size, generator=g)[:tokens].to(DEVICE)
+    slots[4] = -1  # padding token: written nowhere
+    kv_cache.reshape_and_cache(key, value, layer, slots)
+    reshape_and_cache_ref(key, value, ref_k, ref_v, slots, layer.k_scale, layer.v_scale)
+    # Bit-exact: both round the same float32 value to the cache dtype (nearest even).
+    assert torch.equal(layer.key.view(torch.uint8), ref_k.view(torch.uint8))
+    assert torch.equal(layer.value.view(torch.uint8), ref_v.view(torch.uint8))
+
+
+def test_fp8_saturates_instead_of_nan():
+    layer = kv_cache.allocate_layer(2, 4, 1, 16, FP8_DTYPE, DEVICE)
+    key = torch.full((2, 1, 16), 1e4, dtype=torch.bfloat16, device=DEVICE)
+    key[1] = -1e4
+    kv_cache.reshape_and_cache(key, key, layer, torch.tensor([0, 5], device=DEVICE))
+    vals = layer.key.float()
+    assert vals[0, 0].eq(448.0).all() and vals[1, 1].eq(-448.0).all()
+
+
+def test_cache_then_decode_end_to_end():
+    # Prefill three sequences token by token through reshape_and_cache, then decode.
+    g = torch.Generator().manual_seed(41)
+    lens, kv_heads, group, head_dim, page_size = [5, 33, 18], 2, 4, 64, 16
+    pages_needed = sum(-(-n // page_size) for n in lens)
+    layer = kv_cache.allocate_layer(pages_needed + 2, page_size, kv_heads, head_dim,
+                                    torch.bfloat16, DEVICE)
+    layer.key.fill_(float("nan"))  # unwritten slots must never be read
+    layer.value.fill_(float("nan"))
+    perm = torch.randperm(pages_needed + 2, generator=g)
+    table = torch.zeros(len(lens), 3, dtype=torch.int32)
+    taken = 0
+    for b, n in enumerate(lens):
+        k = -(-n // page_size)
+        table[b, :k] = perm[taken:taken + k].to(torch.int32)
+        taken += k
+    table = table.to(DEVICE)
+    ks, vs = [], []
+    for pos in range(max(lens)):
+        rows = [b for b, n in enumerate(lens) if pos < n]
+        key = torch.randn(len(rows), kv_heads, head_dim, generator=g).bfloat16().to(DEVICE)
+        val = torch.randn(len(rows), kv_heads, head_dim, generator=g).bfloat16().to(DEVICE)
+        positions = torch.full((len(lens),), pos, device=DEVICE)
+        slots = kv_cache.slot_mapping(table, positions, page_size)[rows]
+        kv_cache.reshape_and_cache(key, val, layer, slots)
+        ks.append((rows, key))
+        vs.append((rows, val))
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(len(lens), kv_heads * group, head_dim, generator=g).bfloat16().to(DEVICE)
+    out = paged_attention_decode(q, layer.key, layer.value, table, seq_lens, num_splits=2)
+    ref = paged_attention_ref(q, layer.key, layer.value, table, seq_lens)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+    # The cache holds exactly what was written, in order.
+    for b, n in enumerate(lens):
+        got = gather_sequence(layer.key, table[b], n)
+        want = torch.stack([key[rows.index(b)] for rows, key in ks[:n]])
+        assert torch.equal(got, want)
+    assert dequantize(layer.key, None).dtype == torch.float32
+
+
+# ---- launcher checks ---------------------------------------------------------------------
+def test_launcher_rejects_bad_shapes():
+    w = World([10], kv_heads=2, group=3, head_dim=64, page_size=16, dtype=torch.float16)
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        paged_attention_decode(w.q[:, :5], w.layer.key, w.layer.value, w.block_table, w.seq_lens)
+    with pytest.raises(ValueError, match="int32"):
+        paged_attention_decode(w.q, w.layer.key, w.layer.value, w.block_table.long(), w.seq_lens)
+    with pytest.raises(ValueError, match="dtype"):
+        paged_attention_decode(w.q.bfloat16(), w.layer.key, w.layer.value, w.block_table,
+                               w.seq_lens)
+
+
+# ---- no recompilation per length or split count (compiled kernels only) -----------------
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter compiles nothing")
+def test_lengths_and_split_counts_do_not_recompile():
+    from kvpilot.worker.kernels import paged_attention as pa
+
+    def compiled():
+        caches = getattr(pa._paged_decode_kernel, "device_caches", None)
+        if caches is None:
+            pytest.skip("this Triton keeps no per-device kernel cache")
+        return sum(len(c[0]) for c in caches.values())
+
+    w = World([100, 3000], kv_heads=2, group=4, head_dim=64, page_size=16, dtype=torch.bfloat16)
+    w.run(num_splits=2)
+    before = compiled()
+    for lens, splits in (([5, 17], 3), ([1, 4000], 7), ([999, 1], 16)):
+        w.seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+        assert rel_err(w.run(num_splits=splits), w.ref()) < TOL[torch.bfloat16]
+    assert compiled() == before

@@ -1,0 +1,364 @@
+"""Paged-attention decode: one query token per sequence against its paged KV cache.
+
+Why this kernel looks the way it does
+    A decode step reads every cached K and V byte of every sequence once and does two
+    small matrix-vector products with them, so it is bound by memory bandwidth: the
+    figure of merit is KV bytes read per second against what the GPU can read at all
+    (``benchmarks/decode_kernel.py``, ``docs/decode-kernel.md``). Everything below serves
+    keeping enough bytes in flight and reading each one once.
+
+Layout (``kvpilot.worker.kernels.cache``)
+    K and V pages are logically ``[num_pages, page_size, kv_heads, head_dim]``; the
+    kernel takes the three outer strides as arguments, so token-major and head-major
+    pages both work. ``block_table[b, i]`` is the page of tokens ``i*page_size ..``
+    of sequence ``b``; ``seq_lens[b]`` how many are valid.
+
+Work split
+    One program owns one (sequence, KV head, split). It loads the ``GROUP =
+    q_heads / kv_heads`` query heads that share the KV head as the rows of one
+    ``[BLOCK_G, head_dim]`` tile (padded to at least 16 rows for the tensor cores), so
+    each K/V tile is loaded once for the whole group (GQA packing) and goes through
+    ``tl.dot``: ``S = Q K^T`` then ``O += P V``, with an fp32 online softmax (running max
+    and sum, base-2 exponentials with ``log2(e)`` folded into the scale).
+
+    Per tile of ``BLOCK_N`` tokens the kernel turns token positions into
+    ``(block_table[pos // page_size], pos % page_size)`` and gathers rows of ``head_dim``
+    contiguous elements; any page size from 1 to 128 works because the tile never
+    assumes that a page holds a whole tile.
+
+Split-KV (flash-decoding)
+    ``batch x kv_heads`` programs are too few to fill 132 SMs when the batch is small
+    (8 programs for one Llama-3-8B sequence), and then the read rate is that of a few
+    SMs, not of the memory. So the sequence is cut into ``num_splits`` ranges of whole
+    tiles; each program writes its range's normalized partial output and its
+    log-sum-exp (base 2), and a second kernel merges the splits of each query head with
+    weights ``2^(lse_s - max lse)``. ``choose_num_splits`` picks the count on the host
+    from the batch, the KV heads, the SM count and an upper bound of the sequence
+    length: enough programs for ``waves`` per SM, but no split shorter than
+    ``min_tiles`` tiles, since each split costs a partial write and a fixed start-up.
+    With one split the kernel normalizes and writes the output itself (no second
+    launch). Sequence lengths are read from device memory and the split count is a
+    runtime argument (not specialized), so new lengths and split counts never compile a
+    new kernel; only the page size, head dim, group size, dtypes and whether there are
+    splits at all do.
+
+    A split can be empty (sequence shorter than the split grid assumes): it writes
+    ``lse = -inf`` and a zero partial, and the merge gives such splits weight 0 and a
+    sequence with no tokens at all an output of 0, never NaN.
+
+FP8 KV (e4m3)
+    K and V pages may be ``float8_e4m3fn`` with a per-tensor or per-head float32 scale.
+    A program handles one KV head, so the K scale is one number folded into the score
+    scale and the V scale one number applied to the output: the tile itself is only
+    converted (exactly) to the 16-bit dot type. With an FP8 cache the dots run in fp16:
+    e4m3 converts to fp16 in one instruction per pair, and fp16 keeps 3 more mantissa
+    bits than bf16 for Q and P (a bf16 query beyond fp16's range, |q| > 65504, would
+    overflow; real queries are far inside it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kvpilot.worker.kernels.cache import FP8_DTYPE, MAX_PAGE_SIZE
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 256
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
+def _paged_decode_kernel(
+    q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr, v_scale_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
+    sm_scale, num_splits,
+    stride_qb, stride_qh,
+    stride_kp, stride_kt, stride_kh,
+    stride_vp, stride_vt, stride_vh,
+    stride_bt,
+    stride_ob, stride_oh,
+    scale_stride,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # ---- this program's token range: whole tiles, `tiles_per_split` of them ----------
+    seq_len = tl.load(seq_lens_ptr + b)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kvh * GROUP + offs_g
+    g_mask = offs_g < GROUP
+
+    # ---- the query heads of this KV group, one tile --------------------------------
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None], other=0.0).to(DOT_DTYPE)
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e): softmax in base 2
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kvh * scale_stride)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+
+    bt_row = block_table_ptr + b.to(tl.int64) * stride_bt
+    k_head = k_ptr + kvh * stride_kh
+    v_head = v_ptr + kvh * stride_vh
+
+    # ---- main loop: gather one tile of K and V through the block table -------------
+    for tok0 in range(start, end, BLOCK_N):
+        toks = tok0 + offs_n
+        valid = toks < end
+        pages = tl.load(bt_row + toks // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+        slots = toks % PAGE_SIZE
+        k_rows = pages * stride_kp + slots * stride_kt
+        v_rows = pages * stride_vp + slots * stride_vt
+        k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_head + v_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE))) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        # Every tile holds at least one valid token, so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+        m_i = m_new
+
+    # ---- epilogue -------------------------------------------------------------------
+    if KV_FP8:
+        acc = acc * tl.load(v_scale_ptr + kvh * scale_stride)
+    has_tokens = l_i > 0.0
+    out = acc / tl.where(has_tokens, l_i, 1.0)[:, None]
+    if SPLIT:
+        # Partials: [batch, q_heads, num_splits, HEAD_DIM] and [batch, q_heads, num_splits].
+        row = (b * (tl.num_programs(1) * GROUP) + heads) * num_splits + split
+        lse = tl.where(has_tokens, m_i + tl.log2(tl.where(has_tokens, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=g_mask)
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out,
+                 mask=g_mask[:, None])
+    else:
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _merge_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    row0 = (b * tl.num_programs(1) + h) * num_splits
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    # ---- pass 1: the largest log-sum-exp; all -inf when no split saw a token ----------
+    m = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        lse = tl.load(part_lse_ptr + row0 + s0 + offs_s, mask=s0 + offs_s < num_splits,
+                      other=float("-inf"))
+        m = tl.maximum(m, lse)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # exp2(-inf - 0) = 0, not NaN
+
+    # ---- pass 2: weighted sum of the normalized partials ---------------------------
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    den = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        mask = s0 + offs_s < num_splits
+        lse = tl.load(part_lse_ptr + row0 + s0 + offs_s, mask=mask, other=float("-inf"))
+        w = tl.exp2(lse - m_max)
+        part = tl.load(part_out_ptr + (row0 + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                       mask=mask[:, None], other=0.0)
+        acc += tl.sum(part * w[:, None], 0)
+        den += w
+    total = tl.sum(den, 0)
+    out = acc / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch shape. ``waves``: programs per SM that ``choose_num_splits`` aims for;
+    ``min_tiles``: the shortest split, in tiles of ``block_n`` tokens."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    waves: int = 4
+    min_tiles: int = 4
+
+
+def default_config(kv_dtype: torch.dtype, head_dim: int) -> DecodeConfig:
+    """Measured choices (docs/decode-kernel.md); FP8 tiles hold twice the tokens so a
+    tile moves as many bytes as a 16-bit one."""
+    if kv_dtype == FP8_DTYPE:
+        return DecodeConfig(block_n=128 if head_dim <= 128 else 64)
+    return DecodeConfig(block_n=64 if head_dim <= 128 else 32)
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_seq_len: int, num_sms: int,
+                      block_n: int, waves: int = 4, min_tiles: int = 4) -> int:
+    """How many ranges to cut each sequence into: a pure function of the launch shape.
+
+    Enough programs for ``waves`` per SM, but no split shorter than ``min_tiles`` tiles
+    and never more than ``MAX_SPLITS``; 1 when the batch fills the GPU by itself.
+    """
+    programs = batch * kv_heads
+    target = waves * num_sms
+    if programs >= target or max_seq_len <= 0:
+        return 1
+    tiles = triton.cdiv(max_seq_len, block_n)
+    splits = min(triton.cdiv(target, programs), tiles // min_tiles, MAX_SPLITS)
+    return max(1, splits)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: any count exercises the same code
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def paged_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    sm_scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+    config: DecodeConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of ``q`` (``[batch, q_heads, head_dim]``, bf16/fp16) over paged K/V.
+
+    ``k_cache``/``v_cache``: logical ``[num_pages, page_size, kv_heads, head_dim]``, the
+    dtype of ``q`` or ``float8_e4m3fn`` with ``k_scale``/``v_scale`` (float32, ``[1]``
+    or ``[kv_heads]``). ``block_table``: int32 ``[batch, max_pages]``; ``seq_lens``:
+    int32 ``[batch]``. ``max_seq_len`` (an upper bound, default ``max_pages *
+    page_size``) only steers the split count; ``num_splits`` overrides it (fix it when
+    capturing a CUDA graph). Returns ``[batch, q_heads, head_dim]`` in the dtype of ``q``.
+    """
+    # ---- shapes, dtypes, strides ----------------------------------------------------
+    _check(q.dim() == 3, f"q must be [batch, q_heads, head_dim], got {tuple(q.shape)}")
+    batch, q_heads, head_dim = q.shape
+    _check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape,
+           "k_cache and v_cache must both be [num_pages, page_size, kv_heads, head_dim]")
+    num_pages, page_size, kv_heads, kv_dim = k_cache.shape
+    _check(kv_dim == head_dim, f"head_dim of q ({head_dim}) and cache ({kv_dim}) differ")
+    _check(16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0,
+           f"head_dim must be a power of two in 16..256, got {head_dim}")
+    _check(1 <= page_size <= MAX_PAGE_SIZE, f"page_size must be 1..{MAX_PAGE_SIZE}")
+    _check(q_heads % kv_heads == 0, f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
+    _check(q.dtype in (torch.bfloat16, torch.float16), f"q must be bf16 or fp16, got {q.dtype}")
+    _check(k_cache.dtype == v_cache.dtype, "k_cache and v_cache dtypes differ")
+    kv_fp8 = k_cache.dtype == FP8_DTYPE
+    _check(kv_fp8 or k_cache.dtype == q.dtype,
+           f"cache dtype {k_cache.dtype} must be q's ({q.dtype}) or float8_e4m3fn")
+    _check(q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1,
+           "head_dim must be contiguous in q and the caches")
+    _check(block_table.dim() == 2 and block_table.shape[0] == batch
+           and block_table.dtype == torch.int32 and block_table.stride(1) == 1,
+           "block_table must be int32 [batch, max_pages] with contiguous rows")
+    _check(seq_lens.shape == (batch,) and seq_lens.dtype == torch.int32 and seq_lens.is_contiguous(),
+           "seq_lens must be contiguous int32 [batch]")
+    if kv_fp8:
+        _check(k_scale is not None and v_scale is not None, "an FP8 cache needs k_scale and v_scale")
+        _check(k_scale.numel() in (1, kv_heads) and v_scale.numel() == k_scale.numel()
+               and k_scale.dtype == torch.float32 and v_scale.dtype == torch.float32,
+               f"k_scale/v_scale must be float32 with 1 or {kv_heads} elements")
+        scale_stride = 0 if k_scale.numel() == 1 else 1
+    else:
+        k_scale = v_scale = seq_lens  # never read
+        scale_stride = 0
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _check(out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1,
+           "out must be shaped and typed like q, head_dim contiguous")
+
+    # ---- launch shape ----------------------------------------------------------------
+    cfg = config or default_config(k_cache.dtype, head_dim)
+    group = q_heads // kv_heads
+    if max_seq_len is None:
+        max_seq_len = block_table.shape[1] * page_size
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, kv_heads, max_seq_len, _num_sms(q.device),
+                                       cfg.block_n, cfg.waves, cfg.min_tiles)
+    _check(1 <= num_splits <= MAX_SPLITS, f"num_splits must be 1..{MAX_SPLITS}")
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(head_dim)
+    dot_dtype = tl.float16 if kv_fp8 or q.dtype == torch.float16 else tl.bfloat16
+    if _interpreting() and dot_dtype == tl.bfloat16:
+        # The interpreter multiplies bf16 dot operands as raw bits (triton issue #11584,
+        # "not supported yet"); fp32 operands give the same products exactly.
+        dot_dtype = tl.float32
+
+    split = num_splits > 1
+    if split:
+        part_out = torch.empty(batch, q_heads, num_splits, head_dim, dtype=torch.float32,
+                               device=q.device)
+        part_lse = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # never read
+
+    _paged_decode_kernel[(batch, kv_heads, num_splits)](
+        q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale,
+        out, part_out, part_lse,
+        sm_scale, num_splits,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_table.stride(0),
+        out.stride(0), out.stride(1),
+        scale_stride,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
+        SPLIT=split, KV_FP8=kv_fp8, DOT_DTYPE=dot_dtype,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split:
+        _merge_splits_kernel[(batch, q_heads)](
+            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_S=16, num_warps=4,
+        )
+    return out
