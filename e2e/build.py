@@ -164,7 +164,7 @@ def build_kubernetes() -> None:
     out = Path(tempfile.mkdtemp(dir=bin_dir()))
     try:
         _run(["go", "build", "-trimpath", "-ldflags", ldflags, "-o", str(out) + "/", *packages],
-             work, f"build {', '.join(missing)} {version} (a cold build takes 20-40 min on 2 cores)")
+             work, f"build {', '.join(missing)} {version} (about 7 min on 2 cores when cold)")
         for n in missing:
             (out / n).rename(BINARIES[n].path)
     finally:

@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -94,6 +95,8 @@ class Cluster:
             raise RuntimeError(f"a cluster is already running from {self.state}; "
                                "run `python -m e2e.cluster down` first")
         binaries = build.build_all()
+        if self.state.exists():  # left over from a run that failed or was killed
+            _remove_tree(self.state)
         self.state.mkdir(parents=True, exist_ok=True)
         (self.state / "logs").mkdir(exist_ok=True)
         self.ports = {
@@ -115,7 +118,7 @@ class Cluster:
             self._start("kwok", self._kwok_args(binaries["kwok"]))
             self._wait_for_default_service_account(started + timeout)
         except BaseException:
-            self.down()
+            self.down(keep_state=True)  # keep the logs for whoever reads the error
             raise
         log(f"control plane up at {self.server} in {time.monotonic() - started:.1f}s; "
             f"KUBECONFIG={self.kubeconfig}")
@@ -167,10 +170,9 @@ class Cluster:
 
     def http(self) -> httpx.Client:
         """An httpx client authenticated as cluster admin."""
-        return httpx.Client(
-            base_url=self.server, verify=str(self.pki.ca_cert),
-            cert=(str(self.pki.admin_cert), str(self.pki.admin_key)), timeout=10,
-        )
+        context = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        context.load_cert_chain(str(self.pki.admin_cert), str(self.pki.admin_key))
+        return httpx.Client(base_url=self.server, verify=context, timeout=10)
 
     # -- internals ---------------------------------------------------------------------
 

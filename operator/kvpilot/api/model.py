@@ -34,7 +34,7 @@ Quantity = Annotated[
             "x-kubernetes-int-or-string": True,
             "x-kubernetes-validations": [
                 {
-                    "rule": f"type(self) == int ? self >= 0 : self.matches('{QUANTITY_PATTERN}')",
+                    "rule": f"type(self) == int ? self >= 0 : self.matches(r'{QUANTITY_PATTERN}')",
                     "message": "must be a byte count: an integer or a quantity such as "
                     "16Gi, 500Mi or 8G",
                 }
