@@ -1,0 +1,44 @@
+"""`python -m e2e.cluster up|status|env|down` as a user runs it: nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from e2e import build
+from e2e.cluster import _alive
+from e2e.conftest import ROOT
+
+
+def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "e2e.cluster", "--name", "lifecycle", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_up_status_down_leaves_no_process(tmp_path):
+    env = {**os.environ, "KVPILOT_CACHE": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "worker"), str(ROOT)])}
+    # binaries are shared with the session's cluster; only state goes to tmp_path
+    (tmp_path / "bin").symlink_to(build.bin_dir())
+    up = cli("up", "--fleet", str(ROOT / "examples" / "fleets" / "mixed.yaml"), env=env)
+    state = tmp_path / "clusters" / "lifecycle"
+    try:
+        assert up.returncode == 0, up.stderr
+        assert up.stdout.strip() == f"export KUBECONFIG={state / 'kubeconfig'}"
+        assert "created 5 fake GPU nodes" in up.stderr
+        status = json.loads(cli("status", env=env).stdout)
+        assert status["ready"] is True
+        assert set(status["components"].values()) == {"running"}
+        assert cli("env", env=env).stdout == up.stdout
+        pids = json.loads((state / "pids.json").read_text())
+        assert sorted(pids) == sorted(status["components"])
+        again = cli("up", env=env)
+        assert again.returncode == 1 and "already running" in again.stderr
+    finally:
+        down = cli("down", env=env)
+    assert down.returncode == 0, down.stderr
+    assert not any(_alive(pid) for pid in pids.values())
+    assert not state.exists()
+    assert "nothing was running" in cli("down", env=env).stderr
