@@ -184,14 +184,14 @@ def build_etcd() -> None:
     tmp.rename(target.path)
 
 
-def go_install(name: str, package: str) -> None:
+def go_install(name: str, package: str, ldflags: str = "") -> None:
     target = BINARIES[name]
     if target.path.exists():
         return
     gobin = Path(tempfile.mkdtemp(dir=bin_dir()))
     try:
-        env_cmd = ["env", f"GOBIN={gobin}", "go", "install", "-trimpath", "-ldflags", "-s -w",
-                   f"{package}@{target.version}"]
+        env_cmd = ["env", f"GOBIN={gobin}", "go", "install", "-trimpath",
+                   "-ldflags", f"-s -w {ldflags}".strip(), f"{package}@{target.version}"]
         _run(env_cmd, bin_dir(), f"install {name} {target.version}")
         (gobin / name).rename(target.path)
     finally:
@@ -205,7 +205,8 @@ def build_all() -> dict[str, Path]:
     start = time.monotonic()
     build_etcd()
     go_install("kwok", "sigs.k8s.io/kwok/cmd/kwok")
-    go_install("helm", "helm.sh/helm/v3/cmd/helm")
+    go_install("helm", "helm.sh/helm/v3/cmd/helm",
+               ldflags=f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}")
     build_kubernetes()
     log(f"all binaries present in {bin_dir()} ({time.monotonic() - start:.0f}s)")
     return {name: b.path for name, b in BINARIES.items()}

@@ -21,8 +21,9 @@ def walk(node: Any, path: str = ""):
             yield from walk(value, f"{path}[{i}]")
 
 
-def test_crds_directory_is_fresh():
-    assert crd.main(["--check", str(ROOT / "crds")]) == 0, "run: python -m kvpilot.api.crd"
+def test_crds_directories_are_fresh():
+    dirs = [str(ROOT / d) for d in crd.DEFAULT_OUTDIRS]
+    assert crd.main(["--check", *dirs]) == 0, "run: python -m kvpilot.api.crd"
 
 
 def test_check_detects_staleness(tmp_path):
@@ -30,6 +31,9 @@ def test_check_detects_staleness(tmp_path):
     assert crd.main([str(tmp_path)]) == 0
     assert crd.main(["--check", str(tmp_path)]) == 0
     (tmp_path / "models.kvpilot.dev.yaml").write_text("stale")
+    assert crd.main(["--check", str(tmp_path)]) == 1
+    assert crd.main([str(tmp_path)]) == 0
+    (tmp_path / "leftover.yaml").write_text("kind: CustomResourceDefinition")
     assert crd.main(["--check", str(tmp_path)]) == 1
 
 

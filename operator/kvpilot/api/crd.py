@@ -7,7 +7,8 @@ into an optional ``X``, int-or-string unions into ``x-kubernetes-int-or-string``
 attaches each model's :class:`~kvpilot.api.model.Rule` list as CEL
 ``x-kubernetes-validations``.
 
-Usage: ``python -m kvpilot.api.crd [--check] [OUTDIR]`` (default ``crds/``).
+Usage: ``python -m kvpilot.api.crd [--check] [OUTDIR...]`` (default ``crds/`` and the
+Helm chart's ``helm/kvpilot/crds/``).
 """
 
 from __future__ import annotations
@@ -168,29 +169,36 @@ def render() -> dict[str, str]:
     return {f"{crd['metadata']['name']}.yaml": text}
 
 
+DEFAULT_OUTDIRS = (Path("crds"), Path("helm/kvpilot/crds"))
+
+
+def stale_files(outdir: Path, files: dict[str, str]) -> list[str]:
+    """Generated files missing or different in outdir, and YAML files that should not be there."""
+    stale = [n for n, text in files.items()
+             if not (outdir / n).exists() or (outdir / n).read_text() != text]
+    extra = sorted(p.name for p in outdir.glob("*.yaml") if p.name not in files)
+    return stale + extra
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvpilot.api.crd", description=__doc__.split("\n")[0])
-    parser.add_argument("outdir", nargs="?", default="crds", type=Path)
-    parser.add_argument("--check", action="store_true", help="fail if OUTDIR is stale")
+    parser.add_argument("outdirs", nargs="*", type=Path, default=list(DEFAULT_OUTDIRS),
+                        help="where to write (default: crds/ and the chart's crds/)")
+    parser.add_argument("--check", action="store_true", help="fail if an OUTDIR is stale")
     args = parser.parse_args(argv)
     files = render()
     if args.check:
-        stale = [
-            name for name, text in files.items()
-            if not (args.outdir / name).exists() or (args.outdir / name).read_text() != text
-        ]
-        extra = sorted(
-            p.name for p in args.outdir.glob("*.yaml") if p.name not in files
-        ) if args.outdir.exists() else []
-        if stale or extra:
-            print(f"{args.outdir}/ is stale ({', '.join(stale + extra)}); "
-                  "run: python -m kvpilot.api.crd", file=sys.stderr)
+        problems = [f"{d}/{n}" for d in args.outdirs for n in stale_files(d, files)]
+        if problems:
+            print(f"stale generated CRDs: {', '.join(problems)}; run: python -m kvpilot.api.crd",
+                  file=sys.stderr)
             return 1
         return 0
-    args.outdir.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (args.outdir / name).write_text(text)
-        print(f"wrote {args.outdir / name}")
+    for outdir in args.outdirs:
+        outdir.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (outdir / name).write_text(text)
+            print(f"wrote {outdir / name}")
     return 0
 
 
