@@ -17,11 +17,15 @@ def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_up_status_down_leaves_no_process(tmp_path):
-    env = {**os.environ, "KVPILOT_CACHE": str(tmp_path),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "worker"), str(ROOT)])}
-    # binaries are shared with the session's cluster; only state goes to tmp_path
+def isolated_env(tmp_path) -> dict:
+    """Cluster state under tmp_path; the built binaries are shared."""
     (tmp_path / "bin").symlink_to(build.bin_dir())
+    return {**os.environ, "KVPILOT_CACHE": str(tmp_path),
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "worker"), str(ROOT)])}
+
+
+def test_cli_up_status_down_leaves_no_process(tmp_path):
+    env = isolated_env(tmp_path)
     up = cli("up", "--fleet", str(ROOT / "examples" / "fleets" / "mixed.yaml"), env=env)
     state = tmp_path / "clusters" / "lifecycle"
     try:
@@ -42,3 +46,15 @@ def test_cli_up_status_down_leaves_no_process(tmp_path):
     assert not any(_alive(pid) for pid in pids.values())
     assert not state.exists()
     assert "nothing was running" in cli("down", env=env).stderr
+
+
+def test_demo_plans_what_the_api_server_holds(tmp_path):
+    demo = subprocess.run([sys.executable, "-m", "e2e.demo"], cwd=ROOT, env=isolated_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 0, demo.stderr
+    out = demo.stdout
+    assert "model.kvpilot.dev/llama-3-8b created" in out
+    assert "NVIDIA-H100-80GB-HBM3" in out and "81559" in out  # kubectl get nodes -L ...
+    assert "replicas placed: 8 of 8" in out
+    assert "cluster stopped" in demo.stderr
+    assert not (tmp_path / "clusters" / "demo").exists()
