@@ -1,0 +1,86 @@
+"""Check a plan against its inputs, independently of how it was made.
+
+Recomputes every GPU's load from the snapshot and the plan's assignments: no GPU holds
+more than its usable HBM (unless existing replicas already did), no TP group leaves its
+node, nothing new lands on a node that is cordoned or not Ready or on a product the
+model does not allow, and every demanded replica is either placed or has a reason. The
+benchmark and the tests run it on every plan, the engine's and the exact solver's.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from kvpilot.api.memory import usable_hbm
+from kvpilot.operator.placement.model import Demand, Plan, Policy, Snapshot
+
+
+def violations(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
+               plan: Plan) -> list[str]:
+    """Every way ``plan`` breaks the rules; empty when it is sound."""
+    out: list[str] = []
+    nodes = {n.name: n for n in snapshot.nodes}
+    by_model = {d.model: d for d in demands}
+    existing = {e.name: e for e in snapshot.replicas}
+    load: dict[tuple[str, int], int] = {}
+    tenants: dict[tuple[str, int], int] = {}
+    names: set[str] = set()
+    for a in plan.assignments:
+        if a.replica in names:
+            out.append(f"{a.replica}: assigned twice")
+        names.add(a.replica)
+        node = nodes.get(a.node)
+        if node is None:
+            out.append(f"{a.replica}: unknown node {a.node}")
+            continue
+        if len(set(a.gpus)) != len(a.gpus) or any(not 0 <= g < node.gpus for g in a.gpus):
+            out.append(f"{a.replica}: GPUs {list(a.gpus)} are not distinct GPUs of {a.node}")
+            continue
+        old = existing.get(a.replica)
+        stays = old is not None and old.node == a.node and tuple(old.gpus) == a.gpus
+        if a.existing and not stays:
+            out.append(f"{a.replica}: marked existing but not where it ran")
+        if not stays:
+            if not node.schedulable:
+                out.append(f"{a.replica}: placed on unschedulable node {a.node}")
+            d = by_model.get(a.model)
+            req = d.requirement(node.product) if d else None
+            if req is None:
+                out.append(f"{a.replica}: {node.product} is not allowed or does not fit")
+            elif (req.tp, req.hbm_per_gpu) != (len(a.gpus), a.hbm_per_gpu):
+                out.append(f"{a.replica}: takes {len(a.gpus)} x {a.hbm_per_gpu}, the model "
+                           f"needs {req.tp} x {req.hbm_per_gpu} on {node.product}")
+        for g in a.gpus:
+            load[(a.node, g)] = load.get((a.node, g), 0) + a.hbm_per_gpu
+            tenants[(a.node, g)] = tenants.get((a.node, g), 0) + 1
+    old_load: dict[tuple[str, int], int] = {}
+    for e in snapshot.replicas:
+        for g in e.gpus:
+            old_load[(e.node, g)] = old_load.get((e.node, g), 0) + e.hbm_per_gpu
+    for (node_name, g), used in sorted(load.items()):
+        cap = usable_hbm(nodes[node_name].gpu_hbm, policy.reserve)
+        if used > max(cap, old_load.get((node_name, g), 0)):
+            out.append(f"{node_name} GPU {g}: {used} bytes on {cap}")
+        if not policy.share_gpus and tenants[(node_name, g)] > 1:
+            if tenants[(node_name, g)] > sum(1 for e in snapshot.replicas
+                                             if e.node == node_name and g in e.gpus):
+                out.append(f"{node_name} GPU {g}: shared although sharing is off")
+    for a in plan.assignments:
+        if a.shared != any(tenants[(a.node, g)] > 1 for g in a.gpus):
+            out.append(f"{a.replica}: shared flag is wrong")
+    for d in demands:
+        placed = sum(1 for a in plan.assignments if a.model == d.model)
+        missing = sum(1 for u in plan.unplaced if u.model == d.model)
+        if placed > d.replicas:
+            out.append(f"{d.model}: {placed} placed, {d.replicas} demanded")
+        if placed + missing != d.replicas:
+            out.append(f"{d.model}: {placed} placed + {missing} unplaced != {d.replicas}")
+    for u in plan.unplaced:
+        if not u.reason:
+            out.append(f"{u.replica}: unplaced without a reason")
+    for n in plan.nodes:
+        for g, used in enumerate(n.used):
+            if used != load.get((n.name, g), 0):
+                out.append(f"{n.name} GPU {g}: reports {used} used, assignments hold "
+                           f"{load.get((n.name, g), 0)}")
+    return out

@@ -1,0 +1,67 @@
+"""Filters: each looks at one node and says why a replica cannot go there, or None.
+
+As in the Kubernetes scheduler framework, a node is feasible when every filter passes.
+They run cheapest first, and the short reasons they return are tallied into the message
+of a replica that fits nowhere ("0/5 nodes fit: 2 cordoned, 3 not enough free HBM").
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from kvpilot.operator.placement.model import Demand, Policy, Requirement
+from kvpilot.operator.placement.state import NodeState
+
+Filter = Callable[[NodeState, Demand, Optional[Requirement], Policy], Optional[str]]
+
+
+def node_schedulable(s: NodeState, demand: Demand, req: Optional[Requirement],
+                     policy: Policy) -> Optional[str]:
+    if not s.node.ready:
+        return "not Ready"
+    if s.node.cordoned:
+        return "cordoned"
+    return None
+
+
+def product_allowed(s: NodeState, demand: Demand, req: Optional[Requirement],
+                    policy: Policy) -> Optional[str]:
+    return None if demand.allows(s.node.product) else "GPU product not allowed"
+
+
+def product_fits(s: NodeState, demand: Demand, req: Optional[Requirement],
+                 policy: Policy) -> Optional[str]:
+    return None if req is not None else "GPU too small at any tensorParallel"
+
+
+def tp_on_one_node(s: NodeState, demand: Demand, req: Optional[Requirement],
+                   policy: Policy) -> Optional[str]:
+    assert req is not None
+    return None if s.node.gpus >= req.tp else f"fewer than {req.tp} GPUs"
+
+
+def fits_hbm(s: NodeState, demand: Demand, req: Optional[Requirement],
+             policy: Policy) -> Optional[str]:
+    assert req is not None
+    fitting = sum(
+        1 for f, t in zip(s.free, s.tenants)
+        if f >= req.hbm_per_gpu and (policy.share_gpus or t == 0)
+    )
+    if fitting >= req.tp:
+        return None
+    return "not enough free HBM" if policy.share_gpus else "not enough unshared GPUs"
+
+
+FILTERS: tuple[Filter, ...] = (
+    node_schedulable, product_allowed, product_fits, tp_on_one_node, fits_hbm,
+)
+
+
+def first_failure(s: NodeState, demand: Demand, policy: Policy) -> Optional[str]:
+    """The reason of the first filter that rejects ``s``, or None when it is feasible."""
+    req = demand.requirement(s.node.product)
+    for f in FILTERS:
+        reason = f(s, demand, req, policy)
+        if reason is not None:
+            return reason
+    return None

@@ -1,0 +1,267 @@
+"""The inputs and the result of placement: snapshot, demands, policy, plan.
+
+All are frozen dataclasses of plain values, so a plan is a pure function of them and two
+runs over equal inputs give equal plans. HBM is counted in bytes throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from kvpilot.api.quantity import format_bytes
+
+ANY_PRODUCT = "*"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One GPU node as the snapshot saw it. All GPUs of a node are of one product."""
+
+    name: str
+    product: str
+    gpus: int
+    gpu_hbm: int  # bytes per GPU, before any reserve
+    cordoned: bool = False  # spec.unschedulable: keeps what runs there, takes nothing new
+    ready: bool = True  # a node that is not Ready takes nothing, and its replicas are lost
+
+    @property
+    def schedulable(self) -> bool:
+        return self.ready and not self.cordoned
+
+
+@dataclass(frozen=True)
+class Existing:
+    """A replica that already runs: where, and what it holds on each of its GPUs."""
+
+    name: str
+    model: str
+    node: str
+    gpus: tuple[int, ...]
+    hbm_per_gpu: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The fleet at one moment. Placement decides from this copy alone.
+
+    The copy is older than the cluster by the time the plan is applied: a replica that
+    started or a node that joined since is missing from it. That biases towards placing
+    too little (a pod that does not fit when bound is retried on the next snapshot),
+    never towards oversubscribing a GPU the snapshot knew to be full.
+    """
+
+    nodes: tuple[Node, ...] = ()
+    replicas: tuple[Existing, ...] = ()
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """What one replica needs on a given GPU product (TP may differ per product)."""
+
+    tp: int
+    hbm_per_gpu: int
+    kv_tokens: int = 0  # KV-cache tokens the budget holds (the SLA's context x sequences)
+
+    @property
+    def total(self) -> int:
+        return self.tp * self.hbm_per_gpu
+
+
+@dataclass(frozen=True)
+class Demand:
+    """How many replicas a model wants, and what one needs on each product.
+
+    ``requirements`` maps a GPU product to the requirement there; the key ``"*"`` covers
+    every product not named. A product absent from it takes no replica: either it is not
+    in ``products`` (the allowed list; empty allows any) or the replica does not fit it,
+    and then ``unfit`` says why. ``spec`` (a ``kvpilot.api.model.ModelSpec``), when
+    present, lets an unplaced replica's reason suggest fixes worked out by the memory
+    model.
+    """
+
+    model: str
+    replicas: int
+    requirements: Mapping[str, Requirement]
+    products: tuple[str, ...] = ()
+    unfit: Mapping[str, str] = field(default_factory=dict)
+    spec: Any = None
+
+    def allows(self, product: str) -> bool:
+        return not self.products or product in self.products
+
+    def requirement(self, product: str) -> Optional[Requirement]:
+        if not self.allows(product):
+            return None
+        req = self.requirements.get(product)
+        if req is None and product not in self.unfit:
+            req = self.requirements.get(ANY_PRODUCT)
+        return req
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How to choose among nodes that fit.
+
+    ``packing`` weighs the most-allocated score (fill GPUs that are already in use, so
+    fewer GPUs carry load) against the spreading scores (KV headroom on the chosen GPUs,
+    least-allocated node). ``reserve`` is the fraction of every GPU's HBM kept free.
+    ``spread_replicas`` prefers nodes that hold fewer replicas of the same model.
+    ``share_gpus`` lets replicas of different (or the same) models share a GPU when
+    their budgets fit. ``rebalance`` re-places existing replicas as if new.
+    """
+
+    packing: float = 1.0
+    reserve: float = 0.0
+    spread_replicas: bool = False
+    share_gpus: bool = True
+    rebalance: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.packing <= 1.0:
+            raise ValueError(f"packing must be in [0, 1]: {self.packing}")
+        if not 0.0 <= self.reserve < 1.0:
+            raise ValueError(f"reserve must be in [0, 1): {self.reserve}")
+
+    @classmethod
+    def pack(cls, **kw: Any) -> "Policy":
+        return cls(packing=1.0, **kw)
+
+    @classmethod
+    def spread(cls, **kw: Any) -> "Policy":
+        kw.setdefault("spread_replicas", True)
+        return cls(packing=0.0, **kw)
+
+    def weights(self) -> dict[str, float]:
+        """Score name -> weight. Packing vs spreading is this weight, not a code branch."""
+        return {
+            "most_allocated": self.packing,
+            "kv_headroom": (1.0 - self.packing) / 2,
+            "least_allocated": (1.0 - self.packing) / 2,
+            "model_spread": 1.0 if self.spread_replicas else 0.0,
+        }
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One replica on one node, on ``gpus`` (indices on that node)."""
+
+    replica: str
+    model: str
+    node: str
+    gpus: tuple[int, ...]
+    hbm_per_gpu: int
+    kv_tokens: int = 0
+    existing: bool = False  # it already ran there and stays
+    shared: bool = False  # another replica holds HBM on at least one of these GPUs
+
+    @property
+    def tp(self) -> int:
+        return len(self.gpus)
+
+
+@dataclass(frozen=True)
+class Unplaced:
+    replica: str
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Move:
+    """In a rebalance: an existing replica that the plan puts somewhere else."""
+
+    replica: str
+    model: str
+    from_node: str
+    from_gpus: tuple[int, ...]
+    to_node: str
+    to_gpus: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class NodeUsage:
+    """HBM on one node after the plan; ``used`` holds one entry per GPU."""
+
+    name: str
+    product: str
+    gpu_capacity: int  # usable bytes per GPU (after the reserve)
+    used: tuple[int, ...]
+    schedulable: bool = True
+
+    @property
+    def gpus_in_use(self) -> int:
+        return sum(1 for u in self.used if u > 0)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where every replica goes, and why the rest do not.
+
+    ``removals`` are existing replicas to delete (beyond the desired count, of a model no
+    longer demanded, or on a node that is not Ready). ``moves_avoided`` counts existing
+    replicas left exactly where they were.
+    """
+
+    assignments: tuple[Assignment, ...] = ()
+    unplaced: tuple[Unplaced, ...] = ()
+    removals: tuple[str, ...] = ()
+    moves: tuple[Move, ...] = ()
+    moves_avoided: int = 0
+    nodes: tuple[NodeUsage, ...] = ()
+
+    @property
+    def gpus_used(self) -> int:
+        """GPUs that carry any replica: what packing minimises."""
+        return sum(n.gpus_in_use for n in self.nodes)
+
+    @property
+    def shared_gpus(self) -> tuple[tuple[str, int], ...]:
+        """(node, GPU index) of every GPU that holds more than one replica."""
+        count: dict[tuple[str, int], int] = {}
+        for a in self.assignments:
+            for g in a.gpus:
+                count[(a.node, g)] = count.get((a.node, g), 0) + 1
+        return tuple(sorted(k for k, c in count.items() if c > 1))
+
+    @property
+    def complete(self) -> bool:
+        return not self.unplaced
+
+    def placed(self, model: str) -> int:
+        return sum(1 for a in self.assignments if a.model == model)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON/YAML; byte counts stay integers, with a readable twin."""
+        return {
+            "gpusUsed": self.gpus_used,
+            "movesAvoided": self.moves_avoided,
+            "assignments": [
+                {
+                    "replica": a.replica, "model": a.model, "node": a.node,
+                    "gpus": list(a.gpus), "hbmPerGpu": a.hbm_per_gpu,
+                    "hbmPerGpuHuman": format_bytes(a.hbm_per_gpu), "kvTokens": a.kv_tokens,
+                    "existing": a.existing, "shared": a.shared,
+                }
+                for a in self.assignments
+            ],
+            "unplaced": [
+                {"replica": u.replica, "model": u.model, "reason": u.reason}
+                for u in self.unplaced
+            ],
+            "removals": list(self.removals),
+            "moves": [
+                {"replica": m.replica, "model": m.model, "from": {"node": m.from_node,
+                 "gpus": list(m.from_gpus)}, "to": {"node": m.to_node, "gpus": list(m.to_gpus)}}
+                for m in self.moves
+            ],
+            "sharedGpus": [{"node": n, "gpu": g} for n, g in self.shared_gpus],
+            "nodes": [
+                {
+                    "name": n.name, "product": n.product, "schedulable": n.schedulable,
+                    "gpuCapacity": n.gpu_capacity, "used": list(n.used),
+                    "gpusInUse": n.gpus_in_use,
+                }
+                for n in self.nodes
+            ],
+        }

@@ -1,0 +1,183 @@
+"""Why a replica fits nowhere, and what would make it fit: one line a person can act on.
+
+"needs 2 GPUs with >= 61.3 GiB free each on NVIDIA-H100-80GB-HBM3; largest free set on
+any allowed node is 1 x 79.1 GiB (h100-0); try kvCacheDtype fp8 or tensorParallel 4
+(0/3 nodes fit: 1 cordoned, 2 not enough free HBM)"
+
+Fixes are suggested only when the memory model says they would fit in the HBM that is
+free now, on a node that passes every other filter.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+from kvpilot.api.memory import TP_DEGREES, replica_budget, tp_is_valid
+from kvpilot.api.quantity import format_bytes
+from kvpilot.operator.placement.filters import first_failure
+from kvpilot.operator.placement.model import Demand, Policy
+from kvpilot.operator.placement.state import NodeState
+
+
+class _Free:
+    """Free HBM of every schedulable node, by product: sorted eligible GPUs per node."""
+
+    def __init__(self, states: list[NodeState], share: bool) -> None:
+        self.by_product: dict[str, list[tuple[list[int], NodeState]]] = {}
+        for s in states:
+            if s.node.schedulable:
+                self.by_product.setdefault(s.node.product, []).append(
+                    (s.eligible_free(share), s))
+
+    def fits(self, product: str, tp: int, need: int) -> bool:
+        return any(len(f) >= tp and f[tp - 1] >= need for f, _ in self.by_product.get(product, ()))
+
+    def best_set(self, product: str, tp: int, need: int) -> tuple[int, int, Optional[str]]:
+        """On the node of ``product`` that comes closest: (k, size, node) where k GPUs
+        (at most ``tp``) have >= ``need`` free and the smallest of them has ``size``; when
+        none has ``need``, k is 0 and ``size`` is the largest free GPU of that node."""
+        best_key: Optional[tuple] = None
+        best: tuple[int, int, Optional[str]] = (0, 0, None)
+        for free, s in self.by_product.get(product, ()):
+            if not free:
+                continue
+            k = sum(1 for f in free[:tp] if f >= need)
+            size = max(0, free[k - 1] if k else free[0])
+            key = (k, size, -s.index)
+            if best_key is None or key > best_key:
+                best_key, best = key, (k, size, s.node.name)
+        return best
+
+    def best_group(self, product: str, tp: int) -> int:
+        """The most free HBM every GPU of some ``tp``-GPU set of ``product`` has."""
+        return max((f[tp - 1] for f, _ in self.by_product.get(product, ()) if len(f) >= tp),
+                   default=0)
+
+
+def explain(demand: Demand, states: list[NodeState], policy: Policy) -> str:
+    """The reason one replica of ``demand`` fits on no node of ``states`` right now."""
+    total = len(states)
+    if total == 0:
+        return "the fleet has no GPU nodes"
+    tally = Counter(first_failure(s, demand, policy) or "fits" for s in states)
+    summary = f"0/{total} nodes fit: " + ", ".join(
+        f"{n} {r}" for r, n in sorted(tally.items(), key=lambda x: (-x[1], x[0]))
+    )
+    free = _Free(states, policy.share_gpus)
+    products = sorted(free.by_product)
+    allowed = [p for p in products if demand.allows(p)]
+    if not allowed:
+        wanted = ", ".join(demand.products)
+        have = ", ".join(products) or "none"
+        main = (f"no schedulable node has an allowed GPU product (gpuProducts: {wanted}; "
+                f"schedulable products: {have})")
+        return f"{main}; {_join(_other_products(demand, free, products))} ({summary})"
+    sized = [(p, demand.requirement(p)) for p in allowed]
+    fitting = [(p, r) for p, r in sized if r is not None]
+    if not fitting:
+        why = "; ".join(f"{p}: {demand.unfit.get(p, 'does not fit')}" for p in allowed)
+        main = f"fits no allowed GPU product at any tensorParallel ({why})"
+        fixes = _fixes(demand, free, allowed, products, None)
+        return f"{main}{'; ' + fixes if fixes else ''} ({summary})"
+    # The product where the replica comes closest: most GPUs with enough HBM, then size.
+    scored = []
+    for p, r in fitting:
+        k, size, node = free.best_set(p, r.tp, r.hbm_per_gpu)
+        scored.append(((k, size / r.hbm_per_gpu), p, r, k, size, node))
+    scored.sort(key=lambda x: (-x[0][0], -x[0][1], x[1]))
+    _, product, req, k, size, node = scored[0]
+    gpus = "GPU" if req.tp == 1 else f"{req.tp} GPUs"
+    main = f"needs {gpus} with >= {format_bytes(req.hbm_per_gpu)} free each on {product}"
+    if node is None:
+        unshared = "" if policy.share_gpus else " unshared"
+        best = f"no allowed node has a{unshared} GPU free"
+    else:
+        best = (f"largest free set on any allowed node is {max(k, 1)} x "
+                f"{format_bytes(size)} ({node})")
+    fixes = _fixes(demand, free, allowed, products,
+                   (product, req.tp, free.best_group(product, req.tp)))
+    return f"{main}; {best}{'; ' + fixes if fixes else ''} ({summary})"
+
+
+def _fixes(demand: Demand, free: _Free, allowed: list[str], products: list[str],
+           closest: Optional[tuple[str, int, int]]) -> str:
+    """'try A, B or C' from the memory model, or a plain hint when no spec is known."""
+    spec = demand.spec
+    tries: list[str] = []
+    if spec is not None:
+        if spec.kv_cache_dtype != "fp8":
+            fp8 = spec.model_copy(update={"kv_cache_dtype": "fp8"})
+            if any(_fits_at_some_tp(fp8, free, p) for p in allowed):
+                tries.append("kvCacheDtype fp8")
+        tp = _larger_tp(spec, free, allowed, closest[1] if closest else 0)
+        if tp is not None:
+            tries.append(f"tensorParallel {tp}")
+        if closest is not None:
+            tries.extend(_smaller_sla(spec, *closest))
+    tries.extend(_other_products(demand, free, products))
+    if tries:
+        return _join(tries)
+    return "free HBM is held by other replicas: scale some down or add GPU nodes"
+
+
+def _join(tries: list[str]) -> str:
+    if not tries:
+        return "add nodes with an allowed GPU product"
+    if len(tries) == 1:
+        return f"try {tries[0]}"
+    return f"try {', '.join(tries[:-1])} or {tries[-1]}"
+
+
+def _candidate_tps(spec, max_tp: int = 10**6) -> list[int]:
+    if spec.tensor_parallel != "auto":
+        return [spec.tensor_parallel]
+    return [t for t in TP_DEGREES if t <= max_tp and tp_is_valid(spec, t)]
+
+
+def _fits_at_some_tp(spec, free: _Free, product: str) -> bool:
+    return any(free.fits(product, t, replica_budget(spec, t).per_gpu) for t in _candidate_tps(spec))
+
+
+def _larger_tp(spec, free: _Free, allowed: list[str], current: int) -> Optional[int]:
+    for t in TP_DEGREES:
+        if t <= current or not tp_is_valid(spec, t) or t == spec.tensor_parallel:
+            continue
+        need = replica_budget(spec, t).per_gpu
+        if any(free.fits(p, t, need) for p in allowed):
+            return t
+    return None
+
+
+def _smaller_sla(spec, product: str, tp: int, best_free: int) -> list[str]:
+    """The largest concurrentSequences (or, for one sequence, contextTokens) whose budget
+    fits the best free set found."""
+    b = replica_budget(spec, tp)
+    room = best_free - b.weights - b.overhead
+    if room <= 0:
+        return []
+    per_sequence = b.kv_bytes_per_token * spec.sla.context_tokens
+    sequences = room // per_sequence
+    if 1 <= sequences < spec.sla.concurrent_sequences:
+        return [f"concurrentSequences <= {sequences}"]
+    tokens = room // (b.kv_bytes_per_token * spec.sla.concurrent_sequences)
+    if 1 <= tokens < spec.sla.context_tokens:
+        return [f"contextTokens <= {tokens}"]
+    return []
+
+
+def _other_products(demand: Demand, free: _Free, products: list[str]) -> list[str]:
+    """Products that are not allowed but would hold a replica now."""
+    spec = demand.spec
+    out = []
+    for p in products:
+        if demand.allows(p):
+            continue
+        if spec is not None:
+            if _fits_at_some_tp(spec, free, p):
+                out.append(f"adding {p} to gpuProducts")
+        else:
+            req = demand.requirements.get(p) or demand.requirements.get("*")
+            if req is not None and free.fits(p, req.tp, req.hbm_per_gpu):
+                out.append(f"adding {p} to gpuProducts")
+    return out

@@ -1,0 +1,170 @@
+"""Mutable per-node state while one plan is being built, and the indexes over it.
+
+``place()`` copies the snapshot into these structures and mutates only the copy. Free
+HBM only ever shrinks during one run, which two shortcuts rely on: once a model's
+replica finds no node, none of its later replicas will (so the reason is computed once),
+and a node's score stays valid until that node changes (``version``).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from typing import Iterator, Optional
+
+from kvpilot.operator.placement.model import Node
+
+
+class NodeState:
+    """Free HBM and tenants of each GPU of one node."""
+
+    __slots__ = ("node", "index", "cap", "free", "tenants", "models", "version")
+
+    def __init__(self, node: Node, index: int, cap: int) -> None:
+        self.node = node
+        self.index = index  # position in the snapshot: the final tie-breaker
+        self.cap = cap  # usable bytes per GPU after the reserve
+        self.free = [cap] * node.gpus
+        self.tenants = [0] * node.gpus  # replicas holding HBM on each GPU
+        self.models: dict[str, int] = {}  # model -> replicas on this node
+        self.version = 0
+
+    def eligible_free(self, share: bool) -> list[int]:
+        """Free bytes of the GPUs a new replica may use, largest first."""
+        if share:
+            return sorted(self.free, reverse=True)
+        return sorted((f for f, t in zip(self.free, self.tenants) if t == 0), reverse=True)
+
+    def fitting_gpus(self, need: int, share: bool) -> list[int]:
+        return [
+            g for g, (f, t) in enumerate(zip(self.free, self.tenants))
+            if f >= need and (share or t == 0)
+        ]
+
+    def add(self, model: str, gpus: tuple[int, ...], hbm: int) -> None:
+        for g in gpus:
+            self.free[g] -= hbm
+            self.tenants[g] += 1
+        self.models[model] = self.models.get(model, 0) + 1
+        self.version += 1
+
+    def remove(self, model: str, gpus: tuple[int, ...], hbm: int) -> None:
+        for g in gpus:
+            self.free[g] += hbm
+            self.tenants[g] -= 1
+        self.models[model] -= 1
+        self.version += 1
+
+
+def _remove(lst: list, key: tuple) -> None:
+    i = bisect_left(lst, key)
+    if i < len(lst) and lst[i] == key:
+        del lst[i]
+
+
+class Pool:
+    """The schedulable nodes of one GPU product, indexed three ways.
+
+    - ``open_gpus``: (free, node, gpu) of every GPU already in use: its low end past a
+      need is the best fit among GPUs that carry load (packing).
+    - ``by_tp[t]``: (t-th largest eligible free GPU, node): a node qualifies for a
+      replica of TP t needing x per GPU iff its key >= x, so the entry found by bisect
+      is the tightest node that fits, and "no entry" means no node fits (exactly).
+    - ``by_total``: (total free, node): its high end is the least-allocated node
+      (spreading).
+    """
+
+    def __init__(self, product: str, states: list[NodeState], share: bool,
+                 spread: bool = True) -> None:
+        self.product = product
+        self.share = share
+        self.spread = spread  # by_total is kept only when something spreads
+        self.states = states
+        self.max_gpus = max((s.node.gpus for s in states), default=0)
+        self.open_gpus: list[tuple[int, int, int]] = []
+        self.by_total: list[tuple[int, int]] = []
+        self.by_tp: dict[int, list[tuple[int, int]]] = {}
+        for s in states:
+            for g, t in enumerate(s.tenants):
+                if t > 0:
+                    self.open_gpus.append((s.free[g], s.index, g))
+            if spread:
+                self.by_total.append((sum(s.free), s.index))
+        self.open_gpus.sort()
+        self.by_total.sort()
+
+    def tp_index(self, tp: int) -> list[tuple[int, int]]:
+        lst = self.by_tp.get(tp)
+        if lst is None:
+            lst = []
+            for s in self.states:
+                if s.node.gpus >= tp:
+                    free = s.eligible_free(self.share)
+                    lst.append((free[tp - 1] if len(free) >= tp else -1, s.index))
+            lst.sort()
+            self.by_tp[tp] = lst
+        return lst
+
+    def _node_keys(self, s: NodeState) -> tuple[list[int], int]:
+        return s.eligible_free(self.share), (sum(s.free) if self.spread else 0)
+
+    def _change(self, s: NodeState, gpus: tuple[int, ...], apply) -> None:
+        """Apply ``apply()`` to ``s`` (which changes ``gpus``), moving only the index
+        entries that change."""
+        idx = s.index
+        before = [(s.free[g], idx, g) for g in gpus if s.tenants[g] > 0]
+        free_before, total_before = self._node_keys(s)
+        apply()
+        for key in before:
+            _remove(self.open_gpus, key)
+        for g in gpus:
+            if s.tenants[g] > 0:
+                insort(self.open_gpus, (s.free[g], idx, g))
+        free_after, total_after = self._node_keys(s)
+        if self.spread:
+            _remove(self.by_total, (total_before, idx))
+            insort(self.by_total, (total_after, idx))
+        n_before, n_after = len(free_before), len(free_after)
+        for tp, lst in self.by_tp.items():
+            if s.node.gpus < tp:
+                continue
+            old = free_before[tp - 1] if n_before >= tp else -1
+            new = free_after[tp - 1] if n_after >= tp else -1
+            if old != new:
+                _remove(lst, (old, idx))
+                insort(lst, (new, idx))
+
+    def update(self, s: NodeState, model: str, gpus: tuple[int, ...], hbm: int) -> None:
+        """Place ``hbm`` on ``gpus`` of ``s``, keeping the indexes in step."""
+        self._change(s, gpus, lambda: s.add(model, gpus, hbm))
+
+    def release(self, s: NodeState, model: str, gpus: tuple[int, ...], hbm: int) -> None:
+        """Take ``hbm`` off ``gpus`` of ``s`` again (a replica that moves)."""
+        self._change(s, gpus, lambda: s.remove(model, gpus, hbm))
+
+    def best_open_gpu(self, need: int) -> Optional[tuple[int, int, int]]:
+        """(free, node, gpu) of the in-use GPU with the least free HBM >= ``need``."""
+        lst = self.open_gpus
+        i = bisect_left(lst, (need,))
+        return lst[i] if i < len(lst) else None
+
+    def candidates(self, tp: int, need: int, k: int, spread: bool) -> Iterator[int]:
+        """A bounded set of nodes to score (node indices, may repeat).
+
+        Pure packing's best node is among the first: the tightest GPU in use that fits,
+        or the tightest node that fits the whole TP group. Pure spreading's is the most
+        free node. With mixed weights the best may lie between the windows and is
+        missed: that biases the plan towards the nearest end, never towards a node
+        that does not fit (every candidate still passes the filters).
+        """
+        if self.share and self.open_gpus:
+            lst = self.open_gpus
+            i = bisect_left(lst, (need,))
+            for j in range(i, min(len(lst), i + k)):
+                yield lst[j][1]
+        lst = self.tp_index(tp)
+        i = bisect_left(lst, (need,))
+        for j in range(i, min(len(lst), i + k)):
+            yield lst[j][1]
+        if spread:
+            for _, n in self.by_total[-k:]:
+                yield n

@@ -1,0 +1,146 @@
+"""Properties of every plan (hypothesis): no GPU holds more than it has, no TP group
+leaves its node, nothing lands on a disallowed product or an unschedulable node, every
+replica is placed or has a reason, and equal inputs give equal plans.
+
+The checks here are written out again, independently of ``placement.check``, so that a
+mistake shared by the engine and its checker still fails a test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvpilot.operator.placement import (
+    Demand, Existing, Node, Policy, Requirement, Snapshot, place, without,
+)
+from kvpilot.operator.placement.check import violations
+
+GiB = 2**30
+PRODUCTS = {"P80": 80 * GiB, "P40": 40 * GiB, "P24": 24 * GiB}
+
+
+@st.composite
+def worlds(draw):
+    nodes = []
+    for i in range(draw(st.integers(0, 5))):
+        product = draw(st.sampled_from(sorted(PRODUCTS)))
+        nodes.append(Node(
+            f"n{i}", product, draw(st.sampled_from([1, 2, 4, 8])), PRODUCTS[product],
+            cordoned=draw(st.booleans()) and draw(st.booleans()),
+            ready=not (draw(st.booleans()) and draw(st.booleans())),
+        ))
+    demands = []
+    for m in range(draw(st.integers(1, 4))):
+        reqs = {}
+        for product in sorted(PRODUCTS):
+            if draw(st.booleans()):
+                tp = draw(st.sampled_from([1, 1, 2, 4, 8]))
+                reqs[product] = Requirement(tp, int(draw(st.floats(0.05, 1.0)) * PRODUCTS[product]))
+        allowed = tuple(p for p in sorted(PRODUCTS) if draw(st.booleans()))
+        demands.append(Demand(f"m{m}", draw(st.integers(0, 6)), reqs, allowed))
+    policy = Policy(
+        packing=draw(st.sampled_from([0.0, 0.5, 1.0])),
+        reserve=draw(st.sampled_from([0.0, 0.1])),
+        spread_replicas=draw(st.booleans()),
+        share_gpus=draw(st.booleans()),
+        rebalance=draw(st.booleans()),
+    )
+    return Snapshot(nodes=tuple(nodes)), demands, policy
+
+
+def existing_from(plan, snapshot: Snapshot) -> Snapshot:
+    """The plan's replicas as the next snapshot's running replicas."""
+    return Snapshot(nodes=snapshot.nodes, replicas=tuple(
+        Existing(a.replica, a.model, a.node, a.gpus, a.hbm_per_gpu) for a in plan.assignments
+    ))
+
+
+def check_independently(snapshot: Snapshot, demands, policy: Policy, plan) -> None:
+    nodes = {n.name: n for n in snapshot.nodes}
+    old = {e.name: e for e in snapshot.replicas}
+    by_model = {d.model: d for d in demands}
+    usable = {n: int(node.gpu_hbm * (1 - policy.reserve)) for n, node in nodes.items()}
+    load: dict[tuple[str, int], int] = {}
+    existing_load: dict[tuple[str, int], int] = {}
+    for e in snapshot.replicas:
+        for g in e.gpus:
+            existing_load[(e.node, g)] = existing_load.get((e.node, g), 0) + e.hbm_per_gpu
+    for a in plan.assignments:
+        node = nodes[a.node]
+        assert len(set(a.gpus)) == len(a.gpus) and all(0 <= g < node.gpus for g in a.gpus)
+        e = old.get(a.replica)
+        if not (e is not None and e.node == a.node and tuple(e.gpus) == a.gpus):
+            assert node.ready and not node.cordoned, a
+            d = by_model[a.model]
+            assert not d.products or node.product in d.products, a
+            req = d.requirements.get(node.product) or d.requirements.get("*")
+            assert req is not None and (req.tp, req.hbm_per_gpu) == (len(a.gpus), a.hbm_per_gpu)
+        for g in a.gpus:
+            load[(a.node, g)] = load.get((a.node, g), 0) + a.hbm_per_gpu
+    for (n, g), used in load.items():
+        assert used <= max(usable[n], existing_load.get((n, g), 0)), (n, g, used)
+    for d in demands:
+        placed = sum(1 for a in plan.assignments if a.model == d.model)
+        reasons = [u.reason for u in plan.unplaced if u.model == d.model]
+        assert placed + len(reasons) == d.replicas and all(reasons)
+
+
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(worlds())
+def test_every_plan_is_sound(world):
+    snapshot, demands, policy = world
+    plan = place(snapshot, demands, policy)
+    check_independently(snapshot, demands, policy, plan)
+    assert violations(snapshot, demands, policy, plan) == []
+
+
+@SETTINGS
+@given(worlds(), st.lists(st.integers(0, 6), min_size=4, max_size=4))
+def test_replanning_keeps_what_runs_and_stays_sound(world, counts):
+    snapshot, demands, policy = world
+    first = place(snapshot, demands, dataclasses.replace(policy, rebalance=False))
+    again = existing_from(first, snapshot)
+    changed = [dataclasses.replace(d, replicas=c) for d, c in zip(demands, counts)]
+    plan = place(again, changed, policy)
+    check_independently(again, changed, policy, plan)
+    assert violations(again, changed, policy, plan) == []
+    if not policy.rebalance:
+        kept = {a.replica for a in plan.assignments if a.existing}
+        assert plan.moves_avoided == len(kept)
+        for a in plan.assignments:
+            if a.replica in {e.name for e in again.replicas}:
+                assert a.existing
+        # Nothing that ran was moved: it was kept where it was or removed.
+        assert {e.name for e in again.replicas} == kept | set(plan.removals)
+
+
+@SETTINGS
+@given(worlds())
+def test_same_input_same_plan(world):
+    snapshot, demands, policy = world
+    assert place(snapshot, demands, policy) == place(snapshot, demands, policy)
+
+
+@SETTINGS
+@given(worlds())
+def test_removing_a_replica_then_asking_again_is_consistent(world):
+    snapshot, demands, policy = world
+    first = place(snapshot, demands, dataclasses.replace(policy, rebalance=False))
+    running = existing_from(first, snapshot)
+    if not running.replicas:
+        return
+    victim = running.replicas[0]
+    # What runs is what is demanded; then one replica fewer of the victim's model: the
+    # rest still fits where it is.
+    lowered = [dataclasses.replace(d, replicas=first.placed(d.model) - (d.model == victim.model))
+               for d in demands]
+    sim = without(running, lowered, policy, replicas=[victim.name])
+    assert sim.holds and sim.gpus_after <= sim.gpus_before
+    assert all(a.existing for a in sim.plan.assignments)
