@@ -1,0 +1,182 @@
+"""The ``kvpilot`` command.
+
+``kvpilot plan FLEET.yaml MODEL.yaml...`` places the replicas of the Models on the fleet
+with the same ``place()`` the operator uses, without a cluster, and prints the plan: per
+node the GPUs and HBM in use and which replica holds what on each GPU; per model the
+replicas placed, what one needs on each product, its KV capacity; and for every replica
+that does not fit, why and what would make it fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+WIDTH = 100
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1): {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="kvpilot", description="Memory-aware placement of LLM replicas on GPU nodes.")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    plan = sub.add_parser(
+        "plan", help="place Model replicas on a fleet offline and print the plan",
+        description="Place the replicas of MODEL files on the nodes of FLEET by HBM "
+                    "(weights + KV cache for each model's context SLA) and print the plan.")
+    plan.add_argument("fleet", metavar="FLEET.yaml", type=Path, help="fleet description")
+    plan.add_argument("models", metavar="MODEL.yaml", type=Path, nargs="+",
+                      help="Model files (several documents per file allowed)")
+    plan.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    plan.add_argument("--policy", choices=("pack", "spread"), default="pack",
+                      help="pack: fewest GPUs with load (default); spread: most headroom")
+    plan.add_argument("--reserve", type=_fraction, default=0.0, metavar="FRACTION",
+                      help="fraction of every GPU's HBM kept free (default 0)")
+    plan.add_argument("--spread-replicas", action="store_true",
+                      help="prefer nodes with fewer replicas of the same model")
+    plan.add_argument("--no-share", action="store_true",
+                      help="never put two replicas on one GPU")
+    plan.set_defaults(run=_plan)
+    return top
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as err:  # bad input files: one line, no traceback
+        print(f"kvpilot {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from kvpilot.api.files import load_models
+    from kvpilot.api.fleet import load_fleet
+    from kvpilot.operator.placement import (
+        Policy, demands_from_models, place, snapshot_from_fleet,
+    )
+
+    fleet = load_fleet(args.fleet)
+    models = [m for path in args.models for m in load_models(path)]
+    kind = Policy.pack if args.policy == "pack" else Policy.spread
+    options: dict[str, Any] = {"reserve": args.reserve, "share_gpus": not args.no_share}
+    if args.spread_replicas:
+        options["spread_replicas"] = True
+    policy = kind(**options)
+    snapshot = snapshot_from_fleet(fleet.expand())
+    demands = demands_from_models(models, snapshot, policy)
+    plan = place(snapshot, demands, policy)
+    if args.output == "table":
+        sys.stdout.write(render_table(plan, demands, snapshot))
+    else:
+        data = {**plan.to_dict(), "models": model_summary(plan, demands)}
+        if args.output == "json":
+            sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        else:
+            import yaml
+            sys.stdout.write(yaml.safe_dump(data, sort_keys=False, width=WIDTH))
+    return 0
+
+
+def model_summary(plan, demands) -> list[dict[str, Any]]:
+    out = []
+    for d in demands:
+        reasons: list[str] = []
+        for u in plan.unplaced:
+            if u.model == d.model and u.reason not in reasons:
+                reasons.append(u.reason)
+        out.append({
+            "name": d.model,
+            "replicas": d.replicas,
+            "placed": plan.placed(d.model),
+            "perReplica": {
+                p: {"tensorParallel": r.tp, "hbmPerGpu": r.hbm_per_gpu, "kvTokens": r.kv_tokens}
+                for p, r in sorted(d.requirements.items())
+            },
+            "unfit": dict(sorted(d.unfit.items())),
+            "reasons": reasons,
+        })
+    return out
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f}"
+
+
+def _wrap(text: str, indent: int) -> list[str]:
+    return textwrap.wrap(text, WIDTH, initial_indent=" " * indent,
+                         subsequent_indent=" " * (indent + 2), break_on_hyphens=False)
+
+
+def render_table(plan, demands, snapshot) -> str:
+    """The plan for people, at most 100 columns wide."""
+    lines: list[str] = []
+    by_gpu: dict[tuple[str, int], list[str]] = {}
+    for a in plan.assignments:
+        for g in a.gpus:
+            by_gpu.setdefault((a.node, g), []).append(f"{a.replica} {_gib(a.hbm_per_gpu)}")
+    name_w = max([4] + [len(n.name) for n in plan.nodes])
+    prod_w = max([7] + [len(n.product) for n in plan.nodes])
+    lines.append(f"{'NODE':<{name_w}}  {'PRODUCT':<{prod_w}}  {'GPUS':>5}  "
+                 f"{'HBM USED':>9}  {'HBM FREE':>9}  (GiB)")
+    for n in plan.nodes:
+        used = sum(n.used)
+        free = n.gpu_capacity * len(n.used) - used
+        state = "" if n.schedulable else "  unschedulable"
+        lines.append(f"{n.name:<{name_w}}  {n.product:<{prod_w}}  "
+                     f"{f'{n.gpus_in_use}/{len(n.used)}':>5}  {_gib(used):>9}  {_gib(free):>9}"
+                     f"{state}")
+        for g, u in enumerate(n.used):
+            tenants = by_gpu.get((n.name, g))
+            if tenants:
+                lines.extend(_wrap(f"GPU {g}  {_gib(u)}/{_gib(n.gpu_capacity)}:  "
+                                   + ", ".join(tenants), 2))
+    lines.append("")
+    model_w = max([5] + [len(d.model) for d in demands])
+    lines.append(f"{'MODEL':<{model_w}}  {'PLACED':>7}  {'KV TOKENS/REPLICA':>17}  "
+                 "PER REPLICA (TP x HBM PER GPU, BY GPU PRODUCT)")
+    for d in demands:
+        groups: dict[tuple[int, int], list[str]] = {}
+        for p, r in sorted(d.requirements.items()):
+            groups.setdefault((r.tp, r.hbm_per_gpu), []).append(p)
+        per = "; ".join(f"{tp} x {_gib(hbm)} GiB on {', '.join(ps)}"
+                        for (tp, hbm), ps in groups.items()) or "fits no GPU product of the fleet"
+        kv = max((r.kv_tokens for r in d.requirements.values()), default=0)
+        head = (f"{d.model:<{model_w}}  {f'{plan.placed(d.model)}/{d.replicas}':>7}  "
+                f"{kv:>17,}  ")
+        body = textwrap.wrap(per, WIDTH - len(head), break_on_hyphens=False) or [""]
+        lines.append(head + body[0])
+        lines.extend(" " * len(head) + b for b in body[1:])
+    if plan.unplaced:
+        lines.append("")
+        lines.append("NOT PLACED")
+        groups_u: dict[tuple[str, str], list[str]] = {}
+        for u in plan.unplaced:
+            groups_u.setdefault((u.model, u.reason), []).append(u.replica)
+        for (model, reason), names in groups_u.items():
+            who = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)})"
+            lines.extend(_wrap(f"{who}: {reason}", 0))
+    lines.append("")
+    shared = len(plan.shared_gpus)
+    total_gpus = sum(len(n.used) for n in plan.nodes)
+    placed = len(plan.assignments)
+    lines.append(f"GPUs with load: {plan.gpus_used} of {total_gpus} ({shared} shared); "
+                 f"replicas placed: {placed} of {placed + len(plan.unplaced)}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""`kvpilot plan FLEET.yaml MODEL.yaml...`: the table, JSON and YAML, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from kvpilot.cli import main
+from tests.conftest import EXAMPLES
+
+FLEET = EXAMPLES / "fleets" / "mixed.yaml"
+MODELS = sorted(EXAMPLES.glob("*.yaml"))
+
+
+def run(capsys, *args):
+    code = main(["plan", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_table_for_the_examples(capsys):
+    code, out, err = run(capsys, FLEET, *MODELS)
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    assert lines[0].split() == ["NODE", "PRODUCT", "GPUS", "HBM", "USED", "HBM", "FREE", "(GiB)"]
+    assert lines[1].split()[:3] == ["h100-0", "NVIDIA-H100-80GB-HBM3", "4/8"]
+    # Llama-3.1-70B (fp8 KV, 8 x 32K) at TP 4 on H100: 44.9 GiB on each of GPUs 0-3.
+    assert "  GPU 1  77.8/79.6:  llama-3-8b-0 33.0, llama-3-1-70b-0 44.9" in lines
+    model_rows = {line.split()[0]: line.split() for line in lines if line[:1].isalpha()}
+    assert model_rows["llama-3-8b"][1:3] == ["2/2", "131,072"]
+    assert model_rows["llama-3-1-70b"][1:4] == ["1/1", "262,144", "4"]
+    assert lines[-1] == "GPUs with load: 4 of 26 (4 shared); replicas placed: 8 of 8"
+
+
+def test_json_and_yaml_carry_the_same_plan(capsys):
+    code, out, _ = run(capsys, FLEET, *MODELS, "-o", "json")
+    assert code == 0
+    data = json.loads(out)
+    code, out, _ = run(capsys, FLEET, *MODELS, "-o", "yaml")
+    assert code == 0 and yaml.safe_load(out) == data
+    assert data["gpusUsed"] == 4 and data["unplaced"] == []
+    by_replica = {a["replica"]: a for a in data["assignments"]}
+    assert by_replica["llama-3-1-70b-0"]["gpus"] == [0, 1, 2, 3]
+    assert by_replica["llama-3-1-70b-0"]["hbmPerGpu"] == 48161755136
+    models = {m["name"]: m for m in data["models"]}
+    assert models["llama-3-1-70b"]["perReplica"] == {
+        "NVIDIA-H100-80GB-HBM3": {"tensorParallel": 4, "hbmPerGpu": 48161755136,
+                                  "kvTokens": 262144},
+    }
+    assert models["mistral-7b"]["unfit"] == {
+        "NVIDIA-L4": "needs 31.5 GiB per GPU at tensorParallel 1, a GPU holds 22.5 GiB"}
+
+
+def test_policies_and_reserve(capsys):
+    _, out, _ = run(capsys, FLEET, *MODELS, "-o", "json", "--policy", "spread")
+    spread = json.loads(out)
+    assert spread["gpusUsed"] == 11 and spread["sharedGpus"] == []
+    _, out, _ = run(capsys, FLEET, *MODELS, "-o", "json", "--no-share")
+    assert json.loads(out)["sharedGpus"] == []
+    _, out, _ = run(capsys, FLEET, *MODELS, "-o", "json", "--reserve", "0.5")
+    reserved = json.loads(out)
+    # Half of every GPU kept free: Llama-3.1-70B needs TP 8 on H100 now.
+    models = {m["name"]: m for m in reserved["models"]}
+    assert models["llama-3-1-70b"]["perReplica"]["NVIDIA-H100-80GB-HBM3"]["tensorParallel"] == 8
+    assert {n["name"]: n["gpuCapacity"] for n in reserved["nodes"]} == {
+        "h100-0": 81559 * 2**19, "h100-1": 81559 * 2**19, "a100": 40960 * 2**19,
+        "l4-0": 23034 * 2**19, "l4-1": 23034 * 2**19,
+    }
+
+
+def test_replicas_that_do_not_fit_are_listed_with_their_reason(capsys, tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text((EXAMPLES / "llama-3.1-70b.yaml").read_text().replace("replicas: 1", "replicas: 6")
+                   .replace("maxReplicas: 4", "maxReplicas: 8"))
+    code, out, _ = run(capsys, FLEET, big)
+    assert code == 0
+    text = " ".join(out.split("NOT PLACED\n", 1)[1].split())
+    assert text.startswith(
+        "llama-3-1-70b-4 .. llama-3-1-70b-5 (2): needs 4 GPUs with >= 44.9 GiB free each on "
+        "NVIDIA-H100-80GB-HBM3; largest free set on any allowed node is 4 x 34.8 GiB (h100-0); "
+        "try tensorParallel 8 or adding NVIDIA-A100-SXM4-40GB to gpuProducts (0/5 nodes fit: "
+        "3 GPU product not allowed, 2 not enough free HBM)")
+
+
+def test_empty_fleet_gives_reasons_not_a_crash(capsys, tmp_path):
+    fleet = tmp_path / "empty.yaml"
+    fleet.write_text("nodes: []\n")
+    code, out, _ = run(capsys, fleet, *MODELS, "-o", "json")
+    data = json.loads(out)
+    assert code == 0 and data["assignments"] == []
+    assert len(data["unplaced"]) == 8
+    assert {u["reason"] for u in data["unplaced"]} == {"the fleet has no GPU nodes"}
+
+
+@pytest.mark.parametrize(
+    "which, text, message",
+    [
+        ("fleet", "nodes:\n  - {name: x, product: NVIDIA-L4, gpus: -1}\n", "nodes.0.gpus:"),
+        ("fleet", "nodes: [\n", "cannot read"),
+        ("model", "kind: Model\nmetadata: {name: m}\nspec: {}\n", "spec.weights: Field required"),
+        ("model", "kind: Deployment\n", "not a Model"),
+    ],
+)
+def test_bad_files_give_one_line_naming_file_and_field(capsys, tmp_path, which, text, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    args = (bad, *MODELS) if which == "fleet" else (FLEET, bad)
+    code, out, err = run(capsys, *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"kvpilot plan: {bad}: ") and message in err
+
+
+def test_two_models_with_one_name_are_refused(capsys):
+    code, _, err = run(capsys, FLEET, MODELS[0], MODELS[0])
+    assert code == 2 and "appears twice" in err
+
+
+def test_bad_flags_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", str(FLEET), str(MODELS[0]), "--reserve", "1.5"])
+    assert exit_.value.code == 2
+    assert "must be in [0, 1)" in capsys.readouterr().err
