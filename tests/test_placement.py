@@ -96,7 +96,7 @@ def test_disallowed_product_is_filtered_and_explained():
     assert where(plan) == {"m-0": ("small", (0,)), "m-1": ("small", (1,))}
     plan = place(snap, [demand("m", 3, gib=30, products=("P40",))])
     (u,) = plan.unplaced
-    assert u.reason.startswith("needs GPU with >= 30.0 GiB free each on P40; ")
+    assert u.reason.startswith("needs 1 GPU with >= 30.0 GiB free on P40; ")
     assert "try adding P80 to gpuProducts" in u.reason
     assert u.reason.endswith("(0/2 nodes fit: 1 GPU product not allowed, 1 not enough free HBM)")
 
@@ -136,7 +136,7 @@ def test_no_sharing_gives_each_replica_its_own_gpus():
     assert plan.gpus_used == 4 and plan.shared_gpus == ()
     assert len(plan.unplaced) == 1
     assert plan.unplaced[0].reason.startswith(
-        "needs GPU with >= 5.0 GiB free each on P80; no allowed node has a unshared GPU free")
+        "needs 1 GPU with >= 5.0 GiB free on P80; no allowed node has a unshared GPU free")
 
 
 def test_existing_replicas_stay_and_their_hbm_counts():
@@ -282,7 +282,7 @@ def test_reason_suggests_fp8_kv_or_fewer_sequences():
     d = demand_for("llama-8b", spec, snap, Policy())
     (u,) = place(snap, [d]).unplaced
     assert u.reason == (
-        "needs GPU with >= 33.0 GiB free each on NVIDIA-H100-80GB-HBM3; largest free set on "
+        "needs 1 GPU with >= 33.0 GiB free on NVIDIA-H100-80GB-HBM3; largest free set on "
         "any allowed node is 1 x 29.6 GiB (h100); try kvCacheDtype fp8 or "
         "concurrentSequences <= 12 (0/1 nodes fit: 1 not enough free HBM)"
     )

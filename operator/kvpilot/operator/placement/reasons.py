@@ -4,6 +4,10 @@
 any allowed node is 1 x 79.1 GiB (h100-0); try kvCacheDtype fp8 or tensorParallel 4
 (0/3 nodes fit: 1 cordoned, 2 not enough free HBM)"
 
+"Largest free set" counts the GPUs of the closest node that have what one GPU of the
+replica needs (here one); when none has, it is the node's best set of as many GPUs as the
+replica needs, all short of it.
+
 Fixes are suggested only when the memory model says they would fit in the HBM that is
 free now, on a node that passes every other filter.
 """
@@ -33,20 +37,22 @@ class _Free:
     def fits(self, product: str, tp: int, need: int) -> bool:
         return any(len(f) >= tp and f[tp - 1] >= need for f, _ in self.by_product.get(product, ()))
 
-    def best_set(self, product: str, tp: int, need: int) -> tuple[int, int, Optional[str]]:
-        """On the node of ``product`` that comes closest: (k, size, node) where k GPUs
-        (at most ``tp``) have >= ``need`` free and the smallest of them has ``size``; when
-        none has ``need``, k is 0 and ``size`` is the largest free GPU of that node."""
+    def best_set(self, product: str, tp: int, need: int) -> tuple[int, int, int, Optional[str]]:
+        """The closest a node of ``product`` comes: (k, n, size, node). k of its GPUs (at
+        most ``tp``) have ``need`` free, and (n, size) describes them: n GPUs with at
+        least ``size`` free each. When no GPU has ``need``, (n, size) is its best set of
+        up to ``tp`` GPUs instead, all short."""
         best_key: Optional[tuple] = None
-        best: tuple[int, int, Optional[str]] = (0, 0, None)
+        best: tuple[int, int, int, Optional[str]] = (0, 0, 0, None)
         for free, s in self.by_product.get(product, ()):
             if not free:
                 continue
             k = sum(1 for f in free[:tp] if f >= need)
-            size = max(0, free[k - 1] if k else free[0])
-            key = (k, size, -s.index)
+            n = k if k else min(tp, len(free))
+            size = max(0, free[n - 1])
+            key = (k, size if k else 0, n, size, -s.index)
             if best_key is None or key > best_key:
-                best_key, best = key, (k, size, s.node.name)
+                best_key, best = key, (k, n, size, s.node.name)
         return best
 
     def best_group(self, product: str, tp: int) -> int:
@@ -83,18 +89,18 @@ def explain(demand: Demand, states: list[NodeState], policy: Policy) -> str:
     # The product where the replica comes closest: most GPUs with enough HBM, then size.
     scored = []
     for p, r in fitting:
-        k, size, node = free.best_set(p, r.tp, r.hbm_per_gpu)
-        scored.append(((k, size / r.hbm_per_gpu), p, r, k, size, node))
+        k, n, size, node = free.best_set(p, r.tp, r.hbm_per_gpu)
+        scored.append(((k, n * size / r.total), p, r, n, size, node))
     scored.sort(key=lambda x: (-x[0][0], -x[0][1], x[1]))
-    _, product, req, k, size, node = scored[0]
-    gpus = "GPU" if req.tp == 1 else f"{req.tp} GPUs"
-    main = f"needs {gpus} with >= {format_bytes(req.hbm_per_gpu)} free each on {product}"
+    _, product, req, n, size, node = scored[0]
+    gpus = "1 GPU" if req.tp == 1 else f"{req.tp} GPUs"
+    each = "" if req.tp == 1 else " each"
+    main = f"needs {gpus} with >= {format_bytes(req.hbm_per_gpu)} free{each} on {product}"
     if node is None:
         unshared = "" if policy.share_gpus else " unshared"
         best = f"no allowed node has a{unshared} GPU free"
     else:
-        best = (f"largest free set on any allowed node is {max(k, 1)} x "
-                f"{format_bytes(size)} ({node})")
+        best = f"largest free set on any allowed node is {n} x {format_bytes(size)} ({node})"
     fixes = _fixes(demand, free, allowed, products,
                    (product, req.tp, free.best_group(product, req.tp)))
     return f"{main}; {best}{'; ' + fixes if fixes else ''} ({summary})"
