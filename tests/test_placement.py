@@ -353,13 +353,13 @@ def test_a_fresh_gpu_is_completed_with_the_best_fill():
 
 
 def test_consolidation_empties_a_gpu_by_moving_single_gpu_replicas():
-    from kvpilot.operator.placement.engine import _World
+    from kvpilot.operator.placement.engine import World
     from kvpilot.operator.placement.packing import consolidate
 
     # A poor arrangement made by hand: 6 | 4 | 5 | 5 on four GPUs of 10.
     snap = Snapshot(nodes=(node("n", gpus=4, hbm=10),))
     demands = [demand("six", 1, gib=6), demand("four", 1, gib=4), demand("five", 2, gib=5)]
-    world = _World(snap, demands, Policy())
+    world = World(snap, demands, Policy())
     world.resolve_existing()
     for d in demands:
         world.pending[d.model] = d.replicas

@@ -36,15 +36,33 @@ from kvpilot.operator.placement.state import NodeState, Pool
 # spreading find their best node, few enough that 5,000 replicas on 2,000 nodes plan in
 # well under a second.
 WINDOW = 3
-CONSOLIDATE_MOVES = 20_000  # replicas moved, at most, by consolidation
+TIGHT_FIT = 0.95  # a replica that fills this much of a GPU "fits it tightly"
+CONSOLIDATE_MOVES = 10_000  # replicas moved, at most, by consolidation
 
 
 def place(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy()) -> Plan:
-    """Place every demanded replica that fits; give a reason for each one that does not."""
-    world = _World(snapshot, demands, policy)
+    """Place every demanded replica that fits; give a reason for each one that does not.
+
+    Under pure packing, when the largest GPUs cannot hold the whole demand, which
+    replicas get them matters; the plan is made twice, once opening the largest GPUs
+    first and once sending replicas that fit a smaller GPU tightly there, and the one
+    that places more, then uses fewer GPUs, wins (ties to the first).
+    """
+    plan, world = _plan_once(snapshot, demands, policy, tight=False)
+    if world.fill and world.scarce:
+        other, _ = _plan_once(snapshot, demands, policy, tight=True)
+        if (len(other.unplaced), other.gpus_used) < (len(plan.unplaced), plan.gpus_used):
+            plan = other
+    return plan
+
+
+def _plan_once(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
+               tight: bool) -> tuple[Plan, "World"]:
+    world = World(snapshot, demands, policy, tight)
     kept, removals, previous = world.resolve_existing()
     for d in demands:
         world.pending[d.model] = max(0, d.replicas - sum(1 for e in kept if e.model == d.model))
+    world.scarce = world.largest_is_scarce()
     unplaced: list[Unplaced] = []
     for demand in world.order():
         reason = world.place_demand(demand)
@@ -54,12 +72,18 @@ def place(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
             world.pending[demand.model] = 0
     if world.fill:
         consolidate(world, CONSOLIDATE_MOVES)
-    return world.plan(kept, removals, previous, world.placed, unplaced)
+    return world.plan(kept, removals, previous, world.placed, unplaced), world
 
 
-class _World:
-    def __init__(self, snapshot: Snapshot, demands: Sequence[Demand], policy: Policy) -> None:
+class World:
+    """One run of placement: the node states copied from the snapshot, the indexes over
+    them, what is pending and what has been placed. ``place()`` builds one (or two), the
+    exact reference reads the same states so both start from the same world."""
+
+    def __init__(self, snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
+                 tight: bool = False) -> None:
         self.policy = policy
+        self.tight = tight
         self.demands = list(demands)
         self.by_model: dict[str, Demand] = {}
         for d in self.demands:
@@ -86,6 +110,7 @@ class _World:
                                                     "model_spread"))
         self.max_cap = max((s.cap for s in self.states if s.node.schedulable), default=1) or 1
         self.pools: list[Pool] = []  # built after existing replicas are loaded
+        self.scarce = False  # the largest product cannot hold the demand
         self.pending: dict[str, int] = {}  # model -> replicas still to place
         self.placed: list[tuple[Demand, NodeState, tuple[int, ...], Requirement]] = []
         # Completing fresh GPUs (see ``_fill``) serves the packing objective alone.
@@ -229,14 +254,32 @@ class _World:
             for _ in range(k):
                 self._commit(d, pool, s, (g,), req)
 
+    def largest_is_scarce(self) -> bool:
+        """Whether the pending demand needs more HBM than the largest product has free."""
+        largest = max(self.pools, key=lambda p: (p.states[0].cap, p.product), default=None)
+        if largest is None:
+            return False
+        volume = 0
+        for d in self.demands:
+            r = d.requirement(largest.product)
+            if r is not None:
+                volume += r.total * self.pending.get(d.model, 0)
+        return volume > sum(f for s in largest.states for f in s.free if f > 0)
+
     def fresh_values(self, options: list[tuple[Pool, Requirement]]) -> dict[str, float]:
         """Product -> what opening one of its GPUs is worth (0-1): its HBM relative to the
         largest GPU. Every GPU counts one, and a replica that fits a small GPU fits a
         large one, so the largest fresh GPU is the one that will hold the most of what
-        follows. (A replica that would fill a smaller GPU almost exactly is moved there
-        by consolidation when that frees a GPU.)"""
-        return {pool.product: (pool.states[0].cap if pool.states else 0) / self.max_cap
-                for pool, _ in options}
+        follows. In the ``tight`` variant a product the replica fills to ``TIGHT_FIT`` at
+        the fewest GPUs any product needs is worth most: a replica taking 98% of an H100
+        goes there instead of leaving 40% of a scarce H200 to fragments."""
+        fewest = min((r.tp for _, r in options), default=1)
+        values = {}
+        for pool, req in options:
+            cap = pool.states[0].cap
+            tight = self.tight and req.tp == fewest and req.hbm_per_gpu >= TIGHT_FIT * cap
+            values[pool.product] = 1.0 if tight else cap / self.max_cap
+        return values
 
     # -- the plan ----------------------------------------------------------------------
 

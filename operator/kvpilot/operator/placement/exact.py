@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from kvpilot.operator.placement.engine import _World
+from kvpilot.operator.placement.engine import World
 from kvpilot.operator.placement.model import (
     Assignment, Demand, NodeUsage, Plan, Policy, Requirement, Snapshot, Unplaced,
 )
@@ -61,7 +61,7 @@ class ExactResult:
 
 def _residual(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy):
     """The engine's own view of the world after existing replicas: states and counts."""
-    world = _World(snapshot, demands, policy)
+    world = World(snapshot, demands, policy)
     kept, _, _ = world.resolve_existing()
     residual = {d.model: d.replicas - sum(1 for e in kept if e.model == d.model)
                 for d in demands}
@@ -206,7 +206,7 @@ def solve(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
     return ExactResult(status, placed, demanded, plan.gpus_used, bound, plan, seconds)
 
 
-def _plan(world: _World, kept, new, residual: dict[str, int]) -> Plan:
+def _plan(world: World, kept, new, residual: dict[str, int]) -> Plan:
     """A plan from the exact solution, built on the same states (for checking it)."""
     rows = [Assignment(e.name, e.model, e.node, tuple(e.gpus), e.hbm_per_gpu, existing=True)
             for e in kept]

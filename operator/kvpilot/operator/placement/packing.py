@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Optional
 from kvpilot.operator.placement.state import NodeState, Pool
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kvpilot.operator.placement.engine import _World
+    from kvpilot.operator.placement.engine import World
 
 FILL_BUDGET = 400  # search nodes per GPU filled
 RUIN = 4  # GPUs emptied per round
@@ -66,7 +66,7 @@ def best_fill(room: int, items: list[tuple[int, int]], budget: int = FILL_BUDGET
     return best[0], best[1]
 
 
-def consolidate(world: "_World", budget: int) -> None:
+def consolidate(world: "World", budget: int) -> None:
     """Ruin-and-recreate rounds over ``world.placed`` (in place) until a pass over the
     GPUs improves nothing, ``PATIENCE`` rounds in a row improve nothing, or ``budget``
     replica moves are spent. The budget counts
@@ -109,7 +109,7 @@ def _load(s: NodeState, g: int) -> float:
     return (s.cap - s.free[g]) / s.cap
 
 
-def _round(world: "_World", pools: dict[str, Pool], on_gpu: dict, ruined: list,
+def _round(world: "World", pools: dict[str, Pool], on_gpu: dict, ruined: list,
            spent: list[int]) -> bool:
     states = world.states
     before = sum(_load(states[n], g) ** 2 for n, g in ruined)
@@ -146,14 +146,14 @@ def _round(world: "_World", pools: dict[str, Pool], on_gpu: dict, ruined: list,
     return False
 
 
-def _take(world: "_World", pools: dict[str, Pool], on_gpu: dict, i: int) -> None:
+def _take(world: "World", pools: dict[str, Pool], on_gpu: dict, i: int) -> None:
     demand, s, gpus, req = world.placed[i]
     pools[s.node.product].release(s, demand.model, gpus, req.hbm_per_gpu)
     on_gpu[(s.index, gpus[0])].remove(i)
     world.placed[i] = [demand, None, (), req]
 
 
-def _put(world: "_World", pools: dict[str, Pool], on_gpu: dict, i: int, s: NodeState, g: int,
+def _put(world: "World", pools: dict[str, Pool], on_gpu: dict, i: int, s: NodeState, g: int,
          req) -> None:
     demand = world.placed[i][0]
     pools[s.node.product].update(s, demand.model, (g,), req.hbm_per_gpu)
@@ -161,7 +161,7 @@ def _put(world: "_World", pools: dict[str, Pool], on_gpu: dict, i: int, s: NodeS
     world.placed[i] = [demand, s, (g,), req]
 
 
-def _best_home(world: "_World", pools: dict[str, Pool], i: int, emptied: list
+def _best_home(world: "World", pools: dict[str, Pool], i: int, emptied: list
                ) -> Optional[tuple[NodeState, int, object]]:
     """The tightest in-use GPU that holds item ``i`` (on any product where it needs one
     GPU), else the just-emptied GPU it fills most: a replica that takes 99% of an H100

@@ -18,7 +18,7 @@ def gpu_most_allocated(free: int, tenants: int, cap: int, need: int, fresh: floa
     A GPU already in use always beats a fresh one (>= 50 vs <= 50), and among those the
     fullest after placement wins (best fit). A fresh GPU scores up to ``50 x fresh``,
     where ``fresh`` (0-1) is what opening a GPU of this product is worth (see
-    ``engine._World.fresh_values``); of equal fresh GPUs, the one on the node with more
+    ``engine.World.fresh_values``); of equal fresh GPUs, the one on the node with more
     HBM in use (``node_used``, 0-1) wins, which keeps whole nodes free.
     """
     if tenants > 0:
