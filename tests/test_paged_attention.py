@@ -23,6 +23,7 @@ from kvpilot.worker.kernels.paged_attention import (  # noqa: E402
     DecodeConfig,
     choose_num_splits,
     paged_attention_decode,
+    programs_per_sm,
 )
 from kvpilot.worker.kernels.reference import (  # noqa: E402
     FP8_DTYPE,
@@ -52,7 +53,7 @@ class World:
     """Random sequences in a paged cache with a shuffled, non-contiguous block table."""
 
     def __init__(self, seq_lens, kv_heads, group, head_dim, page_size, dtype, *,
-                 head_major=True, seed=0, spare_pages=3, q_scale=1.0):
+                 k_order="head", v_order="head", seed=0, spare_pages=3, q_scale=1.0):
         g = torch.Generator().manual_seed(seed)
         self.seq_lens_list = list(seq_lens)
         batch = len(seq_lens)
@@ -69,7 +70,7 @@ class World:
         self.block_table = table.to(DEVICE)
         self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
         self.layer = kv_cache.allocate_layer(num_pages, page_size, kv_heads, head_dim, dtype,
-                                             DEVICE, head_major=head_major)
+                                             DEVICE, k_order=k_order, v_order=v_order)
         # Fill every page (including unused ones) with random values: never test on zeros.
         shape = (num_pages, page_size, kv_heads, head_dim)
         self.k_full = torch.randn(shape, generator=g).to(DEVICE)
@@ -159,10 +160,12 @@ def test_odd_and_large_pages(page_size):
     assert rel_err(w.run(num_splits=2), w.ref()) < TOL[torch.float16]
 
 
-def test_token_major_layout():
-    w = World([40, 77], kv_heads=2, group=4, head_dim=64, page_size=16, dtype=torch.bfloat16,
-              head_major=False, seed=11)
-    assert w.layer.key.is_contiguous()  # token-major pages are plain contiguous
+@pytest.mark.parametrize("k_order,v_order,page_size", [
+    ("token", "token", 16), ("head", "token", 7), ("token", "head", 128),
+])
+def test_page_layouts(k_order, v_order, page_size):
+    w = World([40, 77, 130], kv_heads=2, group=4, head_dim=64, page_size=page_size,
+              dtype=torch.bfloat16, k_order=k_order, v_order=v_order, seed=11)
     assert rel_err(w.run(num_splits=2), w.ref()) < TOL[torch.bfloat16]
 
 
@@ -193,13 +196,20 @@ def test_small_block_config():
 
 
 def test_choose_num_splits():
-    # Llama-3-8B (8 KV heads), 132 SMs, tiles of 64, 4 programs per SM, splits >= 4 tiles.
-    assert choose_num_splits(1, 8, 32768, 132, 64) == 66       # 528 programs
-    assert choose_num_splits(1, 8, 4096, 132, 64) == 16        # capped: 64 tiles / 4
-    assert choose_num_splits(1, 8, 100, 132, 64) == 1          # too short to split
-    assert choose_num_splits(16, 8, 32768, 132, 64) == 5       # 128 programs -> 640
-    assert choose_num_splits(128, 8, 1024, 132, 64) == 1       # the batch fills the GPU
-    assert choose_num_splits(1, 1, 10**7, 132, 16) == 256      # MAX_SPLITS
+    # Llama-3-8B (8 KV heads) on 132 SMs x 2 programs = 264 slots, tiles of 64 tokens.
+    assert choose_num_splits(1 * 8, 32768, 64, 264) == 33      # one wave of 16-tile splits
+    assert choose_num_splits(16 * 8, 32768, 64, 264) == 2      # 256 programs, not 384
+    assert choose_num_splits(32 * 8, 4096, 64, 264) == 1       # 256 programs already
+    assert choose_num_splits(128 * 8, 1024, 64, 264) == 1      # the batch fills the GPU
+    assert choose_num_splits(1 * 8, 100, 64, 264) == 1         # 2 tiles: too short to split
+    assert choose_num_splits(1, 10**7, 16, 528) == 256         # MAX_SPLITS
+
+
+def test_programs_per_sm():
+    assert programs_per_sm(128, 39168, 4) == 4   # registers: 16 warps of 128 per thread
+    assert programs_per_sm(189, 74240, 4) == 2   # 24 x 256 registers a warp -> 10 warps
+    assert programs_per_sm(32, 100_000, 4) == 2  # shared memory
+    assert programs_per_sm(16, 0, 1) == 32       # the per-SM program limit
 
 
 # ---- FP8 KV ----------------------------------------------------------------------------
@@ -225,6 +235,7 @@ def test_fp8_against_dequantized_reference(per_head):
 
 
 # ---- reshape_and_cache -------------------------------------------------------------------
+@pytest.mark.parametrize("v_order", ["head", "token"])
 @pytest.mark.parametrize("dtype,rounds", [
     (torch.bfloat16, False),
     (FP8_DTYPE, False),
@@ -232,11 +243,11 @@ def test_fp8_against_dequantized_reference(per_head):
         DEVICE != "cuda", reason="the interpreter's float downcast misrounds "
                                  "(triton-lang/triton#8322); the device cast is checked")),
 ])
-def test_reshape_and_cache_matches_reference(dtype, rounds):
+def test_reshape_and_cache_matches_reference(dtype, rounds, v_order):
     g = torch.Generator().manual_seed(31)
     kv_heads, head_dim, page_size, num_pages, tokens = 3, 64, 16, 6, 9
     layer = kv_cache.allocate_layer(num_pages, page_size, kv_heads, head_dim, dtype, DEVICE,
-                                    per_head_scales=True)
+                                    v_order=v_order, per_head_scales=True)
     heads = torch.ones(kv_heads, 1, device=DEVICE)
     if layer.is_fp8:
         # Powers of two, so that a value already on the e4m3 grid divides exactly.
@@ -262,8 +273,9 @@ def test_reshape_and_cache_matches_reference(dtype, rounds):
     kv_cache.reshape_and_cache(key, value, layer, slots)
     reshape_and_cache_ref(key, value, ref_k, ref_v, slots, layer.k_scale, layer.v_scale)
     # Bit-exact: both round the same float32 value to the cache dtype (nearest even).
-    assert torch.equal(layer.key.view(torch.uint8), ref_k.view(torch.uint8))
-    assert torch.equal(layer.value.view(torch.uint8), ref_v.view(torch.uint8))
+    bits = torch.uint8 if dtype == FP8_DTYPE else torch.int16
+    assert torch.equal(layer.key.contiguous().view(bits), ref_k.contiguous().view(bits))
+    assert torch.equal(layer.value.contiguous().view(bits), ref_v.contiguous().view(bits))
 
 
 def test_fp8_saturates_instead_of_nan():
@@ -340,8 +352,9 @@ def test_lengths_and_split_counts_do_not_recompile():
 
     w = World([100, 3000], kv_heads=2, group=4, head_dim=64, page_size=16, dtype=torch.bfloat16)
     w.run(num_splits=2)
+    w.run(num_splits=1)  # the two variants: with and without splits
     before = compiled()
-    for lens, splits in (([5, 17], 3), ([1, 4000], 7), ([999, 1], 16)):
+    for lens, splits in (([5, 17], 3), ([1, 2999], 7), ([999, 1], 16), ([3000, 64], 1)):
         w.seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
         assert rel_err(w.run(num_splits=splits), w.ref()) < TOL[torch.bfloat16]
     assert compiled() == before

@@ -75,6 +75,13 @@ class LayerKV:
         return self.key.dtype == FP8_DTYPE
 
 
+# Physical orders of a page tensor, each viewed as [num_pages, page_size, kv_heads, head_dim].
+ORDERS = {
+    "token": (0, 1, 2, 3),  # [num_pages, page_size, kv_heads, head_dim]
+    "head": (0, 2, 1, 3),   # [num_pages, kv_heads, page_size, head_dim]
+}
+
+
 def allocate_pages(
     num_pages: int,
     page_size: int,
@@ -83,17 +90,19 @@ def allocate_pages(
     dtype: torch.dtype,
     device: torch.device | str,
     *,
-    head_major: bool = True,
+    order: str = "head",
 ) -> torch.Tensor:
     """One uninitialised page tensor in the logical shape, physically ordered as asked."""
     if not 1 <= page_size <= MAX_PAGE_SIZE:
         raise ValueError(f"page_size must be 1..{MAX_PAGE_SIZE}, got {page_size}")
     if dtype not in CACHE_DTYPES:
         raise ValueError(f"KV cache dtype must be one of {CACHE_DTYPES}, got {dtype}")
-    if head_major:
-        pages = torch.empty(num_pages, kv_heads, page_size, head_dim, dtype=dtype, device=device)
-        return pages.transpose(1, 2)
-    return torch.empty(num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=device)
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {sorted(ORDERS)}, got {order!r}")
+    perm = ORDERS[order]
+    logical = (num_pages, page_size, kv_heads, head_dim)
+    pages = torch.empty([logical[i] for i in perm], dtype=dtype, device=device)
+    return pages.permute([perm.index(i) for i in range(4)])
 
 
 def allocate_layer(
@@ -104,14 +113,13 @@ def allocate_layer(
     dtype: torch.dtype,
     device: torch.device | str,
     *,
-    head_major: bool = True,
+    k_order: str = "head",
+    v_order: str = "head",
     per_head_scales: bool = False,
 ) -> LayerKV:
     """K and V pages of one layer; an FP8 layer starts with unit scales."""
-    key = allocate_pages(num_pages, page_size, kv_heads, head_dim, dtype, device,
-                         head_major=head_major)
-    value = allocate_pages(num_pages, page_size, kv_heads, head_dim, dtype, device,
-                           head_major=head_major)
+    key = allocate_pages(num_pages, page_size, kv_heads, head_dim, dtype, device, order=k_order)
+    value = allocate_pages(num_pages, page_size, kv_heads, head_dim, dtype, device, order=v_order)
     if dtype != FP8_DTYPE:
         return LayerKV(key, value)
     n = kv_heads if per_head_scales else 1

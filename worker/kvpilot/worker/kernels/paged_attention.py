@@ -75,6 +75,43 @@ MAX_SPLITS = 256
 # --------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------
+@triton.jit
+def _attend_tile(
+    q, m_i, l_i, acc, toks, pages, end, k_head, v_head, qk_scale,
+    stride_kp, stride_kt, stride_vp, stride_vt,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Fold one tile of tokens ``toks`` (held in ``pages``, read off the block table by
+    the caller) into the running softmax. Only the last tile of a range is MASKED."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    # ---- addresses: (page, slot in the page) -> rows of head_dim elements ------------
+    slots = toks % PAGE_SIZE
+    k_rows = pages * stride_kp + slots * stride_kt
+    v_rows = pages * stride_vp + slots * stride_vt
+    k_ptrs = k_head + k_rows[:, None] + offs_d[None, :]
+    v_ptrs = v_head + v_rows[:, None] + offs_d[None, :]
+    # ---- loads: masked tokens read as 0, so stale slots never reach the products -----
+    if MASKED:
+        valid = toks < end
+        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    # ---- S = Q K^T, online softmax (base 2), O += P V ----------------------------------
+    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE))) * qk_scale
+    if MASKED:
+        s = tl.where(valid[None, :], s, float("-inf"))
+    # Every tile holds at least one valid token, so m_new is finite.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr, v_scale_ptr,
@@ -99,10 +136,10 @@ def _paged_decode_kernel(
     tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+    full_end = tl.maximum(start, end - end % BLOCK_N)  # tiles before it need no mask
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
     heads = kvh * GROUP + offs_g
     g_mask = offs_g < GROUP
 
@@ -121,26 +158,28 @@ def _paged_decode_kernel(
     k_head = k_ptr + kvh * stride_kh
     v_head = v_ptr + kvh * stride_vh
 
-    # ---- main loop: gather one tile of K and V through the block table -------------
-    for tok0 in range(start, end, BLOCK_N):
+    # ---- main loop over whole tiles, then the partial last tile ----------------------
+    # The block-table entries of the next tile are read one iteration ahead: K/V
+    # addresses then depend on no load of their own iteration, which lets the compiler
+    # keep several tiles of K/V in flight (num_stages) instead of one.
+    offs_n = tl.arange(0, BLOCK_N)
+    toks = start + offs_n
+    pages = tl.load(bt_row + toks // PAGE_SIZE, mask=toks < end, other=0).to(tl.int64)
+    for tok0 in range(start, full_end, BLOCK_N):
         toks = tok0 + offs_n
-        valid = toks < end
-        pages = tl.load(bt_row + toks // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
-        slots = toks % PAGE_SIZE
-        k_rows = pages * stride_kp + slots * stride_kt
-        v_rows = pages * stride_vp + slots * stride_vt
-        k = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_head + v_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-
-        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE))) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        # Every tile holds at least one valid token, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
-        m_i = m_new
+        next_toks = toks + BLOCK_N
+        next_pages = tl.load(bt_row + next_toks // PAGE_SIZE, mask=next_toks < end,
+                             other=0).to(tl.int64)
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, toks, pages, end, k_head, v_head, qk_scale,
+            stride_kp, stride_kt, stride_vp, stride_vt,
+            PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_DTYPE, False)
+        pages = next_pages
+    if full_end < end:
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, full_end + offs_n, pages, end, k_head, v_head, qk_scale,
+            stride_kp, stride_kt, stride_vp, stride_vt,
+            PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_DTYPE, True)
 
     # ---- epilogue -------------------------------------------------------------------
     if KV_FP8:
@@ -170,28 +209,25 @@ def _merge_splits_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
 
-    # ---- pass 1: the largest log-sum-exp; all -inf when no split saw a token ----------
-    m = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        lse = tl.load(part_lse_ptr + row0 + s0 + offs_s, mask=s0 + offs_s < num_splits,
-                      other=float("-inf"))
-        m = tl.maximum(m, lse)
-    m_max = tl.max(m, 0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # exp2(-inf - 0) = 0, not NaN
-
-    # ---- pass 2: weighted sum of the normalized partials ---------------------------
+    # ---- one pass, BLOCK_S splits at a time, rescaled to the running max of lse ------
+    m = tl.full([1], float("-inf"), dtype=tl.float32)
+    den = tl.zeros([1], dtype=tl.float32)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    den = tl.zeros([BLOCK_S], dtype=tl.float32)
     for s0 in range(0, num_splits, BLOCK_S):
         mask = s0 + offs_s < num_splits
         lse = tl.load(part_lse_ptr + row0 + s0 + offs_s, mask=mask, other=float("-inf"))
-        w = tl.exp2(lse - m_max)
         part = tl.load(part_out_ptr + (row0 + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
                        mask=mask[:, None], other=0.0)
-        acc += tl.sum(part * w[:, None], 0)
-        den += w
-    total = tl.sum(den, 0)
-    out = acc / tl.where(total > 0.0, total, 1.0)
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        # Empty splits have lse = -inf: weight exp2(-inf) = 0. While every split so far
+        # is empty the max is -inf too; subtract 0 then, not -inf (NaN).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)
+        acc = acc * alpha + tl.sum(part * w[:, None], 0)
+        den = den * alpha + tl.sum(w, 0)
+        m = m_new
+    out = acc / tl.where(den > 0.0, den, 1.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
@@ -200,50 +236,100 @@ def _merge_splits_kernel(
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch shape. ``waves``: programs per SM that ``choose_num_splits`` aims for;
-    ``min_tiles``: the shortest split, in tiles of ``block_n`` tokens."""
+    """Launch shape of the decode kernel. ``min_tiles``: the shortest split, in tiles of
+    ``block_n`` tokens; ``maxnreg``: a register cap per thread (None: the compiler's)."""
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
-    waves: int = 4
-    min_tiles: int = 4
+    min_tiles: int = 2
+    maxnreg: int | None = None
 
 
 def default_config(kv_dtype: torch.dtype, head_dim: int) -> DecodeConfig:
     """Measured choices (docs/decode-kernel.md); FP8 tiles hold twice the tokens so a
     tile moves as many bytes as a 16-bit one."""
     if kv_dtype == FP8_DTYPE:
-        return DecodeConfig(block_n=128 if head_dim <= 128 else 64)
-    return DecodeConfig(block_n=64 if head_dim <= 128 else 32)
+        return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_warps=2, num_stages=3)
+    return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=4)
 
 
-def choose_num_splits(batch: int, kv_heads: int, max_seq_len: int, num_sms: int,
-                      block_n: int, waves: int = 4, min_tiles: int = 4) -> int:
+def choose_num_splits(units: int, max_seq_len: int, block_n: int, slots: int,
+                      min_tiles: int = 2) -> int:
     """How many ranges to cut each sequence into: a pure function of the launch shape.
 
-    Enough programs for ``waves`` per SM, but no split shorter than ``min_tiles`` tiles
-    and never more than ``MAX_SPLITS``; 1 when the batch fills the GPU by itself.
+    ``units`` = batch x kv_heads programs without splitting; ``slots`` = programs the GPU
+    runs at once (SMs x programs per SM). Programs of equal length run in waves of
+    ``slots`` and a wave lasts as long as its programs, so a second, partly filled wave
+    costs nearly as much as a full one. The count is the largest that still fits one
+    wave (``units x s <= slots``); 1 when the batch alone fills the GPU. No split is
+    shorter than ``min_tiles`` tiles, and there are at most ``MAX_SPLITS``.
     """
-    programs = batch * kv_heads
-    target = waves * num_sms
-    if programs >= target or max_seq_len <= 0:
+    if units >= slots:
         return 1
-    tiles = triton.cdiv(max_seq_len, block_n)
-    splits = min(triton.cdiv(target, programs), tiles // min_tiles, MAX_SPLITS)
-    return max(1, splits)
+    tiles = max(1, triton.cdiv(max_seq_len, block_n))
+    return max(1, min(slots // units, tiles // min_tiles, MAX_SPLITS))
 
 
-_SM_COUNT: dict[int, int] = {}
+def programs_per_sm(n_regs: int, shared_bytes: int, num_warps: int, *, regs_per_sm: int = 65536,
+                    shared_per_sm: int = 233472, max_warps: int = 64, max_ctas: int = 32) -> int:
+    """Programs of a compiled kernel that fit on one SM at once (registers are given out
+    per warp in units of 256, each program's shared memory carries 1 KiB reserved)."""
+    regs_per_warp = max(256, triton.cdiv(n_regs * 32, 256) * 256)
+    by_regs = (regs_per_sm // regs_per_warp) // num_warps
+    by_warps = max_warps // num_warps
+    by_shared = shared_per_sm // (shared_bytes + 1024)
+    return max(1, min(by_regs, by_warps, by_shared, max_ctas))
 
 
-def _num_sms(device: torch.device) -> int:
+# Programs per SM of each compiled variant, read off the kernel after its first launch;
+# until then a guess of 2 steers the split count (only speed depends on it).
+_OCCUPANCY: dict[tuple, int] = {}
+_DEVICE: dict[int, tuple[int, int, int]] = {}
+
+
+def _device_limits(device: torch.device) -> tuple[int, int, int]:
+    """(SMs, registers per SM, shared bytes per SM)."""
     if device.type != "cuda":
-        return 132  # the interpreter: any count exercises the same code
+        return 132, 65536, 233472  # the interpreter: any numbers exercise the same code
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
+    if index not in _DEVICE:
+        p = torch.cuda.get_device_properties(index)
+        _DEVICE[index] = (p.multi_processor_count, getattr(p, "regs_per_multiprocessor", 65536),
+                          getattr(p, "shared_memory_per_multiprocessor", 233472))
+    return _DEVICE[index]
+
+
+def _remember_occupancy(key: tuple, kernel, num_warps: int, device: torch.device) -> None:
+    n_regs = getattr(kernel, "n_regs", None)
+    meta = getattr(kernel, "metadata", None)
+    shared = getattr(meta, "shared", None)
+    if not isinstance(n_regs, int) or not isinstance(shared, int) or n_regs <= 0:
+        return
+    _, regs_per_sm, shared_per_sm = _device_limits(device)
+    _OCCUPANCY[key] = programs_per_sm(n_regs, shared, num_warps, regs_per_sm=regs_per_sm,
+                                      shared_per_sm=shared_per_sm)
+
+
+def _occupancy_key(q: torch.Tensor, k_cache: torch.Tensor, cfg: DecodeConfig) -> tuple:
+    group = q.shape[1] // k_cache.shape[2]
+    return (q.device.index, q.dtype, k_cache.dtype, q.shape[2], group, k_cache.shape[1], cfg)
+
+
+def plan_num_splits(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, *,
+                    config: DecodeConfig | None = None, max_seq_len: int | None = None) -> int:
+    """The split count ``paged_attention_decode`` uses when none is given.
+
+    ``max_seq_len`` defaults to what the block table can hold (``max_pages x
+    page_size``), an upper bound known without reading the lengths off the device.
+    """
+    cfg = config or default_config(k_cache.dtype, q.shape[2])
+    if max_seq_len is None:
+        max_seq_len = block_table.shape[1] * k_cache.shape[1]
+    sms = _device_limits(q.device)[0]
+    slots = sms * _OCCUPANCY.get(_occupancy_key(q, k_cache, cfg), 2)
+    return choose_num_splits(q.shape[0] * k_cache.shape[2], max_seq_len, cfg.block_n, slots,
+                             cfg.min_tiles)
 
 
 def _interpreting() -> bool:
@@ -319,11 +405,9 @@ def paged_attention_decode(
     # ---- launch shape ----------------------------------------------------------------
     cfg = config or default_config(k_cache.dtype, head_dim)
     group = q_heads // kv_heads
-    if max_seq_len is None:
-        max_seq_len = block_table.shape[1] * page_size
+    block_g = max(16, triton.next_power_of_2(group))
     if num_splits is None:
-        num_splits = choose_num_splits(batch, kv_heads, max_seq_len, _num_sms(q.device),
-                                       cfg.block_n, cfg.waves, cfg.min_tiles)
+        num_splits = plan_num_splits(q, k_cache, block_table, config=cfg, max_seq_len=max_seq_len)
     _check(1 <= num_splits <= MAX_SPLITS, f"num_splits must be 1..{MAX_SPLITS}")
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
@@ -341,7 +425,8 @@ def paged_attention_decode(
     else:
         part_out = part_lse = out  # never read
 
-    _paged_decode_kernel[(batch, kv_heads, num_splits)](
+    extra = {} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}
+    kernel = _paged_decode_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale,
         out, part_out, part_lse,
         sm_scale, num_splits,
@@ -351,14 +436,17 @@ def paged_attention_decode(
         block_table.stride(0),
         out.stride(0), out.stride(1),
         scale_stride,
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim,
         PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
         SPLIT=split, KV_FP8=kv_fp8, DOT_DTYPE=dot_dtype,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
     )
+    key = _occupancy_key(q, k_cache, cfg)
+    if key not in _OCCUPANCY:
+        _remember_occupancy(key, kernel, cfg.num_warps, q.device)
     if split:
         _merge_splits_kernel[(batch, q_heads)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_S=16, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_S=32, num_warps=4,
         )
     return out

@@ -1,0 +1,436 @@
+"""Paged-attention decode kernel: time, KV bytes read per second, and the baselines.
+
+    python benchmarks/decode_kernel.py                 # the table (needs a CUDA GPU)
+    python benchmarks/decode_kernel.py --sweep         # also try launch shapes and layouts
+
+For each (batch, context) of Llama-3-8B attention (32 query heads, 8 KV heads, head dim
+128) with pages of 16 tokens in a shuffled pool, it prints the kernel's time and KV
+bytes read / time, torch SDPA (``enable_gqa=True``) on the same values laid out
+contiguously, a read-bandwidth ceiling measured in the same run, and the ratios. Decode
+attention is bandwidth-bound, so GB/s against the ceiling is the figure of merit.
+
+Timing: each measured call gets its own copy of the inputs, rotating through enough
+copies (>= 512 MiB together) that no call finds its KV in L2 from a previous one. The
+calls are captured in a CUDA graph and the graph's replays are timed with CUDA events,
+for the kernel and for SDPA alike, so Python launch overhead is not counted for either;
+the median of several replays is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "worker"), str(ROOT / "operator")]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from kvpilot.worker.kernels.cache import FP8_DTYPE, allocate_pages  # noqa: E402
+from kvpilot.worker.kernels import paged_attention as pa  # noqa: E402
+from kvpilot.worker.kernels.paged_attention import (  # noqa: E402
+    DecodeConfig,
+    paged_attention_decode,
+    plan_num_splits,
+)
+from kvpilot.worker.kernels.reference import quantize_fp8  # noqa: E402
+
+Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
+CONFIGS = [(1, 4096), (1, 32768), (1, 131072), (8, 4096), (32, 4096), (64, 2048),
+           (16, 32768), (128, 1024)]
+SWEEP_SHAPES = [(1, 32768), (1, 131072), (16, 32768), (128, 1024), (32, 4096), (64, 2048)]
+LONG, WIDE = (1, 32768), (16, 32768)  # the sweep's split-count and L2-resident shapes
+ROTATE_BYTES = 512 << 20
+ORDERS = ("head", "head")  # physical order of K and V pages (kvpilot.worker.kernels.cache)
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
+def time_rotating(calls, reps: int = 5, target_ms: float = 20.0) -> float:
+    """Median microseconds of one call: `calls` (one per input copy) captured in a graph."""
+    for fn in calls:  # warm-up: compile, allocate
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for fn in calls:
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    per_call = start.elapsed_time(end) / len(calls)
+    loops = max(1, min(200, math.ceil(target_ms / max(per_call * len(calls), 1e-3))))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        for fn in calls:  # warm-up on the capture stream
+            fn()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(loops):
+                for fn in calls:
+                    fn()
+    torch.cuda.synchronize()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (loops * len(calls)))
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------
+# Read ceiling: the fastest of a Triton streaming read and torch's sum, over 4 GiB
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    step = tl.num_programs(0) * BLOCK
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(pid * BLOCK, n, step):
+        acc += tl.load(x_ptr + start + tl.arange(0, BLOCK))
+    tl.store(out_ptr + pid, tl.sum(acc, 0))
+
+
+def read_ceiling(log) -> float:
+    """GB/s of the best plain read of 4 GiB (decimal GB, as everywhere here)."""
+    n = 1 << 30  # float32: 4 GiB
+    x = torch.randn(n, device="cuda")
+    nbytes = x.numel() * 4
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    best = 0.0
+    for block, per_sm, warps in ((4096, 4, 8), (8192, 2, 8), (4096, 8, 4), (2048, 16, 4)):
+        grid = sms * per_sm
+        out = torch.empty(grid, device="cuda")
+        us = time_rotating([lambda: _read_kernel[(grid,)](x, out, n, BLOCK=block,
+                                                          num_warps=warps)], reps=5)
+        gbs = nbytes / us / 1e3
+        log(f"  read ceiling: triton read BLOCK={block} grid={per_sm}xSM warps={warps}: "
+            f"{us:8.1f} us {gbs:7.0f} GB/s")
+        best = max(best, gbs)
+    us = time_rotating([lambda: x.sum()], reps=5)
+    gbs = nbytes / us / 1e3
+    log(f"  read ceiling: torch.sum: {us:8.1f} us {gbs:7.0f} GB/s")
+    best = max(best, gbs)
+    y = torch.empty(n // 2, device="cuda")
+    us = time_rotating([lambda: y.copy_(x[: n // 2])], reps=5)
+    log(f"  (for comparison) device copy of 2 GiB: {us:8.1f} us "
+        f"{2 * nbytes / 2 / us / 1e3:7.0f} GB/s read+write")
+    del x, y
+    torch.cuda.empty_cache()
+    return best
+
+
+# --------------------------------------------------------------------------------------
+# Inputs: `copies` independent batches in one shuffled page pool, and the same values
+# contiguous for SDPA
+# --------------------------------------------------------------------------------------
+@dataclass
+class Inputs:
+    q: list
+    k_pages: torch.Tensor
+    v_pages: torch.Tensor
+    tables: list
+    seq_lens: torch.Tensor
+    k_scale: torch.Tensor | None
+    v_scale: torch.Tensor | None
+    kv_bytes: int  # per call
+
+
+def build_inputs(batch, ctx, kv_dtype, copies, orders, gen):
+    pages_per_seq = ctx // PAGE
+    num_pages = copies * batch * pages_per_seq
+    k_pages = allocate_pages(num_pages, PAGE, KV_HEADS, HEAD_DIM, kv_dtype, "cuda",
+                             order=orders[0])
+    v_pages = allocate_pages(num_pages, PAGE, KV_HEADS, HEAD_DIM, kv_dtype, "cuda",
+                             order=orders[1])
+    k_scale = v_scale = None
+    # Fill page by page in chunks (random normal, never zeros).
+    chunk = max(1, (256 << 20) // (PAGE * KV_HEADS * HEAD_DIM * 4))
+    if kv_dtype == FP8_DTYPE:
+        k_scale = torch.full((KV_HEADS,), 4.0 / 448, device="cuda")  # per head
+        v_scale = torch.full((KV_HEADS,), 4.0 / 448, device="cuda")
+    for p0 in range(0, num_pages, chunk):
+        p1 = min(num_pages, p0 + chunk)
+        for pages, scale in ((k_pages, k_scale), (v_pages, v_scale)):
+            vals = torch.randn(p1 - p0, PAGE, KV_HEADS, HEAD_DIM, device="cuda", generator=gen)
+            pages[p0:p1] = quantize_fp8(vals, scale) if scale is not None else vals.to(kv_dtype)
+    perm = torch.randperm(num_pages, device="cuda", generator=gen).to(torch.int32)
+    tables = [perm[c * batch * pages_per_seq:(c + 1) * batch * pages_per_seq]
+              .view(batch, pages_per_seq).contiguous() for c in range(copies)]
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    q = [torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", generator=gen).bfloat16()
+         for _ in range(copies)]
+    kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * k_pages.element_size()
+    return Inputs(q, k_pages, v_pages, tables, seq_lens, k_scale, v_scale, kv_bytes)
+
+
+def contiguous_copy(inp: Inputs, c: int):
+    """Copy `c`'s K/V as contiguous bf16 [batch, kv_heads, ctx, head_dim] for SDPA."""
+    table = inp.tables[c].long()
+    batch, pages_per_seq = table.shape
+
+    def gather(pages, scale):
+        # Index raw bytes: gathers need not support float8.
+        raw = pages.view(torch.uint8) if pages.element_size() == 1 else pages
+        x = raw[table.reshape(-1)].view(pages.dtype)
+        x = x.reshape(batch, pages_per_seq * PAGE, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        if scale is not None:
+            x = x.float() * scale[None, :, None, None]
+        return x.to(torch.bfloat16).contiguous()
+
+    return gather(inp.k_pages, inp.k_scale), gather(inp.v_pages, inp.v_scale)
+
+
+def kernel_calls(inp: Inputs, cfg: DecodeConfig | None, outs):
+    return [
+        (lambda c=c: paged_attention_decode(
+            inp.q[c], inp.k_pages, inp.v_pages, inp.tables[c], inp.seq_lens,
+            k_scale=inp.k_scale, v_scale=inp.v_scale, config=cfg, out=outs[c]))
+        for c in range(len(inp.q))
+    ]
+
+
+def sdpa_calls(inp: Inputs, kv, backend=None):
+    qs = [q[:, :, None, :] for q in inp.q]
+
+    def call(c):
+        k, v = kv[c]
+        if backend is None:
+            return F.scaled_dot_product_attention(qs[c], k, v, enable_gqa=True)
+        with torch.nn.attention.sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(qs[c], k, v, enable_gqa=True)
+
+    return [lambda c=c: call(c) for c in range(len(qs))]
+
+
+def copies_for(batch, ctx, elt):
+    per = 2 * batch * ctx * KV_HEADS * HEAD_DIM * elt
+    return max(1, min(64, math.ceil(ROTATE_BYTES / per)))
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+# --------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------
+def bench_table(log, ceiling, gen, orders):
+    rows = []
+    for batch, ctx in CONFIGS:
+        bf16_us = None
+        for kv_dtype in (torch.bfloat16, FP8_DTYPE):
+            elt = 1 if kv_dtype == FP8_DTYPE else 2
+            copies = copies_for(batch, ctx, elt)
+            inp = build_inputs(batch, ctx, kv_dtype, copies, orders, gen)
+            outs = [torch.empty_like(q) for q in inp.q]
+            us = time_rotating(kernel_calls(inp, None, outs))
+            gbs = inp.kv_bytes / us / 1e3
+            splits = plan_num_splits(inp.q[0], inp.k_pages, inp.tables[0])
+            # SDPA on the same (dequantized) values, contiguous, bf16.
+            sdpa_copies = copies_for(batch, ctx, 2)
+            kv = [contiguous_copy(inp, c % copies) for c in range(min(copies, sdpa_copies))]
+            while len(kv) < sdpa_copies:  # bf16 needs copies of its own to defeat L2
+                kv.append(tuple(t.clone() for t in kv[len(kv) % copies]))
+            sdpa_in = Inputs([inp.q[c % copies] for c in range(sdpa_copies)], None, None,
+                             None, None, None, None, 0)
+            sdpa_us = time_rotating(sdpa_calls(sdpa_in, kv))
+            sdpa_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * 2
+            sdpa_gbs = sdpa_bytes / sdpa_us / 1e3
+            n = min(batch, 2)  # float32 reference on the first sequences only
+            ref = F.scaled_dot_product_attention(inp.q[0][:n, :, None, :].float(),
+                                                 kv[0][0][:n].float(), kv[0][1][:n].float(),
+                                                 enable_gqa=True)[:, :, 0, :]
+            err = rel_err(outs[0][:n], ref)
+            fp8_speedup = (bf16_us / us) if bf16_us is not None else None
+            if kv_dtype != FP8_DTYPE:
+                bf16_us = us
+            row = dict(batch=batch, ctx=ctx, dtype="fp8" if elt == 1 else "bf16",
+                       splits=splits, us=us, gbs=gbs, sdpa_us=sdpa_us, sdpa_gbs=sdpa_gbs,
+                       speedup=sdpa_us / us, pct=100 * gbs / ceiling, fp8=fp8_speedup,
+                       err=err, mib=inp.kv_bytes / 2**20)
+            rows.append(row)
+            log(fmt_row(row))
+            del inp, kv, outs, sdpa_in
+            torch.cuda.empty_cache()
+    return rows
+
+
+HEADER = (f"{'B':>4} {'S':>7} {'kv':>4} {'MiB':>7} {'splits':>6} {'kernel us':>10} "
+          f"{'GB/s':>7} {'SDPA us':>9} {'SDPA GB/s':>9} {'x SDPA':>7} {'%ceil':>6} "
+          f"{'fp8/bf16':>8} {'rel err':>8}")
+
+
+def fmt_row(r):
+    fp8 = f"{r['fp8']:.2f}x" if r["fp8"] is not None else "-"
+    return (f"{r['batch']:>4} {r['ctx']:>7} {r['dtype']:>4} {r['mib']:>7.0f} {r['splits']:>6} "
+            f"{r['us']:>10.1f} {r['gbs']:>7.0f} {r['sdpa_us']:>9.1f} {r['sdpa_gbs']:>9.0f} "
+            f"{r['speedup']:>6.2f}x {r['pct']:>5.1f}% {fp8:>8} {r['err']:>8.1e}")
+
+
+# --------------------------------------------------------------------------------------
+# Sweep: launch shapes, split targets, layouts, SDPA backends
+# --------------------------------------------------------------------------------------
+def sweep(log, gen):
+    """Launch shapes, split counts, and where the time goes (diagnostics, not the table)."""
+    bf16_launch = [DecodeConfig(64, 4, 3), DecodeConfig(64, 4, 4), DecodeConfig(32, 4, 4),
+                   DecodeConfig(64, 8, 3), DecodeConfig(64, 8, 4), DecodeConfig(32, 2, 4),
+                   DecodeConfig(64, 4, 4, maxnreg=128)]
+    fp8_launch = [DecodeConfig(128, 4, 3), DecodeConfig(64, 2, 3), DecodeConfig(64, 2, 4),
+                  DecodeConfig(64, 2, 3, maxnreg=168), DecodeConfig(64, 2, 3, maxnreg=128),
+                  DecodeConfig(32, 2, 4), DecodeConfig(64, 4, 3, maxnreg=128),
+                  DecodeConfig(128, 4, 3, maxnreg=168)]
+    for kv_dtype, launch in ((torch.bfloat16, bf16_launch), (FP8_DTYPE, fp8_launch)):
+        elt = 1 if kv_dtype == FP8_DTYPE else 2
+        for batch, ctx in SWEEP_SHAPES:
+            inp = build_inputs(batch, ctx, kv_dtype, copies_for(batch, ctx, elt), ORDERS, gen)
+            outs = [torch.empty_like(q) for q in inp.q]
+            for cfg in launch:
+                try:
+                    us = time_rotating(kernel_calls(inp, cfg, outs), reps=3)
+                except Exception as e:  # out of resources etc.: say so, go on
+                    log(f"  sweep B={batch} S={ctx} {cfg}: failed {type(e).__name__}: "
+                        f"{str(e)[:100]}")
+                    continue
+                splits = plan_num_splits(inp.q[0], inp.k_pages, inp.tables[0], config=cfg)
+                occ = pa._OCCUPANCY.get(pa._occupancy_key(inp.q[0], inp.k_pages, cfg))
+                log(f"  sweep {'fp8 ' if elt == 1 else 'bf16'} B={batch:>3} S={ctx:>6} "
+                    f"bn={cfg.block_n:>3} w={cfg.num_warps} st={cfg.num_stages} "
+                    f"maxnreg={cfg.maxnreg} occ={occ} splits={splits:>3}: {us:8.1f} us "
+                    f"{inp.kv_bytes / us / 1e3:6.0f} GB/s")
+            del inp, outs
+            torch.cuda.empty_cache()
+    # Split counts by hand.
+    for kv_dtype in (torch.bfloat16, FP8_DTYPE):
+        elt = 1 if kv_dtype == FP8_DTYPE else 2
+        for batch, ctx, counts in ((1, 32768, (16, 24, 32, 40, 48, 64)),
+                                   (1, 131072, (24, 32, 48, 64, 96)),
+                                   (16, 32768, (1, 2, 3, 4, 6))):
+            inp = build_inputs(batch, ctx, kv_dtype, copies_for(batch, ctx, elt), ORDERS, gen)
+            outs = [torch.empty_like(q) for q in inp.q]
+            line = f"  splits {'fp8 ' if elt == 1 else 'bf16'} B={batch} S={ctx}:"
+            for splits in counts:
+                calls = [(lambda c=c: paged_attention_decode(
+                    inp.q[c], inp.k_pages, inp.v_pages, inp.tables[c], inp.seq_lens,
+                    k_scale=inp.k_scale, v_scale=inp.v_scale, num_splits=splits, out=outs[c]))
+                    for c in range(len(inp.q))]
+                us = time_rotating(calls, reps=3)
+                line += f" {splits}:{us:.1f}"
+            log(line + " (splits:us)")
+            del inp, outs
+            torch.cuda.empty_cache()
+    # The merge alone: 32 query heads x 32 splits.
+    part = torch.randn(1, Q_HEADS, 32, HEAD_DIM, device="cuda")
+    lse = torch.randn(1, Q_HEADS, 32, device="cuda")
+    outm = [torch.empty(1, Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            for _ in range(8)]
+    us = time_rotating([lambda o=o: pa._merge_splits_kernel[(1, Q_HEADS)](
+        part, lse, o, 32, o.stride(0), o.stride(1), HEAD_DIM=HEAD_DIM, BLOCK_S=32, num_warps=4)
+        for o in outm], reps=3)
+    log(f"  merge kernel alone (1 x 32 heads x 32 splits): {us:.1f} us")
+    # Compute-side rate: every block-table entry points into 64 pages that stay in L2.
+    for kv_dtype in (torch.bfloat16, FP8_DTYPE):
+        inp = build_inputs(*WIDE, kv_dtype, 1, ORDERS, gen)
+        for c, t in enumerate(inp.tables):
+            inp.tables[c] = (t % 64).contiguous()
+        outs = [torch.empty_like(q) for q in inp.q]
+        us = time_rotating(kernel_calls(inp, None, outs), reps=3)
+        log(f"  L2-resident {'fp8 ' if kv_dtype == FP8_DTYPE else 'bf16'} B={WIDE[0]} S={WIDE[1]}: "
+            f"{us:8.1f} us = {WIDE[0] * WIDE[1] * KV_HEADS / us / 1e3:.1f} G token-heads/s "
+            f"({inp.kv_bytes / us / 1e3:.0f} GB/s equivalent)")
+        del inp, outs
+        torch.cuda.empty_cache()
+    # What paging costs: the same pool read through shuffled vs in-order block tables.
+    for kv_dtype in (torch.bfloat16, FP8_DTYPE):
+        elt = 1 if kv_dtype == FP8_DTYPE else 2
+        for batch, ctx in ((1, 131072), (16, 32768), (128, 1024)):
+            inp = build_inputs(batch, ctx, kv_dtype, copies_for(batch, ctx, elt), ORDERS, gen)
+            outs = [torch.empty_like(q) for q in inp.q]
+            shuffled = time_rotating(kernel_calls(inp, None, outs), reps=3)
+            n = inp.tables[0].numel()
+            for c in range(len(inp.tables)):
+                inp.tables[c] = torch.arange(c * n, (c + 1) * n, dtype=torch.int32,
+                                             device="cuda").view_as(inp.tables[c])
+            in_order = time_rotating(kernel_calls(inp, None, outs), reps=3)
+            log(f"  block table {'fp8 ' if elt == 1 else 'bf16'} B={batch:>3} S={ctx:>6}: "
+                f"shuffled {shuffled:7.1f} us ({inp.kv_bytes / shuffled / 1e3:5.0f} GB/s), "
+                f"in order {in_order:7.1f} us ({inp.kv_bytes / in_order / 1e3:5.0f} GB/s)")
+            del inp, outs
+            torch.cuda.empty_cache()
+
+
+def report_compiled(log):
+    """Registers, spills and shared memory of every decode-kernel variant compiled here."""
+    from kvpilot.worker.kernels import paged_attention as pa
+
+    for fn in (pa._paged_decode_kernel, pa._merge_splits_kernel):
+        for cache in getattr(fn, "device_caches", {}).values():
+            for key, kernel in cache[0].items():
+                meta = getattr(kernel, "metadata", None)
+                log(f"  {fn.__name__}: regs={getattr(kernel, 'n_regs', '?')} "
+                    f"spills={getattr(kernel, 'n_spills', '?')} "
+                    f"shared={getattr(meta, 'shared', '?')} "
+                    f"warps={getattr(meta, 'num_warps', '?')} stages={getattr(meta, 'num_stages', '?')}"
+                    f" key={str(key)[-160:]}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also sweep launch shapes")
+    parser.add_argument("--k-order", default=ORDERS[0], help="physical order of K pages")
+    parser.add_argument("--v-order", default=ORDERS[1], help="physical order of V pages")
+    parser.add_argument("--out", type=Path, help="also write the log to this file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    sink = args.out.open("w") if args.out else None
+
+    def log(line=""):
+        print(line, flush=True)
+        if sink:
+            sink.write(line + "\n")
+            sink.flush()
+
+    props = torch.cuda.get_device_properties(0)
+    log(f"GPU: {props.name}, {props.multi_processor_count} SMs, "
+        f"{props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, triton {triton.__version__}")
+    log(f"Llama-3-8B attention: {Q_HEADS} query heads, {KV_HEADS} KV heads, head dim {HEAD_DIM}, "
+        f"page {PAGE}, K/V pages {args.k_order}/{args.v_order}-major, shuffled pool")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ceiling = read_ceiling(log)
+    log(f"read ceiling (best of the above): {ceiling:.0f} GB/s")
+    log()
+    log(HEADER)
+    rows = bench_table(log, ceiling, gen, (args.k_order, args.v_order))
+    if args.sweep:
+        sweep(log, gen)
+    log()
+    log("compiled variants:")
+    report_compiled(log)
+    log()
+    log(f"GPU: {props.name}; read ceiling {ceiling:.0f} GB/s; GB = 1e9 bytes; KV bytes = "
+        "K and V of every token read once")
+    log(HEADER)
+    for r in rows:
+        log(fmt_row(r))
+    if sink:
+        sink.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
