@@ -20,6 +20,7 @@ import argparse
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -96,7 +97,7 @@ class Cluster:
                                "run `python -m e2e.cluster down` first")
         binaries = build.build_all()
         if self.state.exists():  # left over from a run that failed or was killed
-            _remove_tree(self.state)
+            shutil.rmtree(self.state, ignore_errors=True)
         self.state.mkdir(parents=True, exist_ok=True)
         (self.state / "logs").mkdir(exist_ok=True)
         self.ports = {
@@ -131,7 +132,7 @@ class Cluster:
                 _terminate(pids[name])
         self._pidfile.unlink(missing_ok=True)
         if not keep_state and self.state.exists():
-            _remove_tree(self.state)
+            shutil.rmtree(self.state, ignore_errors=True)
 
     def running(self) -> bool:
         return any(_alive(pid) for pid in self._pids().values())
@@ -353,12 +354,6 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def default_state(name: str) -> Path:
