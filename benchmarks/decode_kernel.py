@@ -22,6 +22,7 @@ import argparse
 import math
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from kvpilot.worker.kernels.cache import FP8_DTYPE, allocate_pages  # noqa: E402
 from kvpilot.worker.kernels import paged_attention as pa  # noqa: E402
 from kvpilot.worker.kernels.paged_attention import (  # noqa: E402
     DecodeConfig,
+    default_config,
     paged_attention_decode,
     plan_num_splits,
 )
@@ -45,7 +47,6 @@ from kvpilot.worker.kernels.reference import quantize_fp8  # noqa: E402
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 CONFIGS = [(1, 4096), (1, 32768), (1, 131072), (8, 4096), (32, 4096), (64, 2048),
            (16, 32768), (128, 1024)]
-SWEEP_SHAPES = [(1, 32768), (1, 131072), (16, 32768), (128, 1024), (32, 4096), (64, 2048)]
 LONG, WIDE = (1, 32768), (16, 32768)  # the sweep's split-count and L2-resident shapes
 ROTATE_BYTES = 512 << 20
 ORDERS = ("head", "head")  # physical order of K and V pages (kvpilot.worker.kernels.cache)
@@ -240,6 +241,8 @@ def bench_table(log, ceiling, gen, orders):
             us = time_rotating(kernel_calls(inp, None, outs))
             gbs = inp.kv_bytes / us / 1e3
             splits = plan_num_splits(inp.q[0], inp.k_pages, inp.tables[0])
+            cfg = default_config(kv_dtype, HEAD_DIM, batch * KV_HEADS,
+                                 torch.cuda.get_device_properties(0).multi_processor_count)
             # SDPA on the same (dequantized) values, contiguous, bf16.
             sdpa_copies = copies_for(batch, ctx, 2)
             kv = [contiguous_copy(inp, c % copies) for c in range(min(copies, sdpa_copies))]
@@ -259,7 +262,7 @@ def bench_table(log, ceiling, gen, orders):
             if kv_dtype != FP8_DTYPE:
                 bf16_us = us
             row = dict(batch=batch, ctx=ctx, dtype="fp8" if elt == 1 else "bf16",
-                       splits=splits, us=us, gbs=gbs, sdpa_us=sdpa_us, sdpa_gbs=sdpa_gbs,
+                       splits=splits, cfg=f"{cfg.block_n}/{cfg.num_warps}/{cfg.num_stages}", us=us, gbs=gbs, sdpa_us=sdpa_us, sdpa_gbs=sdpa_gbs,
                        speedup=sdpa_us / us, pct=100 * gbs / ceiling, fp8=fp8_speedup,
                        err=err, mib=inp.kv_bytes / 2**20)
             rows.append(row)
@@ -269,14 +272,14 @@ def bench_table(log, ceiling, gen, orders):
     return rows
 
 
-HEADER = (f"{'B':>4} {'S':>7} {'kv':>4} {'MiB':>7} {'splits':>6} {'kernel us':>10} "
+HEADER = (f"{'B':>4} {'S':>7} {'kv':>4} {'MiB':>7} {'bn/w/st':>8} {'splits':>6} {'kernel us':>10} "
           f"{'GB/s':>7} {'SDPA us':>9} {'SDPA GB/s':>9} {'x SDPA':>7} {'%ceil':>6} "
           f"{'fp8/bf16':>8} {'rel err':>8}")
 
 
 def fmt_row(r):
     fp8 = f"{r['fp8']:.2f}x" if r["fp8"] is not None else "-"
-    return (f"{r['batch']:>4} {r['ctx']:>7} {r['dtype']:>4} {r['mib']:>7.0f} {r['splits']:>6} "
+    return (f"{r['batch']:>4} {r['ctx']:>7} {r['dtype']:>4} {r['mib']:>7.0f} {r['cfg']:>8} {r['splits']:>6} "
             f"{r['us']:>10.1f} {r['gbs']:>7.0f} {r['sdpa_us']:>9.1f} {r['sdpa_gbs']:>9.0f} "
             f"{r['speedup']:>6.2f}x {r['pct']:>5.1f}% {fp8:>8} {r['err']:>8.1e}")
 
@@ -284,18 +287,20 @@ def fmt_row(r):
 # --------------------------------------------------------------------------------------
 # Sweep: launch shapes, split targets, layouts, SDPA backends
 # --------------------------------------------------------------------------------------
-def sweep(log, gen):
+SWEEP_LAUNCH = {
+    "bf16": [DecodeConfig(64, 4, 4), DecodeConfig(32, 1, 4), DecodeConfig(32, 2, 4),
+             DecodeConfig(64, 4, 3), DecodeConfig(32, 1, 3)],
+    "fp8": [DecodeConfig(32, 1, 3), DecodeConfig(64, 2, 3), DecodeConfig(32, 1, 4),
+            DecodeConfig(16, 1, 3), DecodeConfig(32, 1, 2)],
+}
+
+
+def sweep(log, gen, parts):
     """Launch shapes, split counts, and where the time goes (diagnostics, not the table)."""
-    bf16_launch = [DecodeConfig(64, 4, 3), DecodeConfig(64, 4, 4), DecodeConfig(32, 4, 4),
-                   DecodeConfig(64, 8, 3), DecodeConfig(64, 8, 4), DecodeConfig(32, 2, 4),
-                   DecodeConfig(64, 4, 4, maxnreg=128)]
-    fp8_launch = [DecodeConfig(128, 4, 3), DecodeConfig(64, 2, 3), DecodeConfig(64, 2, 4),
-                  DecodeConfig(64, 2, 3, maxnreg=168), DecodeConfig(64, 2, 3, maxnreg=128),
-                  DecodeConfig(32, 2, 4), DecodeConfig(64, 4, 3, maxnreg=128),
-                  DecodeConfig(128, 4, 3, maxnreg=168)]
-    for kv_dtype, launch in ((torch.bfloat16, bf16_launch), (FP8_DTYPE, fp8_launch)):
+    launches = ((torch.bfloat16, SWEEP_LAUNCH["bf16"]), (FP8_DTYPE, SWEEP_LAUNCH["fp8"]))
+    for kv_dtype, launch in launches if "configs" in parts else ():
         elt = 1 if kv_dtype == FP8_DTYPE else 2
-        for batch, ctx in SWEEP_SHAPES:
+        for batch, ctx in CONFIGS:
             inp = build_inputs(batch, ctx, kv_dtype, copies_for(batch, ctx, elt), ORDERS, gen)
             outs = [torch.empty_like(q) for q in inp.q]
             for cfg in launch:
@@ -314,11 +319,11 @@ def sweep(log, gen):
             del inp, outs
             torch.cuda.empty_cache()
     # Split counts by hand.
-    for kv_dtype in (torch.bfloat16, FP8_DTYPE):
+    for kv_dtype in (torch.bfloat16, FP8_DTYPE) if "splits" in parts else ():
         elt = 1 if kv_dtype == FP8_DTYPE else 2
-        for batch, ctx, counts in ((1, 32768, (16, 24, 32, 40, 48, 64)),
-                                   (1, 131072, (24, 32, 48, 64, 96)),
-                                   (16, 32768, (1, 2, 3, 4, 6))):
+        for batch, ctx, counts in ((1, 32768, (16, 24, 33, 48, 66)), (32, 4096, (1, 2, 3)),
+                                   (16, 32768, (2, 3, 4, 6)), (128, 1024, (1, 2)),
+                                   (64, 2048, (1, 2))):
             inp = build_inputs(batch, ctx, kv_dtype, copies_for(batch, ctx, elt), ORDERS, gen)
             outs = [torch.empty_like(q) for q in inp.q]
             line = f"  splits {'fp8 ' if elt == 1 else 'bf16'} B={batch} S={ctx}:"
@@ -333,6 +338,8 @@ def sweep(log, gen):
             del inp, outs
             torch.cuda.empty_cache()
     # The merge alone: 32 query heads x 32 splits.
+    if "merge" not in parts:
+        return
     part = torch.randn(1, Q_HEADS, 32, HEAD_DIM, device="cuda")
     lse = torch.randn(1, Q_HEADS, 32, device="cuda")
     outm = [torch.empty(1, Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -341,20 +348,58 @@ def sweep(log, gen):
         part, lse, o, 32, o.stride(0), o.stride(1), HEAD_DIM=HEAD_DIM, BLOCK_S=32, num_warps=4)
         for o in outm], reps=3)
     log(f"  merge kernel alone (1 x 32 heads x 32 splits): {us:.1f} us")
+
+
+def diagnose(log, gen, parts):
+    """Where the time goes: the compute side alone (L2-resident KV) and paging's cost."""
     # Compute-side rate: every block-table entry points into 64 pages that stay in L2.
-    for kv_dtype in (torch.bfloat16, FP8_DTYPE):
+    for kv_dtype in (torch.bfloat16, FP8_DTYPE) if "l2" in parts else ():
         inp = build_inputs(*WIDE, kv_dtype, 1, ORDERS, gen)
         for c, t in enumerate(inp.tables):
             inp.tables[c] = (t % 64).contiguous()
         outs = [torch.empty_like(q) for q in inp.q]
-        us = time_rotating(kernel_calls(inp, None, outs), reps=3)
-        log(f"  L2-resident {'fp8 ' if kv_dtype == FP8_DTYPE else 'bf16'} B={WIDE[0]} S={WIDE[1]}: "
-            f"{us:8.1f} us = {WIDE[0] * WIDE[1] * KV_HEADS / us / 1e3:.1f} G token-heads/s "
-            f"({inp.kv_bytes / us / 1e3:.0f} GB/s equivalent)")
+        for cfg in [None] + SWEEP_LAUNCH["fp8" if kv_dtype == FP8_DTYPE else "bf16"][:4]:
+            us = time_rotating(kernel_calls(inp, cfg, outs), reps=3)
+            name = "default" if cfg is None else f"bn={cfg.block_n} w={cfg.num_warps} st={cfg.num_stages}"
+            log(f"  L2-resident {'fp8 ' if kv_dtype == FP8_DTYPE else 'bf16'} B={WIDE[0]} "
+                f"S={WIDE[1]} {name}: {us:8.1f} us = "
+                f"{WIDE[0] * WIDE[1] * KV_HEADS / us / 1e3:.1f} G token-heads/s "
+                f"({inp.kv_bytes / us / 1e3:.0f} GB/s equivalent)")
         del inp, outs
         torch.cuda.empty_cache()
+    # Timed call by call (no graph: launch overhead included) with triton's do_bench,
+    # which zeroes a 256 MB buffer before each call to flush L2.
+    for batch, ctx in ((1, 4096), (1, 32768), (16, 32768)) if "eager" in parts else ():
+        inp = build_inputs(batch, ctx, torch.bfloat16, 1, ORDERS, gen)
+        out = torch.empty_like(inp.q[0])
+        k, v = contiguous_copy(inp, 0)
+        q4 = inp.q[0][:, :, None, :]
+        kern = triton.testing.do_bench(
+            lambda: paged_attention_decode(inp.q[0], inp.k_pages, inp.v_pages, inp.tables[0],
+                                           inp.seq_lens, out=out),
+            warmup=25, rep=200, return_mode="median") * 1e3
+        sdpa = triton.testing.do_bench(
+            lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True),
+            warmup=25, rep=200, return_mode="median") * 1e3
+        # Host time per call: enqueue 200 calls back to back, no sync in between.
+        host = {}
+        for name, fn in (("kernel", lambda: paged_attention_decode(
+                inp.q[0], inp.k_pages, inp.v_pages, inp.tables[0], inp.seq_lens, out=out)),
+                         ("SDPA", lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True))):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                fn()
+            host[name] = (time.perf_counter() - t0) / 200 * 1e6
+            torch.cuda.synchronize()
+        log(f"  eager (do_bench, L2 flushed) bf16 B={batch:>3} S={ctx:>6}: kernel {kern:7.1f} us "
+            f"({inp.kv_bytes / kern / 1e3:5.0f} GB/s), SDPA {sdpa:7.1f} us "
+            f"({inp.kv_bytes / sdpa / 1e3:5.0f} GB/s); host time per call: kernel "
+            f"{host['kernel']:.1f} us, SDPA {host['SDPA']:.1f} us")
+        del inp, k, v
+        torch.cuda.empty_cache()
     # What paging costs: the same pool read through shuffled vs in-order block tables.
-    for kv_dtype in (torch.bfloat16, FP8_DTYPE):
+    for kv_dtype in (torch.bfloat16, FP8_DTYPE) if "paging" in parts else ():
         elt = 1 if kv_dtype == FP8_DTYPE else 2
         for batch, ctx in ((1, 131072), (16, 32768), (128, 1024)):
             inp = build_inputs(batch, ctx, kv_dtype, copies_for(batch, ctx, elt), ORDERS, gen)
@@ -389,7 +434,9 @@ def report_compiled(log):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="also sweep launch shapes")
+    parser.add_argument("--sweep", default="", help="comma list of diagnostics to run after "
+                        "the table: configs, splits, merge, l2, eager, paging")
+    parser.add_argument("--no-table", action="store_true", help="diagnostics only")
     parser.add_argument("--k-order", default=ORDERS[0], help="physical order of K pages")
     parser.add_argument("--v-order", default=ORDERS[1], help="physical order of V pages")
     parser.add_argument("--out", type=Path, help="also write the log to this file")
@@ -414,10 +461,13 @@ def main(argv=None) -> int:
     ceiling = read_ceiling(log)
     log(f"read ceiling (best of the above): {ceiling:.0f} GB/s")
     log()
-    log(HEADER)
-    rows = bench_table(log, ceiling, gen, (args.k_order, args.v_order))
-    if args.sweep:
-        sweep(log, gen)
+    parts = set(filter(None, args.sweep.split(",")))
+    rows = []
+    if not args.no_table:
+        log(HEADER)
+        rows = bench_table(log, ceiling, gen, (args.k_order, args.v_order))
+    sweep(log, gen, parts)
+    diagnose(log, gen, parts)
     log()
     log("compiled variants:")
     report_compiled(log)

@@ -22,6 +22,7 @@ from kvpilot.worker.kernels import cache as kv_cache  # noqa: E402
 from kvpilot.worker.kernels.paged_attention import (  # noqa: E402
     DecodeConfig,
     choose_num_splits,
+    default_config,
     paged_attention_decode,
     programs_per_sm,
 )
@@ -210,6 +211,15 @@ def test_programs_per_sm():
     assert programs_per_sm(189, 74240, 4) == 2   # 24 x 256 registers a warp -> 10 warps
     assert programs_per_sm(32, 100_000, 4) == 2  # shared memory
     assert programs_per_sm(16, 0, 1) == 32       # the per-SM program limit
+
+
+def test_default_config_by_units():
+    bf16, fp8 = torch.bfloat16, FP8_DTYPE
+    assert default_config(bf16, 128, 8, 132) == DecodeConfig(64, 4, 4)    # one long sequence
+    assert default_config(bf16, 128, 512, 132) == DecodeConfig(32, 1, 4)  # many short ones
+    assert default_config(bf16, 256, 512, 132) == DecodeConfig(32, 4, 4)  # wide heads
+    assert default_config(fp8, 128, 8, 132) == DecodeConfig(32, 1, 3)
+    assert default_config(fp8, 256, 8, 132) == DecodeConfig(32, 2, 3)
 
 
 # ---- FP8 KV ----------------------------------------------------------------------------

@@ -26,25 +26,39 @@ Work split
     contiguous elements; any page size from 1 to 128 works because the tile never
     assumes that a page holds a whole tile.
 
+Keeping bytes in flight
+    The block-table entries of the next tile are loaded one iteration ahead. Without
+    that, the K/V addresses of a tile depend on a load of the same iteration, and
+    Triton's software pipeliner then keeps a single K/V buffer: one tile in flight per
+    program. With the entries carried over from the previous iteration the loads are
+    pipelined ``num_stages - 1`` tiles deep. All tiles but the last of a range are
+    whole, and run without masks; only the last is masked (and reads masked tokens as
+    0, so stale slots never reach the products).
+
 Split-KV (flash-decoding)
     ``batch x kv_heads`` programs are too few to fill 132 SMs when the batch is small
     (8 programs for one Llama-3-8B sequence), and then the read rate is that of a few
     SMs, not of the memory. So the sequence is cut into ``num_splits`` ranges of whole
     tiles; each program writes its range's normalized partial output and its
-    log-sum-exp (base 2), and a second kernel merges the splits of each query head with
-    weights ``2^(lse_s - max lse)``. ``choose_num_splits`` picks the count on the host
-    from the batch, the KV heads, the SM count and an upper bound of the sequence
-    length: enough programs for ``waves`` per SM, but no split shorter than
-    ``min_tiles`` tiles, since each split costs a partial write and a fixed start-up.
+    log-sum-exp (base 2), and a second kernel merges the splits of each query head in
+    one pass with weights ``2^(lse_s - max lse)``.
+
+    How many splits: programs of equal length run in waves of as many as fit on the GPU
+    at once (SMs x programs per SM, the latter asked of the CUDA driver for the compiled
+    kernel after its first launch), and a second, partly filled wave costs nearly a
+    whole one. ``choose_num_splits`` therefore takes the largest count that keeps every
+    program in one wave, 1 when the batch alone fills the GPU, and never a split
+    shorter than ``min_tiles`` tiles. It needs an upper bound of the sequence lengths,
+    by default what the block table can hold, so the host never waits on the device.
     With one split the kernel normalizes and writes the output itself (no second
     launch). Sequence lengths are read from device memory and the split count is a
     runtime argument (not specialized), so new lengths and split counts never compile a
-    new kernel; only the page size, head dim, group size, dtypes and whether there are
-    splits at all do.
+    new kernel; only the page size, head dim, group size, dtypes, launch shape and
+    whether there are splits at all do.
 
-    A split can be empty (sequence shorter than the split grid assumes): it writes
-    ``lse = -inf`` and a zero partial, and the merge gives such splits weight 0 and a
-    sequence with no tokens at all an output of 0, never NaN.
+    A split can be empty (a sequence shorter than the longest one of the batch): it
+    writes ``lse = -inf`` and a zero partial, and the merge gives such splits weight 0
+    and a sequence with no tokens at all an output of 0, never NaN.
 
 FP8 KV (e4m3)
     K and V pages may be ``float8_e4m3fn`` with a per-tensor or per-head float32 scale.
@@ -58,6 +72,7 @@ FP8 KV (e4m3)
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from dataclasses import dataclass
@@ -246,12 +261,24 @@ class DecodeConfig:
     maxnreg: int | None = None
 
 
-def default_config(kv_dtype: torch.dtype, head_dim: int) -> DecodeConfig:
-    """Measured choices (docs/decode-kernel.md); FP8 tiles hold twice the tokens so a
-    tile moves as many bytes as a 16-bit one."""
+def default_config(kv_dtype: torch.dtype, head_dim: int, units: int, num_sms: int) -> DecodeConfig:
+    """The launch shape measured best (docs/decode-kernel.md), by cache dtype and by how
+    many (sequence, KV head) units there are against the SMs.
+
+    FP8: tiles of 32 tokens and one warp per program. An FP8 tile is converted to fp16
+    in registers, so the kernel is bound by latency more than by bytes; small one-warp
+    programs fit 8 to an SM and need no warp to wait on another for a tile's softmax.
+    16-bit, few units (long sequences, small batches): tiles of 64 tokens, four warps,
+    three tiles in flight, the sequences split to fill the GPU. 16-bit, many units:
+    tiles of 32 tokens and one warp, so more programs share an SM. Head dims above 128
+    take smaller tiles or more warps (registers).
+    """
+    wide = head_dim > 128
     if kv_dtype == FP8_DTYPE:
-        return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_warps=2, num_stages=3)
-    return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=4)
+        return DecodeConfig(block_n=32, num_warps=2 if wide else 1, num_stages=3)
+    if units >= 2 * num_sms and not wide:
+        return DecodeConfig(block_n=32, num_warps=1, num_stages=4)
+    return DecodeConfig(block_n=32 if wide else 64, num_warps=4, num_stages=4)
 
 
 def choose_num_splits(units: int, max_seq_len: int, block_n: int, slots: int,
@@ -286,6 +313,26 @@ def programs_per_sm(n_regs: int, shared_bytes: int, num_warps: int, *, regs_per_
 # until then a guess of 2 steers the split count (only speed depends on it).
 _OCCUPANCY: dict[tuple, int] = {}
 _DEVICE: dict[int, tuple[int, int, int]] = {}
+_LIBCUDA: list = []
+
+
+def _driver_occupancy(kernel, num_warps: int) -> int | None:
+    """Programs per SM as the CUDA driver computes it for this compiled kernel (registers,
+    shared memory, carve-out), or None where that cannot be asked."""
+    function = getattr(kernel, "function", None)
+    shared = getattr(getattr(kernel, "metadata", None), "shared", None)
+    if not isinstance(function, int) or not isinstance(shared, int):
+        return None
+    try:
+        if not _LIBCUDA:
+            _LIBCUDA.append(ctypes.CDLL("libcuda.so.1"))
+        blocks = ctypes.c_int(0)
+        err = _LIBCUDA[0].cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            ctypes.byref(blocks), ctypes.c_void_p(function), ctypes.c_int(32 * num_warps),
+            ctypes.c_size_t(shared))
+    except (OSError, AttributeError):
+        return None
+    return blocks.value if err == 0 and blocks.value > 0 else None
 
 
 def _device_limits(device: torch.device) -> tuple[int, int, int]:
@@ -301,14 +348,16 @@ def _device_limits(device: torch.device) -> tuple[int, int, int]:
 
 
 def _remember_occupancy(key: tuple, kernel, num_warps: int, device: torch.device) -> None:
-    n_regs = getattr(kernel, "n_regs", None)
-    meta = getattr(kernel, "metadata", None)
-    shared = getattr(meta, "shared", None)
-    if not isinstance(n_regs, int) or not isinstance(shared, int) or n_regs <= 0:
-        return
-    _, regs_per_sm, shared_per_sm = _device_limits(device)
-    _OCCUPANCY[key] = programs_per_sm(n_regs, shared, num_warps, regs_per_sm=regs_per_sm,
-                                      shared_per_sm=shared_per_sm)
+    occupancy = _driver_occupancy(kernel, num_warps)
+    if occupancy is None:  # estimate from the kernel's registers and shared memory
+        n_regs = getattr(kernel, "n_regs", None)
+        shared = getattr(getattr(kernel, "metadata", None), "shared", None)
+        if not isinstance(n_regs, int) or not isinstance(shared, int) or n_regs <= 0:
+            return
+        _, regs_per_sm, shared_per_sm = _device_limits(device)
+        occupancy = programs_per_sm(n_regs, shared, num_warps, regs_per_sm=regs_per_sm,
+                                    shared_per_sm=shared_per_sm)
+    _OCCUPANCY[key] = occupancy
 
 
 def _occupancy_key(q: torch.Tensor, k_cache: torch.Tensor, cfg: DecodeConfig) -> tuple:
@@ -323,13 +372,13 @@ def plan_num_splits(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.T
     ``max_seq_len`` defaults to what the block table can hold (``max_pages x
     page_size``), an upper bound known without reading the lengths off the device.
     """
-    cfg = config or default_config(k_cache.dtype, q.shape[2])
+    units = q.shape[0] * k_cache.shape[2]
+    sms = _device_limits(q.device)[0]
+    cfg = config or default_config(k_cache.dtype, q.shape[2], units, sms)
     if max_seq_len is None:
         max_seq_len = block_table.shape[1] * k_cache.shape[1]
-    sms = _device_limits(q.device)[0]
     slots = sms * _OCCUPANCY.get(_occupancy_key(q, k_cache, cfg), 2)
-    return choose_num_splits(q.shape[0] * k_cache.shape[2], max_seq_len, cfg.block_n, slots,
-                             cfg.min_tiles)
+    return choose_num_splits(units, max_seq_len, cfg.block_n, slots, cfg.min_tiles)
 
 
 def _interpreting() -> bool:
@@ -403,7 +452,8 @@ def paged_attention_decode(
            "out must be shaped and typed like q, head_dim contiguous")
 
     # ---- launch shape ----------------------------------------------------------------
-    cfg = config or default_config(k_cache.dtype, head_dim)
+    cfg = config or default_config(k_cache.dtype, head_dim, batch * kv_heads,
+                                   _device_limits(q.device)[0])
     group = q_heads // kv_heads
     block_g = max(16, triton.next_power_of_2(group))
     if num_splits is None:
