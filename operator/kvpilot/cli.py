@@ -117,8 +117,10 @@ def _gib(n: int) -> str:
 
 
 def _wrap(text: str, indent: int) -> list[str]:
-    return textwrap.wrap(text, WIDTH, initial_indent=" " * indent,
-                         subsequent_indent=" " * (indent + 2), break_on_hyphens=False)
+    lines = textwrap.wrap(text, WIDTH, initial_indent=" " * indent,
+                          subsequent_indent=" " * (indent + 2), break_on_hyphens=False,
+                          break_long_words=False)
+    return [line.replace("\u00a0", " ") for line in lines]
 
 
 def render_table(plan, demands, snapshot) -> str:
@@ -127,7 +129,8 @@ def render_table(plan, demands, snapshot) -> str:
     by_gpu: dict[tuple[str, int], list[str]] = {}
     for a in plan.assignments:
         for g in a.gpus:
-            by_gpu.setdefault((a.node, g), []).append(f"{a.replica} {_gib(a.hbm_per_gpu)}")
+            # A no-break space keeps "replica size" together when the line wraps.
+            by_gpu.setdefault((a.node, g), []).append(f"{a.replica}\u00a0{_gib(a.hbm_per_gpu)}")
     name_w = max([4] + [len(n.name) for n in plan.nodes])
     prod_w = max([7] + [len(n.product) for n in plan.nodes])
     lines.append(f"{'NODE':<{name_w}}  {'PRODUCT':<{prod_w}}  {'GPUS':>5}  "

@@ -109,6 +109,9 @@ class Policy:
     ``spread_replicas`` prefers nodes that hold fewer replicas of the same model.
     ``share_gpus`` lets replicas of different (or the same) models share a GPU when
     their budgets fit. ``rebalance`` re-places existing replicas as if new.
+
+    With ``packing == 1``, sharing on and no replica spreading, ``place()`` also
+    completes every GPU it opens and consolidates at the end (see ``packing``).
     """
 
     packing: float = 1.0
