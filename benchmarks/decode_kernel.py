@@ -1,24 +1,34 @@
 """Paged-attention decode kernel: time, KV bytes read per second, and the baselines.
 
-    python benchmarks/decode_kernel.py                 # the table (needs a CUDA GPU)
-    python benchmarks/decode_kernel.py --sweep         # also try launch shapes and layouts
+    python benchmarks/decode_kernel.py                       # the table (needs a CUDA GPU)
+    python benchmarks/decode_kernel.py --sweep configs,l2     # and diagnostics after it
 
 For each (batch, context) of Llama-3-8B attention (32 query heads, 8 KV heads, head dim
-128) with pages of 16 tokens in a shuffled pool, it prints the kernel's time and KV
-bytes read / time, torch SDPA (``enable_gqa=True``) on the same values laid out
-contiguously, a read-bandwidth ceiling measured in the same run, and the ratios. Decode
+128) with pages of 16 tokens in a shuffled pool, bf16 and FP8 (e4m3, per-head scales)
+KV, it prints the kernel's launch shape and split count, its time and KV bytes read /
+time, torch SDPA (``enable_gqa=True``) on the same values laid out contiguously in
+bf16, a read-bandwidth ceiling measured in the same run, and the ratios: kernel / SDPA
+speedup, kernel GB/s / ceiling, FP8 kernel / bf16 kernel speedup; and the relative
+error of the kernel against float32 SDPA on the same (dequantized) values. Decode
 attention is bandwidth-bound, so GB/s against the ceiling is the figure of merit.
 
 Timing: each measured call gets its own copy of the inputs, rotating through enough
 copies (>= 512 MiB together) that no call finds its KV in L2 from a previous one. The
 calls are captured in a CUDA graph and the graph's replays are timed with CUDA events,
-for the kernel and for SDPA alike, so Python launch overhead is not counted for either;
-the median of several replays is reported.
+for the kernel and for SDPA alike, so Python launch overhead is not counted for either
+(a decode engine replays graphs too); the median of several replays is reported. The
+``eager`` diagnostic times single calls, launched one by one with L2 flushed, instead.
+
+Diagnostics (``--sweep``, comma-separated): ``configs`` (launch shapes), ``splits``
+(split counts by hand), ``merge`` (the merge kernel alone), ``l2`` (KV that stays in L2:
+the compute side's rate), ``eager`` (per-call timing and host time), ``paging``
+(shuffled vs in-order block tables).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import math
 import statistics
 import sys
@@ -31,9 +41,8 @@ sys.path[:0] = [str(ROOT / "worker"), str(ROOT / "operator")]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
+from kvpilot.worker.kernels.bandwidth import stream_read  # noqa: E402
 from kvpilot.worker.kernels.cache import FP8_DTYPE, allocate_pages  # noqa: E402
 from kvpilot.worker.kernels import paged_attention as pa  # noqa: E402
 from kvpilot.worker.kernels.paged_attention import (  # noqa: E402
@@ -55,6 +64,23 @@ ORDERS = ("head", "head")  # physical order of K and V pages (kvpilot.worker.ker
 # --------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------
+def time_eager(fn, reps: int = 200) -> float:
+    """Median microseconds of single calls, launched one by one, with L2 flushed before
+    each by zeroing 256 MiB (what ``triton.testing.do_bench`` does)."""
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    for _ in range(10):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events) * 1e3
+
+
 def time_rotating(calls, reps: int = 5, target_ms: float = 20.0) -> float:
     """Median microseconds of one call: `calls` (one per input copy) captured in a graph."""
     for fn in calls:  # warm-up: compile, allocate
@@ -95,16 +121,6 @@ def time_rotating(calls, reps: int = 5, target_ms: float = 20.0) -> float:
 # --------------------------------------------------------------------------------------
 # Read ceiling: the fastest of a Triton streaming read and torch's sum, over 4 GiB
 # --------------------------------------------------------------------------------------
-@triton.jit
-def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    step = tl.num_programs(0) * BLOCK
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(pid * BLOCK, n, step):
-        acc += tl.load(x_ptr + start + tl.arange(0, BLOCK))
-    tl.store(out_ptr + pid, tl.sum(acc, 0))
-
-
 def read_ceiling(log) -> float:
     """GB/s of the best plain read of 4 GiB (decimal GB, as everywhere here)."""
     n = 1 << 30  # float32: 4 GiB
@@ -115,8 +131,7 @@ def read_ceiling(log) -> float:
     for block, per_sm, warps in ((4096, 4, 8), (8192, 2, 8), (4096, 8, 4), (2048, 16, 4)):
         grid = sms * per_sm
         out = torch.empty(grid, device="cuda")
-        us = time_rotating([lambda: _read_kernel[(grid,)](x, out, n, BLOCK=block,
-                                                          num_warps=warps)], reps=5)
+        us = time_rotating([lambda: stream_read(x, out, block=block, num_warps=warps)], reps=5)
         gbs = nbytes / us / 1e3
         log(f"  read ceiling: triton read BLOCK={block} grid={per_sm}xSM warps={warps}: "
             f"{us:8.1f} us {gbs:7.0f} GB/s")
@@ -367,20 +382,15 @@ def diagnose(log, gen, parts):
                 f"({inp.kv_bytes / us / 1e3:.0f} GB/s equivalent)")
         del inp, outs
         torch.cuda.empty_cache()
-    # Timed call by call (no graph: launch overhead included) with triton's do_bench,
-    # which zeroes a 256 MB buffer before each call to flush L2.
+    # Timed call by call (no graph: launch overhead included), L2 flushed before each.
     for batch, ctx in ((1, 4096), (1, 32768), (16, 32768)) if "eager" in parts else ():
         inp = build_inputs(batch, ctx, torch.bfloat16, 1, ORDERS, gen)
         out = torch.empty_like(inp.q[0])
         k, v = contiguous_copy(inp, 0)
         q4 = inp.q[0][:, :, None, :]
-        kern = triton.testing.do_bench(
-            lambda: paged_attention_decode(inp.q[0], inp.k_pages, inp.v_pages, inp.tables[0],
-                                           inp.seq_lens, out=out),
-            warmup=25, rep=200, return_mode="median") * 1e3
-        sdpa = triton.testing.do_bench(
-            lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True),
-            warmup=25, rep=200, return_mode="median") * 1e3
+        kern = time_eager(lambda: paged_attention_decode(
+            inp.q[0], inp.k_pages, inp.v_pages, inp.tables[0], inp.seq_lens, out=out))
+        sdpa = time_eager(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True))
         # Host time per call: enqueue 200 calls back to back, no sync in between.
         host = {}
         for name, fn in (("kernel", lambda: paged_attention_decode(
@@ -392,7 +402,7 @@ def diagnose(log, gen, parts):
                 fn()
             host[name] = (time.perf_counter() - t0) / 200 * 1e6
             torch.cuda.synchronize()
-        log(f"  eager (do_bench, L2 flushed) bf16 B={batch:>3} S={ctx:>6}: kernel {kern:7.1f} us "
+        log(f"  eager (L2 flushed) bf16 B={batch:>3} S={ctx:>6}: kernel {kern:7.1f} us "
             f"({inp.kv_bytes / kern / 1e3:5.0f} GB/s), SDPA {sdpa:7.1f} us "
             f"({inp.kv_bytes / sdpa / 1e3:5.0f} GB/s); host time per call: kernel "
             f"{host['kernel']:.1f} us, SDPA {host['SDPA']:.1f} us")
@@ -454,7 +464,8 @@ def main(argv=None) -> int:
 
     props = torch.cuda.get_device_properties(0)
     log(f"GPU: {props.name}, {props.multi_processor_count} SMs, "
-        f"{props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, triton {triton.__version__}")
+        f"{props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, "
+        f"triton {importlib.metadata.version('triton')}")
     log(f"Llama-3-8B attention: {Q_HEADS} query heads, {KV_HEADS} KV heads, head dim {HEAD_DIM}, "
         f"page {PAGE}, K/V pages {args.k_order}/{args.v_order}-major, shuffled pool")
     gen = torch.Generator(device="cuda").manual_seed(0)
