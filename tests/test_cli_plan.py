@@ -73,8 +73,9 @@ def test_policies_and_reserve(capsys):
 
 def test_replicas_that_do_not_fit_are_listed_with_their_reason(capsys, tmp_path):
     big = tmp_path / "big.yaml"
-    big.write_text((EXAMPLES / "llama-3.1-70b.yaml").read_text().replace("replicas: 1", "replicas: 6")
-                   .replace("maxReplicas: 4", "maxReplicas: 8"))
+    text = (EXAMPLES / "llama-3.1-70b.yaml").read_text()
+    big.write_text(text.replace("replicas: 1", "replicas: 6").replace("maxReplicas: 4",
+                                                                     "maxReplicas: 8"))
     code, out, _ = run(capsys, FLEET, big)
     assert code == 0
     text = " ".join(out.split("NOT PLACED\n", 1)[1].split())

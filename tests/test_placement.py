@@ -244,7 +244,8 @@ def catalog_node(name, product, gpus):
 
 def test_tp_auto_is_chosen_per_product():
     # Per GPU (test_memory.py): TP 2 needs 83438608384 bytes, TP 4 42793046016.
-    snap = Snapshot(nodes=(catalog_node("h100", H100, 8), catalog_node("a100", "NVIDIA-A100-SXM4-40GB", 8),
+    snap = Snapshot(nodes=(catalog_node("h100", H100, 8),
+                           catalog_node("a100", "NVIDIA-A100-SXM4-40GB", 8),
                            catalog_node("l4", "NVIDIA-L4", 1)))
     d = demand_for("llama-70b", llama_70b(), snap, Policy())
     assert d.requirements == {
