@@ -83,7 +83,6 @@ import triton.language as tl
 
 from kvpilot.worker.kernels.cache import FP8_DTYPE, MAX_PAGE_SIZE
 
-LOG2E = 1.4426950408889634
 MAX_SPLITS = 256
 
 
