@@ -372,3 +372,22 @@ def test_consolidation_empties_a_gpu_by_moving_single_gpu_replicas():
     consolidate(world, budget=1000)
     assert sum(1 for t in s.tenants if t) == 2
     assert sorted(s.free) == [0, 0, 10 * GiB, 10 * GiB]
+
+
+def test_fresh_gpu_valued_by_how_full_it_ends_up():
+    # "large" takes 127 GiB of the one 140 GiB GPU at TP 1 (13 GiB nothing fills) or
+    # 64.5 GiB on two 80 GiB GPUs at TP 2 (a 15 GiB replica completes each). Opening the
+    # largest GPU first gives 5 GPUs; the optimum is 4 (3 GPUs hold at most 300 GiB of
+    # the 367 demanded): large on a's GPUs with a small beside each shard, 9 smalls on
+    # the 140 GiB GPU, the last 5 on a third GPU of a.
+    snap = Snapshot(nodes=(node("h", gpus=1, hbm=140, product="P140"),
+                           node("a", gpus=4, hbm=80, product="P80")))
+    demands = [
+        Demand("large", 1, {"P140": Requirement(1, int(127 * GiB)),
+                            "P80": Requirement(2, int(64.5 * GiB))}, ()),
+        demand("small", 16, gib=15),
+    ]
+    plan = sound(snap, demands, Policy(), place(snap, demands))
+    assert plan.complete
+    assert plan.gpus_used == 4
+    assert [(a.node, len(a.gpus)) for a in plan.assignments if a.model == "large"] == [("a", 2)]

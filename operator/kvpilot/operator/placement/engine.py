@@ -38,31 +38,43 @@ from kvpilot.operator.placement.state import NodeState, Pool
 WINDOW = 3
 TIGHT_FIT = 0.95  # a replica that fills this much of a GPU "fits it tightly"
 CONSOLIDATE_MOVES = 10_000  # replicas moved, at most, by consolidation
+CONSOLIDATE_MOVES_LARGE = 3_000  # the same beyond VARIANT_WORK (planning time at scale)
+# Pending replicas x schedulable nodes up to which a plan is also made a second way
+# (fresh GPUs valued by how full they end up): small instances, where it costs little.
+VARIANT_WORK = 100_000
 
 
 def place(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy()) -> Plan:
     """Place every demanded replica that fits; give a reason for each one that does not.
 
-    Under pure packing, when the largest GPUs cannot hold the whole demand, which
-    replicas get them matters; the plan is made twice, once opening the largest GPUs
-    first and once sending replicas that fit a smaller GPU tightly there, and the one
-    that places more, then uses fewer GPUs, wins (ties to the first).
+    Under pure packing the plan may be made more than once, each time valuing fresh GPUs
+    differently (see ``World.fresh_values``): when the largest GPUs cannot hold the whole
+    demand, once sending replicas that fill a smaller GPU tightly there; on a small
+    instance, once opening the product whose GPU the replica and the pending replicas
+    fill most. The plan that places more, then uses fewer GPUs, wins (ties to the
+    first, so the result is still a pure function of the input).
     """
-    plan, world = _plan_once(snapshot, demands, policy, tight=False)
+    plan, world = _plan_once(snapshot, demands, policy, "largest")
+    variants = []
     if world.fill and world.scarce:
-        other, _ = _plan_once(snapshot, demands, policy, tight=True)
+        variants.append("tight")
+    if world.fill and world.work <= VARIANT_WORK:
+        variants.append("fill")
+    for mode in variants:
+        other, _ = _plan_once(snapshot, demands, policy, mode)
         if (len(other.unplaced), other.gpus_used) < (len(plan.unplaced), plan.gpus_used):
             plan = other
     return plan
 
 
 def _plan_once(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
-               tight: bool) -> tuple[Plan, "World"]:
-    world = World(snapshot, demands, policy, tight)
+               mode: str) -> tuple[Plan, "World"]:
+    world = World(snapshot, demands, policy, mode)
     kept, removals, previous = world.resolve_existing()
     for d in demands:
         world.pending[d.model] = max(0, d.replicas - sum(1 for e in kept if e.model == d.model))
     world.scarce = world.largest_is_scarce()
+    world.work = sum(world.pending.values()) * sum(len(p.states) for p in world.pools)
     unplaced: list[Unplaced] = []
     for demand in world.order():
         reason = world.place_demand(demand)
@@ -71,7 +83,8 @@ def _plan_once(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
                             for _ in range(world.pending[demand.model]))
             world.pending[demand.model] = 0
     if world.fill:
-        consolidate(world, CONSOLIDATE_MOVES)
+        small = world.work <= VARIANT_WORK
+        consolidate(world, CONSOLIDATE_MOVES if small else CONSOLIDATE_MOVES_LARGE)
     return world.plan(kept, removals, previous, world.placed, unplaced), world
 
 
@@ -81,9 +94,9 @@ class World:
     exact reference reads the same states so both start from the same world."""
 
     def __init__(self, snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
-                 tight: bool = False) -> None:
+                 mode: str = "largest") -> None:
         self.policy = policy
-        self.tight = tight
+        self.mode = mode  # how fresh GPUs are valued: "largest", "tight" or "fill"
         self.demands = list(demands)
         self.by_model: dict[str, Demand] = {}
         for d in self.demands:
@@ -111,6 +124,7 @@ class World:
         self.max_cap = max((s.cap for s in self.states if s.node.schedulable), default=1) or 1
         self.pools: list[Pool] = []  # built after existing replicas are loaded
         self.scarce = False  # the largest product cannot hold the demand
+        self.work = 0  # pending replicas x schedulable nodes
         self.pending: dict[str, int] = {}  # model -> replicas still to place
         self.placed: list[tuple[Demand, NodeState, tuple[int, ...], Requirement]] = []
         # Completing fresh GPUs (see ``_fill``) serves the packing objective alone.
@@ -267,17 +281,32 @@ class World:
         return volume > sum(f for s in largest.states for f in s.free if f > 0)
 
     def fresh_values(self, options: list[tuple[Pool, Requirement]]) -> dict[str, float]:
-        """Product -> what opening one of its GPUs is worth (0-1): its HBM relative to the
-        largest GPU. Every GPU counts one, and a replica that fits a small GPU fits a
-        large one, so the largest fresh GPU is the one that will hold the most of what
-        follows. In the ``tight`` variant a product the replica fills to ``TIGHT_FIT`` at
-        the fewest GPUs any product needs is worth most: a replica taking 98% of an H100
-        goes there instead of leaving 40% of a scarce H200 to fragments."""
+        """Product -> what opening one of its GPUs is worth (0-1).
+
+        ``largest``: its HBM relative to the largest GPU. Every GPU counts one, and a
+        replica that fits a small GPU fits a large one, so the largest fresh GPU is the
+        one that will hold the most of what follows.
+        ``tight``: a product the replica fills to ``TIGHT_FIT`` at the fewest GPUs any
+        product needs is worth most: a replica taking 98% of an H100 goes there instead
+        of leaving 40% of a scarce H200 to fragments.
+        ``fill``: how full the replica's GPU ends up once completed with the pending
+        single-GPU replicas (``best_fill``): a 64.5 GiB shard at TP 2 on an 80 GB GPU
+        with a 15 GiB replica beside it wastes less than 127 GiB at TP 1 on an H200 that
+        nothing pending fills up.
+        """
         fewest = min((r.tp for _, r in options), default=1)
         values = {}
         for pool, req in options:
             cap = pool.states[0].cap
-            tight = self.tight and req.tp == fewest and req.hbm_per_gpu >= TIGHT_FIT * cap
+            if self.mode == "fill":
+                room = cap - req.hbm_per_gpu
+                items = [(need, count) for need, count, _, _ in
+                         self._fill_items(pool.product, room)]
+                filled = best_fill(room, items)[0] if items else 0
+                values[pool.product] = (req.hbm_per_gpu + filled) / cap
+                continue
+            tight = (self.mode == "tight" and req.tp == fewest
+                     and req.hbm_per_gpu >= TIGHT_FIT * cap)
             values[pool.product] = 1.0 if tight else cap / self.max_cap
         return values
 

@@ -112,7 +112,7 @@ def _load(s: NodeState, g: int) -> float:
 def _round(world: "World", pools: dict[str, Pool], on_gpu: dict, ruined: list,
            spent: list[int]) -> bool:
     states = world.states
-    before = sum(_load(states[n], g) ** 2 for n, g in ruined)
+    before = {k: _load(states[k[0]], k[1]) for k in ruined}
     moved: list[tuple[int, tuple[int, int]]] = []  # (item, where it was)
     for key in ruined:
         for i in list(on_gpu.get(key, ())):
@@ -120,7 +120,6 @@ def _round(world: "World", pools: dict[str, Pool], on_gpu: dict, ruined: list,
             moved.append((i, key))
     spent[0] += len(moved)
     emptied = [k for k in ruined if states[k[0]].tenants[k[1]] == 0]
-    touched = set(ruined)
     order = sorted(moved, key=lambda m: (-world.placed[m[0]][3].hbm_per_gpu, m[0]))
     ok = True
     for i, _ in order:
@@ -128,12 +127,14 @@ def _round(world: "World", pools: dict[str, Pool], on_gpu: dict, ruined: list,
         if where is None:
             ok = False
             break
+        key = (where[0].index, where[1])
+        if key not in before:
+            before[key] = _load(where[0], where[1])
         _put(world, pools, on_gpu, i, *where)
-        touched.add((where[0].index, where[1]))
     if ok:
         still_empty = sum(1 for n, g in emptied if states[n].tenants[g] == 0)
-        after = sum(_load(states[n], g) ** 2 for n, g in ruined)
-        if still_empty > 0 or after > before + 1e-9:
+        gain = sum(_load(states[n], g) ** 2 - b * b for (n, g), b in before.items())
+        if still_empty > 0 or gain > 1e-9:
             return True
     # Undo: everything that moved goes back where it was.
     for i, _ in moved:
