@@ -22,7 +22,8 @@ for the kernel and for SDPA alike, so Python launch overhead is not counted for 
 Diagnostics (``--sweep``, comma-separated): ``configs`` (launch shapes), ``splits``
 (split counts by hand), ``merge`` (the merge kernel alone), ``l2`` (KV that stays in L2:
 the compute side's rate), ``eager`` (per-call timing and host time), ``paging``
-(shuffled vs in-order block tables).
+(shuffled vs in-order block tables), ``variants`` (bf16 launch shapes against the
+default and SDPA, same inputs, same run).
 """
 
 from __future__ import annotations
@@ -365,6 +366,49 @@ def sweep(log, gen, parts):
     log(f"  merge kernel alone (1 x 32 heads x 32 splits): {us:.1f} us")
 
 
+# Launch shapes compared against the default in one run (`variants`).
+VARIANTS = [DecodeConfig(64, 4, 4), DecodeConfig(64, 4, 3), DecodeConfig(32, 1, 4),
+            DecodeConfig(64, 2, 4)]
+VARIANT_SHAPES = [(1, 131072), (32, 4096), (64, 2048), (16, 32768), (128, 1024), (1, 32768),
+                  (8, 4096)]
+
+
+def compare_variants(log, gen):
+    """bf16: the default launch shape, each of VARIANTS, the default again (the spread of
+    the same code) and SDPA, on the same inputs in the same run."""
+    for batch, ctx in VARIANT_SHAPES:
+        copies = copies_for(batch, ctx, 2)
+        inp = build_inputs(batch, ctx, torch.bfloat16, copies, ORDERS, gen)
+        outs = [torch.empty_like(q) for q in inp.q]
+        kv = [contiguous_copy(inp, c) for c in range(copies)]
+        sdpa = time_rotating(sdpa_calls(inp, kv), reps=5)
+        n = min(batch, 2)
+        ref = F.scaled_dot_product_attention(inp.q[0][:n, :, None, :].float(),
+                                             kv[0][0][:n].float(), kv[0][1][:n].float(),
+                                             enable_gqa=True)[:, :, 0, :]
+        results = []
+        for name, cfg in [("default", None)] + [(None, c) for c in VARIANTS] + [("default", None)]:
+            label = name or f"{cfg.block_n}/{cfg.num_warps}/{cfg.num_stages}"
+            try:
+                for o in outs:
+                    o.fill_(float("nan"))
+                us = time_rotating(kernel_calls(inp, cfg, outs), reps=5)
+            except Exception as e:  # out of resources etc.: say so, go on
+                log(f"  variant B={batch} S={ctx} {label}: failed {type(e).__name__}: {str(e)[:100]}")
+                continue
+            err = rel_err(outs[0][:n], ref)
+            splits = plan_num_splits(inp.q[0], inp.k_pages, inp.tables[0], config=cfg)
+            results.append((label, us, splits, err))
+            log(f"  variant bf16 B={batch:>3} S={ctx:>6} {label:>20}: splits={splits:>3} "
+                f"{us:8.1f} us {inp.kv_bytes / us / 1e3:6.0f} GB/s  x SDPA {sdpa / us:5.3f}  "
+                f"rel err {err:.1e}")
+        best = min(results, key=lambda r: r[1])
+        log(f"  variants B={batch} S={ctx}: SDPA {sdpa:.1f} us; default {results[0][1]:.1f} / "
+            f"{results[-1][1]:.1f} us; best {best[0]} {best[1]:.1f} us (x SDPA {sdpa / best[1]:.3f})")
+        del inp, outs, kv
+        torch.cuda.empty_cache()
+
+
 def diagnose(log, gen, parts):
     """Where the time goes: the compute side alone (L2-resident KV) and paging's cost."""
     # Compute-side rate: every block-table entry points into 64 pages that stay in L2.
@@ -479,6 +523,8 @@ def main(argv=None) -> int:
         rows = bench_table(log, ceiling, gen, (args.k_order, args.v_order))
     sweep(log, gen, parts)
     diagnose(log, gen, parts)
+    if "variants" in parts:
+        compare_variants(log, gen)
     log()
     log("compiled variants:")
     report_compiled(log)
