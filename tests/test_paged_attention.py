@@ -217,6 +217,9 @@ def test_default_config_by_units():
     bf16, fp8 = torch.bfloat16, FP8_DTYPE
     assert default_config(bf16, 128, 8, 132) == DecodeConfig(64, 4, 4)    # one long sequence
     assert default_config(bf16, 128, 512, 132) == DecodeConfig(32, 1, 4)  # many short ones
+    assert default_config(bf16, 128, 256, 132) == DecodeConfig(64, 4, 3)  # 1-2 units per SM
+    assert default_config(bf16, 128, 64, 132) == DecodeConfig(32, 1, 4)   # 1/4-1/2 per SM
+    assert default_config(bf16, 128, 128, 132) == DecodeConfig(64, 4, 4)
     assert default_config(bf16, 256, 512, 132) == DecodeConfig(32, 4, 4)  # wide heads
     assert default_config(fp8, 128, 8, 132) == DecodeConfig(32, 1, 3)
     assert default_config(fp8, 256, 8, 132) == DecodeConfig(32, 2, 3)
@@ -368,3 +371,4 @@ def test_lengths_and_split_counts_do_not_recompile():
         w.seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
         assert rel_err(w.run(num_splits=splits), w.ref()) < TOL[torch.bfloat16]
     assert compiled() == before
+

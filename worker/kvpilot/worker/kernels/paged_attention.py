@@ -268,16 +268,21 @@ def default_config(kv_dtype: torch.dtype, head_dim: int, units: int, num_sms: in
     in registers, so the kernel is bound by latency more than by bytes; small one-warp
     programs fit 8 to an SM and need no warp to wait on another for a tile's softmax.
     16-bit, few units (long sequences, small batches): tiles of 64 tokens, four warps,
-    three tiles in flight, the sequences split to fill the GPU. 16-bit, many units:
-    tiles of 32 tokens and one warp, so more programs share an SM. Head dims above 128
-    take smaller tiles or more warps (registers).
+    three tiles in flight, the sequences split to fill the GPU. 16-bit, many units
+    (at least 2 per SM), or a quarter to a half per SM: tiles of 32 tokens and one warp,
+    so more, smaller programs share an SM. 16-bit, one to two units per SM: 64-token
+    tiles, four warps, two tiles in flight. Head dims above 128 take smaller tiles (registers).
     """
     wide = head_dim > 128
     if kv_dtype == FP8_DTYPE:
         return DecodeConfig(block_n=32, num_warps=2 if wide else 1, num_stages=3)
-    if units >= 2 * num_sms and not wide:
+    if wide:
+        return DecodeConfig(block_n=32, num_warps=4, num_stages=4)
+    if units >= 2 * num_sms or num_sms // 4 <= units < num_sms // 2:
         return DecodeConfig(block_n=32, num_warps=1, num_stages=4)
-    return DecodeConfig(block_n=32 if wide else 64, num_warps=4, num_stages=4)
+    if units >= num_sms:
+        return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
+    return DecodeConfig(block_n=64, num_warps=4, num_stages=4)
 
 
 def choose_num_splits(units: int, max_seq_len: int, block_n: int, slots: int,
