@@ -10,7 +10,9 @@ lost in GPUs whose leftovers no single replica fits. A small ruin-and-recreate s
 three others, put them back largest first into the tightest GPU in use that holds them
 (any allowed product), opening the just-emptied GPU they fill most only when nothing in
 use fits, and keep the result when it leaves fewer GPUs in use, or as many with load
-more concentrated (which makes the next GPU easier to empty); otherwise undo it.
+more concentrated (a larger sum of squared loads over every GPU the round touched, the
+ruined ones and those that took their replicas: the next GPU is easier to empty);
+otherwise undo it.
 
 Only single-GPU replicas placed in this run move: existing replicas stay put and TP
 groups keep their GPUs. The search is seeded from the input, so a plan is still a pure
