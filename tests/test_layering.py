@@ -1,36 +1,58 @@
-"""Pure layers stay pure: the API contract imports no kopf, kubernetes, torch or triton."""
+"""Pure layers stay pure: the API contract and the placement engine import no kopf,
+kubernetes, torch or triton, nor scipy/numpy (the exact placement reference imports
+scipy only when called); and plans do not depend on the interpreter's hash seed."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+import pytest
 
-HEAVY = ("kopf", "kubernetes", "torch", "triton")
+from tests.conftest import EXAMPLES, ROOT
+
+HEAVY = ("kopf", "kubernetes", "torch", "triton", "scipy", "numpy")
 PURE_MODULES = [
     "kvpilot.api.model", "kvpilot.api.memory", "kvpilot.api.quantity", "kvpilot.api.gpus",
     "kvpilot.api.fleet", "kvpilot.api.files", "kvpilot.api.crd",
+    "kvpilot.operator.placement", "kvpilot.operator.placement.exact",
+    "kvpilot.operator.placement.check", "kvpilot.cli",
 ]
 
 
-def imported_heavy(module: str) -> list[str]:
-    code = (
-        f"import importlib, json, sys; importlib.import_module({module!r}); "
-        f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({list(HEAVY)!r}))))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], check=True, capture_output=True, text=True,
-        env={"PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'worker'}"}, cwd=ROOT,
+def run(code: str, **env: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT,
+        env={"PATH": os.environ.get("PATH", ""), **env,
+             "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'worker'}"},
     ).stdout
-    return json.loads(out)
 
 
-def test_api_imports_nothing_heavy():
-    for module in PURE_MODULES:
-        assert imported_heavy(module) == [], module
+def imported_heavy(module: str) -> list[str]:
+    code = (f"import importlib, json, sys; importlib.import_module({module!r}); "
+            f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} "
+            f"& set({list(HEAVY)!r}))))")
+    return json.loads(run(code))
+
+
+@pytest.mark.parametrize("module", PURE_MODULES)
+def test_pure_module_imports_nothing_heavy(module):
+    assert imported_heavy(module) == []
 
 
 def test_the_check_detects_a_heavy_import():
-    assert "kopf" in imported_heavy("kopf")
+    assert "scipy" in imported_heavy("scipy.optimize")
+
+
+def test_plans_do_not_depend_on_the_hash_seed():
+    code = (
+        "from kvpilot.cli import main; "
+        f"main(['plan', {str(EXAMPLES / 'fleets' / 'mixed.yaml')!r}, "
+        + ", ".join(repr(str(p)) for p in sorted(EXAMPLES.glob('*.yaml')))
+        + ", '-o', 'json'])"
+    )
+    outputs = {run(code, PYTHONHASHSEED=seed) for seed in ("1", "2", "3")}
+    assert len(outputs) == 1
+    assert json.loads(outputs.pop())["assignments"]
