@@ -391,3 +391,23 @@ def test_fresh_gpu_valued_by_how_full_it_ends_up():
     assert plan.complete
     assert plan.gpus_used == 4
     assert [(a.node, len(a.gpus)) for a in plan.assignments if a.model == "large"] == [("a", 2)]
+
+
+def test_other_model_orders_decide_who_gets_the_scarce_gpu():
+    # "large" (127 GiB at TP 1 on the one 140 GiB GPU, 64.5 GiB per GPU at TP 2 on 80 GiB
+    # GPUs) comes first by size and takes the 140 GiB GPU, 13 GiB of it left to nothing;
+    # "mid" (41.5 GiB: three to a 140 GiB GPU, one to an 80 GiB GPU) then needs three
+    # GPUs of a: 4 in all. With the two swapped, mid fills the 140 GiB GPU three times
+    # over and large runs at TP 2 on a: 3 GPUs.
+    snap = Snapshot(nodes=(node("h", gpus=1, hbm=140, product="P140"),
+                           node("a", gpus=4, hbm=80, product="P80")))
+    demands = [
+        Demand("large", 1, {"P140": Requirement(1, int(127 * GiB)),
+                            "P80": Requirement(2, int(64.5 * GiB))}, ()),
+        demand("mid", 3, gib=41.5),
+    ]
+    plan = sound(snap, demands, Policy(), place(snap, demands))
+    assert plan.complete
+    assert plan.gpus_used == 3
+    assert where(plan) == {"large-0": ("a", (0, 1)), "mid-0": ("h", (0,)),
+                           "mid-1": ("h", (0,)), "mid-2": ("h", (0,))}

@@ -13,7 +13,9 @@ Under pure packing (``Policy.packing == 1``, GPUs shared, no replica spreading) 
 steps serve the objective itself, the number of GPUs with load (see ``packing``): a GPU
 that a replica opens is completed at once with the pending replicas that fill it best,
 and at the end a bounded ruin-and-recreate search moves single-GPU replicas to empty
-GPUs. Both only ever choose among placements the filters allow.
+GPUs. Both only ever choose among placements the filters allow. The plan may also be
+made other ways (fresh GPUs valued otherwise, other model orders on small instances) and
+the best kept: see ``place``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ CONSOLIDATE_MOVES_LARGE = 3_000  # the same beyond VARIANT_WORK (planning time a
 # Pending replicas x schedulable nodes up to which a plan is also made a second way
 # (fresh GPUs valued by how full they end up): small instances, where it costs little.
 VARIANT_WORK = 100_000
+# On those instances, plans with other model orders (``World.alternative_orders``): at
+# most this many, and only while their consolidation has spent fewer replica moves in
+# all than this (work, not time: the result does not depend on the machine).
+PORTFOLIO_ORDERS = 8
+PORTFOLIO_MOVES = 12_000
 
 
 def place(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy()) -> Plan:
@@ -51,8 +58,10 @@ def place(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
     differently (see ``World.fresh_values``): when the largest GPUs cannot hold the whole
     demand, once sending replicas that fill a smaller GPU tightly there; on a small
     instance, once opening the product whose GPU the replica and the pending replicas
-    fill most. The plan that places more, then uses fewer GPUs, wins (ties to the
-    first, so the result is still a pure function of the input).
+    fill most, and then, in the way that won, with other model orders
+    (``World.alternative_orders``) while a budget of consolidation moves lasts. The plan
+    that places more, then uses fewer GPUs, wins (ties to the first, so the result is
+    still a pure function of the input).
     """
     plan, world = _plan_once(snapshot, demands, policy, "largest")
     variants = []
@@ -60,16 +69,30 @@ def place(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
         variants.append("tight")
     if world.fill and world.work <= VARIANT_WORK:
         variants.append("fill")
+    best_mode = "largest"
     for mode in variants:
         other, _ = _plan_once(snapshot, demands, policy, mode)
         if (len(other.unplaced), other.gpus_used) < (len(plan.unplaced), plan.gpus_used):
-            plan = other
+            plan, best_mode = other, mode
+    if world.fill and world.work <= VARIANT_WORK:
+        # Other model orders, in the mode that won, while the moves budget lasts.
+        left = PORTFOLIO_MOVES
+        for order in world.alternative_orders()[:PORTFOLIO_ORDERS]:
+            if left <= 0:
+                break
+            other, alt = _plan_once(snapshot, demands, policy, best_mode, order,
+                                    min(CONSOLIDATE_MOVES, left))
+            left -= alt.moves
+            if (len(other.unplaced), other.gpus_used) < (len(plan.unplaced), plan.gpus_used):
+                plan = other
     return plan
 
 
 def _plan_once(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
-               mode: str) -> tuple[Plan, "World"]:
+               mode: str, order: Optional[list[str]] = None,
+               moves: Optional[int] = None) -> tuple[Plan, "World"]:
     world = World(snapshot, demands, policy, mode)
+    world.ranking = order
     kept, removals, previous = world.resolve_existing()
     for d in demands:
         world.pending[d.model] = max(0, d.replicas - sum(1 for e in kept if e.model == d.model))
@@ -83,8 +106,10 @@ def _plan_once(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
                             for _ in range(world.pending[demand.model]))
             world.pending[demand.model] = 0
     if world.fill:
-        small = world.work <= VARIANT_WORK
-        consolidate(world, CONSOLIDATE_MOVES if small else CONSOLIDATE_MOVES_LARGE)
+        if moves is None:
+            small = world.work <= VARIANT_WORK
+            moves = CONSOLIDATE_MOVES if small else CONSOLIDATE_MOVES_LARGE
+        world.moves = consolidate(world, moves)
     return world.plan(kept, removals, previous, world.placed, unplaced), world
 
 
@@ -122,9 +147,11 @@ class World:
         self.spread = any(self.weights[k] for k in ("kv_headroom", "least_allocated",
                                                     "model_spread"))
         self.max_cap = max((s.cap for s in self.states if s.node.schedulable), default=1) or 1
+        self.ranking: Optional[list[str]] = None  # model order, if not largest first
         self.pools: list[Pool] = []  # built after existing replicas are loaded
         self.scarce = False  # the largest product cannot hold the demand
         self.work = 0  # pending replicas x schedulable nodes
+        self.moves = 0  # replica moves consolidation spent
         self.pending: dict[str, int] = {}  # model -> replicas still to place
         self.placed: list[tuple[Demand, NodeState, tuple[int, ...], Requirement]] = []
         # Completing fresh GPUs (see ``_fill``) serves the packing objective alone.
@@ -185,12 +212,69 @@ class World:
     # -- new replicas ------------------------------------------------------------------
 
     def order(self) -> list[Demand]:
-        """Largest replica first (HBM over all its GPUs, then per GPU), then by name."""
+        """Largest replica first (HBM over all its GPUs, then per GPU), then by name; or
+        ``ranking`` (model names) when ``place()`` tries another order."""
+        if self.ranking is not None:
+            return [self.by_model[m] for m in self.ranking]
         def size(d: Demand) -> tuple[int, int]:
             reqs = [r for p in self.pools if (r := d.requirement(p.product)) is not None]
             return max(((r.total, r.hbm_per_gpu) for r in reqs), default=(0, 0))
 
         return sorted(self.demands, key=lambda d: (tuple(-x for x in size(d)), d.model))
+
+    def alternative_orders(self) -> list[list[str]]:
+        """Other model orders worth a plan on a small instance, most promising first, each
+        once and none equal to ``order()``: every adjacent pair of the largest-first order
+        swapped (front to back), then decreasing HBM per GPU, then, when the largest
+        product is scarce, decreasing GPUs saved per GPU of it (``_saved_per_scarce``).
+        Largest first decides which replicas get a scarce product by size alone; a model
+        that packs three to an H200 GPU and one to an 80 GB GPU may deserve it more than
+        a larger one that needs the same GPUs on either. Model names only: deterministic.
+        """
+        base = [d.model for d in self.order()]
+        rank = {m: i for i, m in enumerate(base)}
+        seen = {tuple(base)}
+        out: list[list[str]] = []
+
+        def add(order: list[str]) -> None:
+            if tuple(order) not in seen:
+                seen.add(tuple(order))
+                out.append(order)
+
+        for i in range(len(base) - 1):
+            swapped = list(base)
+            swapped[i], swapped[i + 1] = swapped[i + 1], swapped[i]
+            add(swapped)
+
+        def per_gpu(m: str) -> int:
+            d = self.by_model[m]
+            return max((r.hbm_per_gpu for p in self.pools
+                        if (r := d.requirement(p.product)) is not None), default=0)
+
+        add(sorted(base, key=lambda m: (-per_gpu(m), rank[m])))
+        if self.scarce:
+            largest = max(self.pools, key=lambda p: (p.states[0].cap, p.product))
+            add(sorted(base, key=lambda m: (-self._saved_per_scarce(m, largest), rank[m])))
+        return out
+
+    def _saved_per_scarce(self, model: str, largest: Pool) -> float:
+        """GPUs one replica saves by running on the largest product instead of the
+        cheapest other one, per GPU of the largest it takes; a single-GPU replica takes
+        1/k of a GPU that holds k of it. -1 where it cannot run on the largest."""
+        d = self.by_model[model]
+        here_req = d.requirement(largest.product)
+        if here_req is None or here_req.tp > largest.max_gpus:
+            return -1.0
+
+        def gpus(req: Requirement, cap: int) -> float:
+            if req.tp > 1:
+                return float(req.tp)
+            return 1.0 / max(1, cap // req.hbm_per_gpu)
+
+        here = gpus(here_req, largest.states[0].cap)
+        other = [gpus(r, p.states[0].cap) for p in self.pools if p is not largest
+                 and (r := d.requirement(p.product)) is not None and r.tp <= p.max_gpus]
+        return (min(other) - here) / here if other else 0.0
 
     def place_demand(self, demand: Demand) -> Optional[str]:
         """Place the model's pending replicas one by one; the reason of the first that fits

@@ -68,10 +68,10 @@ def best_fill(room: int, items: list[tuple[int, int]], budget: int = FILL_BUDGET
     return best[0], best[1]
 
 
-def consolidate(world: "World", budget: int) -> None:
+def consolidate(world: "World", budget: int) -> int:
     """Ruin-and-recreate rounds over ``world.placed`` (in place) until a pass over the
     GPUs improves nothing, ``PATIENCE`` rounds in a row improve nothing, or ``budget``
-    replica moves are spent. The budget counts
+    replica moves are spent; returns the moves spent. The budget counts
     work, not time, so the result does not depend on the machine."""
     pools = {p.product: p for p in world.pools}
     on_gpu: dict[tuple[int, int], list[int]] = {}
@@ -87,11 +87,11 @@ def consolidate(world: "World", budget: int) -> None:
             key=lambda k: (world.states[k[0]].cap - world.states[k[0]].free[k[1]], k),
         )
         if len(keys) < 2:
-            return
+            return spent[0]
         improved = False
         for target in keys:
             if spent[0] >= budget:
-                return
+                return spent[0]
             if not on_gpu.get(target):
                 continue
             others = [k for k in rng.sample(keys, min(len(keys), RUIN)) if k != target]
@@ -102,9 +102,10 @@ def consolidate(world: "World", budget: int) -> None:
             else:
                 idle += 1
                 if idle >= PATIENCE:
-                    return
+                    return spent[0]
         if not improved:
-            return
+            return spent[0]
+    return spent[0]
 
 
 def _load(s: NodeState, g: int) -> float:
