@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kvpilot.api.model import ModelSpec
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
@@ -21,6 +23,17 @@ def llama_spec(**overrides):
     }
     spec.update(overrides)
     return spec
+
+
+def llama_70b(**overrides):
+    """Llama-3-70B (80 layers, 8 KV heads) in bf16 with an 8K x 8 SLA, validated."""
+    return ModelSpec.model_validate(llama_spec(
+        weights={"parameters": 70553706496, "dtype": "bf16"},
+        architecture={"layers": 80, "attentionHeads": 64, "kvHeads": 8, "headDim": 128,
+                      "maxContextTokens": 131072},
+        sla={"contextTokens": 8192, "concurrentSequences": 8},
+        **overrides,
+    ))
 
 
 @pytest.fixture

@@ -9,21 +9,11 @@ from kvpilot.api.memory import (
     kv_bytes_per_token, kv_capacity_tokens, replica_budget, smallest_tp, weight_bytes,
 )
 from kvpilot.api.model import ModelSpec
-from tests.conftest import llama_spec
+from tests.conftest import llama_70b, llama_spec
 
 GiB = 2**30
 H100 = CATALOG["NVIDIA-H100-80GB-HBM3"].hbm_bytes  # 81559 MiB = 85520809984 bytes
 A100_40 = CATALOG["NVIDIA-A100-SXM4-40GB"].hbm_bytes  # 40960 MiB = 42949672960 bytes
-
-
-def llama_70b(**overrides) -> ModelSpec:
-    return ModelSpec.model_validate(llama_spec(
-        weights={"parameters": 70553706496, "dtype": "bf16"},
-        architecture={"layers": 80, "attentionHeads": 64, "kvHeads": 8, "headDim": 128,
-                      "maxContextTokens": 131072},
-        sla={"contextTokens": 8192, "concurrentSequences": 8},
-        **overrides,
-    ))
 
 
 def test_llama3_8b_kv_bytes_per_token_is_128_kib():

@@ -11,7 +11,7 @@ from kvpilot.operator.placement import (
 )
 from kvpilot.operator.placement.check import violations
 from kvpilot.operator.placement.packing import best_fill
-from tests.conftest import llama_spec
+from tests.conftest import llama_70b, llama_spec
 
 GiB = 2**30
 H100 = "NVIDIA-H100-80GB-HBM3"
@@ -226,16 +226,6 @@ def test_bad_inputs_are_refused():
 
 
 # -- demands from the memory model, and reasons that suggest fixes ---------------------
-
-
-def llama_70b(**overrides) -> ModelSpec:
-    return ModelSpec.model_validate(llama_spec(
-        weights={"parameters": 70553706496, "dtype": "bf16"},
-        architecture={"layers": 80, "attentionHeads": 64, "kvHeads": 8, "headDim": 128,
-                      "maxContextTokens": 131072},
-        sla={"contextTokens": 8192, "concurrentSequences": 8},
-        **overrides,
-    ))
 
 
 def catalog_node(name, product, gpus):
