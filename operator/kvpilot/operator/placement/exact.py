@@ -68,10 +68,6 @@ def _residual(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy):
     return world, kept, residual
 
 
-def _eligible(s: NodeState, g: int, need: int, share: bool) -> bool:
-    return s.free[g] >= need and (share or s.tenants[g] == 0)
-
-
 def solve(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy(),
           time_limit: float = 60.0) -> ExactResult:
     """The placement with the most replicas and then the fewest GPUs with load."""
@@ -111,7 +107,7 @@ def solve(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
             req = d.requirement(s.node.product)
             if req is None or req.tp > s.node.gpus:
                 continue
-            gpus = [g for g in range(s.node.gpus) if _eligible(s, g, req.hbm_per_gpu, share)]
+            gpus = s.fitting_gpus(req.hbm_per_gpu, share)
             if len(gpus) < req.tp:
                 continue
             v = var(0.0, float(r_m), -float(big))

@@ -43,11 +43,7 @@ def tp_on_one_node(s: NodeState, demand: Demand, req: Optional[Requirement],
 def fits_hbm(s: NodeState, demand: Demand, req: Optional[Requirement],
              policy: Policy) -> Optional[str]:
     assert req is not None
-    fitting = sum(
-        1 for f, t in zip(s.free, s.tenants)
-        if f >= req.hbm_per_gpu and (policy.share_gpus or t == 0)
-    )
-    if fitting >= req.tp:
+    if len(s.fitting_gpus(req.hbm_per_gpu, policy.share_gpus)) >= req.tp:
         return None
     return "not enough free HBM" if policy.share_gpus else "not enough unshared GPUs"
 

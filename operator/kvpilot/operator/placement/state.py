@@ -35,6 +35,8 @@ class NodeState:
         return sorted((f for f, t in zip(self.free, self.tenants) if t == 0), reverse=True)
 
     def fitting_gpus(self, need: int, share: bool) -> list[int]:
+        """GPUs with ``need`` bytes free that a new replica may use (unshared ones only
+        when sharing is off)."""
         return [
             g for g, (f, t) in enumerate(zip(self.free, self.tenants))
             if f >= need and (share or t == 0)
