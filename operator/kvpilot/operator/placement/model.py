@@ -91,8 +91,12 @@ class Demand:
         return not self.products or product in self.products
 
     def requirement(self, product: str) -> Optional[Requirement]:
-        if not self.allows(product):
-            return None
+        """What one replica needs on ``product``; None where it may not or cannot go."""
+        return self.size_on(product) if self.allows(product) else None
+
+    def size_on(self, product: str) -> Optional[Requirement]:
+        """What one replica would need on ``product``, allowed or not (None: it does not
+        fit there)."""
         req = self.requirements.get(product)
         if req is None and product not in self.unfit:
             req = self.requirements.get(ANY_PRODUCT)

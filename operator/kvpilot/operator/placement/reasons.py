@@ -183,7 +183,7 @@ def _other_products(demand: Demand, free: _Free, products: list[str]) -> list[st
             if _fits_at_some_tp(spec, free, p):
                 out.append(f"adding {p} to gpuProducts")
         else:
-            req = demand.requirements.get(p) or demand.requirements.get("*")
+            req = demand.size_on(p)
             if req is not None and free.fits(p, req.tp, req.hbm_per_gpu):
                 out.append(f"adding {p} to gpuProducts")
     return out
