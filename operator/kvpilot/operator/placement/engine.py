@@ -72,7 +72,7 @@ def place(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
     best_mode = "largest"
     for mode in variants:
         other, _ = _plan_once(snapshot, demands, policy, mode)
-        if (len(other.unplaced), other.gpus_used) < (len(plan.unplaced), plan.gpus_used):
+        if _better(other, plan):
             plan, best_mode = other, mode
     if world.fill and world.work <= VARIANT_WORK:
         # Other model orders, in the mode that won, while the moves budget lasts.
@@ -83,9 +83,14 @@ def place(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
             other, alt = _plan_once(snapshot, demands, policy, best_mode, order,
                                     min(CONSOLIDATE_MOVES, left))
             left -= alt.moves
-            if (len(other.unplaced), other.gpus_used) < (len(plan.unplaced), plan.gpus_used):
+            if _better(other, plan):
                 plan = other
     return plan
+
+
+def _better(a: Plan, b: Plan) -> bool:
+    """``a`` places more than ``b``, or as many on fewer GPUs (equal: not better)."""
+    return (len(a.unplaced), a.gpus_used) < (len(b.unplaced), b.gpus_used)
 
 
 def _plan_once(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
@@ -217,8 +222,7 @@ class World:
         if self.ranking is not None:
             return [self.by_model[m] for m in self.ranking]
         def size(d: Demand) -> tuple[int, int]:
-            reqs = [r for p in self.pools if (r := d.requirement(p.product)) is not None]
-            return max(((r.total, r.hbm_per_gpu) for r in reqs), default=(0, 0))
+            return max(((r.total, r.hbm_per_gpu) for _, r in self.sized(d)), default=(0, 0))
 
         return sorted(self.demands, key=lambda d: (tuple(-x for x in size(d)), d.model))
 
@@ -247,13 +251,11 @@ class World:
             add(swapped)
 
         def per_gpu(m: str) -> int:
-            d = self.by_model[m]
-            return max((r.hbm_per_gpu for p in self.pools
-                        if (r := d.requirement(p.product)) is not None), default=0)
+            return max((r.hbm_per_gpu for _, r in self.sized(self.by_model[m])), default=0)
 
         add(sorted(base, key=lambda m: (-per_gpu(m), rank[m])))
         if self.scarce:
-            largest = max(self.pools, key=lambda p: (p.states[0].cap, p.product))
+            largest = self.largest_pool()
             add(sorted(base, key=lambda m: (-self._saved_per_scarce(m, largest), rank[m])))
         return out
 
@@ -272,8 +274,8 @@ class World:
             return 1.0 / max(1, cap // req.hbm_per_gpu)
 
         here = gpus(here_req, largest.states[0].cap)
-        other = [gpus(r, p.states[0].cap) for p in self.pools if p is not largest
-                 and (r := d.requirement(p.product)) is not None and r.tp <= p.max_gpus]
+        other = [gpus(r, p.states[0].cap) for p, r in self.sized(d)
+                 if p is not largest and r.tp <= p.max_gpus]
         return (min(other) - here) / here if other else 0.0
 
     def place_demand(self, demand: Demand) -> Optional[str]:
@@ -283,10 +285,7 @@ class World:
         Free HBM only shrinks within a run, so when one replica of a model fits nowhere
         its later replicas do not either: they share its reason.
         """
-        options = [
-            (pool, req) for pool in self.pools
-            if (req := demand.requirement(pool.product)) is not None and req.tp <= pool.max_gpus
-        ]
+        options = [(pool, req) for pool, req in self.sized(demand) if req.tp <= pool.max_gpus]
         cache: dict[int, tuple] = {}  # node -> (version, score, gpus, pool, req)
         fresh = self.fresh_values(options)
         while self.pending[demand.model] > 0:
@@ -352,9 +351,17 @@ class World:
             for _ in range(k):
                 self._commit(d, pool, s, (g,), req)
 
+    def sized(self, demand: Demand) -> list[tuple[Pool, Requirement]]:
+        """(pool, what one replica needs there) for every product the demand may use."""
+        return [(p, r) for p in self.pools if (r := demand.requirement(p.product)) is not None]
+
+    def largest_pool(self) -> Optional[Pool]:
+        """The pool of the product with the largest GPUs (ties: by product name)."""
+        return max(self.pools, key=lambda p: (p.states[0].cap, p.product), default=None)
+
     def largest_is_scarce(self) -> bool:
         """Whether the pending demand needs more HBM than the largest product has free."""
-        largest = max(self.pools, key=lambda p: (p.states[0].cap, p.product), default=None)
+        largest = self.largest_pool()
         if largest is None:
             return False
         volume = 0
