@@ -80,7 +80,7 @@ def _plan(args: argparse.Namespace) -> int:
     demands = demands_from_models(models, snapshot, policy)
     plan = place(snapshot, demands, policy)
     if args.output == "table":
-        sys.stdout.write(render_table(plan, demands, snapshot))
+        sys.stdout.write(render_table(plan, demands))
     else:
         data = {**plan.to_dict(), "models": model_summary(plan, demands)}
         if args.output == "json":
@@ -123,7 +123,7 @@ def _wrap(text: str, indent: int) -> list[str]:
     return [line.replace("\u00a0", " ") for line in lines]
 
 
-def render_table(plan, demands, snapshot) -> str:
+def render_table(plan, demands) -> str:
     """The plan for people, at most 100 columns wide."""
     lines: list[str] = []
     by_gpu: dict[tuple[str, int], list[str]] = {}
