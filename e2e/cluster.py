@@ -163,6 +163,10 @@ class Cluster:
             raise RuntimeError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc
 
+    def get(self, *args: str) -> dict[str, Any]:
+        """``kubectl get ARGS -o json``, parsed."""
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
     def apply(self, objects: list[dict[str, Any]] | dict[str, Any]) -> None:
         items = objects if isinstance(objects, list) else [objects]
         doc = {"apiVersion": "v1", "kind": "List", "items": items}

@@ -8,7 +8,6 @@ Discovery labels, Models after server-side defaulting), not from the local files
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ GPU_COLUMNS = "-Lnvidia.com/gpu.product,nvidia.com/gpu.count,nvidia.com/gpu.memo
 
 def fleet_from_cluster(cluster: Cluster) -> dict:
     """The cluster's GPU nodes as a fleet description (labels -> product, count, MiB)."""
-    items = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+    items = cluster.get("nodes")["items"]
     nodes = []
     for item in items:
         labels = item["metadata"].get("labels", {})
@@ -40,7 +39,7 @@ def fleet_from_cluster(cluster: Cluster) -> dict:
 
 
 def models_from_cluster(cluster: Cluster) -> list[dict]:
-    items = json.loads(cluster.kubectl("get", "models", "-A", "-o", "json").stdout)["items"]
+    items = cluster.get("models", "-A")["items"]
     return [{"apiVersion": m["apiVersion"], "kind": m["kind"],
              "metadata": {"name": m["metadata"]["name"],
                           "namespace": m["metadata"]["namespace"]},

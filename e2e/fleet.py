@@ -84,15 +84,14 @@ def create_nodes(cluster: Cluster, nodes: list[FleetNode], timeout: float = 60) 
 
 
 def _node_names(cluster: Cluster) -> set[str]:
-    out = cluster.kubectl("get", "nodes", "-o", "json").stdout
-    return {item["metadata"]["name"] for item in json.loads(out)["items"]}
+    return {item["metadata"]["name"] for item in cluster.get("nodes")["items"]}
 
 
 def wait_nodes_ready(cluster: Cluster, names: list[str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     pending = set(names)
     while pending and time.monotonic() < deadline:
-        items = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+        items = cluster.get("nodes")["items"]
         for item in items:
             conditions = {c["type"]: c["status"] for c in item["status"].get("conditions", [])}
             if conditions.get("Ready") == "True":

@@ -23,7 +23,7 @@ def test_version_is_the_built_one(cluster):
 def test_fleet_nodes_carry_gfd_labels_and_gpu_capacity(cluster):
     names = create_fleet(cluster, ROOT / "examples" / "fleets" / "mixed.yaml")
     assert names == ["h100-0", "h100-1", "a100", "l4-0", "l4-1"]
-    node = json.loads(cluster.kubectl("get", "node", "h100-1", "-o", "json").stdout)
+    node = cluster.get("node", "h100-1")
     labels = node["metadata"]["labels"]
     assert labels["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
     assert labels["nvidia.com/gpu.memory"] == "81559"
@@ -31,7 +31,7 @@ def test_fleet_nodes_carry_gfd_labels_and_gpu_capacity(cluster):
     assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
     ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}["Ready"]
     assert ready == "True"
-    l4 = json.loads(cluster.kubectl("get", "node", "l4-0", "-o", "json").stdout)
+    l4 = cluster.get("node", "l4-0")
     assert l4["status"]["capacity"]["nvidia.com/gpu"] == "1"
 
 
@@ -51,7 +51,7 @@ def test_pod_on_fake_gpu_node_runs_with_loopback_ip(cluster):
     deadline = time.monotonic() + 60
     pod = {}
     while time.monotonic() < deadline:
-        pod = json.loads(cluster.kubectl("get", "pod", "gpu-worker", "-o", "json").stdout)
+        pod = cluster.get("pod", "gpu-worker")
         if pod["status"].get("phase") == "Running" and pod["status"].get("podIP"):
             break
         time.sleep(0.5)
@@ -59,7 +59,7 @@ def test_pod_on_fake_gpu_node_runs_with_loopback_ip(cluster):
     assert pod["status"]["phase"] == "Running"
     ip = pod["status"]["podIP"]
     assert ip.startswith("127."), ip
-    node = json.loads(cluster.kubectl("get", "node", "gpu-pod-test", "-o", "json").stdout)
+    node = cluster.get("node", "gpu-pod-test")
     prefix = node["spec"]["podCIDR"].rsplit(".", 1)[0] + "."
     assert ip.startswith(prefix), (ip, node["spec"]["podCIDR"])
 

@@ -22,7 +22,7 @@ def create(cluster, obj, check=True):
 
 
 def get(cluster, name) -> dict:
-    return json.loads(cluster.kubectl("get", "model", name, "-o", "json").stdout)
+    return cluster.get("model", name)
 
 
 def test_crd_is_established_with_short_name(cluster):
@@ -34,7 +34,7 @@ def test_examples_are_accepted_and_defaulted(cluster):
     for path in sorted(EXAMPLES.glob("*.yaml")):
         cluster.kubectl("apply", "-f", str(path))
     names = {yaml.safe_load(p.read_text())["metadata"]["name"] for p in EXAMPLES.glob("*.yaml")}
-    listed = json.loads(cluster.kubectl("get", "kvm", "-o", "json").stdout)["items"]
+    listed = cluster.get("kvm")["items"]
     assert names <= {m["metadata"]["name"] for m in listed}
     mistral = get(cluster, "mistral-7b")["spec"]
     # server-side defaults come from the pydantic defaults
