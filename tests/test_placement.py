@@ -364,19 +364,23 @@ def test_consolidation_empties_a_gpu_by_moving_single_gpu_replicas():
     assert sorted(s.free) == [0, 0, 10 * GiB, 10 * GiB]
 
 
+def one_large_gpu_and_four_80(other: Demand) -> tuple[Snapshot, list[Demand]]:
+    """One 140 GiB GPU (h) and four 80 GiB GPUs (a); "large" needs 127 GiB at TP 1 on
+    the 140 GiB GPU or 64.5 GiB per GPU at TP 2 on the 80 GiB ones; then ``other``."""
+    snap = Snapshot(nodes=(node("h", gpus=1, hbm=140, product="P140"),
+                           node("a", gpus=4, hbm=80, product="P80")))
+    large = Demand("large", 1, {"P140": Requirement(1, int(127 * GiB)),
+                                "P80": Requirement(2, int(64.5 * GiB))}, ())
+    return snap, [large, other]
+
+
 def test_fresh_gpu_valued_by_how_full_it_ends_up():
     # "large" takes 127 GiB of the one 140 GiB GPU at TP 1 (13 GiB nothing fills) or
     # 64.5 GiB on two 80 GiB GPUs at TP 2 (a 15 GiB replica completes each). Opening the
     # largest GPU first gives 5 GPUs; the optimum is 4 (3 GPUs hold at most 300 GiB of
     # the 367 demanded): large on a's GPUs with a small beside each shard, 9 smalls on
     # the 140 GiB GPU, the last 5 on a third GPU of a.
-    snap = Snapshot(nodes=(node("h", gpus=1, hbm=140, product="P140"),
-                           node("a", gpus=4, hbm=80, product="P80")))
-    demands = [
-        Demand("large", 1, {"P140": Requirement(1, int(127 * GiB)),
-                            "P80": Requirement(2, int(64.5 * GiB))}, ()),
-        demand("small", 16, gib=15),
-    ]
+    snap, demands = one_large_gpu_and_four_80(demand("small", 16, gib=15))
     plan = sound(snap, demands, Policy(), place(snap, demands))
     assert plan.complete
     assert plan.gpus_used == 4
@@ -389,13 +393,7 @@ def test_other_model_orders_decide_who_gets_the_scarce_gpu():
     # "mid" (41.5 GiB: three to a 140 GiB GPU, one to an 80 GiB GPU) then needs three
     # GPUs of a: 4 in all. With the two swapped, mid fills the 140 GiB GPU three times
     # over and large runs at TP 2 on a: 3 GPUs.
-    snap = Snapshot(nodes=(node("h", gpus=1, hbm=140, product="P140"),
-                           node("a", gpus=4, hbm=80, product="P80")))
-    demands = [
-        Demand("large", 1, {"P140": Requirement(1, int(127 * GiB)),
-                            "P80": Requirement(2, int(64.5 * GiB))}, ()),
-        demand("mid", 3, gib=41.5),
-    ]
+    snap, demands = one_large_gpu_and_four_80(demand("mid", 3, gib=41.5))
     plan = sound(snap, demands, Policy(), place(snap, demands))
     assert plan.complete
     assert plan.gpus_used == 3
