@@ -23,7 +23,8 @@ Diagnostics (``--sweep``, comma-separated): ``configs`` (launch shapes), ``split
 (split counts by hand), ``merge`` (the merge kernel alone), ``l2`` (KV that stays in L2:
 the compute side's rate), ``eager`` (per-call timing and host time), ``paging``
 (shuffled vs in-order block tables), ``variants`` (bf16 launch shapes against the
-default and SDPA, same inputs, same run).
+default and SDPA, same inputs, same run), ``tma`` (likewise, both dtypes, pages copied
+whole by the tensor-memory accelerator).
 """
 
 from __future__ import annotations
@@ -366,19 +367,38 @@ def sweep(log, gen, parts):
     log(f"  merge kernel alone (1 x 32 heads x 32 splits): {us:.1f} us")
 
 
-# Launch shapes compared against the default in one run (`variants`).
-VARIANTS = [DecodeConfig(64, 4, 4), DecodeConfig(64, 4, 3), DecodeConfig(32, 1, 4),
-            DecodeConfig(64, 2, 4)]
+# Launch shapes compared against the default in one run (`variants`, bf16; `tma`, both
+# dtypes, pages copied whole by the tensor-memory accelerator).
+VARIANTS = {
+    "variants": {torch.bfloat16: [DecodeConfig(64, 4, 4), DecodeConfig(64, 4, 3),
+                                  DecodeConfig(32, 1, 4), DecodeConfig(64, 2, 4)]},
+    "tma": {
+        torch.bfloat16: [DecodeConfig(16, 1, 4, tma=True), DecodeConfig(32, 1, 4, tma=True),
+                         DecodeConfig(64, 1, 4, tma=True), DecodeConfig(32, 2, 4, tma=True),
+                         DecodeConfig(64, 4, 3, tma=True), DecodeConfig(64, 4, 4, tma=True),
+                         DecodeConfig(64, 2, 4, tma=True), DecodeConfig(128, 4, 3, tma=True),
+                         DecodeConfig(32, 1, 6, tma=True)],
+        FP8_DTYPE: [DecodeConfig(32, 1, 3, tma=True), DecodeConfig(32, 1, 4, tma=True),
+                    DecodeConfig(64, 1, 4, tma=True), DecodeConfig(64, 2, 3, tma=True),
+                    DecodeConfig(16, 1, 4, tma=True), DecodeConfig(64, 4, 3, tma=True)],
+    },
+}
 VARIANT_SHAPES = [(1, 131072), (32, 4096), (64, 2048), (16, 32768), (128, 1024), (1, 32768),
                   (8, 4096)]
 
 
-def compare_variants(log, gen):
-    """bf16: the default launch shape, each of VARIANTS, the default again (the spread of
-    the same code) and SDPA, on the same inputs in the same run."""
+def label(cfg: DecodeConfig) -> str:
+    return f"{cfg.block_n}/{cfg.num_warps}/{cfg.num_stages}{' tma' if cfg.tma else ''}"
+
+
+def compare_variants(log, gen, kv_dtype, variants):
+    """The default launch shape, each of `variants`, the default again (the spread of
+    the same code) and bf16 SDPA, on the same inputs in the same run."""
+    elt = 1 if kv_dtype == FP8_DTYPE else 2
+    name = "fp8 " if elt == 1 else "bf16"
     for batch, ctx in VARIANT_SHAPES:
-        copies = copies_for(batch, ctx, 2)
-        inp = build_inputs(batch, ctx, torch.bfloat16, copies, ORDERS, gen)
+        copies = copies_for(batch, ctx, elt)
+        inp = build_inputs(batch, ctx, kv_dtype, copies, ORDERS, gen)
         outs = [torch.empty_like(q) for q in inp.q]
         kv = [contiguous_copy(inp, c) for c in range(copies)]
         sdpa = time_rotating(sdpa_calls(inp, kv), reps=5)
@@ -387,24 +407,26 @@ def compare_variants(log, gen):
                                              kv[0][0][:n].float(), kv[0][1][:n].float(),
                                              enable_gqa=True)[:, :, 0, :]
         results = []
-        for name, cfg in [("default", None)] + [(None, c) for c in VARIANTS] + [("default", None)]:
-            label = name or f"{cfg.block_n}/{cfg.num_warps}/{cfg.num_stages}"
+        for cfg in [None] + variants + [None]:
+            tag = "default" if cfg is None else label(cfg)
             try:
                 for o in outs:
                     o.fill_(float("nan"))
                 us = time_rotating(kernel_calls(inp, cfg, outs), reps=5)
             except Exception as e:  # out of resources etc.: say so, go on
-                log(f"  variant B={batch} S={ctx} {label}: failed {type(e).__name__}: {str(e)[:100]}")
+                log(f"  variant {name} B={batch} S={ctx} {tag}: failed {type(e).__name__}: "
+                    f"{str(e)[:100]}")
                 continue
             err = rel_err(outs[0][:n], ref)
             splits = plan_num_splits(inp.q[0], inp.k_pages, inp.tables[0], config=cfg)
-            results.append((label, us, splits, err))
-            log(f"  variant bf16 B={batch:>3} S={ctx:>6} {label:>20}: splits={splits:>3} "
+            results.append((tag, us, splits, err))
+            log(f"  variant {name} B={batch:>3} S={ctx:>6} {tag:>16}: splits={splits:>3} "
                 f"{us:8.1f} us {inp.kv_bytes / us / 1e3:6.0f} GB/s  x SDPA {sdpa / us:5.3f}  "
                 f"rel err {err:.1e}")
         best = min(results, key=lambda r: r[1])
-        log(f"  variants B={batch} S={ctx}: SDPA {sdpa:.1f} us; default {results[0][1]:.1f} / "
-            f"{results[-1][1]:.1f} us; best {best[0]} {best[1]:.1f} us (x SDPA {sdpa / best[1]:.3f})")
+        log(f"  variants {name} B={batch} S={ctx}: SDPA {sdpa:.1f} us; default "
+            f"{results[0][1]:.1f} / {results[-1][1]:.1f} us; best {best[0]} {best[1]:.1f} us "
+            f"(x SDPA {sdpa / best[1]:.3f}, x default {results[0][1] / best[1]:.3f})")
         del inp, outs, kv
         torch.cuda.empty_cache()
 
@@ -489,7 +511,7 @@ def report_compiled(log):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default="", help="comma list of diagnostics to run after "
-                        "the table: configs, splits, merge, l2, eager, paging")
+                        "the table: configs, splits, merge, l2, eager, paging, variants, tma")
     parser.add_argument("--no-table", action="store_true", help="diagnostics only")
     parser.add_argument("--k-order", default=ORDERS[0], help="physical order of K pages")
     parser.add_argument("--v-order", default=ORDERS[1], help="physical order of V pages")
@@ -523,8 +545,9 @@ def main(argv=None) -> int:
         rows = bench_table(log, ceiling, gen, (args.k_order, args.v_order))
     sweep(log, gen, parts)
     diagnose(log, gen, parts)
-    if "variants" in parts:
-        compare_variants(log, gen)
+    for part, by_dtype in VARIANTS.items():
+        for kv_dtype, variants in by_dtype.items() if part in parts else ():
+            compare_variants(log, gen, kv_dtype, variants)
     log()
     log("compiled variants:")
     report_compiled(log)
