@@ -20,11 +20,14 @@ from kvpilot.worker.kernels.bandwidth import stream_read  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def test_stream_read_sums_every_element():
+@pytest.mark.parametrize("tma", [False, True])
+def test_stream_read_sums_every_element(tma):
+    if tma and DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the tensor-memory accelerator needs a Hopper GPU")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1024 * 20, generator=g).to(DEVICE)
     out = torch.full((3,), float("nan"), device=DEVICE)  # 3 programs, uneven share of blocks
-    stream_read(x, out, block=1024, num_warps=4)
+    stream_read(x, out, block=1024, num_warps=4, tma=tma)
     torch.testing.assert_close(out.sum().cpu(), x.sum().cpu(), rtol=1e-4, atol=1e-3)
     # Program p read blocks p, p+3, p+6, ...
     blocks = x.view(20, 1024).sum(1).cpu()

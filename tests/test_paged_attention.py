@@ -216,6 +216,16 @@ def test_more_splits_than_tiles_leaves_empty_splits_harmless():
     torch.testing.assert_close(out, w.run(num_splits=1), atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("num_splits", [17, 256])
+def test_many_splits_merge_in_one_pass(num_splits):
+    # Over 16 splits the merge reads every split at once, a slice of the head per program;
+    # 256 (the most there may be) splits of one 1027-token sequence leave most of them empty.
+    w = World([1027, 700, 3], kv_heads=2, group=4, head_dim=64, page_size=16,
+              dtype=torch.float16, seed=num_splits)
+    out = w.run(num_splits=num_splits, config=DecodeConfig(block_n=16, num_warps=1, num_stages=2))
+    assert rel_err(out, w.ref()) < TOL[torch.float16]
+
+
 def test_empty_sequence_gives_zeros_not_nan():
     w = World([0, 20], kv_heads=1, group=4, head_dim=64, page_size=16, dtype=torch.float16,
               seed=9)

@@ -292,18 +292,20 @@ def _paged_decode_kernel(
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """One program per (sequence, query head, ``BLOCK_D`` slice of head_dim)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    d0 = tl.program_id(2) * BLOCK_D
     row0 = (b * tl.num_programs(1) + h) * num_splits
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
 
     # ---- one pass, BLOCK_S splits at a time, rescaled to the running max of lse ------
     m = tl.full([1], float("-inf"), dtype=tl.float32)
     den = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for s0 in range(0, num_splits, BLOCK_S):
         mask = s0 + offs_s < num_splits
         lse = tl.load(part_lse_ptr + row0 + s0 + offs_s, mask=mask, other=float("-inf"))
@@ -320,6 +322,15 @@ def _merge_splits_kernel(
         m = m_new
     out = acc / tl.where(den > 0.0, den, 1.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def merge_shape(num_splits: int, head_dim: int) -> tuple[int, int]:
+    """``(BLOCK_S, BLOCK_D)`` of the merge: up to 16 splits, whole heads 16 splits at a
+    time; more, every split (up to MAX_SPLITS) in one load of a 16-wide slice of the head,
+    so no program waits on a chain of loads. Two compiled variants in all."""
+    if num_splits <= 16:
+        return 16, head_dim
+    return MAX_SPLITS, 16
 
 
 # --------------------------------------------------------------------------------------
@@ -621,8 +632,9 @@ def paged_attention_decode(
     if key not in _OCCUPANCY:
         _remember_occupancy(key, kernel, cfg.num_warps, q.device)
     if split:
-        _merge_splits_kernel[(batch, q_heads)](
+        block_s, block_d = merge_shape(num_splits, head_dim)
+        _merge_splits_kernel[(batch, q_heads, head_dim // block_d)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_S=32, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
         )
     return out
