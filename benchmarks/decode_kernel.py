@@ -23,8 +23,7 @@ Diagnostics (``--sweep``, comma-separated): ``configs`` (launch shapes), ``split
 (split counts by hand), ``merge`` (the merge kernel alone), ``l2`` (KV that stays in L2:
 the compute side's rate), ``eager`` (per-call timing and host time), ``paging``
 (shuffled vs in-order block tables), ``variants`` (bf16 launch shapes against the
-default and SDPA, same inputs, same run), ``tma`` (likewise, both dtypes, pages copied
-whole by the tensor-memory accelerator), ``scaling`` (time against bytes at a fixed batch:
+default and SDPA, same inputs, same run), ``scaling`` (time against bytes at a fixed batch:
 fixed cost and streaming rate of the kernel and of SDPA).
 """
 
@@ -351,7 +350,7 @@ def sweep(log, gen, parts):
     for kv_dtype in (torch.bfloat16, FP8_DTYPE) if "splits" in parts else ():
         elt = 1 if kv_dtype == FP8_DTYPE else 2
         for batch, ctx, counts in ((1, 32768, (16, 33, 66, 132)), (1, 131072, (33, 66, 132)),
-                                   (32, 4096, (1, 2, 4)), (16, 32768, (2, 4, 8)),
+                                   (32, 4096, (1, 2, 4)), (16, 32768, (1, 2, 4, 8)),
                                    (128, 1024, (1, 2)), (64, 2048, (1, 2))):
             inp = build_inputs(batch, ctx, kv_dtype, copies_for(batch, ctx, elt), ORDERS, gen)
             outs = [torch.empty_like(q) for q in inp.q]
@@ -385,25 +384,17 @@ def sweep(log, gen, parts):
         log(line)
 
 
-# Launch shapes compared against the default in one run (`variants`, bf16; `tma`, both
-# dtypes, pages copied whole by the tensor-memory accelerator).
+# Launch shapes compared against the default in one run (`variants`).
 VARIANTS = {
     "variants": {torch.bfloat16: [DecodeConfig(64, 4, 4), DecodeConfig(64, 4, 3),
                                   DecodeConfig(32, 1, 4), DecodeConfig(64, 2, 4)]},
-    "tma": {  # tiles of four warps lost by 20-170% on an H200, so one and two warps
-        torch.bfloat16: [DecodeConfig(16, 1, 4, tma=True), DecodeConfig(32, 1, 4, tma=True),
-                         DecodeConfig(64, 1, 4, tma=True), DecodeConfig(32, 2, 4, tma=True),
-                         DecodeConfig(32, 1, 6, tma=True)],
-        FP8_DTYPE: [DecodeConfig(32, 1, 3, tma=True), DecodeConfig(32, 1, 4, tma=True),
-                    DecodeConfig(16, 1, 4, tma=True)],
-    },
 }
 VARIANT_SHAPES = [(1, 131072), (32, 4096), (64, 2048), (16, 32768), (128, 1024), (1, 32768),
                   (8, 4096)]
 
 
 def label(cfg: DecodeConfig) -> str:
-    return f"{cfg.block_n}/{cfg.num_warps}/{cfg.num_stages}{' tma' if cfg.tma else ''}"
+    return f"{cfg.block_n}/{cfg.num_warps}/{cfg.num_stages}"
 
 
 def compare_variants(log, gen, kv_dtype, variants):
@@ -561,7 +552,7 @@ def report_compiled(log):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default="", help="comma list of diagnostics to run after "
-                        "the table: configs, splits, merge, l2, eager, paging, variants, tma, scaling")
+                        "the table: configs, splits, merge, l2, eager, paging, variants, scaling")
     parser.add_argument("--no-table", action="store_true", help="diagnostics only")
     parser.add_argument("--k-order", default=ORDERS[0], help="physical order of K pages")
     parser.add_argument("--v-order", default=ORDERS[1], help="physical order of V pages")

@@ -170,42 +170,6 @@ def test_page_layouts(k_order, v_order, page_size):
     assert rel_err(w.run(num_splits=2), w.ref()) < TOL[torch.bfloat16]
 
 
-# ---- whole pages copied by the tensor-memory accelerator ---------------------------------
-@pytest.mark.parametrize("dtype,k_order,v_order,block_n,page_size", [
-    (torch.bfloat16, "head", "head", 64, 16),
-    (torch.float16, "token", "head", 32, 16),
-    (FP8_DTYPE, "head", "token", 32, 16),
-    (torch.bfloat16, "token", "token", 32, 32),
-])
-def test_tma_page_copies_match_reference(dtype, k_order, v_order, block_n, page_size):
-    # Lengths that end mid-page and mid-tile, splits that end mid-tile, stale table entries.
-    w = World([1, 15, 17, 100, 130], kv_heads=2, group=4, head_dim=64, page_size=page_size,
-              dtype=dtype, k_order=k_order, v_order=v_order, seed=block_n + page_size)
-    from kvpilot.worker.kernels.paged_attention import tma_pages
-
-    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the tensor-memory accelerator needs a Hopper GPU")
-    assert tma_pages(w.layer.key, w.layer.value, block_n) is not None
-    cfg = DecodeConfig(block_n=block_n, num_warps=1, num_stages=3, tma=True)
-    gathered = w.run(num_splits=3)
-    for splits in (1, 3):
-        out = w.run(num_splits=splits, config=cfg)
-        assert rel_err(out, w.ref()) < (FP8_TOL if dtype == FP8_DTYPE else TOL[dtype])
-    torch.testing.assert_close(out, gathered, atol=2e-2, rtol=2e-2)
-
-
-def test_tma_needs_whole_power_of_two_pages():
-    from kvpilot.worker.kernels.paged_attention import tma_pages
-
-    w7 = World([20], kv_heads=1, group=1, head_dim=64, page_size=7, dtype=torch.float16)
-    assert tma_pages(w7.layer.key, w7.layer.value, 28) is None       # not a power of two
-    w16 = World([20], kv_heads=1, group=1, head_dim=64, page_size=16, dtype=torch.float16)
-    assert tma_pages(w16.layer.key, w16.layer.value, 24) is None     # tile of 1.5 pages
-    # Without a usable view the launcher gathers rows instead: same answer.
-    cfg = DecodeConfig(block_n=16, num_warps=1, num_stages=2, tma=True)
-    assert rel_err(w7.run(num_splits=2, config=cfg), w7.ref()) < TOL[torch.float16]
-
-
 # ---- splits: many, empty, and the count heuristic --------------------------------------
 def test_more_splits_than_tiles_leaves_empty_splits_harmless():
     # 8 splits over sequences of 1..2 tiles: most splits are empty; no NaN, same answer.
@@ -250,6 +214,11 @@ def test_choose_num_splits():
     assert choose_num_splits(128 * 8, 1024, 64, 264) == 1      # the batch fills the GPU
     assert choose_num_splits(1 * 8, 100, 64, 264) == 1         # 2 tiles: too short to split
     assert choose_num_splits(1, 10**7, 16, 528) == 256         # MAX_SPLITS
+    # FP8 one-warp programs, 9 to an SM: 1188 slots. 32 x 4K (1.9 units per SM) splits
+    # to fill the wave; 64 x 2K (3.9 per SM) keeps enough bytes in flight unsplit.
+    assert choose_num_splits(32 * 8, 4096, 32, 1188, sms=132) == 4
+    assert choose_num_splits(64 * 8, 2048, 32, 1188, sms=132) == 1
+    assert choose_num_splits(64 * 8, 2048, 32, 1188) == 2      # without the SM count
 
 
 def test_programs_per_sm():
