@@ -365,8 +365,8 @@ def sweep(log, gen, parts):
             log(line + " (splits:us)")
             del inp, outs
             torch.cuda.empty_cache()
-    # The merge alone: 32 query heads x 33 and 132 splits (bf16 and FP8 at B = 1), the
-    # launcher's shape against whole heads 32 splits at a time.
+    # The merge alone: 32 query heads x 8, 33 and 132 splits (the last two: bf16 and FP8
+    # at B = 1), the launcher's shape against whole heads 32 splits at a time.
     if "merge" not in parts:
         return
     outm = [torch.empty(1, Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -385,10 +385,8 @@ def sweep(log, gen, parts):
 
 
 # Launch shapes compared against the default in one run (`variants`).
-VARIANTS = {
-    "variants": {torch.bfloat16: [DecodeConfig(64, 4, 4), DecodeConfig(64, 4, 3),
-                                  DecodeConfig(32, 1, 4), DecodeConfig(64, 2, 4)]},
-}
+VARIANTS = [DecodeConfig(64, 4, 4), DecodeConfig(64, 4, 3), DecodeConfig(32, 1, 4),
+            DecodeConfig(64, 2, 4)]
 VARIANT_SHAPES = [(1, 131072), (32, 4096), (64, 2048), (16, 32768), (128, 1024), (1, 32768),
                   (8, 4096)]
 
@@ -588,9 +586,8 @@ def main(argv=None) -> int:
     diagnose(log, gen, parts)
     if "scaling" in parts:
         scaling(log, gen)
-    for part, by_dtype in VARIANTS.items():
-        for kv_dtype, variants in by_dtype.items() if part in parts else ():
-            compare_variants(log, gen, kv_dtype, variants)
+    if "variants" in parts:
+        compare_variants(log, gen, torch.bfloat16, VARIANTS)
     log()
     log("compiled variants:")
     report_compiled(log)
