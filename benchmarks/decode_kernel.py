@@ -232,6 +232,15 @@ def kernel_calls(inp: Inputs, cfg: DecodeConfig | None, outs):
     ]
 
 
+def time_default(batch, ctx, kv_dtype, gen, orders=ORDERS):
+    """Inputs of one shape (as many copies as defeat L2), their outputs, and the
+    microseconds of one call of the launcher's default."""
+    elt = 1 if kv_dtype == FP8_DTYPE else 2
+    inp = build_inputs(batch, ctx, kv_dtype, copies_for(batch, ctx, elt), orders, gen)
+    outs = [torch.empty_like(q) for q in inp.q]
+    return inp, outs, time_rotating(kernel_calls(inp, None, outs))
+
+
 def sdpa_calls(inp: Inputs, kv, backend=None):
     qs = [q[:, :, None, :] for q in inp.q]
 
@@ -263,10 +272,8 @@ def bench_table(log, ceiling, gen, orders):
         bf16_us = None
         for kv_dtype in (torch.bfloat16, FP8_DTYPE):
             elt = 1 if kv_dtype == FP8_DTYPE else 2
-            copies = copies_for(batch, ctx, elt)
-            inp = build_inputs(batch, ctx, kv_dtype, copies, orders, gen)
-            outs = [torch.empty_like(q) for q in inp.q]
-            us = time_rotating(kernel_calls(inp, None, outs))
+            inp, outs, us = time_default(batch, ctx, kv_dtype, gen, orders)
+            copies = len(inp.q)
             gbs = inp.kv_bytes / us / 1e3
             splits = plan_num_splits(inp.q[0], inp.k_pages, inp.tables[0])
             cfg = default_config(kv_dtype, HEAD_DIM, batch * KV_HEADS,
@@ -509,15 +516,12 @@ def scaling(log, gen):
         for ctx in ctxs:
             for kv_dtype in (torch.bfloat16, FP8_DTYPE):
                 elt = 1 if kv_dtype == FP8_DTYPE else 2
-                copies = copies_for(batch, ctx, elt)
-                inp = build_inputs(batch, ctx, kv_dtype, copies, ORDERS, gen)
-                outs = [torch.empty_like(q) for q in inp.q]
-                us = time_rotating(kernel_calls(inp, None, outs))
+                inp, outs, us = time_default(batch, ctx, kv_dtype, gen)
                 points[f"{'fp8' if elt == 1 else 'bf16'} kernel"].append((inp.kv_bytes, us))
                 line = (f"  scaling B={batch:>3} S={ctx:>6} {'fp8 ' if elt == 1 else 'bf16'}: "
                         f"kernel {us:8.1f} us {inp.kv_bytes / us / 1e3:6.0f} GB/s")
                 if elt == 2:
-                    kv = [contiguous_copy(inp, c) for c in range(copies)]
+                    kv = [contiguous_copy(inp, c) for c in range(len(inp.q))]
                     sdpa = time_rotating(sdpa_calls(inp, kv))
                     points["SDPA"].append((inp.kv_bytes, sdpa))
                     line += f"; SDPA {sdpa:8.1f} us {inp.kv_bytes / sdpa / 1e3:6.0f} GB/s"
