@@ -400,6 +400,12 @@ def _occupancy_key(q: torch.Tensor, k_cache: torch.Tensor, cfg: DecodeConfig) ->
     return (q.device.index, q.dtype, k_cache.dtype, q.shape[2], group, k_cache.shape[1], cfg)
 
 
+def _length_bound(k_cache: torch.Tensor, block_table: torch.Tensor, max_seq_len: int | None) -> int:
+    """``max_seq_len``, or what the block table can hold (``max_pages x page_size``): an
+    upper bound of the lengths known without reading them off the device."""
+    return block_table.shape[1] * k_cache.shape[1] if max_seq_len is None else max_seq_len
+
+
 def plan_num_splits(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, *,
                     config: DecodeConfig | None = None, max_seq_len: int | None = None) -> int:
     """The split count ``paged_attention_decode`` uses when none is given.
@@ -410,8 +416,7 @@ def plan_num_splits(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.T
     units = q.shape[0] * k_cache.shape[2]
     sms = _device_limits(q.device)[0]
     cfg = config or default_config(k_cache.dtype, q.shape[2], units, sms)
-    if max_seq_len is None:
-        max_seq_len = block_table.shape[1] * k_cache.shape[1]
+    max_seq_len = _length_bound(k_cache, block_table, max_seq_len)
     slots = sms * _OCCUPANCY.get(_occupancy_key(q, k_cache, cfg), 2)
     return choose_num_splits(units, max_seq_len, cfg.block_n, slots, cfg.min_tiles)
 
@@ -495,7 +500,7 @@ def paged_attention_decode(
     group = q_heads // kv_heads
     block_g = max(16, triton.next_power_of_2(group))
     _check(max_seq_len is None or 0 <= max_seq_len < 2**31, "max_seq_len must be 0..2**31-1")
-    len_hint = block_table.shape[1] * page_size if max_seq_len is None else max_seq_len
+    len_hint = _length_bound(k_cache, block_table, max_seq_len)
     if num_splits is None:
         num_splits = plan_num_splits(q, k_cache, block_table, config=cfg, max_seq_len=len_hint)
     _check(1 <= num_splits <= MAX_SPLITS, f"num_splits must be 1..{MAX_SPLITS}")
