@@ -386,7 +386,7 @@ def sweep(log, gen, parts):
             us = time_rotating([lambda o=o: pa._merge_splits_kernel[
                 (1, Q_HEADS, HEAD_DIM // block_d)](
                 part, lse, o, splits, o.stride(0), o.stride(1), HEAD_DIM=HEAD_DIM,
-                BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4) for o in outm], reps=3)
+                BLOCK_S=block_s, BLOCK_D=block_d, PDL=False, num_warps=4) for o in outm], reps=3)
             line += f" BLOCK_S={block_s} BLOCK_D={block_d}: {us:.1f} us;"
         log(line)
 
@@ -485,7 +485,9 @@ def diagnose(log, gen, parts):
             f"{host['kernel']:.1f} us, SDPA {host['SDPA']:.1f} us")
         del inp, k, v
         torch.cuda.empty_cache()
-    # What paging costs: the same pool read through shuffled vs in-order block tables.
+    # What paging costs: the same pool read through shuffled vs in-order block tables,
+    # and in order from a pool laid out head-outermost ([kv_heads, pages, page, dim]),
+    # where each program streams one contiguous run as SDPA does.
     for kv_dtype in (torch.bfloat16, FP8_DTYPE) if "paging" in parts else ():
         elt = 1 if kv_dtype == FP8_DTYPE else 2
         for batch, ctx in ((1, 131072), (16, 32768), (128, 1024)):
@@ -497,9 +499,26 @@ def diagnose(log, gen, parts):
                 inp.tables[c] = torch.arange(c * n, (c + 1) * n, dtype=torch.int32,
                                              device="cuda").view_as(inp.tables[c])
             in_order = time_rotating(kernel_calls(inp, None, outs), reps=3)
-            log(f"  block table {'fp8 ' if elt == 1 else 'bf16'} B={batch:>3} S={ctx:>6}: "
-                f"shuffled {shuffled:7.1f} us ({inp.kv_bytes / shuffled / 1e3:5.0f} GB/s), "
-                f"in order {in_order:7.1f} us ({inp.kv_bytes / in_order / 1e3:5.0f} GB/s)")
+            for name in ("k_pages", "v_pages"):
+                pages = getattr(inp, name)
+                pool = torch.empty((KV_HEADS, *pages.shape[:2], HEAD_DIM), dtype=pages.dtype,
+                                   device="cuda")
+                pool.view(torch.uint8).copy_(pages.view(torch.uint8).permute(2, 0, 1, 3))
+                setattr(inp, name, pool.permute(1, 2, 0, 3))
+                del pages
+            streamed = time_rotating(kernel_calls(inp, None, outs), reps=3)
+            line = (f"  block table {'fp8 ' if elt == 1 else 'bf16'} B={batch:>3} S={ctx:>6}: "
+                    f"shuffled {shuffled:7.1f} us ({inp.kv_bytes / shuffled / 1e3:5.0f} GB/s), "
+                    f"in order {in_order:7.1f} us ({inp.kv_bytes / in_order / 1e3:5.0f} GB/s), "
+                    f"in order head-outermost {streamed:7.1f} us "
+                    f"({inp.kv_bytes / streamed / 1e3:5.0f} GB/s)")
+            if elt == 2:
+                kv = [contiguous_copy(inp, c) for c in range(len(inp.q))]
+                sdpa = time_rotating(sdpa_calls(inp, kv), reps=3)
+                line += (f"; SDPA {sdpa:7.1f} us ({inp.kv_bytes / sdpa / 1e3:5.0f} GB/s, "
+                         f"x head-outermost {streamed / sdpa:.3f})")
+                del kv
+            log(line)
             del inp, outs
             torch.cuda.empty_cache()
 

@@ -142,10 +142,15 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if PDL:
+        # Programmatic dependent launch: the merge may be scheduled now; it waits for
+        # this whole grid to finish (and its writes to land) before it reads a partial.
+        tl.extra.cuda.gdc_launch_dependents()
 
     # ---- this program's token range: whole tiles, `tiles_per_split` of them ----------
     # EARLY_TABLE: the first tile's block-table entries are read without waiting for the
@@ -235,7 +240,7 @@ def _paged_decode_kernel(
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program per (sequence, query head, ``BLOCK_D`` slice of head_dim)."""
     b = tl.program_id(0)
@@ -244,6 +249,8 @@ def _merge_splits_kernel(
     row0 = (b * tl.num_programs(1) + h) * num_splits
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = d0 + tl.arange(0, BLOCK_D)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the decode grid has finished and its partials landed
 
     # ---- one pass, BLOCK_S splits at a time, rescaled to the running max of lse ------
     m = tl.full([1], float("-inf"), dtype=tl.float32)
@@ -421,6 +428,13 @@ def plan_num_splits(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.T
     return choose_num_splits(units, max_seq_len, cfg.block_n, slots, cfg.min_tiles)
 
 
+def _supports_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch: compute capability 9.0 (Hopper) and later."""
+    if device.type != "cuda" or _interpreting():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -521,6 +535,7 @@ def paged_attention_decode(
         part_out = part_lse = out  # never read
 
     extra = {} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}
+    pdl = split and _supports_pdl(q.device)
     kernel = _paged_decode_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale,
         out, part_out, part_lse,
@@ -534,7 +549,7 @@ def paged_attention_decode(
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim,
         PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
         SPLIT=split, KV_FP8=kv_fp8, DOT_DTYPE=dot_dtype,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
+        PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
     )
     key = _occupancy_key(q, k_cache, cfg)
     if key not in _OCCUPANCY:
@@ -543,6 +558,7 @@ def paged_attention_decode(
         block_s, block_d = merge_shape(num_splits, head_dim)
         _merge_splits_kernel[(batch, q_heads, head_dim // block_d)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_S=block_s, BLOCK_D=block_d, PDL=pdl, num_warps=4,
+            launch_pdl=pdl,
         )
     return out
