@@ -44,6 +44,10 @@ Split-KV (flash-decoding)
     one pass with weights ``2^(lse_s - max lse)``. Beyond 16 splits each merge program
     loads every split of a 16-wide slice of the head at once, so its loads form no
     chain (132 splits of 32 heads: 2.2 us against 6.1 us in chunks of 32 on an H100).
+    On Hopper and later the merge is launched with programmatic dependent launch: the
+    decode programs let it be scheduled as they start, and it waits in the kernel for
+    the decode grid to finish, so its launch overlaps the decode (1 x 4K bf16 9% faster,
+    1 x 32K 2.4% on an H200).
 
     How many splits: programs of equal length run in waves of as many as fit on the GPU
     at once (SMs x programs per SM, the latter asked of the CUDA driver for the compiled
