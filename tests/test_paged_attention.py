@@ -244,7 +244,7 @@ def test_default_config_by_units():
     assert default_config(bf16, 128, 64, 132) == DecodeConfig(32, 1, 4)   # 1/4-1/2 per SM
     assert default_config(bf16, 128, 128, 132) == DecodeConfig(64, 4, 4)
     assert default_config(bf16, 256, 512, 132) == DecodeConfig(32, 4, 4)  # wide heads
-    assert default_config(fp8, 128, 8, 132) == DecodeConfig(32, 1, 3)
+    assert default_config(fp8, 128, 8, 132) == DecodeConfig(16, 1, 3)
     assert default_config(fp8, 256, 8, 132) == DecodeConfig(32, 2, 3)
 
 
