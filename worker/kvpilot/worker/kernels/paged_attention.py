@@ -322,8 +322,9 @@ def default_config(kv_dtype: torch.dtype, head_dim: int, units: int, num_sms: in
     FP8: tiles of 16 tokens and one warp per program, three tiles in flight. An FP8
     tile is converted to fp16 in registers, so the kernel is bound by latency more than
     by bytes; small one-warp programs fit 8 to an SM and need no warp to wait on another
-    for a tile's softmax (16-token tiles beat 32 by 1-13% on an H100 once V's conversion
-    was moved out of the dot's layout, and lose only at 1 x 4K, by 3%).
+    for a tile's softmax. Once V's conversion left the dot's layout, 16-token tiles beat
+    32-token ones by 0-13% on an H100 (43% at 128 x 1K, where 32-token programs no
+    longer fit one wave), and lost at 64 x 2K (6%: two splits there) and 1 x 4K (3%).
     16-bit, few units (long sequences, small batches): tiles of 64 tokens, four warps,
     three tiles in flight, the sequences split to fill the GPU. 16-bit, many units
     (at least 2 per SM), or a quarter to a half per SM: tiles of 32 tokens and one warp,
