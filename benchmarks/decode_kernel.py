@@ -49,7 +49,7 @@ from kvpilot.worker.kernels.cache import FP8_DTYPE, allocate_pages  # noqa: E402
 from kvpilot.worker.kernels import paged_attention as pa  # noqa: E402
 from kvpilot.worker.kernels.paged_attention import (  # noqa: E402
     DecodeConfig,
-    default_config,
+    default_config_for,
     paged_attention_decode,
     plan_num_splits,
 )
@@ -276,8 +276,7 @@ def bench_table(log, ceiling, gen, orders):
             copies = len(inp.q)
             gbs = inp.kv_bytes / us / 1e3
             splits = plan_num_splits(inp.q[0], inp.k_pages, inp.tables[0])
-            cfg = default_config(kv_dtype, HEAD_DIM, batch * KV_HEADS,
-                                 torch.cuda.get_device_properties(0).multi_processor_count)
+            cfg = default_config_for(inp.q[0], inp.k_pages)
             # SDPA on the same (dequantized) values, contiguous, bf16.
             sdpa_copies = copies_for(batch, ctx, 2)
             kv = [contiguous_copy(inp, c % copies) for c in range(min(copies, sdpa_copies))]
@@ -399,7 +398,8 @@ VARIANT_SHAPES = [(1, 131072), (32, 4096), (64, 2048), (16, 32768), (128, 1024),
 
 
 def label(cfg: DecodeConfig) -> str:
-    return f"{cfg.block_n}/{cfg.num_warps}/{cfg.num_stages}"
+    """tile/warps/stages, and "v" where V is converted by hand."""
+    return f"{cfg.block_n}/{cfg.num_warps}/{cfg.num_stages}" + ("v" if cfg.convert_v else "")
 
 
 def compare_variants(log, gen, kv_dtype, variants):
@@ -557,8 +557,6 @@ def scaling(log, gen):
 
 def report_compiled(log):
     """Registers, spills and shared memory of every decode-kernel variant compiled here."""
-    from kvpilot.worker.kernels import paged_attention as pa
-
     for fn in (pa._paged_decode_kernel, pa._merge_splits_kernel):
         for cache in getattr(fn, "device_caches", {}).values():
             for key, kernel in cache[0].items():

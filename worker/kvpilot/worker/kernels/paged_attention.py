@@ -73,9 +73,11 @@ FP8 KV (e4m3)
     converted (exactly) to the 16-bit dot type. With an FP8 cache the dots run in fp16:
     e4m3 converts to fp16 in one instruction per pair, and fp16 keeps 3 more mantissa
     bits than bf16 for Q and P (a bf16 query beyond fp16's range, |q| > 65504, would
-    overflow; real queries are far inside it). V is converted by hand (``CVT_ASM``):
-    otherwise the compiler moves the FP8 tile into the dot's layout first, a byte-by-byte
-    gather from shared memory, and converts afterwards (H100: FP8 2-7% faster this way).
+    overflow; real queries are far inside it). Left to itself the compiler moves V's
+    FP8 tile into the dot's layout first, a byte-by-byte gather from shared memory, and
+    converts afterwards; ``DecodeConfig.convert_v`` converts it by hand first, at the
+    cost of a shared-memory round trip in fp16. That wins where the kernel waits on
+    memory (H100) and loses where it waits on its instructions (H200): ``default_config``.
 """
 
 from __future__ import annotations
@@ -306,25 +308,37 @@ def merge_shape(num_splits: int, head_dim: int) -> tuple[int, int]:
 @dataclass(frozen=True)
 class DecodeConfig:
     """Launch shape of the decode kernel. ``min_tiles``: the shortest split, in tiles of
-    ``block_n`` tokens; ``maxnreg``: a register cap per thread (None: the compiler's)."""
+    ``block_n`` tokens; ``maxnreg``: a register cap per thread (None: the compiler's);
+    ``convert_v``: an FP8 cache's V tile is converted to fp16 by hand before it moves
+    into the dot's layout (see ``_attend_tile``)."""
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
     min_tiles: int = 2
     maxnreg: int | None = None
+    convert_v: bool = False
 
 
-def default_config(kv_dtype: torch.dtype, head_dim: int, units: int, num_sms: int) -> DecodeConfig:
-    """The launch shape measured best (docs/decode-kernel.md), by cache dtype and by how
-    many (sequence, KV head) units there are against the SMs.
+# Peak DRAM bytes/s per SM below which the FP8 kernel waits on memory rather than on its
+# own instructions (H100 SXM: 25 GB/s per SM; H200: 36).
+FP8_MEMORY_BOUND_PER_SM = 30e9
 
-    FP8: tiles of 16 tokens and one warp per program, three tiles in flight. An FP8
-    tile is converted to fp16 in registers, so the kernel is bound by latency more than
-    by bytes; small one-warp programs fit 8 to an SM and need no warp to wait on another
-    for a tile's softmax. Once V's conversion left the dot's layout, 16-token tiles beat
-    32-token ones by 0-13% on an H100 (43% at 128 x 1K, where 32-token programs no
-    longer fit one wave), and lost at 64 x 2K (6%: two splits there) and 1 x 4K (3%).
+
+def default_config(kv_dtype: torch.dtype, head_dim: int, units: int, num_sms: int,
+                   memory_per_sm: float | None = None) -> DecodeConfig:
+    """The launch shape measured best (docs/decode-kernel.md), by cache dtype, by how
+    many (sequence, KV head) units there are against the SMs, and for FP8 by the GPU's
+    peak DRAM bytes/s per SM (``memory_per_sm``, None where unknown).
+
+    FP8: one warp per program, three tiles in flight. An FP8 tile is converted to fp16
+    in registers, so the kernel is bound by latency more than by bytes; small one-warp
+    programs fit 8 to an SM and need no warp to wait on another for a tile's softmax.
+    Where memory is slow for the SMs (under ``FP8_MEMORY_BOUND_PER_SM``: H100) the
+    kernel waits on memory, and V converted by hand with 16-token tiles was 2-10%
+    faster (FP8 / bf16 at 1 x 32K: 1.58 -> 1.72 x). Where it is fast (H200) the kernel
+    waits on its own instructions, and the extra shared-memory round trip made it up to
+    16% slower than the compiler's conversion with 32-token tiles, which it keeps.
     16-bit, few units (long sequences, small batches): tiles of 64 tokens, four warps,
     three tiles in flight, the sequences split to fill the GPU. 16-bit, many units
     (at least 2 per SM), or a quarter to a half per SM: tiles of 32 tokens and one warp,
@@ -333,7 +347,11 @@ def default_config(kv_dtype: torch.dtype, head_dim: int, units: int, num_sms: in
     """
     wide = head_dim > 128
     if kv_dtype == FP8_DTYPE:
-        return DecodeConfig(block_n=32, num_warps=2, num_stages=3) if wide else DecodeConfig(16, 1, 3)
+        if wide:
+            return DecodeConfig(block_n=32, num_warps=2, num_stages=3)
+        if memory_per_sm is not None and memory_per_sm < FP8_MEMORY_BOUND_PER_SM:
+            return DecodeConfig(block_n=16, num_warps=1, num_stages=3, convert_v=True)
+        return DecodeConfig(block_n=32, num_warps=1, num_stages=3)
     if wide:
         return DecodeConfig(block_n=32, num_warps=4, num_stages=4)
     if units >= 2 * num_sms or num_sms // 4 <= units < num_sms // 2:
@@ -375,7 +393,14 @@ def programs_per_sm(n_regs: int, shared_bytes: int, num_warps: int, *, regs_per_
 # until then a guess of 2 steers the split count (only speed depends on it).
 _OCCUPANCY: dict[tuple, int] = {}
 _DEVICE: dict[int, tuple[int, int, int]] = {}
+_MEMORY_RATE: dict[int, float | None] = {}
 _LIBCUDA: list = []
+
+
+def _libcuda():
+    if not _LIBCUDA:
+        _LIBCUDA.append(ctypes.CDLL("libcuda.so.1"))
+    return _LIBCUDA[0]
 
 
 def _driver_occupancy(kernel, num_warps: int) -> int | None:
@@ -386,10 +411,8 @@ def _driver_occupancy(kernel, num_warps: int) -> int | None:
     if not isinstance(function, int) or not isinstance(shared, int):
         return None
     try:
-        if not _LIBCUDA:
-            _LIBCUDA.append(ctypes.CDLL("libcuda.so.1"))
         blocks = ctypes.c_int(0)
-        err = _LIBCUDA[0].cuOccupancyMaxActiveBlocksPerMultiprocessor(
+        err = _libcuda().cuOccupancyMaxActiveBlocksPerMultiprocessor(
             ctypes.byref(blocks), ctypes.c_void_p(function), ctypes.c_int(32 * num_warps),
             ctypes.c_size_t(shared))
     except (OSError, AttributeError):
@@ -407,6 +430,36 @@ def _device_limits(device: torch.device) -> tuple[int, int, int]:
         _DEVICE[index] = (p.multi_processor_count, getattr(p, "regs_per_multiprocessor", 65536),
                           getattr(p, "shared_memory_per_multiprocessor", 233472))
     return _DEVICE[index]
+
+
+def _memory_rate(device: torch.device) -> float | None:
+    """Peak DRAM bytes/s (2 x memory clock x bus width, as the CUDA driver reports
+    them), or None where that cannot be asked."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _MEMORY_RATE:
+        rate = None
+        try:
+            lib, dev = _libcuda(), ctypes.c_int(0)
+            clock_khz, bus_bits = ctypes.c_int(0), ctypes.c_int(0)
+            if (lib.cuDeviceGet(ctypes.byref(dev), index) == 0
+                    and lib.cuDeviceGetAttribute(ctypes.byref(clock_khz), 36, dev) == 0  # memory clock
+                    and lib.cuDeviceGetAttribute(ctypes.byref(bus_bits), 37, dev) == 0  # bus width
+                    and clock_khz.value > 0 and bus_bits.value > 0):
+                rate = 2 * clock_khz.value * 1e3 * bus_bits.value / 8
+        except (OSError, AttributeError):
+            pass
+        _MEMORY_RATE[index] = rate
+    return _MEMORY_RATE[index]
+
+
+def default_config_for(q: torch.Tensor, k_cache: torch.Tensor) -> DecodeConfig:
+    """``default_config`` for these inputs on their device (its SMs and memory rate)."""
+    sms = _device_limits(q.device)[0]
+    rate = _memory_rate(q.device)
+    return default_config(k_cache.dtype, q.shape[2], q.shape[0] * k_cache.shape[2], sms,
+                          None if rate is None else rate / sms)
 
 
 def _remember_occupancy(key: tuple, kernel, num_warps: int, device: torch.device) -> None:
@@ -442,7 +495,7 @@ def plan_num_splits(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.T
     """
     units = q.shape[0] * k_cache.shape[2]
     sms = _device_limits(q.device)[0]
-    cfg = config or default_config(k_cache.dtype, q.shape[2], units, sms)
+    cfg = config or default_config_for(q, k_cache)
     max_seq_len = _length_bound(k_cache, block_table, max_seq_len)
     slots = sms * _OCCUPANCY.get(_occupancy_key(q, k_cache, cfg), 2)
     return choose_num_splits(units, max_seq_len, cfg.block_n, slots, cfg.min_tiles)
@@ -529,8 +582,7 @@ def paged_attention_decode(
            "out must be shaped and typed like q, head_dim contiguous")
 
     # ---- launch shape ----------------------------------------------------------------
-    cfg = config or default_config(k_cache.dtype, head_dim, batch * kv_heads,
-                                   _device_limits(q.device)[0])
+    cfg = config or default_config_for(q, k_cache)
     group = q_heads // kv_heads
     block_g = max(16, triton.next_power_of_2(group))
     _check(max_seq_len is None or 0 <= max_seq_len < 2**31, "max_seq_len must be 0..2**31-1")
@@ -569,7 +621,7 @@ def paged_attention_decode(
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim,
         PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
         SPLIT=split, KV_FP8=kv_fp8, DOT_DTYPE=dot_dtype,
-        CVT_ASM=kv_fp8 and q.is_cuda and not _interpreting(), PDL=pdl,
+        CVT_ASM=kv_fp8 and cfg.convert_v and q.is_cuda and not _interpreting(), PDL=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
     )
     key = _occupancy_key(q, k_cache, cfg)
