@@ -335,8 +335,8 @@ def default_config(kv_dtype: torch.dtype, head_dim: int, units: int, num_sms: in
     in registers, so the kernel is bound by latency more than by bytes; small one-warp
     programs fit 8 to an SM and need no warp to wait on another for a tile's softmax.
     Where memory is slow for the SMs (under ``FP8_MEMORY_BOUND_PER_SM``: H100) the
-    kernel waits on memory, and V converted by hand with 16-token tiles was 2-10%
-    faster (FP8 / bf16 at 1 x 32K: 1.58 -> 1.72 x). Where it is fast (H200) the kernel
+    kernel waits on memory, and V converted by hand with 16-token tiles was 2-8%
+    faster (FP8 / bf16 at 1 x 32K: 1.58 -> 1.71 x). Where it is fast (H200) the kernel
     waits on its own instructions, and the extra shared-memory round trip made it up to
     16% slower than the compiler's conversion with 32-token tiles, which it keeps.
     16-bit, few units (long sequences, small batches): tiles of 64 tokens, four warps,
