@@ -501,11 +501,11 @@ def plan_num_splits(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.T
     return choose_num_splits(units, max_seq_len, cfg.block_n, slots, cfg.min_tiles)
 
 
-def _supports_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch: compute capability 9.0 (Hopper) and later."""
+def _capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a compiling device; (0, 0) on the CPU or the interpreter."""
     if device.type != "cuda" or _interpreting():
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+        return (0, 0)
+    return torch.cuda.get_device_capability(device)
 
 
 def _interpreting() -> bool:
@@ -607,7 +607,8 @@ def paged_attention_decode(
         part_out = part_lse = out  # never read
 
     extra = {} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}
-    pdl = split and _supports_pdl(q.device)
+    capability = _capability(q.device)
+    pdl = split and capability >= (9, 0)  # programmatic dependent launch: Hopper on
     kernel = _paged_decode_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale,
         out, part_out, part_lse,
@@ -621,7 +622,8 @@ def paged_attention_decode(
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim,
         PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
         SPLIT=split, KV_FP8=kv_fp8, DOT_DTYPE=dot_dtype,
-        CVT_ASM=kv_fp8 and cfg.convert_v and q.is_cuda and not _interpreting(), PDL=pdl,
+        CVT_ASM=kv_fp8 and cfg.convert_v and capability >= (8, 9),  # cvt from e4m3: sm_89 on
+        PDL=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
     )
     key = _occupancy_key(q, k_cache, cfg)
