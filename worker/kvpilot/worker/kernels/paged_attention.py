@@ -392,8 +392,6 @@ def programs_per_sm(n_regs: int, shared_bytes: int, num_warps: int, *, regs_per_
 # Programs per SM of each compiled variant, read off the kernel after its first launch;
 # until then a guess of 2 steers the split count (only speed depends on it).
 _OCCUPANCY: dict[tuple, int] = {}
-_DEVICE: dict[int, tuple[int, int, int]] = {}
-_MEMORY_RATE: dict[int, float | None] = {}
 _LIBCUDA: list = []
 
 
@@ -420,46 +418,56 @@ def _driver_occupancy(kernel, num_warps: int) -> int | None:
     return blocks.value if err == 0 and blocks.value > 0 else None
 
 
-def _device_limits(device: torch.device) -> tuple[int, int, int]:
-    """(SMs, registers per SM, shared bytes per SM)."""
-    if device.type != "cuda":
-        return 132, 65536, 233472  # the interpreter: any numbers exercise the same code
+@dataclass(frozen=True)
+class _DeviceFacts:
+    """What the launcher asks of a device, once per device. ``memory_rate``: peak DRAM
+    bytes/s (None where unknown); ``capability``: (0, 0) where nothing is compiled."""
+
+    sms: int
+    regs_per_sm: int
+    shared_per_sm: int
+    memory_rate: float | None
+    capability: tuple[int, int]
+
+
+# The interpreter (CPU tensors): any numbers exercise the same code.
+_INTERPRETER_FACTS = _DeviceFacts(132, 65536, 233472, None, (0, 0))
+_DEVICES: dict[int, _DeviceFacts] = {}
+
+
+def _driver_memory_rate(index: int) -> float | None:
+    """2 x memory clock x bus width, as the CUDA driver reports them, or None."""
+    try:
+        lib, dev = _libcuda(), ctypes.c_int(0)
+        clock_khz, bus_bits = ctypes.c_int(0), ctypes.c_int(0)
+        if (lib.cuDeviceGet(ctypes.byref(dev), index) == 0
+                and lib.cuDeviceGetAttribute(ctypes.byref(clock_khz), 36, dev) == 0  # memory clock
+                and lib.cuDeviceGetAttribute(ctypes.byref(bus_bits), 37, dev) == 0  # bus width
+                and clock_khz.value > 0 and bus_bits.value > 0):
+            return 2 * clock_khz.value * 1e3 * bus_bits.value / 8
+    except (OSError, AttributeError):
+        pass
+    return None
+
+
+def _device_facts(device: torch.device) -> _DeviceFacts:
+    if device.type != "cuda" or _interpreting():
+        return _INTERPRETER_FACTS
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _DEVICE:
+    if index not in _DEVICES:
         p = torch.cuda.get_device_properties(index)
-        _DEVICE[index] = (p.multi_processor_count, getattr(p, "regs_per_multiprocessor", 65536),
-                          getattr(p, "shared_memory_per_multiprocessor", 233472))
-    return _DEVICE[index]
-
-
-def _memory_rate(device: torch.device) -> float | None:
-    """Peak DRAM bytes/s (2 x memory clock x bus width, as the CUDA driver reports
-    them), or None where that cannot be asked."""
-    if device.type != "cuda":
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _MEMORY_RATE:
-        rate = None
-        try:
-            lib, dev = _libcuda(), ctypes.c_int(0)
-            clock_khz, bus_bits = ctypes.c_int(0), ctypes.c_int(0)
-            if (lib.cuDeviceGet(ctypes.byref(dev), index) == 0
-                    and lib.cuDeviceGetAttribute(ctypes.byref(clock_khz), 36, dev) == 0  # memory clock
-                    and lib.cuDeviceGetAttribute(ctypes.byref(bus_bits), 37, dev) == 0  # bus width
-                    and clock_khz.value > 0 and bus_bits.value > 0):
-                rate = 2 * clock_khz.value * 1e3 * bus_bits.value / 8
-        except (OSError, AttributeError):
-            pass
-        _MEMORY_RATE[index] = rate
-    return _MEMORY_RATE[index]
+        _DEVICES[index] = _DeviceFacts(
+            p.multi_processor_count, getattr(p, "regs_per_multiprocessor", 65536),
+            getattr(p, "shared_memory_per_multiprocessor", 233472),
+            _driver_memory_rate(index), (p.major, p.minor))
+    return _DEVICES[index]
 
 
 def default_config_for(q: torch.Tensor, k_cache: torch.Tensor) -> DecodeConfig:
     """``default_config`` for these inputs on their device (its SMs and memory rate)."""
-    sms = _device_limits(q.device)[0]
-    rate = _memory_rate(q.device)
-    return default_config(k_cache.dtype, q.shape[2], q.shape[0] * k_cache.shape[2], sms,
-                          None if rate is None else rate / sms)
+    facts = _device_facts(q.device)
+    return default_config(k_cache.dtype, q.shape[2], q.shape[0] * k_cache.shape[2], facts.sms,
+                          None if facts.memory_rate is None else facts.memory_rate / facts.sms)
 
 
 def _remember_occupancy(key: tuple, kernel, num_warps: int, device: torch.device) -> None:
@@ -469,9 +477,9 @@ def _remember_occupancy(key: tuple, kernel, num_warps: int, device: torch.device
         shared = getattr(getattr(kernel, "metadata", None), "shared", None)
         if not isinstance(n_regs, int) or not isinstance(shared, int) or n_regs <= 0:
             return
-        _, regs_per_sm, shared_per_sm = _device_limits(device)
-        occupancy = programs_per_sm(n_regs, shared, num_warps, regs_per_sm=regs_per_sm,
-                                    shared_per_sm=shared_per_sm)
+        facts = _device_facts(device)
+        occupancy = programs_per_sm(n_regs, shared, num_warps, regs_per_sm=facts.regs_per_sm,
+                                    shared_per_sm=facts.shared_per_sm)
     _OCCUPANCY[key] = occupancy
 
 
@@ -494,18 +502,10 @@ def plan_num_splits(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.T
     page_size``), an upper bound known without reading the lengths off the device.
     """
     units = q.shape[0] * k_cache.shape[2]
-    sms = _device_limits(q.device)[0]
     cfg = config or default_config_for(q, k_cache)
     max_seq_len = _length_bound(k_cache, block_table, max_seq_len)
-    slots = sms * _OCCUPANCY.get(_occupancy_key(q, k_cache, cfg), 2)
+    slots = _device_facts(q.device).sms * _OCCUPANCY.get(_occupancy_key(q, k_cache, cfg), 2)
     return choose_num_splits(units, max_seq_len, cfg.block_n, slots, cfg.min_tiles)
-
-
-def _capability(device: torch.device) -> tuple[int, int]:
-    """Compute capability of a compiling device; (0, 0) on the CPU or the interpreter."""
-    if device.type != "cuda" or _interpreting():
-        return (0, 0)
-    return torch.cuda.get_device_capability(device)
 
 
 def _interpreting() -> bool:
@@ -607,7 +607,7 @@ def paged_attention_decode(
         part_out = part_lse = out  # never read
 
     extra = {} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}
-    capability = _capability(q.device)
+    capability = _device_facts(q.device).capability
     pdl = split and capability >= (9, 0)  # programmatic dependent launch: Hopper on
     kernel = _paged_decode_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale,
