@@ -63,6 +63,16 @@ ROTATE_BYTES = 512 << 20
 ORDERS = ("head", "head")  # physical order of K and V pages (kvpilot.worker.kernels.cache)
 
 
+def kv_name(kv_dtype: torch.dtype) -> str:
+    """The benchmark's two cache dtypes by name: "fp8" or "bf16"."""
+    return "fp8" if kv_dtype == FP8_DTYPE else "bf16"
+
+
+def kv_elt(kv_dtype: torch.dtype) -> int:
+    """Bytes per cached element."""
+    return 1 if kv_dtype == FP8_DTYPE else 2
+
+
 # --------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------
@@ -235,7 +245,7 @@ def kernel_calls(inp: Inputs, cfg: DecodeConfig | None, outs):
 def time_default(batch, ctx, kv_dtype, gen, orders=ORDERS):
     """Inputs of one shape (as many copies as defeat L2), their outputs, and the
     microseconds of one call of the launcher's default."""
-    elt = 1 if kv_dtype == FP8_DTYPE else 2
+    elt = kv_elt(kv_dtype)
     inp = build_inputs(batch, ctx, kv_dtype, copies_for(batch, ctx, elt), orders, gen)
     outs = [torch.empty_like(q) for q in inp.q]
     return inp, outs, time_rotating(kernel_calls(inp, None, outs))
@@ -271,7 +281,6 @@ def bench_table(log, ceiling, gen, orders):
     for batch, ctx in CONFIGS:
         bf16_us = None
         for kv_dtype in (torch.bfloat16, FP8_DTYPE):
-            elt = 1 if kv_dtype == FP8_DTYPE else 2
             inp, outs, us = time_default(batch, ctx, kv_dtype, gen, orders)
             copies = len(inp.q)
             gbs = inp.kv_bytes / us / 1e3
@@ -295,7 +304,7 @@ def bench_table(log, ceiling, gen, orders):
             fp8_speedup = (bf16_us / us) if bf16_us is not None else None
             if kv_dtype != FP8_DTYPE:
                 bf16_us = us
-            row = dict(batch=batch, ctx=ctx, dtype="fp8" if elt == 1 else "bf16",
+            row = dict(batch=batch, ctx=ctx, dtype=kv_name(kv_dtype),
                        splits=splits, cfg=label(cfg), us=us, gbs=gbs, sdpa_us=sdpa_us, sdpa_gbs=sdpa_gbs,
                        speedup=sdpa_us / us, pct=100 * gbs / ceiling, fp8=fp8_speedup,
                        err=err, mib=inp.kv_bytes / 2**20)
@@ -333,7 +342,7 @@ def sweep(log, gen, parts):
     """Launch shapes, split counts, and where the time goes (diagnostics, not the table)."""
     launches = ((torch.bfloat16, SWEEP_LAUNCH["bf16"]), (FP8_DTYPE, SWEEP_LAUNCH["fp8"]))
     for kv_dtype, launch in launches if "configs" in parts else ():
-        elt = 1 if kv_dtype == FP8_DTYPE else 2
+        elt = kv_elt(kv_dtype)
         for batch, ctx in CONFIGS:
             inp = build_inputs(batch, ctx, kv_dtype, copies_for(batch, ctx, elt), ORDERS, gen)
             outs = [torch.empty_like(q) for q in inp.q]
@@ -346,7 +355,7 @@ def sweep(log, gen, parts):
                     continue
                 splits = plan_num_splits(inp.q[0], inp.k_pages, inp.tables[0], config=cfg)
                 occ = pa._OCCUPANCY.get(pa._occupancy_key(inp.q[0], inp.k_pages, cfg))
-                log(f"  sweep {'fp8 ' if elt == 1 else 'bf16'} B={batch:>3} S={ctx:>6} "
+                log(f"  sweep {kv_name(kv_dtype):4} B={batch:>3} S={ctx:>6} "
                     f"bn={cfg.block_n:>3} w={cfg.num_warps} st={cfg.num_stages} "
                     f"maxnreg={cfg.maxnreg} occ={occ} splits={splits:>3}: {us:8.1f} us "
                     f"{inp.kv_bytes / us / 1e3:6.0f} GB/s")
@@ -354,13 +363,13 @@ def sweep(log, gen, parts):
             torch.cuda.empty_cache()
     # Split counts by hand.
     for kv_dtype in (torch.bfloat16, FP8_DTYPE) if "splits" in parts else ():
-        elt = 1 if kv_dtype == FP8_DTYPE else 2
+        elt = kv_elt(kv_dtype)
         for batch, ctx, counts in ((1, 32768, (16, 33, 66, 132)), (1, 131072, (33, 66, 132)),
                                    (32, 4096, (1, 2, 4)), (16, 32768, (1, 2, 4, 8)),
                                    (128, 1024, (1, 2)), (64, 2048, (1, 2))):
             inp = build_inputs(batch, ctx, kv_dtype, copies_for(batch, ctx, elt), ORDERS, gen)
             outs = [torch.empty_like(q) for q in inp.q]
-            line = f"  splits {'fp8 ' if elt == 1 else 'bf16'} B={batch} S={ctx}:"
+            line = f"  splits {kv_name(kv_dtype):4} B={batch} S={ctx}:"
             for splits in counts:
                 calls = [(lambda c=c: paged_attention_decode(
                     inp.q[c], inp.k_pages, inp.v_pages, inp.tables[c], inp.seq_lens,
@@ -405,8 +414,8 @@ def label(cfg: DecodeConfig) -> str:
 def compare_variants(log, gen, kv_dtype, variants):
     """The default launch shape, each of `variants`, the default again (the spread of
     the same code) and bf16 SDPA, on the same inputs in the same run."""
-    elt = 1 if kv_dtype == FP8_DTYPE else 2
-    name = "fp8 " if elt == 1 else "bf16"
+    elt = kv_elt(kv_dtype)
+    name = f"{kv_name(kv_dtype):4}"
     for batch, ctx in VARIANT_SHAPES:
         copies = copies_for(batch, ctx, elt)
         inp = build_inputs(batch, ctx, kv_dtype, copies, ORDERS, gen)
@@ -450,10 +459,10 @@ def diagnose(log, gen, parts):
         for c, t in enumerate(inp.tables):
             inp.tables[c] = (t % 64).contiguous()
         outs = [torch.empty_like(q) for q in inp.q]
-        for cfg in [None] + SWEEP_LAUNCH["fp8" if kv_dtype == FP8_DTYPE else "bf16"][:4]:
+        for cfg in [None] + SWEEP_LAUNCH[kv_name(kv_dtype)][:4]:
             us = time_rotating(kernel_calls(inp, cfg, outs), reps=3)
             name = "default" if cfg is None else f"bn={cfg.block_n} w={cfg.num_warps} st={cfg.num_stages}"
-            log(f"  L2-resident {'fp8 ' if kv_dtype == FP8_DTYPE else 'bf16'} B={WIDE[0]} "
+            log(f"  L2-resident {kv_name(kv_dtype):4} B={WIDE[0]} "
                 f"S={WIDE[1]} {name}: {us:8.1f} us = "
                 f"{WIDE[0] * WIDE[1] * KV_HEADS / us / 1e3:.1f} G token-heads/s "
                 f"({inp.kv_bytes / us / 1e3:.0f} GB/s equivalent)")
@@ -489,7 +498,7 @@ def diagnose(log, gen, parts):
     # and in order from a pool laid out head-outermost ([kv_heads, pages, page, dim]),
     # where each program streams one contiguous run as SDPA does.
     for kv_dtype in (torch.bfloat16, FP8_DTYPE) if "paging" in parts else ():
-        elt = 1 if kv_dtype == FP8_DTYPE else 2
+        elt = kv_elt(kv_dtype)
         for batch, ctx in ((1, 131072), (16, 32768), (128, 1024)):
             inp = build_inputs(batch, ctx, kv_dtype, copies_for(batch, ctx, elt), ORDERS, gen)
             outs = [torch.empty_like(q) for q in inp.q]
@@ -507,7 +516,7 @@ def diagnose(log, gen, parts):
                 setattr(inp, name, pool.permute(1, 2, 0, 3))
                 del pages
             streamed = time_rotating(kernel_calls(inp, None, outs), reps=3)
-            line = (f"  block table {'fp8 ' if elt == 1 else 'bf16'} B={batch:>3} S={ctx:>6}: "
+            line = (f"  block table {kv_name(kv_dtype):4} B={batch:>3} S={ctx:>6}: "
                     f"shuffled {shuffled:7.1f} us ({inp.kv_bytes / shuffled / 1e3:5.0f} GB/s), "
                     f"in order {in_order:7.1f} us ({inp.kv_bytes / in_order / 1e3:5.0f} GB/s), "
                     f"in order head-outermost {streamed:7.1f} us "
@@ -534,10 +543,10 @@ def scaling(log, gen):
         points = {"bf16 kernel": [], "fp8 kernel": [], "SDPA": []}
         for ctx in ctxs:
             for kv_dtype in (torch.bfloat16, FP8_DTYPE):
-                elt = 1 if kv_dtype == FP8_DTYPE else 2
+                elt = kv_elt(kv_dtype)
                 inp, outs, us = time_default(batch, ctx, kv_dtype, gen)
-                points[f"{'fp8' if elt == 1 else 'bf16'} kernel"].append((inp.kv_bytes, us))
-                line = (f"  scaling B={batch:>3} S={ctx:>6} {'fp8 ' if elt == 1 else 'bf16'}: "
+                points[f"{kv_name(kv_dtype)} kernel"].append((inp.kv_bytes, us))
+                line = (f"  scaling B={batch:>3} S={ctx:>6} {kv_name(kv_dtype):4}: "
                         f"kernel {us:8.1f} us {inp.kv_bytes / us / 1e3:6.0f} GB/s")
                 if elt == 2:
                     kv = [contiguous_copy(inp, c) for c in range(len(inp.q))]
