@@ -356,8 +356,7 @@ def sweep(log, gen, parts):
                 splits = plan_num_splits(inp.q[0], inp.k_pages, inp.tables[0], config=cfg)
                 occ = pa._OCCUPANCY.get(pa._occupancy_key(inp.q[0], inp.k_pages, cfg))
                 log(f"  sweep {kv_name(kv_dtype):4} B={batch:>3} S={ctx:>6} "
-                    f"bn={cfg.block_n:>3} w={cfg.num_warps} st={cfg.num_stages} "
-                    f"maxnreg={cfg.maxnreg} occ={occ} splits={splits:>3}: {us:8.1f} us "
+                    f"{label(cfg):>9} maxnreg={cfg.maxnreg} occ={occ} splits={splits:>3}: {us:8.1f} us "
                     f"{inp.kv_bytes / us / 1e3:6.0f} GB/s")
             del inp, outs
             torch.cuda.empty_cache()
@@ -400,15 +399,17 @@ def sweep(log, gen, parts):
 
 
 # Launch shapes compared against the default in one run (`variants`).
-VARIANTS = [DecodeConfig(64, 4, 4), DecodeConfig(64, 4, 3), DecodeConfig(32, 1, 4),
-            DecodeConfig(64, 2, 4)]
+VARIANTS = [DecodeConfig(64, 4, 4), DecodeConfig(64, 4, 3), DecodeConfig(64, 4, 3, swap=True),
+            DecodeConfig(64, 4, 2, swap=True), DecodeConfig(32, 1, 4), DecodeConfig(64, 2, 4)]
 VARIANT_SHAPES = [(1, 131072), (32, 4096), (64, 2048), (16, 32768), (128, 1024), (1, 32768),
                   (8, 4096)]
 
 
 def label(cfg: DecodeConfig) -> str:
-    """tile/warps/stages, and "v" where V is converted by hand."""
-    return f"{cfg.block_n}/{cfg.num_warps}/{cfg.num_stages}" + ("v" if cfg.convert_v else "")
+    """tile/warps/stages, "v" where V is converted by hand, "s" where the products are
+    swapped."""
+    return (f"{cfg.block_n}/{cfg.num_warps}/{cfg.num_stages}" + ("v" if cfg.convert_v else "")
+            + ("s" if cfg.swap else ""))
 
 
 def compare_variants(log, gen, kv_dtype, variants):

@@ -101,21 +101,27 @@ class World:
 
 
 # ---- lengths that are not multiples of the page, with and without splits --------------
+# Both forms of the products (S = Q K^T, or swapped: S^T = K Q^T) on every case below.
+PRODUCTS = [DecodeConfig(64, 4, 3), DecodeConfig(64, 4, 3, swap=True)]
+
+
+@pytest.mark.parametrize("config", PRODUCTS, ids=["qk", "swapped"])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_lengths_not_multiple_of_page(num_splits):
+def test_lengths_not_multiple_of_page(num_splits, config):
     w = World([1, 15, 17, 1025, 1027], kv_heads=1, group=4, head_dim=64, page_size=16,
               dtype=torch.bfloat16, seed=num_splits)
-    assert rel_err(w.run(num_splits=num_splits), w.ref()) < TOL[torch.bfloat16]
+    assert rel_err(w.run(num_splits=num_splits, config=config), w.ref()) < TOL[torch.bfloat16]
 
 
 # ---- GQA ratios x head dims x dtypes ---------------------------------------------------
+@pytest.mark.parametrize("config", PRODUCTS, ids=["qk", "swapped"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 4, 8])
-def test_gqa_and_head_dims(group, head_dim, dtype):
+def test_gqa_and_head_dims(group, head_dim, dtype, config):
     w = World([70, 33], kv_heads=2, group=group, head_dim=head_dim, page_size=16, dtype=dtype,
               seed=group * head_dim)
-    assert rel_err(w.run(num_splits=2), w.ref()) < TOL[dtype]
+    assert rel_err(w.run(num_splits=2, config=config), w.ref()) < TOL[dtype]
 
 
 def test_peaked_softmax_is_stable():
@@ -238,7 +244,7 @@ def test_programs_per_sm():
 
 def test_default_config_by_units():
     bf16, fp8 = torch.bfloat16, FP8_DTYPE
-    assert default_config(bf16, 128, 8, 132) == DecodeConfig(64, 4, 4)    # one long sequence
+    assert default_config(bf16, 128, 8, 132) == DecodeConfig(64, 4, 3, swap=True)  # one long one
     assert default_config(bf16, 128, 512, 132) == DecodeConfig(32, 1, 4)  # many short ones
     assert default_config(bf16, 128, 256, 132) == DecodeConfig(64, 4, 3)  # 1-2 units per SM
     assert default_config(bf16, 128, 64, 132) == DecodeConfig(32, 1, 4)   # 1/4-1/2 per SM
