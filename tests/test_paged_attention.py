@@ -385,6 +385,8 @@ def test_launcher_rejects_bad_shapes():
     with pytest.raises(ValueError, match="dtype"):
         paged_attention_decode(w.q.bfloat16(), w.layer.key, w.layer.value, w.block_table,
                                w.seq_lens)
+    with pytest.raises(ValueError, match="num_stages >= 2"):
+        w.run(config=DecodeConfig(64, 4, 1, swap=True))
 
 
 # ---- no recompilation per length or split count (compiled kernels only) -----------------

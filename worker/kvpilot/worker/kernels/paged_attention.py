@@ -255,15 +255,18 @@ def _paged_decode_kernel(
             stride_kp, stride_kt, stride_vp, stride_vt,
             PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_DTYPE, CVT_ASM, False, SWAP)
         pages = next_pages
+    if SWAP:
+        # The partial last tile goes through the unswapped products: compiled swapped,
+        # that (unpipelined) masked tile gave wrong partials on Hopper (triton 3.6),
+        # while the pipelined loop above is exact.
+        acc = tl.trans(acc)
     if full_end < end:
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, full_end + offs_n, pages, end, k_head, v_head, qk_scale,
             stride_kp, stride_kt, stride_vp, stride_vt,
-            PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_DTYPE, CVT_ASM, True, SWAP)
+            PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_DTYPE, CVT_ASM, True, False)
 
     # ---- epilogue -------------------------------------------------------------------
-    if SWAP:
-        acc = tl.trans(acc)
     if KV_FP8:
         acc = acc * tl.load(v_scale_ptr + kvh * scale_stride)
     has_tokens = l_i > 0.0
@@ -612,6 +615,9 @@ def paged_attention_decode(
 
     # ---- launch shape ----------------------------------------------------------------
     cfg = config or default_config_for(q, k_cache)
+    # Unpipelined, the swapped products compile wrong on Hopper (triton 3.6: wrong values
+    # for masked tiles, illegal addresses with num_stages=1), so they need a pipeline.
+    _check(not cfg.swap or cfg.num_stages >= 2, "a swapped config needs num_stages >= 2")
     group = q_heads // kv_heads
     block_g = max(16, triton.next_power_of_2(group))
     _check(max_seq_len is None or 0 <= max_seq_len < 2**31, "max_seq_len must be 0..2**31-1")
