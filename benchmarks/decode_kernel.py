@@ -44,7 +44,7 @@ sys.path[:0] = [str(ROOT / "worker"), str(ROOT / "operator")]
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kvpilot.worker.kernels.bandwidth import stream_read  # noqa: E402
+from kvpilot.worker.kernels.bandwidth import paged_read, stream_read  # noqa: E402
 from kvpilot.worker.kernels.cache import FP8_DTYPE, allocate_pages  # noqa: E402
 from kvpilot.worker.kernels import paged_attention as pa  # noqa: E402
 from kvpilot.worker.kernels.paged_attention import (  # noqa: E402
@@ -532,6 +532,44 @@ def diagnose(log, gen, parts):
             del inp, outs
             torch.cuda.empty_cache()
 
+    # What reading the pages alone costs: the decode's exact bytes, split as it splits,
+    # read through the same shuffled block table and summed, with none of its math.
+    # The best launch of it bounds any paged decode on this cache.
+    for batch, ctx in TARGET_SHAPES if "pagedread" in parts else ():
+        inp = build_inputs(batch, ctx, torch.bfloat16, copies_for(batch, ctx, 2), ORDERS, gen)
+        outs = [torch.empty_like(q) for q in inp.q]
+        kv = [contiguous_copy(inp, c) for c in range(len(inp.q))]
+        sdpa = time_rotating(sdpa_calls(inp, kv), reps=5)
+        kernel = time_rotating(kernel_calls(inp, None, outs), reps=5)
+        del kv
+        units, sms = batch * KV_HEADS, torch.cuda.get_device_properties(0).multi_processor_count
+        reads = {}
+        for tma, step, warps, stages, per_sm in PAGED_READS:
+            splits = pa.choose_num_splits(units, ctx, step * PAGE, sms * per_sm)
+            sums = torch.empty(units * splits, device="cuda")
+            name = f"{'TMA' if tma else 'threads'} {step}p/{warps}w/{stages}st x{splits}"
+            reads[name] = time_rotating([lambda c=c: paged_read(
+                inp.k_pages, inp.v_pages, inp.tables[c], inp.seq_lens, sums, num_splits=splits,
+                pages_per_step=step, num_warps=warps, num_stages=stages, tma=tma)
+                for c in range(len(inp.q))], reps=5)
+        best = min(reads, key=reads.get)
+        gbs = {k: inp.kv_bytes / us / 1e3 for k, us in reads.items()}
+        log(f"  paged read bf16 B={batch:>3} S={ctx:>6}: SDPA {sdpa:7.1f} us "
+            f"({inp.kv_bytes / sdpa / 1e3:5.0f} GB/s); kernel {kernel:7.1f} us (x SDPA "
+            f"{sdpa / kernel:.3f}); best read {best}: {reads[best]:7.1f} us "
+            f"({gbs[best]:5.0f} GB/s, x SDPA {sdpa / reads[best]:.3f}, kernel / read "
+            f"{reads[best] / kernel:.3f}); all reads (GB/s): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in gbs.items()))
+        del inp, outs
+        torch.cuda.empty_cache()
+
+
+# The shapes of the bf16 targets (B x S >= 64K tokens) and paged-read launches to try:
+# (TMA, pages per step, warps, stages, programs per SM the split count assumes).
+TARGET_SHAPES = ((64, 2048), (128, 1024), (32, 4096), (16, 32768), (1, 131072))
+PAGED_READS = ((False, 4, 4, 3, 2), (False, 8, 8, 3, 1), (False, 4, 4, 4, 2),
+               (True, 1, 1, 4, 4), (True, 1, 2, 4, 4), (True, 1, 4, 3, 2))
+
 
 SCALING = ((16, (4096, 8192, 16384, 32768)), (1, (16384, 32768, 65536, 131072)))
 
@@ -581,7 +619,8 @@ def report_compiled(log):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default="", help="comma list of diagnostics to run after "
-                        "the table: configs, splits, merge, l2, eager, paging, variants, scaling")
+                        "the table: configs, splits, merge, l2, eager, paging, pagedread, variants, "
+                        "scaling")
     parser.add_argument("--no-table", action="store_true", help="diagnostics only")
     parser.add_argument("--k-order", default=ORDERS[0], help="physical order of K pages")
     parser.add_argument("--v-order", default=ORDERS[1], help="physical order of V pages")

@@ -1,11 +1,18 @@
-"""A streaming read of one large tensor: the read-bandwidth ceiling decode kernels are
-measured against (``benchmarks/decode_kernel.py``).
+"""Reads that do nothing but read: the bounds decode kernels are measured against
+(``benchmarks/decode_kernel.py``).
 
-Each program walks the tensor in blocks, ``num_programs x BLOCK`` elements apart, and
-sums what it reads, so the compiler cannot drop the loads; one float32 per program is
-written. Nothing else touches memory, so bytes read / time is as close to what the GPU
-can read as a kernel gets. ``tma=True`` reads the same blocks as rows of a matrix copied by
-the tensor-memory accelerator (Hopper and newer) instead of by the threads.
+``stream_read``: one large contiguous tensor, the read-bandwidth ceiling. Each program
+walks the tensor in blocks, ``num_programs x BLOCK`` elements apart, and sums what it
+reads, so the compiler cannot drop the loads; one float32 per program is written.
+Nothing else touches memory, so bytes read / time is as close to what the GPU can read as
+a kernel gets. ``tma=True`` reads the same blocks as rows of a matrix copied by the
+tensor-memory accelerator (Hopper and newer) instead of by the threads.
+
+``paged_read``: the pages a decode call reads, in the decode's order and split: one
+program per (sequence, KV head, split) walks its share of the sequence's pages through
+the block table and sums them. It reads exactly the bytes the decode kernel reads (whole
+pages) with none of its arithmetic, so its rate bounds what any paged decode can reach
+on the same cache.
 """
 
 from __future__ import annotations
@@ -58,3 +65,93 @@ def stream_read(x: torch.Tensor, out: torch.Tensor, block: int = 4096, num_warps
     desc = TensorDescriptor(x, [rows, TMA_WIDTH], [TMA_WIDTH, 1], [block_m, TMA_WIDTH])
     _read_tma_kernel[(out.numel(),)](desc, out, rows, BLOCK_M=block_m, WIDTH=TMA_WIDTH,
                                      num_warps=num_warps, num_stages=num_stages)
+
+
+@triton.jit
+def _paged_read_kernel(k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, num_splits,
+                       stride_p, stride_t, stride_h, stride_bt,
+                       PAGE_SIZE: tl.constexpr, PAGES: tl.constexpr, HEAD_DIM: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    n_pages = tl.cdiv(tl.load(seq_lens_ptr + b), PAGE_SIZE)
+    share = tl.cdiv(tl.cdiv(n_pages, PAGES), num_splits) * PAGES
+    first = split * share
+    last = tl.minimum(first + share, n_pages)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    rows = tl.arange(0, PAGES * PAGE_SIZE)
+    cols = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([PAGES * PAGE_SIZE, HEAD_DIM], dtype=tl.float32)
+    # Entries one step ahead, so the page loads depend on no load of their own step.
+    idx = first + rows // PAGE_SIZE
+    pages = tl.load(bt_row + idx, mask=idx < last, other=0).to(tl.int64)
+    for p0 in range(first, last, PAGES):
+        nxt = p0 + PAGES + rows // PAGE_SIZE
+        next_pages = tl.load(bt_row + nxt, mask=nxt < last, other=0).to(tl.int64)
+        valid = (p0 + rows // PAGE_SIZE < last)[:, None]
+        offs = (pages * stride_p + (rows % PAGE_SIZE) * stride_t + h * stride_h)[:, None] + cols[None, :]
+        acc += tl.load(k_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        acc += tl.load(v_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        pages = next_pages
+    tl.store(out_ptr + (b * tl.num_programs(1) + h) * num_splits + split, tl.sum(acc))
+
+
+@triton.jit
+def _paged_read_tma_kernel(k_desc, v_desc, bt_ptr, seq_lens_ptr, out_ptr, num_splits,
+                           rows_per_page, rows_per_head, stride_bt,
+                           PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    n_pages = tl.cdiv(tl.load(seq_lens_ptr + b), PAGE_SIZE)
+    share = tl.cdiv(n_pages, num_splits)
+    first = split * share
+    last = tl.minimum(first + share, n_pages)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    acc = tl.zeros([PAGE_SIZE, HEAD_DIM], dtype=tl.float32)
+    page = tl.load(bt_row + first, mask=first < last, other=0)
+    for i in range(first, last):
+        next_page = tl.load(bt_row + i + 1, mask=i + 1 < last, other=0)
+        row = page * rows_per_page + h * rows_per_head
+        acc += k_desc.load([row, 0]).to(tl.float32) + v_desc.load([row, 0]).to(tl.float32)
+        page = next_page
+    tl.store(out_ptr + (b * tl.num_programs(1) + h) * num_splits + split, tl.sum(acc))
+
+
+def paged_read(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+               seq_lens: torch.Tensor, out: torch.Tensor, *, num_splits: int = 1,
+               pages_per_step: int = 4, num_warps: int = 4, num_stages: int = 3,
+               tma: bool = False) -> None:
+    """Read every page of every sequence (``cdiv(seq_lens[b], page_size)`` pages per KV
+    head, whole) through ``block_table``; ``out`` (float32, ``batch x kv_heads x
+    num_splits``) gets each program's sum. Caches are laid out as for the decode kernel
+    (``kvpilot.worker.kernels.cache``). ``tma=True`` copies one ``[page_size, head_dim]``
+    box per page and KV head by the tensor-memory accelerator, which needs each page
+    slot to be one row (``stride(1) == head_dim``: head-major or head-outermost pools)."""
+    batch, _ = block_table.shape
+    _, page_size, kv_heads, head_dim = k_cache.shape
+    if k_cache.stride() != v_cache.stride() or k_cache.dtype != v_cache.dtype:
+        raise ValueError("k_cache and v_cache must share dtype and layout")
+    if out.dtype != torch.float32 or out.numel() != batch * kv_heads * num_splits:
+        raise ValueError("out must be float32 with batch x kv_heads x num_splits elements")
+    if page_size & (page_size - 1) or pages_per_step & (pages_per_step - 1):
+        raise ValueError("page_size and pages_per_step must be powers of two")
+    grid = (batch, kv_heads, num_splits)
+    if not tma:
+        _paged_read_kernel[grid](
+            k_cache, v_cache, block_table, seq_lens, out, num_splits,
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+            PAGE_SIZE=page_size, PAGES=pages_per_step, HEAD_DIM=head_dim,
+            num_warps=num_warps, num_stages=num_stages)
+        return
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if k_cache.stride(1) != head_dim or k_cache.stride(3) != 1:
+        raise ValueError("tma=True needs each page slot to be one row of head_dim elements")
+    rows = k_cache.numel() // head_dim  # the pool viewed as rows of one slot and head
+    descs = [TensorDescriptor(c, [rows, head_dim], [head_dim, 1], [page_size, head_dim])
+             for c in (k_cache, v_cache)]
+    _paged_read_tma_kernel[grid](
+        descs[0], descs[1], block_table, seq_lens, out, num_splits,
+        k_cache.stride(0) // head_dim, k_cache.stride(2) // head_dim, block_table.stride(0),
+        PAGE_SIZE=page_size, HEAD_DIM=head_dim, num_warps=num_warps, num_stages=num_stages)
