@@ -22,9 +22,10 @@ for the kernel and for SDPA alike, so Python launch overhead is not counted for 
 Diagnostics (``--sweep``, comma-separated): ``configs`` (launch shapes), ``splits``
 (split counts by hand), ``merge`` (the merge kernel alone), ``l2`` (KV that stays in L2:
 the compute side's rate), ``eager`` (per-call timing and host time), ``paging``
-(shuffled vs in-order block tables), ``variants`` (bf16 launch shapes against the
-default and SDPA, same inputs, same run), ``scaling`` (time against bytes at a fixed batch:
-fixed cost and streaming rate of the kernel and of SDPA).
+(shuffled vs in-order block tables), ``pagedread`` (the decode's pages read alone
+through the block table, against the kernel and SDPA), ``variants`` (bf16 launch shapes
+against the default and SDPA, same inputs, same run), ``scaling`` (time against bytes at
+a fixed batch: fixed cost and streaming rate of the kernel and of SDPA).
 """
 
 from __future__ import annotations
@@ -544,13 +545,13 @@ def diagnose(log, gen, parts):
         del kv
         units, sms = batch * KV_HEADS, torch.cuda.get_device_properties(0).multi_processor_count
         reads = {}
-        for tma, step, warps, stages, per_sm in PAGED_READS:
+        for step, warps, stages, per_sm in PAGED_READS:
             splits = pa.choose_num_splits(units, ctx, step * PAGE, sms * per_sm)
             sums = torch.empty(units * splits, device="cuda")
-            name = f"{'TMA' if tma else 'threads'} {step}p/{warps}w/{stages}st x{splits}"
+            name = f"{step}p/{warps}w/{stages}st x{splits}"
             reads[name] = time_rotating([lambda c=c: paged_read(
                 inp.k_pages, inp.v_pages, inp.tables[c], inp.seq_lens, sums, num_splits=splits,
-                pages_per_step=step, num_warps=warps, num_stages=stages, tma=tma)
+                pages_per_step=step, num_warps=warps, num_stages=stages)
                 for c in range(len(inp.q))], reps=5)
         best = min(reads, key=reads.get)
         gbs = {k: inp.kv_bytes / us / 1e3 for k, us in reads.items()}
@@ -565,10 +566,9 @@ def diagnose(log, gen, parts):
 
 
 # The shapes of the bf16 targets (B x S >= 64K tokens) and paged-read launches to try:
-# (TMA, pages per step, warps, stages, programs per SM the split count assumes).
+# (pages per step, warps, stages, programs per SM the split count assumes).
 TARGET_SHAPES = ((64, 2048), (128, 1024), (32, 4096), (16, 32768), (1, 131072))
-PAGED_READS = ((False, 4, 4, 3, 2), (False, 8, 8, 3, 1), (False, 4, 4, 4, 2),
-               (True, 1, 1, 4, 4), (True, 1, 2, 4, 4), (True, 1, 4, 3, 2))
+PAGED_READS = ((4, 4, 3, 2), (4, 4, 4, 2), (8, 8, 3, 1), (2, 1, 4, 4), (4, 4, 2, 2))
 
 
 SCALING = ((16, (4096, 8192, 16384, 32768)), (1, (16384, 32768, 65536, 131072)))

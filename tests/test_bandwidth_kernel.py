@@ -42,35 +42,32 @@ def test_stream_read_rejects_ragged_input():
 
 
 @pytest.mark.parametrize("order", ["head", "token"])
-@pytest.mark.parametrize("tma", [False, True])
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_paged_read_sums_the_pages_each_sequence_occupies(num_splits, tma, order):
-    if tma and order == "token":
-        pytest.skip("TMA reads page slots as rows: head-major (or head-outermost) pools")
-    if tma and DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the tensor-memory accelerator needs a Hopper GPU")
+@pytest.mark.parametrize("num_splits,step", [(1, 4), (3, 1), (2, 2)])
+def test_paged_read_sums_the_pages_each_sequence_occupies(num_splits, step, order):
     g = torch.Generator().manual_seed(num_splits)
     page, heads, dim, num_pages = 16, 2, 32, 12
     k = allocate_pages(num_pages, page, heads, dim, torch.bfloat16, DEVICE, order=order)
     v = allocate_pages(num_pages, page, heads, dim, torch.bfloat16, DEVICE, order=order)
     k.copy_(torch.randn(k.shape, generator=g))
     v.copy_(torch.randn(v.shape, generator=g))
-    lens = [1, 40, 17]
-    table = torch.randint(0, num_pages, (3, 4), generator=g, dtype=torch.int32)  # stale ids
-    table[0, :1], table[1, :3], table[2, :2] = torch.tensor([7]), torch.tensor([2, 9, 0]), torch.tensor([11, 4])
-    out = torch.full((3 * heads * num_splits,), float("nan"), device=DEVICE)
+    lens = [1, 40, 17, 100]
+    table = torch.randint(0, num_pages, (4, 8), generator=g, dtype=torch.int32)  # stale ids
+    table[0, :1] = torch.tensor([7])
+    table[1, :3] = torch.tensor([2, 9, 0])
+    table[2, :2] = torch.tensor([11, 4])
+    table[3, :7] = torch.tensor([1, 3, 5, 6, 8, 10, 2])
+    out = torch.full((4 * heads * num_splits,), float("nan"), device=DEVICE)
     paged_read(k, v, table.to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE), out,
-               num_splits=num_splits, tma=tma)
+               num_splits=num_splits, pages_per_step=step)
     kv = (k.float() + v.float()).cpu()
-    want = torch.stack([torch.stack([kv[table[b, :-(-n // page)].long(), :, h].sum() for h in range(heads)])
-                        for b, n in enumerate(lens)])
-    got = out.view(3, heads, num_splits).sum(-1).cpu()
+    want = torch.stack([torch.stack([kv[table[b, :-(-n // page)].long(), :, h].sum()
+                                     for h in range(heads)]) for b, n in enumerate(lens)])
+    got = out.view(4, heads, num_splits).sum(-1).cpu()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-2)
 
 
-def test_paged_read_rejects_ragged_layouts():
-    k = allocate_pages(4, 16, 2, 32, torch.bfloat16, DEVICE, order="token")
-    with pytest.raises(ValueError, match="one row"):
+def test_paged_read_rejects_odd_pages():
+    k = allocate_pages(4, 12, 2, 32, torch.bfloat16, DEVICE)
+    with pytest.raises(ValueError, match="powers of two"):
         paged_read(k, k, torch.zeros(1, 1, dtype=torch.int32, device=DEVICE),
-                   torch.ones(1, dtype=torch.int32, device=DEVICE),
-                   torch.empty(2, device=DEVICE), tma=True)
+                   torch.ones(1, dtype=torch.int32, device=DEVICE), torch.empty(2, device=DEVICE))

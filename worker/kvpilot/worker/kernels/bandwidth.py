@@ -11,8 +11,7 @@ tensor-memory accelerator (Hopper and newer) instead of by the threads.
 ``paged_read``: the pages a decode call reads, in the decode's order and split: one
 program per (sequence, KV head, split) walks its share of the sequence's pages through
 the block table and sums them. It reads exactly the bytes the decode kernel reads (whole
-pages) with none of its arithmetic, so its rate bounds what any paged decode can reach
-on the same cache.
+pages) with none of its arithmetic: what reading the pages alone costs on a cache.
 """
 
 from __future__ import annotations
@@ -78,56 +77,36 @@ def _paged_read_kernel(k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, num_splits,
     share = tl.cdiv(tl.cdiv(n_pages, PAGES), num_splits) * PAGES
     first = split * share
     last = tl.minimum(first + share, n_pages)
+    full = tl.maximum(first, last - (last - first) % PAGES)  # steps before it are whole
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     rows = tl.arange(0, PAGES * PAGE_SIZE)
+    slots = (rows % PAGE_SIZE) * stride_t + h * stride_h
     cols = tl.arange(0, HEAD_DIM)
     acc = tl.zeros([PAGES * PAGE_SIZE, HEAD_DIM], dtype=tl.float32)
-    # Entries one step ahead, so the page loads depend on no load of their own step.
+    # As in the decode: entries one step ahead, whole steps unmasked, the last masked.
     idx = first + rows // PAGE_SIZE
     pages = tl.load(bt_row + idx, mask=idx < last, other=0).to(tl.int64)
-    for p0 in range(first, last, PAGES):
+    for p0 in range(first, full, PAGES):
         nxt = p0 + PAGES + rows // PAGE_SIZE
         next_pages = tl.load(bt_row + nxt, mask=nxt < last, other=0).to(tl.int64)
-        valid = (p0 + rows // PAGE_SIZE < last)[:, None]
-        offs = (pages * stride_p + (rows % PAGE_SIZE) * stride_t + h * stride_h)[:, None] + cols[None, :]
+        offs = (pages * stride_p + slots)[:, None] + cols[None, :]
+        acc += tl.load(k_ptr + offs).to(tl.float32) + tl.load(v_ptr + offs).to(tl.float32)
+        pages = next_pages
+    if full < last:
+        valid = (full + rows // PAGE_SIZE < last)[:, None]
+        offs = (pages * stride_p + slots)[:, None] + cols[None, :]
         acc += tl.load(k_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         acc += tl.load(v_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        pages = next_pages
-    tl.store(out_ptr + (b * tl.num_programs(1) + h) * num_splits + split, tl.sum(acc))
-
-
-@triton.jit
-def _paged_read_tma_kernel(k_desc, v_desc, bt_ptr, seq_lens_ptr, out_ptr, num_splits,
-                           rows_per_page, rows_per_head, stride_bt,
-                           PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    split = tl.program_id(2)
-    n_pages = tl.cdiv(tl.load(seq_lens_ptr + b), PAGE_SIZE)
-    share = tl.cdiv(n_pages, num_splits)
-    first = split * share
-    last = tl.minimum(first + share, n_pages)
-    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-    acc = tl.zeros([PAGE_SIZE, HEAD_DIM], dtype=tl.float32)
-    page = tl.load(bt_row + first, mask=first < last, other=0)
-    for i in range(first, last):
-        next_page = tl.load(bt_row + i + 1, mask=i + 1 < last, other=0)
-        row = page * rows_per_page + h * rows_per_head
-        acc += k_desc.load([row, 0]).to(tl.float32) + v_desc.load([row, 0]).to(tl.float32)
-        page = next_page
     tl.store(out_ptr + (b * tl.num_programs(1) + h) * num_splits + split, tl.sum(acc))
 
 
 def paged_read(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                seq_lens: torch.Tensor, out: torch.Tensor, *, num_splits: int = 1,
-               pages_per_step: int = 4, num_warps: int = 4, num_stages: int = 3,
-               tma: bool = False) -> None:
+               pages_per_step: int = 4, num_warps: int = 4, num_stages: int = 3) -> None:
     """Read every page of every sequence (``cdiv(seq_lens[b], page_size)`` pages per KV
-    head, whole) through ``block_table``; ``out`` (float32, ``batch x kv_heads x
-    num_splits``) gets each program's sum. Caches are laid out as for the decode kernel
-    (``kvpilot.worker.kernels.cache``). ``tma=True`` copies one ``[page_size, head_dim]``
-    box per page and KV head by the tensor-memory accelerator, which needs each page
-    slot to be one row (``stride(1) == head_dim``: head-major or head-outermost pools)."""
+    head, whole) through ``block_table``, ``pages_per_step`` pages at a time; ``out``
+    (float32, ``batch x kv_heads x num_splits``) gets each program's sum. Caches are laid
+    out as for the decode kernel (``kvpilot.worker.kernels.cache``)."""
     batch, _ = block_table.shape
     _, page_size, kv_heads, head_dim = k_cache.shape
     if k_cache.stride() != v_cache.stride() or k_cache.dtype != v_cache.dtype:
@@ -136,22 +115,8 @@ def paged_read(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.
         raise ValueError("out must be float32 with batch x kv_heads x num_splits elements")
     if page_size & (page_size - 1) or pages_per_step & (pages_per_step - 1):
         raise ValueError("page_size and pages_per_step must be powers of two")
-    grid = (batch, kv_heads, num_splits)
-    if not tma:
-        _paged_read_kernel[grid](
-            k_cache, v_cache, block_table, seq_lens, out, num_splits,
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
-            PAGE_SIZE=page_size, PAGES=pages_per_step, HEAD_DIM=head_dim,
-            num_warps=num_warps, num_stages=num_stages)
-        return
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    if k_cache.stride(1) != head_dim or k_cache.stride(3) != 1:
-        raise ValueError("tma=True needs each page slot to be one row of head_dim elements")
-    rows = k_cache.numel() // head_dim  # the pool viewed as rows of one slot and head
-    descs = [TensorDescriptor(c, [rows, head_dim], [head_dim, 1], [page_size, head_dim])
-             for c in (k_cache, v_cache)]
-    _paged_read_tma_kernel[grid](
-        descs[0], descs[1], block_table, seq_lens, out, num_splits,
-        k_cache.stride(0) // head_dim, k_cache.stride(2) // head_dim, block_table.stride(0),
-        PAGE_SIZE=page_size, HEAD_DIM=head_dim, num_warps=num_warps, num_stages=num_stages)
+    _paged_read_kernel[(batch, kv_heads, num_splits)](
+        k_cache, v_cache, block_table, seq_lens, out, num_splits,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        PAGE_SIZE=page_size, PAGES=pages_per_step, HEAD_DIM=head_dim,
+        num_warps=num_warps, num_stages=num_stages)
