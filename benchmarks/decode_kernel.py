@@ -357,8 +357,8 @@ def sweep(log, gen, parts):
                 splits = plan_num_splits(inp.q[0], inp.k_pages, inp.tables[0], config=cfg)
                 occ = pa._OCCUPANCY.get(pa._occupancy_key(inp.q[0], inp.k_pages, cfg))
                 log(f"  sweep {kv_name(kv_dtype):4} B={batch:>3} S={ctx:>6} "
-                    f"{label(cfg):>9} maxnreg={cfg.maxnreg} occ={occ} splits={splits:>3}: {us:8.1f} us "
-                    f"{inp.kv_bytes / us / 1e3:6.0f} GB/s")
+                    f"{label(cfg):>9} maxnreg={cfg.maxnreg} occ={occ} splits={splits:>3}: "
+                    f"{us:8.1f} us {inp.kv_bytes / us / 1e3:6.0f} GB/s")
             del inp, outs
             torch.cuda.empty_cache()
     # Split counts by hand.
