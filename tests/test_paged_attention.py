@@ -244,7 +244,9 @@ def test_programs_per_sm():
 
 def test_default_config_by_units():
     bf16, fp8 = torch.bfloat16, FP8_DTYPE
-    assert default_config(bf16, 128, 8, 132) == DecodeConfig(64, 4, 3, swap=True)  # 1 sequence
+    assert default_config(bf16, 128, 8, 132) == DecodeConfig(64, 4, 4)    # one long sequence
+    assert default_config(bf16, 128, 8, 132, None, (9, 0)) == DecodeConfig(64, 4, 3, swap=True)
+    assert default_config(bf16, 128, 8, 108, None, (8, 0)) == DecodeConfig(64, 4, 4)  # A100
     assert default_config(bf16, 128, 512, 132) == DecodeConfig(32, 1, 4)  # many short ones
     assert default_config(bf16, 128, 256, 132) == DecodeConfig(64, 4, 3)  # 1-2 units per SM
     assert default_config(bf16, 128, 64, 132) == DecodeConfig(32, 1, 4)   # 1/4-1/2 per SM

@@ -25,8 +25,8 @@ Work split
     P^T``: the tile's tokens and ``head_dim`` are then the 64-row side of the
     tensor-core product and the group's few heads its narrow side, which on Hopper lets
     four warps issue one warpgroup MMA per product straight from the tile in shared
-    memory. The default takes it under a quarter (sequence, KV head) unit per SM (1 x
-    32K bf16: 3.0% faster on an H100, 3.7% on an H200). The partial last tile of a range
+    memory. The default takes it on Hopper under a quarter (sequence, KV head) unit per
+    SM (1 x 32K bf16: 3.0% faster on an H100, 3.7% on an H200). The partial last tile of a range
     always goes unswapped (``_paged_decode_kernel``).
 
     Per tile of ``BLOCK_N`` tokens the kernel turns token positions into
@@ -356,10 +356,13 @@ FP8_MEMORY_BOUND_PER_SM = 30e9
 
 
 def default_config(kv_dtype: torch.dtype, head_dim: int, units: int, num_sms: int,
-                   memory_per_sm: float | None = None) -> DecodeConfig:
+                   memory_per_sm: float | None = None,
+                   capability: tuple[int, int] = (0, 0)) -> DecodeConfig:
     """The launch shape measured best (docs/decode-kernel.md), by cache dtype, by how
-    many (sequence, KV head) units there are against the SMs, and for FP8 by the GPU's
-    peak DRAM bytes/s per SM (``memory_per_sm``, None where unknown).
+    many (sequence, KV head) units there are against the SMs, for FP8 by the GPU's peak
+    DRAM bytes/s per SM (``memory_per_sm``, None where unknown), and for swapping the
+    products by the compute capability (measured on Hopper, where they become warpgroup
+    MMAs; other GPUs keep the unswapped shape).
 
     FP8: one warp per program, three tiles in flight. An FP8 tile is converted to fp16
     in registers, so the kernel is bound by latency more than by bytes; small one-warp
@@ -370,8 +373,9 @@ def default_config(kv_dtype: torch.dtype, head_dim: int, units: int, num_sms: in
     waits on its own instructions, and the extra shared-memory round trip made it up to
     16% slower than the compiler's conversion with 32-token tiles, which it keeps.
     16-bit, by (sequence, KV head) units per SM: under a quarter (long sequences,
-    batches of 1-4): 64-token tiles, four warps, three tiles in flight, the products
-    swapped (``swap``), the sequences split to fill the GPU; a quarter to a half, or at
+    batches of 1-4): 64-token tiles, four warps, the sequences split to fill the GPU, on
+    Hopper and later three tiles in flight with the products swapped (``swap``), else
+    four unswapped; a quarter to a half, or at
     least two: 32-token tiles and one warp, so more, smaller programs share an SM; a
     half to one: 64-token tiles, four warps, four tiles in flight; one to two: the same
     with three. Head dims above 128 take smaller tiles (registers).
@@ -389,7 +393,7 @@ def default_config(kv_dtype: torch.dtype, head_dim: int, units: int, num_sms: in
         return DecodeConfig(block_n=32, num_warps=1, num_stages=4)
     if units >= num_sms:
         return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
-    if units < num_sms // 4:
+    if units < num_sms // 4 and capability >= (9, 0):
         return DecodeConfig(block_n=64, num_warps=4, num_stages=3, swap=True)
     return DecodeConfig(block_n=64, num_warps=4, num_stages=4)
 
@@ -497,10 +501,12 @@ def _device_facts(device: torch.device) -> _DeviceFacts:
 
 
 def default_config_for(q: torch.Tensor, k_cache: torch.Tensor) -> DecodeConfig:
-    """``default_config`` for these inputs on their device (its SMs and memory rate)."""
+    """``default_config`` for these inputs on their device (its SMs, memory rate and
+    compute capability)."""
     facts = _device_facts(q.device)
     return default_config(k_cache.dtype, q.shape[2], q.shape[0] * k_cache.shape[2], facts.sms,
-                          None if facts.memory_rate is None else facts.memory_rate / facts.sms)
+                          None if facts.memory_rate is None else facts.memory_rate / facts.sms,
+                          facts.capability)
 
 
 def _remember_occupancy(key: tuple, kernel, num_warps: int, device: torch.device) -> None:
