@@ -26,8 +26,8 @@ Work split
     tensor-core product and the group's few heads its narrow side, which on Hopper lets
     four warps issue one warpgroup MMA per product straight from the tile in shared
     memory. The default takes it on Hopper under a quarter (sequence, KV head) unit per
-    SM (1 x 32K bf16: 3.0% faster on an H100, 3.7% on an H200). The partial last tile of a range
-    always goes unswapped (``_paged_decode_kernel``).
+    SM (1 x 32K bf16: 3.0% faster on an H100, 3.7% on an H200). The partial last tile of
+    a range always goes unswapped (``_paged_decode_kernel``).
 
     Per tile of ``BLOCK_N`` tokens the kernel turns token positions into
     ``(block_table[pos // page_size], pos % page_size)`` and gathers rows of ``head_dim``
@@ -375,10 +375,10 @@ def default_config(kv_dtype: torch.dtype, head_dim: int, units: int, num_sms: in
     16-bit, by (sequence, KV head) units per SM: under a quarter (long sequences,
     batches of 1-4): 64-token tiles, four warps, the sequences split to fill the GPU, on
     Hopper and later three tiles in flight with the products swapped (``swap``), else
-    four unswapped; a quarter to a half, or at
-    least two: 32-token tiles and one warp, so more, smaller programs share an SM; a
-    half to one: 64-token tiles, four warps, four tiles in flight; one to two: the same
-    with three. Head dims above 128 take smaller tiles (registers).
+    four unswapped; a quarter to a half, or at least two: 32-token tiles and one warp,
+    so more, smaller programs share an SM; a half to one: 64-token tiles, four warps,
+    four tiles in flight; one to two: the same with three. Head dims above 128 take
+    smaller tiles (registers).
     """
     wide = head_dim > 128
     if kv_dtype == FP8_DTYPE:
@@ -540,11 +540,16 @@ def plan_num_splits(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.T
     ``max_seq_len`` defaults to what the block table can hold (``max_pages x
     page_size``), an upper bound known without reading the lengths off the device.
     """
-    units = q.shape[0] * k_cache.shape[2]
     cfg = config or default_config_for(q, k_cache)
-    max_seq_len = _length_bound(k_cache, block_table, max_seq_len)
-    slots = _device_facts(q.device).sms * _OCCUPANCY.get(_occupancy_key(q, k_cache, cfg), 2)
-    return choose_num_splits(units, max_seq_len, cfg.block_n, slots, cfg.min_tiles)
+    bound = _length_bound(k_cache, block_table, max_seq_len)
+    return _planned_splits(q.shape[0] * k_cache.shape[2], bound, cfg,
+                           _device_facts(q.device).sms, _occupancy_key(q, k_cache, cfg))
+
+
+def _planned_splits(units: int, max_seq_len: int, cfg: DecodeConfig, sms: int, key: tuple) -> int:
+    """``choose_num_splits`` with this variant's programs per SM (2 until it is known)."""
+    return choose_num_splits(units, max_seq_len, cfg.block_n, sms * _OCCUPANCY.get(key, 2),
+                             cfg.min_tiles)
 
 
 def _interpreting() -> bool:
@@ -621,7 +626,9 @@ def paged_attention_decode(
            "out must be shaped and typed like q, head_dim contiguous")
 
     # ---- launch shape ----------------------------------------------------------------
+    facts = _device_facts(q.device)
     cfg = config or default_config_for(q, k_cache)
+    key = _occupancy_key(q, k_cache, cfg)
     # Unpipelined, the swapped products compile wrong on Hopper (triton 3.6: wrong values
     # for masked tiles, illegal addresses with num_stages=1), so they need a pipeline.
     _check(not cfg.swap or cfg.num_stages >= 2, "a swapped config needs num_stages >= 2")
@@ -630,7 +637,7 @@ def paged_attention_decode(
     _check(max_seq_len is None or 0 <= max_seq_len < 2**31, "max_seq_len must be 0..2**31-1")
     len_hint = _length_bound(k_cache, block_table, max_seq_len)
     if num_splits is None:
-        num_splits = plan_num_splits(q, k_cache, block_table, config=cfg, max_seq_len=len_hint)
+        num_splits = _planned_splits(batch * kv_heads, len_hint, cfg, facts.sms, key)
     _check(1 <= num_splits <= MAX_SPLITS, f"num_splits must be 1..{MAX_SPLITS}")
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
@@ -649,7 +656,7 @@ def paged_attention_decode(
         part_out = part_lse = out  # never read
 
     extra = {} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}
-    capability = _device_facts(q.device).capability
+    capability = facts.capability
     pdl = split and capability >= (9, 0)  # programmatic dependent launch: Hopper on
     kernel = _paged_decode_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale,
@@ -668,7 +675,6 @@ def paged_attention_decode(
         PDL=pdl, SWAP=cfg.swap,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
     )
-    key = _occupancy_key(q, k_cache, cfg)
     if key not in _OCCUPANCY:
         _remember_occupancy(key, kernel, cfg.num_warps, q.device)
     if split:
