@@ -74,6 +74,11 @@ def kv_elt(kv_dtype: torch.dtype) -> int:
     return 1 if kv_dtype == FP8_DTYPE else 2
 
 
+def kv_bytes(batch: int, ctx: int, elt: int) -> int:
+    """K and V of every token of every sequence, read once."""
+    return 2 * batch * ctx * KV_HEADS * HEAD_DIM * elt
+
+
 # --------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------
@@ -213,8 +218,8 @@ def build_inputs(batch, ctx, kv_dtype, copies, orders, gen):
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     q = [torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", generator=gen).bfloat16()
          for _ in range(copies)]
-    kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * k_pages.element_size()
-    return Inputs(q, k_pages, v_pages, tables, seq_lens, k_scale, v_scale, kv_bytes)
+    return Inputs(q, k_pages, v_pages, tables, seq_lens, k_scale, v_scale,
+                  kv_bytes(batch, ctx, k_pages.element_size()))
 
 
 def contiguous_copy(inp: Inputs, c: int):
@@ -266,7 +271,7 @@ def sdpa_calls(inp: Inputs, kv, backend=None):
 
 
 def copies_for(batch, ctx, elt):
-    per = 2 * batch * ctx * KV_HEADS * HEAD_DIM * elt
+    per = kv_bytes(batch, ctx, elt)
     return max(1, min(64, math.ceil(ROTATE_BYTES / per)))
 
 
@@ -295,7 +300,7 @@ def bench_table(log, ceiling, gen, orders):
             sdpa_in = Inputs([inp.q[c % copies] for c in range(sdpa_copies)], None, None,
                              None, None, None, None, 0)
             sdpa_us = time_rotating(sdpa_calls(sdpa_in, kv))
-            sdpa_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * 2
+            sdpa_bytes = kv_bytes(batch, ctx, 2)
             sdpa_gbs = sdpa_bytes / sdpa_us / 1e3
             n = min(batch, 2)  # float32 reference on the first sequences only
             ref = F.scaled_dot_product_attention(inp.q[0][:n, :, None, :].float(),
