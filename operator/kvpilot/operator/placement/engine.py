@@ -67,14 +67,14 @@ def place(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
     variants = []
     if world.fill and world.scarce:
         variants.append("tight")
-    if world.fill and world.work <= VARIANT_WORK:
+    if world.fill and world.small:
         variants.append("fill")
     best_mode = "largest"
     for mode in variants:
         other, _ = _plan_once(snapshot, demands, policy, mode)
         if _better(other, plan):
             plan, best_mode = other, mode
-    if world.fill and world.work <= VARIANT_WORK:
+    if world.fill and world.small:
         # Other model orders, in the mode that won, while the moves budget lasts.
         left = PORTFOLIO_MOVES
         for order in world.alternative_orders()[:PORTFOLIO_ORDERS]:
@@ -112,8 +112,7 @@ def _plan_once(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
             world.pending[demand.model] = 0
     if world.fill:
         if moves is None:
-            small = world.work <= VARIANT_WORK
-            moves = CONSOLIDATE_MOVES if small else CONSOLIDATE_MOVES_LARGE
+            moves = CONSOLIDATE_MOVES if world.small else CONSOLIDATE_MOVES_LARGE
         world.moves = consolidate(world, moves)
     return world.plan(kept, removals, previous, world.placed, unplaced), world
 
@@ -350,6 +349,11 @@ class World:
         for (need, _, d, req), k in zip(items, counts):
             for _ in range(k):
                 self._commit(d, pool, s, (g,), req)
+
+    @property
+    def small(self) -> bool:
+        """A small instance (``VARIANT_WORK``): plans are also made other ways."""
+        return self.work <= VARIANT_WORK
 
     def sized(self, demand: Demand) -> list[tuple[Pool, Requirement]]:
         """(pool, what one replica needs there) for every product the demand may use."""
