@@ -340,7 +340,11 @@ SWEEP_LAUNCH = {
     "bf16": [DecodeConfig(64, 4, 4), DecodeConfig(32, 1, 4), DecodeConfig(32, 2, 4),
              DecodeConfig(64, 4, 3), DecodeConfig(32, 1, 3)],
     "fp8": [DecodeConfig(32, 1, 3), DecodeConfig(64, 2, 3), DecodeConfig(32, 1, 4),
-            DecodeConfig(16, 1, 3), DecodeConfig(32, 1, 2)],
+            DecodeConfig(16, 1, 3), DecodeConfig(32, 1, 2),
+            # V converted by hand (the default where DRAM is slow for the SMs: H100)
+            DecodeConfig(16, 1, 3, convert_v=True), DecodeConfig(16, 1, 4, convert_v=True),
+            DecodeConfig(32, 1, 3, convert_v=True), DecodeConfig(16, 2, 3, convert_v=True),
+            DecodeConfig(16, 1, 3, convert_v=True, maxnreg=128)],
 }
 
 
@@ -369,7 +373,8 @@ def sweep(log, gen, parts):
     # Split counts by hand.
     for kv_dtype in (torch.bfloat16, FP8_DTYPE) if "splits" in parts else ():
         elt = kv_elt(kv_dtype)
-        for batch, ctx, counts in ((1, 32768, (16, 33, 66, 132)), (1, 131072, (33, 66, 132)),
+        for batch, ctx, counts in ((1, 32768, (16, 33, 66, 128, 132, 256)),
+                                   (1, 131072, (33, 66, 132, 256)),
                                    (32, 4096, (1, 2, 4)), (16, 32768, (1, 2, 4, 8)),
                                    (128, 1024, (1, 2)), (64, 2048, (1, 2))):
             inp = build_inputs(batch, ctx, kv_dtype, copies_for(batch, ctx, elt), ORDERS, gen)
