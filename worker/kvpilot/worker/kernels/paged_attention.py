@@ -407,12 +407,15 @@ def choose_num_splits(units: int, max_seq_len: int, block_n: int, slots: int,
     ``slots`` and a wave lasts as long as its programs, so a second, partly filled wave
     costs nearly as much as a full one. The count is the largest that still fits one
     wave (``units x s <= slots``); 1 when the batch alone fills the GPU. No split is
-    shorter than ``min_tiles`` tiles, and there are at most ``MAX_SPLITS``.
+    shorter than ``min_tiles`` tiles, and there are at most ``MAX_SPLITS``. Each range is
+    ``ceil(tiles / s)`` whole tiles, so where fewer splits give ranges of the same length
+    the rest would be empty for the longest sequence: they are not launched.
     """
     if units >= slots:
         return 1
     tiles = max(1, triton.cdiv(max_seq_len, block_n))
-    return max(1, min(slots // units, tiles // min_tiles, MAX_SPLITS))
+    splits = max(1, min(slots // units, tiles // min_tiles, MAX_SPLITS))
+    return triton.cdiv(tiles, triton.cdiv(tiles, splits))
 
 
 def programs_per_sm(n_regs: int, shared_bytes: int, num_warps: int, *, regs_per_sm: int = 65536,
