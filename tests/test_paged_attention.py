@@ -228,7 +228,7 @@ def test_small_block_config():
 def test_choose_num_splits():
     # Llama-3-8B (8 KV heads) on 132 SMs x 2 programs = 264 slots, tiles of 64 tokens.
     assert choose_num_splits(1 * 8, 32768, 64, 264) == 32      # one wave of 16-tile splits
-    assert choose_num_splits(1 * 8, 32768, 16, 1056) == 128    # 132 fit, 4 would be empty
+    assert choose_num_splits(1 * 8, 32768, 16, 1056) == 128    # FP8, 8 per SM: 132 fit, 4 empty
     assert choose_num_splits(1 * 8, 131072, 64, 264) == 33     # 63 tiles each, the last 32
     assert choose_num_splits(16 * 8, 32768, 64, 264) == 2      # 256 programs, not 384
     assert choose_num_splits(32 * 8, 4096, 64, 264) == 1       # 256 programs already
