@@ -506,7 +506,11 @@ def _device_facts(device: torch.device) -> _DeviceFacts:
 def default_config_for(q: torch.Tensor, k_cache: torch.Tensor) -> DecodeConfig:
     """``default_config`` for these inputs on their device (its SMs, memory rate and
     compute capability)."""
-    facts = _device_facts(q.device)
+    return _config_on(_device_facts(q.device), q, k_cache)
+
+
+def _config_on(facts: _DeviceFacts, q: torch.Tensor, k_cache: torch.Tensor) -> DecodeConfig:
+    """``default_config`` for these inputs on a device with these facts."""
     return default_config(k_cache.dtype, q.shape[2], q.shape[0] * k_cache.shape[2], facts.sms,
                           None if facts.memory_rate is None else facts.memory_rate / facts.sms,
                           facts.capability)
@@ -543,10 +547,11 @@ def plan_num_splits(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.T
     ``max_seq_len`` defaults to what the block table can hold (``max_pages x
     page_size``), an upper bound known without reading the lengths off the device.
     """
-    cfg = config or default_config_for(q, k_cache)
+    facts = _device_facts(q.device)
+    cfg = config or _config_on(facts, q, k_cache)
     bound = _length_bound(k_cache, block_table, max_seq_len)
-    return _planned_splits(q.shape[0] * k_cache.shape[2], bound, cfg,
-                           _device_facts(q.device).sms, _occupancy_key(q, k_cache, cfg))
+    return _planned_splits(q.shape[0] * k_cache.shape[2], bound, cfg, facts.sms,
+                           _occupancy_key(q, k_cache, cfg))
 
 
 def _planned_splits(units: int, max_seq_len: int, cfg: DecodeConfig, sms: int, key: tuple) -> int:
@@ -630,7 +635,7 @@ def paged_attention_decode(
 
     # ---- launch shape ----------------------------------------------------------------
     facts = _device_facts(q.device)
-    cfg = config or default_config_for(q, k_cache)
+    cfg = config or _config_on(facts, q, k_cache)
     key = _occupancy_key(q, k_cache, cfg)
     # Unpipelined, the swapped products compile wrong on Hopper (triton 3.6: wrong values
     # for masked tiles, illegal addresses with num_stages=1), so they need a pipeline.
