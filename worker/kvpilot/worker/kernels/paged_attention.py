@@ -167,6 +167,12 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
+@triton.jit
+def _tile_pages(bt_row, toks, end, PAGE_SIZE: tl.constexpr):
+    """The block-table entries of a tile's tokens ``toks`` (0 from ``end`` on), as int64."""
+    return tl.load(bt_row + toks // PAGE_SIZE, mask=toks < end, other=0).to(tl.int64)
+
+
 @triton.jit(do_not_specialize=["num_splits", "stride_bt", "len_hint", "max_pages"])
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr, v_scale_ptr,
@@ -241,16 +247,12 @@ def _paged_decode_kernel(
     # keep several tiles of K/V in flight (num_stages) instead of one.
     if EARLY_TABLE:
         if start != guess:
-            toks = start + offs_n
-            pages = tl.load(bt_row + toks // PAGE_SIZE, mask=toks < end, other=0).to(tl.int64)
+            pages = _tile_pages(bt_row, start + offs_n, end, PAGE_SIZE)
     else:
-        toks = start + offs_n
-        pages = tl.load(bt_row + toks // PAGE_SIZE, mask=toks < end, other=0).to(tl.int64)
+        pages = _tile_pages(bt_row, start + offs_n, end, PAGE_SIZE)
     for tok0 in range(start, full_end, BLOCK_N):
         toks = tok0 + offs_n
-        next_toks = toks + BLOCK_N
-        next_pages = tl.load(bt_row + next_toks // PAGE_SIZE, mask=next_toks < end,
-                             other=0).to(tl.int64)
+        next_pages = _tile_pages(bt_row, toks + BLOCK_N, end, PAGE_SIZE)
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, toks, pages, end, k_head, v_head, qk_scale,
             stride_kp, stride_kt, stride_vp, stride_vt,
