@@ -270,6 +270,13 @@ def sdpa_calls(inp: Inputs, kv, backend=None):
     return [lambda c=c: call(c) for c in range(len(qs))]
 
 
+def time_sdpa(inp: Inputs, reps: int = 5) -> float:
+    """Microseconds of one bf16 SDPA call on contiguous copies of the values of ``inp``,
+    one per input copy."""
+    kv = [contiguous_copy(inp, c) for c in range(len(inp.q))]
+    return time_rotating(sdpa_calls(inp, kv), reps=reps)
+
+
 def copies_for(batch, ctx, elt):
     per = kv_bytes(batch, ctx, elt)
     return max(1, min(64, math.ceil(ROTATE_BYTES / per)))
@@ -534,11 +541,9 @@ def diagnose(log, gen, parts):
                     f"in order head-outermost {streamed:7.1f} us "
                     f"({inp.kv_bytes / streamed / 1e3:5.0f} GB/s)")
             if elt == 2:
-                kv = [contiguous_copy(inp, c) for c in range(len(inp.q))]
-                sdpa = time_rotating(sdpa_calls(inp, kv), reps=3)
+                sdpa = time_sdpa(inp, reps=3)
                 line += (f"; SDPA {sdpa:7.1f} us ({inp.kv_bytes / sdpa / 1e3:5.0f} GB/s, "
                          f"x head-outermost {streamed / sdpa:.3f})")
-                del kv
             log(line)
             del inp, outs
             torch.cuda.empty_cache()
@@ -549,10 +554,8 @@ def diagnose(log, gen, parts):
     for batch, ctx in TARGET_SHAPES if "pagedread" in parts else ():
         inp = build_inputs(batch, ctx, torch.bfloat16, copies_for(batch, ctx, 2), ORDERS, gen)
         outs = [torch.empty_like(q) for q in inp.q]
-        kv = [contiguous_copy(inp, c) for c in range(len(inp.q))]
-        sdpa = time_rotating(sdpa_calls(inp, kv), reps=5)
+        sdpa = time_sdpa(inp)
         kernel = time_rotating(kernel_calls(inp, None, outs), reps=5)
-        del kv
         units, sms = batch * KV_HEADS, torch.cuda.get_device_properties(0).multi_processor_count
         reads = {}
         for step, warps, stages, per_sm in PAGED_READS:
@@ -598,11 +601,9 @@ def scaling(log, gen):
                 line = (f"  scaling B={batch:>3} S={ctx:>6} {kv_name(kv_dtype):4}: "
                         f"kernel {us:8.1f} us {inp.kv_bytes / us / 1e3:6.0f} GB/s")
                 if elt == 2:
-                    kv = [contiguous_copy(inp, c) for c in range(len(inp.q))]
-                    sdpa = time_rotating(sdpa_calls(inp, kv))
+                    sdpa = time_sdpa(inp)
                     points["SDPA"].append((inp.kv_bytes, sdpa))
                     line += f"; SDPA {sdpa:8.1f} us {inp.kv_bytes / sdpa / 1e3:6.0f} GB/s"
-                    del kv
                 log(line)
                 del inp, outs
                 torch.cuda.empty_cache()
