@@ -19,6 +19,7 @@ PURE_MODULES = [
     "kvpilot.api.fleet", "kvpilot.api.files", "kvpilot.api.crd",
     "kvpilot.operator.placement", "kvpilot.operator.placement.exact",
     "kvpilot.operator.placement.check", "kvpilot.cli",
+    "kvpilot.worker.block_manager", "kvpilot.worker.scheduler",
 ]
 
 
