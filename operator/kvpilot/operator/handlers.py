@@ -1,0 +1,141 @@
+"""The kopf handlers: thin. They keep indexes, wake the fleet loop and guard deletion.
+
+- ``@kopf.index`` keeps in-memory copies of GPU nodes, worker pods, ResourceSlices,
+  ResourceClaims and Models; the fleet loop's snapshot is built from them. Kopf calls
+  no other handler before every indexed kind has been listed once, so the first Model
+  handler to run opens the loop (it never plans from half a cluster).
+- Model create/update/resume: check the stored spec (a bad one is reported, never
+  crashes anything) and wake the loop. Delete: a finalizer holds the Model until the
+  loop has removed its replicas.
+- Startup: settings, kopf's own configuration, the fleet loop task; cleanup stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from kvpilot.api.files import one_line
+from kvpilot.api.model import GROUP, PLURAL, VERSION, ModelSpec
+from kvpilot.operator.objects import LABEL_MODEL, MANAGED_BY, MANAGER
+from kvpilot.operator.runner import Fleet, Indexes
+
+log = logging.getLogger("kvpilot.operator")
+FINALIZER = "kvpilot.dev/finalizer"
+MODELS = (GROUP, VERSION, PLURAL)
+RESOURCE = ("resource.k8s.io", "v1")
+WORKERS = {MANAGED_BY: MANAGER}
+
+
+def _raw(body: kopf.Body) -> dict[str, Any]:
+    return {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status")
+            if k in body}
+
+
+def _key(body: kopf.Body) -> tuple[str | None, str]:
+    return body.metadata.namespace, body.metadata.name
+
+
+def _wake(memo: kopf.Memo) -> None:
+    fleet: Fleet | None = getattr(memo, "fleet", None)
+    if fleet is not None:
+        fleet.wake()
+
+
+# -- indexes ----------------------------------------------------------------------------
+# Each returns {key: object}; a DELETED event removes the object from the index.
+
+@kopf.index("nodes")
+def gpu_nodes(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict:
+    _wake(memo)
+    return {_key(body): _raw(body)}
+
+
+@kopf.index("pods", labels=WORKERS)
+def worker_pods(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict:
+    _wake(memo)
+    return {_key(body): _raw(body)}
+
+
+@kopf.index(*RESOURCE, "resourceslices")
+def resource_slices(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict:
+    _wake(memo)
+    return {_key(body): _raw(body)}
+
+
+@kopf.index(*RESOURCE, "resourceclaims")
+def resource_claims(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict:
+    _wake(memo)
+    return {_key(body): _raw(body)}
+
+
+@kopf.index(*MODELS)
+def models(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict:
+    _wake(memo)
+    return {_key(body): _raw(body)}
+
+
+# -- lifecycle --------------------------------------------------------------------------
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kvpilot.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kvpilot.dev", key="last-handled-configuration")
+    settings.posting.level = logging.WARNING  # kopf's own events: problems only
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 60
+    indexes = Indexes(models=kwargs["models"], nodes=kwargs["gpu_nodes"],
+                      pods=kwargs["worker_pods"], claims=kwargs["resource_claims"],
+                      slices=kwargs["resource_slices"])
+    fleet = Fleet(memo.kube, memo.settings, indexes, on_pass=memo.get("on_pass"))
+    memo.fleet = fleet
+    memo.fleet_task = asyncio.create_task(fleet.run(), name="kvpilot fleet loop")
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("fleet_task")
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _check_spec(spec: Any) -> None:
+    """A stored spec pydantic refuses is reported once, as a permanent handler error."""
+    try:
+        ModelSpec.model_validate(dict(spec))
+    except ValidationError as err:
+        raise kopf.PermanentError(f"spec is invalid: {one_line(err)}") from err
+
+
+@kopf.on.resume(*MODELS)
+@kopf.on.create(*MODELS)
+@kopf.on.update(*MODELS, field="spec")
+def model_changed(spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
+    fleet: Fleet = memo.fleet
+    fleet.ready.set()  # kopf ran a handler: every index has been listed
+    fleet.wake()
+    _check_spec(spec)
+
+
+@kopf.on.delete(*MODELS)
+def model_deleted(name: str, namespace: str, memo: kopf.Memo, worker_pods: kopf.Index,
+                  resource_claims: kopf.Index, **_: Any) -> None:
+    """Hold the finalizer until the fleet loop has removed every replica."""
+    fleet: Fleet = memo.fleet
+    fleet.ready.set()
+    fleet.wake()
+    left = [o["metadata"]["name"] for index in (worker_pods, resource_claims)
+            for store in index.values() for o in store
+            if o["metadata"].get("namespace") == namespace
+            and (o["metadata"].get("labels") or {}).get(LABEL_MODEL) == name]
+    if left:
+        raise kopf.TemporaryError(f"waiting for {len(left)} worker object(s) to go: "
+                                  f"{', '.join(sorted(set(left))[:5])}", delay=1)

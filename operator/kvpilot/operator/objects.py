@@ -1,0 +1,234 @@
+"""Pure builders of the Kubernetes objects the operator writes: pods, claims, status, events.
+
+Handlers only send what these return, so every object is tested here with exact
+expectations, without a cluster. Names and labels are deterministic: the replica
+``<model>-<i>`` is a pod of that name and, in DRA mode, a ResourceClaim of the same name,
+both owned by the Model, so an operator restarted at any point finds what it made.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from kvpilot.api import contract
+from kvpilot.api.gpus import RESOURCE_GPU
+from kvpilot.api.model import API_VERSION, KIND, ModelSpec
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "kvpilot"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+COMPONENT_WORKER = "worker"
+LABEL_MODEL = "kvpilot.dev/model"
+LABEL_REPLICA = "kvpilot.dev/replica"
+ANN_NODE = "kvpilot.dev/node"
+ANN_GPUS = "kvpilot.dev/gpus"
+ANN_HBM = "kvpilot.dev/hbm-per-gpu"
+ANN_TP = "kvpilot.dev/tensor-parallel"
+ANN_KV_TOKENS = "kvpilot.dev/kv-capacity-tokens"
+CLAIM_REQUEST = "gpu"
+WORKER_CONTAINER = "worker"
+DEFAULT_WORKER_IMAGE = "kvpilot/worker:0.1.0"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+
+
+@dataclass(frozen=True)
+class Device:
+    """One GPU as its DRA driver publishes it in a ResourceSlice."""
+
+    name: str  # device name in the slice, e.g. gpu-0
+    pool: str
+    uuid: str = ""
+    product_name: str = ""  # the driver's productName attribute (spaces, as NVML says)
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One replica to realize: the plan's assignment with the Model it belongs to."""
+
+    name: str  # pod (and claim) name
+    namespace: str
+    model: str  # the Model's name
+    model_uid: str
+    node: str
+    gpus: tuple[int, ...]
+    hbm_per_gpu: int
+    kv_tokens: int = 0
+
+    @property
+    def tp(self) -> int:
+        return len(self.gpus)
+
+
+def selector_labels(model: str) -> dict[str, str]:
+    """Labels that select a Model's worker pods (``status.selector``)."""
+    return {MANAGED_BY: MANAGER, LABEL_MODEL: model}
+
+
+def selector_string(model: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(model).items()))
+
+
+def owner_reference(model: str, uid: str) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": model, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(r: Replica) -> dict[str, Any]:
+    return {
+        "name": r.name,
+        "namespace": r.namespace,
+        "labels": {**selector_labels(r.model), LABEL_COMPONENT: COMPONENT_WORKER,
+                   LABEL_REPLICA: r.name},
+        "annotations": {
+            ANN_NODE: r.node,
+            ANN_GPUS: ",".join(str(g) for g in r.gpus),
+            ANN_HBM: str(r.hbm_per_gpu),
+            ANN_TP: str(r.tp),
+            ANN_KV_TOKENS: str(r.kv_tokens),
+        },
+        "ownerReferences": [owner_reference(r.model, r.model_uid)],
+    }
+
+
+def claim_for(r: Replica, devices: Sequence[Device], device_class: str,
+              driver: str) -> dict[str, Any]:
+    """A ResourceClaim for ``tp`` GPUs, each giving ``hbm_per_gpu`` of its memory.
+
+    The selector names the planned GPUs by UUID (and product), so the kube-scheduler
+    allocates exactly them or nothing; the capacity request makes it check the memory
+    sums of every claim sharing a GPU, so no replica can overcommit one.
+    """
+    if len(devices) != r.tp:
+        raise ValueError(f"{r.name}: {r.tp} GPUs planned, {len(devices)} devices given")
+    uuids = ", ".join(json.dumps(d.uuid) for d in devices)
+    products = sorted({d.product_name for d in devices if d.product_name})
+    attrs = f"device.attributes[{json.dumps(driver)}]"
+    selectors = [{"cel": {"expression": f"{attrs}.uuid in [{uuids}]"}}]
+    if products:
+        selectors.insert(0, {"cel": {"expression": f"{attrs}.productName == "
+                                                   f"{json.dumps(products[0])}"}})
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaim",
+        "metadata": _metadata(r),
+        "spec": {"devices": {"requests": [{
+            "name": CLAIM_REQUEST,
+            "exactly": {
+                "deviceClassName": device_class,
+                "allocationMode": "ExactCount",
+                "count": r.tp,
+                "selectors": selectors,
+                "capacity": {"requests": {"memory": str(r.hbm_per_gpu)}},
+            },
+        }]}},
+    }
+
+
+def _resources(spec: ModelSpec, gpus: int) -> dict[str, Any]:
+    requests = {k: v for k, v in spec.worker.resources.requests.items()}
+    limits = {k: v for k, v in spec.worker.resources.limits.items()}
+    if gpus:
+        requests[RESOURCE_GPU] = limits[RESOURCE_GPU] = gpus
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def pod_for(r: Replica, spec: ModelSpec, spec_json: Mapping[str, Any], *, mode: str,
+            worker_port: int, command: Sequence[str], default_image: str | None = None,
+            drain_seconds: float = 120) -> dict[str, Any]:
+    """The worker pod of one replica, pinned to its planned node.
+
+    ``mode`` is ``dra`` (the pod uses the replica's claim of the same name) or
+    ``devicePlugin`` (whole ``nvidia.com/gpu`` units and required node affinity). The
+    worker gets its Model as env vars (``kvpilot.api.contract``) and sizes its KV pool
+    from them.
+    """
+    image = spec.worker.image
+    if default_image and image == DEFAULT_WORKER_IMAGE:
+        image = default_image
+    args = ["--host", "$(POD_IP)", "--port", str(worker_port)]
+    if spec.source:
+        args += ["--model", spec.source]
+    args += list(spec.worker.engine_args)
+    resources = _resources(spec, r.tp if mode == "devicePlugin" else 0)
+    container: dict[str, Any] = {
+        "name": WORKER_CONTAINER,
+        "image": image,
+        "command": list(command),
+        "args": args,
+        "ports": [{"name": "http", "containerPort": worker_port, "protocol": "TCP"}],
+        "env": [
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": contract.ENV_MODEL_NAME, "value": r.model},
+            {"name": contract.ENV_MODEL_SPEC,
+             "value": json.dumps(spec_json, sort_keys=True, separators=(",", ":"))},
+            {"name": contract.ENV_HBM_PER_GPU, "value": str(r.hbm_per_gpu)},
+            {"name": contract.ENV_TENSOR_PARALLEL, "value": str(r.tp)},
+        ],
+        "readinessProbe": {"httpGet": {"path": contract.PATH_READY, "port": "http"},
+                           "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": contract.PATH_HEALTH, "port": "http"},
+                          "periodSeconds": 10, "failureThreshold": 6},
+        "securityContext": {"allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True},
+    }
+    if resources:
+        container["resources"] = resources
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "nodeSelector": {HOSTNAME_LABEL: r.node},
+        "tolerations": [{"key": RESOURCE_GPU, "operator": "Exists", "effect": "NoSchedule"}],
+        "restartPolicy": "Always",
+        "terminationGracePeriodSeconds": int(drain_seconds) + 30,
+        "enableServiceLinks": False,
+    }
+    if mode == "dra":
+        pod_spec["resourceClaims"] = [{"name": CLAIM_REQUEST, "resourceClaimName": r.name}]
+        container["resources"] = {**container.get("resources", {}),
+                                  "claims": [{"name": CLAIM_REQUEST}]}
+    else:
+        pod_spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": HOSTNAME_LABEL, "operator": "In", "values": [r.node]}]}]}}}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": _metadata(r), "spec": pod_spec}
+
+
+def condition(type_: str, status: bool, reason: str, message: str, generation: int | None,
+              previous: Sequence[Mapping[str, Any]], now: str) -> dict[str, Any]:
+    """A status condition; its transition time moves only when its status changes."""
+    value = "True" if status else "False"
+    old = next((c for c in previous if c.get("type") == type_), None)
+    since = old.get("lastTransitionTime") if old and old.get("status") == value else None
+    out = {"type": type_, "status": value, "reason": reason, "message": message[:32768],
+           "lastTransitionTime": since or now}
+    if generation is not None:
+        out["observedGeneration"] = generation
+    return out
+
+
+def event_for(model: Mapping[str, Any], reason: str, message: str, now: str,
+              warning: bool = False, component: str = "kvpilot-operator") -> dict[str, Any]:
+    """A core/v1 Event about a Model (``kubectl describe model`` shows it)."""
+    meta = model["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"],
+                           "namespace": meta["namespace"], "uid": meta.get("uid", "")},
+        "reason": reason,
+        "message": message[:1024],
+        "type": "Warning" if warning else "Normal",
+        "source": {"component": component},
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+        "reportingComponent": component,
+        "reportingInstance": component,
+    }

@@ -1,0 +1,282 @@
+"""One pass of the fleet reconciler, as a pure function: what is -> what to write.
+
+``reconcile(models, view, config, now) -> Actions`` plans every Model at once (placement
+is global: all Models compete for the same GPUs), keeping existing replicas where they
+run, and returns the difference: objects to create, objects to delete, statuses that
+changed and events to post. A second pass over the same world returns nothing, so an
+idle operator makes no API writes.
+
+Level-triggered: nothing here remembers a previous pass. Names are deterministic (the
+plan names a replica ``<model>-<i>``, the lowest index not taken), so a pass repeated
+after a crash creates what is missing and nothing twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
+
+from pydantic import ValidationError
+
+from kvpilot.api.files import one_line
+from kvpilot.api.model import ModelSpec
+from kvpilot.api.quantity import format_bytes
+from kvpilot.operator.objects import (
+    Device, Replica, claim_for, condition, event_for, pod_for, selector_string,
+)
+from kvpilot.operator.placement import (
+    Assignment, Demand, Plan, Policy, Snapshot, demand_for, place,
+)
+from kvpilot.operator.view import FOREIGN, ClusterView, model_key, split_key
+
+Obj = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Config:
+    """What a pass needs from the operator's settings."""
+
+    mode: str  # "dra" or "devicePlugin" (``auto`` is resolved before a pass)
+    policy: Policy = Policy()
+    device_class: str = "gpu.nvidia.com"
+    driver: str = "gpu.nvidia.com"
+    worker_port: int = 8000
+    worker_command: tuple[str, ...] = ("python", "-m", "kvpilot.worker")
+    worker_image: str | None = None
+    drain_seconds: float = 120
+
+
+@dataclass(frozen=True)
+class Delete:
+    kind: str  # "Pod" or "ResourceClaim"
+    namespace: str
+    name: str
+
+
+@dataclass
+class Actions:
+    creates: list[dict] = field(default_factory=list)  # claims before their pods
+    deletes: list[Delete] = field(default_factory=list)
+    statuses: list[tuple[str, str, dict]] = field(default_factory=list)  # ns, name, status
+    events: list[dict] = field(default_factory=list)
+    plan: Plan | None = None
+
+    @property
+    def writes(self) -> int:
+        return len(self.creates) + len(self.deletes) + len(self.statuses) + len(self.events)
+
+
+@dataclass
+class _Model:
+    raw: Obj
+    key: str
+    spec: ModelSpec | None
+    problem: str = ""  # why the stored spec cannot be served
+
+    @property
+    def name(self) -> str:
+        return self.raw["metadata"]["name"]
+
+    @property
+    def namespace(self) -> str:
+        return self.raw["metadata"]["namespace"]
+
+    @property
+    def deleting(self) -> bool:
+        return bool(self.raw["metadata"].get("deletionTimestamp"))
+
+    def desired(self) -> int:
+        if self.deleting or self.spec is None:
+            return 0
+        s = self.spec
+        hi = s.max_replicas if s.max_replicas is not None else s.replicas
+        return max(s.min_replicas, min(s.replicas, hi))
+
+
+def parse_models(raws: Sequence[Obj]) -> list[_Model]:
+    out = []
+    for raw in sorted(raws, key=lambda r: (r["metadata"]["namespace"], r["metadata"]["name"])):
+        key = model_key(raw["metadata"]["namespace"], raw["metadata"]["name"])
+        try:
+            out.append(_Model(raw, key, ModelSpec.model_validate(raw.get("spec") or {})))
+        except ValidationError as err:
+            out.append(_Model(raw, key, None, f"spec is invalid: {one_line(err)}"))
+    return out
+
+
+def _valid_existing(snapshot: Snapshot) -> tuple[Snapshot, list[str]]:
+    """Drop existing replicas whose GPUs the node no longer has (it shrank): lost."""
+    gpus = {n.name: n.gpus for n in snapshot.nodes}
+    keep, lost = [], []
+    for e in snapshot.replicas:
+        if e.node in gpus and any(not 0 <= g < gpus[e.node] for g in e.gpus):
+            lost.append(e.name)
+        else:
+            keep.append(e)
+    return Snapshot(snapshot.nodes, tuple(keep)), lost
+
+
+def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str) -> Actions:
+    parsed = parse_models(models)
+    by_key = {m.key: m for m in parsed}
+    snapshot, lost = _valid_existing(view.snapshot)
+    policy = config.policy if config.mode == "dra" else replace(config.policy, share_gpus=False)
+
+    demands: list[Demand] = []
+    for m in parsed:
+        if m.spec is None:
+            continue  # kept as it runs: not demanded, so placement leaves it alone
+        try:
+            demands.append(demand_for(m.key, m.spec, snapshot, policy, replicas=m.desired()))
+        except (ValueError, ArithmeticError) as err:
+            m.problem = f"cannot size a replica: {err}"
+    plan = place(snapshot, demands, policy)
+
+    actions = Actions(plan=plan)
+    # Replicas of a Model that no longer exists (its pods outlive it until collected).
+    orphans = [k for k, r in view.replicas.items() if r.model not in by_key]
+    removals = [*plan.removals, *lost, *orphans]
+    gone_nodes = {e.name: e.node for e in snapshot.replicas}
+    for key in dict.fromkeys(removals):
+        r = view.replicas.get(key)
+        if r is None or key.startswith(FOREIGN) or r.terminating:
+            continue
+        ns, name = split_key(key)
+        if r.claim is not None:
+            actions.deletes.append(Delete("ResourceClaim", ns, name))
+        if r.pod is not None:
+            actions.deletes.insert(0, Delete("Pod", ns, name))  # pods first: they hold claims
+        m = by_key.get(r.model)
+        if m is not None and not m.deleting:
+            node = gone_nodes.get(key, "")
+            why = view.node_problems.get(node) or ("node is gone" if node and node not in
+                                                   {n.name for n in snapshot.nodes} else "")
+            if why:
+                actions.events.append(event_for(m.raw, "ReplicaLost",
+                                                f"replica {name} on {node}: {why}; "
+                                                "placing it again elsewhere", now, warning=True))
+            else:
+                actions.events.append(event_for(m.raw, "ReplicaRemoved",
+                                                f"removed replica {name} (beyond the "
+                                                f"{m.desired()} desired)", now))
+
+    placed_by_model: dict[str, list[Assignment]] = {}
+    for a in plan.assignments:
+        placed_by_model.setdefault(a.model, []).append(a)
+    for m in parsed:
+        if m.spec is None or m.deleting:
+            continue
+        created = []
+        for a in placed_by_model.get(m.key, []):
+            made = _realize(a, m, view, config)
+            actions.creates.extend(made)
+            if any(o["kind"] == "Pod" for o in made) and not a.existing:
+                created.append(a)
+        if created:
+            where = "; ".join(f"{split_key(a.replica)[1]} on {a.node} GPU "
+                              f"{','.join(map(str, a.gpus))}{' (shared)' if a.shared else ''}"
+                              for a in created)
+            actions.events.append(event_for(
+                m.raw, "Placed", f"placed {len(created)} replica(s) at "
+                f"{format_bytes(created[0].hbm_per_gpu)} per GPU: {where}", now))
+
+    for m in parsed:
+        if m.deleting:
+            continue
+        status = status_for(m, plan, view, now)
+        old = m.raw.get("status") or {}
+        if _comparable(status) != _comparable(old):
+            actions.statuses.append((m.namespace, m.name, status))
+            actions.events.extend(_transition_events(m, old, status, now))
+    return actions
+
+
+def _realize(a: Assignment, m: _Model, view: ClusterView, config: Config) -> list[dict]:
+    """The claim and pod of an assignment that do not exist yet."""
+    ns, name = split_key(a.replica)
+    r = view.replicas.get(a.replica)
+    if r is not None and r.terminating:
+        return []  # the name frees once it is gone; the next pass places it again
+    replica = Replica(name, ns, m.name, m.raw["metadata"].get("uid", ""), a.node, a.gpus,
+                      a.hbm_per_gpu, a.kv_tokens)
+    out = []
+    if config.mode == "dra" and (r is None or r.claim is None):
+        devices = [view.devices.get((a.node, g)) for g in a.gpus]
+        if None in devices:
+            return []  # the node's slice changed under the plan; the next pass re-plans
+        out.append(claim_for(replica, [d for d in devices if isinstance(d, Device)],
+                             config.device_class, config.driver))
+    if r is None or r.pod is None:
+        out.append(pod_for(replica, m.spec, m.raw["spec"], mode=config.mode,
+                           worker_port=config.worker_port, command=config.worker_command,
+                           default_image=config.worker_image,
+                           drain_seconds=config.drain_seconds))
+    return out
+
+
+def status_for(m: _Model, plan: Plan, view: ClusterView, now: str) -> dict:
+    """The Model's status after this pass: what runs, where, and the conditions."""
+    old = m.raw.get("status") or {}
+    conditions = old.get("conditions") or []
+    gen = m.raw["metadata"].get("generation")
+    mine = [r for r in view.replicas.values() if r.model == m.key and not r.terminating
+            and r.pod is not None]
+    ready = sum(1 for r in mine if r.ready)
+    # Every key this pass owns is present; None deletes it in the merge patch.
+    status: dict[str, Any] = {
+        "replicas": len(mine),
+        "readyReplicas": ready,
+        "selector": selector_string(m.name),
+        "observedGeneration": gen,
+        "tensorParallel": None, "hbmPerGpu": None, "kvCapacityTokens": None,
+        "placements": None, "kvPressurePercent": old.get("kvPressurePercent"),
+    }
+    if m.spec is None or m.problem:
+        status["conditions"] = [condition("Degraded", True, "InvalidSpec", m.problem, gen,
+                                          conditions, now)]
+        return status
+    placed = [a for a in plan.assignments if a.model == m.key]
+    unplaced = [u for u in plan.unplaced if u.model == m.key]
+    if placed:
+        first = placed[0]
+        status.update(tensorParallel=first.tp, hbmPerGpu=format_bytes(first.hbm_per_gpu),
+                      kvCapacityTokens=first.kv_tokens)
+    status["placements"] = [{"replica": split_key(a.replica)[1], "node": a.node,
+                             "gpus": list(a.gpus), "shared": a.shared} for a in placed]
+    desired = m.desired()
+    cond = [
+        condition("Placed", not unplaced, "AllPlaced" if not unplaced else "NotAllPlaced",
+                  f"{len(placed)} of {desired} replicas placed", gen, conditions, now),
+        condition("Ready", ready >= desired,
+                  "ReplicasReady" if ready >= desired else "ReplicasNotReady",
+                  f"{ready} of {desired} replicas ready", gen, conditions, now),
+        condition("Unschedulable", bool(unplaced), "DoesNotFit" if unplaced else "Fits",
+                  unplaced[0].reason if unplaced else "every desired replica has GPUs",
+                  gen, conditions, now),
+        condition("Degraded", bool(unplaced and placed), "PartlyPlaced" if unplaced and placed
+                  else "AsSpecified", f"{len(unplaced)} replica(s) could not be placed; "
+                  "the placed ones keep serving" if unplaced and placed else "", gen,
+                  conditions, now),
+    ]
+    status["conditions"] = cond
+    return status
+
+
+def _comparable(status: Obj) -> dict:
+    """Status without None values, for the compare-before-patch check."""
+    return {k: v for k, v in status.items() if v is not None}
+
+
+def _transition_events(m: _Model, old: Obj, new: Obj, now: str) -> list[dict]:
+    """Events for conditions that turned True (or whose message changed while True)."""
+    before = {c.get("type"): c for c in old.get("conditions") or []}
+    out = []
+    for c in new.get("conditions") or []:
+        if c["type"] not in ("Unschedulable", "Degraded") or c["status"] != "True":
+            continue
+        prev = before.get(c["type"])
+        if prev and prev.get("status") == "True" and prev.get("message") == c["message"]:
+            continue
+        out.append(event_for(m.raw, c["reason"], c["message"], now, warning=True))
+    return out
+

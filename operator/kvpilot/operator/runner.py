@@ -1,0 +1,203 @@
+"""The fleet loop: one reconciler for all Models, woken by changes and by a timer.
+
+Placement is global, so one loop plans every Model at once (per-Model handlers that each
+called ``place()`` would race for the same GPUs). Each pass takes a snapshot of the
+operator's indexes, calls the pure :func:`reconcile`, and applies its actions.
+
+The indexes lag the API server by a watch event. So that a pass right after another
+does not plan from a world without the pods it just created (or with the ones it just
+deleted), the loop remembers its own recent writes (controller-runtime calls these
+expectations) and lays them over the indexes until the watch catches up. Should it
+still be wrong, names are deterministic: a create of an existing name is a 409, not a
+duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Mapping
+
+from kvpilot.operator.kube import ApiError, Kube
+from kvpilot.operator.placement import Policy
+from kvpilot.operator.reconcile import Actions, Config, Delete, reconcile
+from kvpilot.operator.settings import Settings
+from kvpilot.operator.view import ClusterView, cluster_view, dra_available
+
+log = logging.getLogger("kvpilot.fleet")
+EXPECTATION_SECONDS = 60.0  # after this, trust the indexes again
+
+Obj = Mapping[str, Any]
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Indexes:
+    """Live views of the cluster (kopf indexes): name -> collection of objects."""
+
+    models: Mapping[Any, Iterable[Obj]] = field(default_factory=dict)
+    nodes: Mapping[Any, Iterable[Obj]] = field(default_factory=dict)
+    pods: Mapping[Any, Iterable[Obj]] = field(default_factory=dict)
+    claims: Mapping[Any, Iterable[Obj]] = field(default_factory=dict)
+    slices: Mapping[Any, Iterable[Obj]] = field(default_factory=dict)
+
+    @staticmethod
+    def items(index: Mapping[Any, Iterable[Obj]]) -> list[Obj]:
+        return [obj for store in list(index.values()) for obj in list(store)]
+
+
+@dataclass
+class PassResult:
+    actions: Actions
+    mode: str
+    seconds: float
+    view: ClusterView
+
+
+def _key(obj: Obj) -> tuple[str, str, str]:
+    meta = obj["metadata"]
+    return obj.get("kind", ""), meta.get("namespace", ""), meta["name"]
+
+
+class Fleet:
+    """Runs passes; ``wake()`` asks for one soon, ``ready`` opens the loop."""
+
+    def __init__(self, kube: Kube, settings: Settings, indexes: Indexes,
+                 on_pass: Callable[[PassResult], None] | None = None) -> None:
+        self.kube, self.settings, self.indexes = kube, settings, indexes
+        self.ready = asyncio.Event()  # set once kopf has listed every indexed kind
+        self.woken = asyncio.Event()
+        self.on_pass = on_pass
+        self.created: dict[tuple[str, str, str], tuple[float, dict]] = {}
+        self.deleted: dict[tuple[str, str, str], float] = {}
+        self.passes = 0
+        self.last: PassResult | None = None
+
+    def wake(self) -> None:
+        self.woken.set()
+
+    async def run(self) -> None:
+        await self.ready.wait()
+        log.info("indexes populated; fleet loop running")
+        while True:
+            self.woken.clear()
+            try:
+                await self.reconcile_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad pass must not end the loop; the next one retries
+                log.exception("fleet pass failed")
+            try:
+                await asyncio.wait_for(self.woken.wait(), self.settings.reconcile_seconds)
+                await asyncio.sleep(self.settings.debounce_seconds)  # gather a burst
+            except asyncio.TimeoutError:
+                pass
+
+    def mode(self, slices: list[Obj]) -> str:
+        if self.settings.mode != "auto":
+            return self.settings.mode
+        return "dra" if dra_available(slices, self.settings.dra_driver) else "devicePlugin"
+
+    def config(self, mode: str) -> Config:
+        s = self.settings
+        return Config(mode=mode, policy=Policy(packing=s.packing, reserve=s.reserve),
+                      device_class=s.device_class, driver=s.dra_driver,
+                      worker_port=s.worker_port, worker_command=s.worker_command,
+                      worker_image=s.worker_image, drain_seconds=s.drain_timeout_seconds)
+
+    def _overlay(self, kind: str, objects: list[Obj]) -> list[Obj]:
+        """The index's objects with this loop's recent writes laid over them."""
+        now = time.monotonic()
+        seen = {_key({**o, "kind": kind}) for o in objects}
+        out = []
+        for o in objects:
+            k = _key({**o, "kind": kind})
+            if k in self.deleted and not o["metadata"].get("deletionTimestamp"):
+                if now - self.deleted[k] < EXPECTATION_SECONDS:
+                    o = copy.copy(o)
+                    o["metadata"] = {**o["metadata"], "deletionTimestamp": "expected"}
+                else:
+                    del self.deleted[k]
+            out.append(o)
+        for k, (at, obj) in list(self.created.items()):
+            if k[0] != kind:
+                continue
+            if k in seen or now - at > EXPECTATION_SECONDS:
+                del self.created[k]
+            else:
+                out.append(obj)
+        for k in [k for k in self.deleted if k[0] == kind and k not in seen]:
+            del self.deleted[k]  # the watch saw it go
+        return out
+
+    async def reconcile_once(self) -> PassResult:
+        started = time.monotonic()
+        ix = self.indexes
+        slices = ix.items(ix.slices)
+        mode = self.mode(slices)
+        view = cluster_view(ix.items(ix.nodes), slices, self._overlay("Pod", ix.items(ix.pods)),
+                            self._overlay("ResourceClaim", ix.items(ix.claims)), mode,
+                            self.settings.dra_driver)
+        actions = reconcile(ix.items(ix.models), view, self.config(mode), utc_now())
+        await self.apply(actions)
+        result = PassResult(actions, mode, time.monotonic() - started, view)
+        self.passes += 1
+        self.last = result
+        if actions.writes:
+            log.info("pass %d (%s): %d created, %d deleted, %d statuses, %d events in %.2fs",
+                     self.passes, mode, len(actions.creates), len(actions.deletes),
+                     len(actions.statuses), len(actions.events), result.seconds)
+        if self.on_pass is not None:
+            self.on_pass(result)
+        return result
+
+    async def apply(self, actions: Actions) -> None:
+        # Deletes first: they free HBM the creates may be planned into (DRA: the scheduler
+        # holds a new claim Pending until the old one is gone, never overcommitting).
+        await asyncio.gather(*(self._delete(d) for d in actions.deletes))
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for obj in actions.creates:  # a replica's claim, then its pod, in order
+            groups.setdefault((obj["metadata"]["namespace"], obj["metadata"]["name"]),
+                              []).append(obj)
+        await asyncio.gather(*(self._create_in_order(objs) for objs in groups.values()))
+        await asyncio.gather(*(self._status(ns, name, status)
+                               for ns, name, status in actions.statuses))
+        await asyncio.gather(*(self._event(e) for e in actions.events))
+
+    async def _create_in_order(self, objs: list[dict]) -> None:
+        for obj in objs:
+            try:
+                made = await self.kube.create(obj)
+            except ApiError as err:
+                log.warning("create %s %s/%s: %s", obj["kind"], obj["metadata"]["namespace"],
+                            obj["metadata"]["name"], err)
+                return  # not the pod without its claim; the next pass retries
+            if made is not None:
+                self.created[_key(obj)] = (time.monotonic(), made)
+
+    async def _delete(self, d: Delete) -> None:
+        try:
+            await self.kube.delete(d.kind, d.namespace, d.name)
+            self.deleted[(d.kind, d.namespace, d.name)] = time.monotonic()
+        except ApiError as err:
+            log.warning("delete %s %s/%s: %s", d.kind, d.namespace, d.name, err)
+
+    async def _status(self, namespace: str, name: str, status: dict) -> None:
+        try:
+            await self.kube.patch("Model", namespace, name, {"status": status}, sub="status")
+        except ApiError as err:
+            if err.status != 404:  # a Model deleted meanwhile needs no status
+                log.warning("status of model %s/%s: %s", namespace, name, err)
+
+    async def _event(self, event: dict) -> None:
+        try:
+            await self.kube.create(event)
+        except ApiError as err:
+            log.warning("event %s: %s", event.get("reason"), err)

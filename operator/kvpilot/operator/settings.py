@@ -1,0 +1,80 @@
+"""Operator settings: one pydantic model, filled from flags and ``KVPILOT_*`` env vars.
+
+The Helm chart passes its values as env vars, the CLI as flags; both end up here and are
+validated once, at start-up, with a message that names the setting.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvpilot.api.contract import WORKER_PORT
+
+ENV_PREFIX = "KVPILOT_"
+RealizationMode = Literal["auto", "dra", "devicePlugin"]
+
+
+class Settings(BaseModel):
+    """How the operator realizes plans and how often it looks at the fleet."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: RealizationMode = Field(
+        "auto", description="dra: ResourceClaims with consumable GPU memory (GPUs shared by "
+        "HBM budget); devicePlugin: whole nvidia.com/gpu per replica, no sharing; auto: dra "
+        "when the GPU driver publishes ResourceSlices with consumable memory.")
+    dra_driver: str = Field("gpu.nvidia.com", min_length=1,
+                            description="DRA driver whose ResourceSlices describe the GPUs.")
+    device_class: str = Field("gpu.nvidia.com", min_length=1,
+                              description="DeviceClass the replicas' claims ask for.")
+    worker_image: str | None = Field(
+        None, description="Image for workers whose Model keeps the default image.")
+    worker_port: int = Field(WORKER_PORT, ge=1, le=65535)
+    worker_command: tuple[str, ...] = Field(("python", "-m", "kvpilot.worker"), min_length=1)
+    reconcile_seconds: float = Field(30.0, gt=0, le=3600,
+                                     description="Longest time between two fleet passes.")
+    debounce_seconds: float = Field(0.2, ge=0, le=60,
+                                    description="Quiet time gathered after a change before a pass.")
+    scrape_seconds: float = Field(15.0, gt=0, le=3600,
+                                  description="Interval between scrapes of worker metrics.")
+    scrape_timeout_seconds: float = Field(2.0, gt=0, le=60)
+    drain_timeout_seconds: float = Field(120.0, ge=0, le=86400,
+                                         description="Longest wait for a worker to drain.")
+    reserve: float = Field(0.0, ge=0, lt=1, description="Fraction of every GPU's HBM kept free.")
+    packing: float = Field(1.0, ge=0, le=1,
+                           description="1 packs replicas onto few GPUs, 0 spreads them.")
+    namespace: str = Field("kvpilot-system", min_length=1,
+                           description="Namespace of the operator's Lease.")
+    lease_name: str = Field("kvpilot-operator", min_length=1)
+    lease_seconds: float = Field(15.0, ge=2, le=600)
+    identity: str = Field(default_factory=lambda: os.environ.get("HOSTNAME", "")
+                          or f"kvpilot-{os.getpid()}")
+    metrics_port: int = Field(8080, ge=0, le=65535, description="0 turns /metrics off.")
+    health_port: int = Field(8081, ge=0, le=65535, description="0 turns /healthz off.")
+    write_concurrency: int = Field(16, ge=1, le=256,
+                                   description="API writes in flight at once.")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Settings from ``KVPILOT_<NAME>`` env vars (upper snake case), then overrides."""
+        env = os.environ if env is None else env
+        values: dict = {}
+        for name, field in cls.model_fields.items():
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is None:
+                continue
+            if name == "worker_command":
+                values[name] = tuple(raw.split())
+            else:
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(values)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+                for e in err.errors())
+            raise ValueError(f"invalid operator settings: {problems}") from err

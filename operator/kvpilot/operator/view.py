@@ -1,0 +1,283 @@
+"""What the cluster looks like, as placement sees it: a pure function of raw objects.
+
+``cluster_view(nodes, slices, pods, claims, mode)`` turns the operator's in-memory
+indexes (plain dicts, as the API server returns them) into a placement ``Snapshot`` plus
+what realizing a plan needs: which DRA device is GPU ``i`` of a node, and which pods and
+claims make up each existing replica.
+
+Which nodes take replicas:
+- a node that is NotReady, cordoned, or tainted NoExecute (untolerated) loses its
+  replicas: they are re-placed elsewhere (``Node.ready`` is False);
+- a node tainted NoSchedule (untolerated) keeps what runs and takes nothing new;
+- GPUs come from NVIDIA GPU Feature Discovery labels and allocatable ``nvidia.com/gpu``
+  (device-plugin mode) or from the DRA driver's ResourceSlices (DRA mode, where the GPU
+  count, product and memory are the devices the driver publishes).
+
+Existing replicas are keyed ``namespace/name`` and belong to the model key
+``namespace/model``, so Models of the same name in two namespaces never mix. In DRA mode
+memory that other workloads' claims hold on kvpilot's GPUs is an existing replica of a
+pseudo-model (``FOREIGN``), so placement never counts it as free.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from kvpilot.api.gpus import LABEL_MEMORY_MIB, LABEL_PRODUCT, RESOURCE_GPU
+from kvpilot.api.quantity import MiB, parse_bytes
+from kvpilot.operator.objects import (
+    ANN_GPUS, ANN_HBM, ANN_NODE, LABEL_MODEL, MANAGED_BY, MANAGER, Device,
+)
+from kvpilot.operator.placement import Existing, Node, Snapshot
+
+FOREIGN = "(other workloads)"
+TOLERATED_TAINTS = {RESOURCE_GPU}  # worker pods tolerate the usual GPU-node taint
+
+Obj = Mapping[str, Any]
+
+
+def model_key(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    namespace, _, name = key.partition("/")
+    return namespace, name
+
+
+@dataclass
+class ReplicaObjects:
+    """The pod and (DRA) claim of one existing replica; either may be missing."""
+
+    key: str  # namespace/name
+    model: str  # namespace/model
+    pod: Obj | None = None
+    claim: Obj | None = None
+
+    @property
+    def terminating(self) -> bool:
+        return any(o is not None and o["metadata"].get("deletionTimestamp")
+                   for o in (self.pod, self.claim))
+
+    @property
+    def ready(self) -> bool:
+        if self.pod is None or self.pod["metadata"].get("deletionTimestamp"):
+            return False
+        conditions = (self.pod.get("status") or {}).get("conditions") or []
+        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+@dataclass
+class ClusterView:
+    snapshot: Snapshot
+    devices: dict[tuple[str, int], Device] = field(default_factory=dict)
+    replicas: dict[str, ReplicaObjects] = field(default_factory=dict)
+    foreign_claims: int = 0
+    node_problems: dict[str, str] = field(default_factory=dict)  # node -> why it is out
+
+
+def _taints(node: Obj) -> list[Obj]:
+    return [t for t in (node.get("spec") or {}).get("taints") or []
+            if t.get("key") not in TOLERATED_TAINTS]
+
+
+def node_state(node: Obj) -> tuple[bool, bool, str]:
+    """(ready: keeps and takes replicas, cordoned: keeps only, why it is out)."""
+    conditions = (node.get("status") or {}).get("conditions") or []
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    if node["metadata"].get("deletionTimestamp"):
+        return False, False, "node is being deleted"
+    if not ready:
+        return False, False, "node is NotReady"
+    if (node.get("spec") or {}).get("unschedulable"):
+        return False, False, "node is cordoned"
+    taints = _taints(node)
+    if any(t.get("effect") == "NoExecute" for t in taints):
+        return False, False, "node has a NoExecute taint"
+    if any(t.get("effect") == "NoSchedule" for t in taints):
+        return True, True, "node has a NoSchedule taint"
+    return True, False, ""
+
+
+def _gpu_node(node: Obj) -> Node | None:
+    """A device-plugin GPU node from GFD labels and allocatable nvidia.com/gpu."""
+    labels = node["metadata"].get("labels") or {}
+    product = labels.get(LABEL_PRODUCT)
+    gpus = (node.get("status") or {}).get("allocatable", {}).get(RESOURCE_GPU)
+    try:
+        mib = int(labels.get(LABEL_MEMORY_MIB, ""))
+        count = int(gpus) if gpus is not None else 0
+    except ValueError:
+        return None
+    if not product or count <= 0 or mib <= 0:
+        return None
+    ready, cordoned, _ = node_state(node)
+    return Node(node["metadata"]["name"], product, count, mib * MiB, cordoned=cordoned,
+                ready=ready)
+
+
+def dra_product(product_name: str) -> str:
+    """The GFD label form of a driver's product name: NVIDIA H100 80GB HBM3 ->
+    NVIDIA-H100-80GB-HBM3 (GFD replaces spaces with dashes)."""
+    return re.sub(r"\s+", "-", product_name.strip())
+
+
+def _device_number(name: str) -> tuple[int, str]:
+    m = re.search(r"(\d+)$", name)
+    return (int(m.group(1)) if m else 1 << 30, name)
+
+
+def slice_devices(slices: Iterable[Obj], driver: str) -> dict[str, list[tuple[Obj, str]]]:
+    """Node -> [(device, pool)] of the driver's shareable GPUs with a memory capacity."""
+    out: dict[str, list[tuple[Obj, str]]] = {}
+    for s in slices:
+        spec = s.get("spec") or {}
+        if spec.get("driver") != driver or not spec.get("nodeName"):
+            continue
+        pool = (spec.get("pool") or {}).get("name", "")
+        for d in spec.get("devices") or []:
+            attrs = d.get("attributes") or {}
+            kind = (attrs.get("type") or {}).get("string", "gpu")
+            if kind != "gpu" or "memory" not in (d.get("capacity") or {}):
+                continue
+            out.setdefault(spec["nodeName"], []).append((d, pool))
+    return out
+
+
+def dra_available(slices: Iterable[Obj], driver: str) -> bool:
+    """True when the driver publishes GPUs with consumable memory (``auto`` picks DRA)."""
+    return any(d.get("allowMultipleAllocations")
+               for devs in slice_devices(slices, driver).values() for d, _ in devs)
+
+
+def _dra_nodes(nodes: Mapping[str, Obj], slices: Iterable[Obj], driver: str,
+               devices: dict[tuple[str, int], Device]) -> list[Node]:
+    out = []
+    for node_name, devs in sorted(slice_devices(slices, driver).items()):
+        node = nodes.get(node_name)
+        if node is None:
+            continue  # a slice outlives its node for a moment; the node decides
+        devs = sorted(devs, key=lambda dp: _device_number(dp[0]["name"]))
+        products, memories = set(), []
+        for i, (d, pool) in enumerate(devs):
+            attrs = d.get("attributes") or {}
+            name = (attrs.get("productName") or {}).get("string", "")
+            uuid = (attrs.get("uuid") or {}).get("string", "")
+            devices[(node_name, i)] = Device(d["name"], pool, uuid, name)
+            products.add(dra_product(name) if name else "unknown")
+            memories.append(parse_bytes(d["capacity"]["memory"]["value"]))
+        ready, cordoned, _ = node_state(node)
+        # All GPUs of a node are one product; should a driver say otherwise, the node is
+        # described by the smallest GPU and its first product name.
+        out.append(Node(node_name, sorted(products)[0], len(devs), min(memories),
+                        cordoned=cordoned, ready=ready))
+    return out
+
+
+def _replica_key(obj: Obj) -> str:
+    meta = obj["metadata"]
+    return model_key(meta["namespace"], meta["name"])
+
+
+def _ours(obj: Obj) -> bool:
+    labels = obj["metadata"].get("labels") or {}
+    return labels.get(MANAGED_BY) == MANAGER and LABEL_MODEL in labels
+
+
+def _planned_gpus(obj: Obj) -> tuple[int, ...]:
+    raw = (obj["metadata"].get("annotations") or {}).get(ANN_GPUS, "")
+    try:
+        return tuple(int(g) for g in raw.split(",") if g != "")
+    except ValueError:
+        return ()
+
+
+def _allocated(claim: Obj, driver: str) -> list[tuple[str, str, int | None]]:
+    """(pool, device, consumed memory bytes or None) of a claim's allocation."""
+    results = (((claim.get("status") or {}).get("allocation") or {}).get("devices") or {}).get(
+        "results") or []
+    out = []
+    for r in results:
+        if r.get("driver") != driver:
+            continue
+        consumed = (r.get("consumedCapacity") or {}).get("memory")
+        out.append((r.get("pool", ""), r.get("device", ""),
+                    parse_bytes(consumed) if consumed is not None else None))
+    return out
+
+
+def cluster_view(nodes: Iterable[Obj], slices: Iterable[Obj], pods: Iterable[Obj],
+                 claims: Iterable[Obj], mode: str, driver: str = "gpu.nvidia.com") -> ClusterView:
+    """The placement snapshot and the replica objects, from raw API objects."""
+    by_name = {n["metadata"]["name"]: n for n in nodes}
+    devices: dict[tuple[str, int], Device] = {}
+    if mode == "dra":
+        gpu_nodes = _dra_nodes(by_name, slices, driver, devices)
+    else:
+        gpu_nodes = [g for g in (_gpu_node(n) for n in by_name.values()) if g is not None]
+        gpu_nodes.sort(key=lambda n: n.name)
+    problems = {n: why for n, obj in by_name.items() for _, _, why in [node_state(obj)] if why}
+    where = {(d.pool, d.name): (node, i) for (node, i), d in devices.items()}
+    hbm_of = {n.name: n.gpu_hbm for n in gpu_nodes}
+
+    replicas: dict[str, ReplicaObjects] = {}
+    for pod in pods:
+        if not _ours(pod):
+            continue
+        key = _replica_key(pod)
+        model = model_key(pod["metadata"]["namespace"], pod["metadata"]["labels"][LABEL_MODEL])
+        replicas[key] = ReplicaObjects(key, model, pod=pod)
+    foreign: list[Existing] = []
+    for claim in claims:
+        if _ours(claim):
+            key = _replica_key(claim)
+            model = model_key(claim["metadata"]["namespace"],
+                              claim["metadata"]["labels"][LABEL_MODEL])
+            replicas.setdefault(key, ReplicaObjects(key, model)).claim = claim
+            continue
+        if mode != "dra":
+            continue
+        # Another workload's claim on our GPUs: its memory is not free for replicas.
+        by_node: dict[str, list[tuple[int, int]]] = {}
+        for pool, dev, consumed in _allocated(claim, driver):
+            if (pool, dev) not in where:
+                continue
+            node, i = where[(pool, dev)]
+            by_node.setdefault(node, []).append((i, hbm_of[node] if consumed is None else consumed))
+        for node, used in by_node.items():
+            foreign.append(Existing(f"{FOREIGN}/{_replica_key(claim)}@{node}", FOREIGN, node,
+                                    tuple(i for i, _ in used), max(h for _, h in used)))
+
+    existing = [e for r in replicas.values() if (e := _existing(r, where, driver))]
+    return ClusterView(Snapshot(tuple(gpu_nodes), tuple(existing + foreign)), devices,
+                       replicas, len(foreign), problems)
+
+
+def _existing(r: ReplicaObjects, where: Mapping[tuple[str, str], tuple[str, int]],
+               driver: str) -> Existing | None:
+    """The replica as placement sees it: where it is bound or allocated, else planned.
+
+    A terminating replica is not existing: its HBM frees up as it goes, and a new one
+    may be planned in its place (the kube-scheduler, in DRA mode, waits for the memory).
+    """
+    if r.terminating:
+        return None
+    src = r.pod or r.claim
+    meta = src["metadata"]
+    annotations = meta.get("annotations") or {}
+    node = ((r.pod or {}).get("spec") or {}).get("nodeName") or annotations.get(ANN_NODE, "")
+    gpus = _planned_gpus(src)
+    if r.claim is not None:
+        found = [where.get((pool, dev)) for pool, dev, _ in _allocated(r.claim, driver)]
+        if found and None not in found and len({n for n, _ in found}) == 1:
+            node = found[0][0]  # what the kube-scheduler allocated beats what was planned
+            gpus = tuple(sorted(i for _, i in found))
+    try:
+        hbm = int(annotations.get(ANN_HBM, "0"))
+    except ValueError:
+        hbm = 0
+    if not node or not gpus or hbm <= 0:
+        return None
+    return Existing(r.key, r.model, node, gpus, hbm)

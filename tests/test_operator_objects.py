@@ -1,0 +1,138 @@
+"""The pure builders of the operator's objects, with exact expectations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvpilot.api import contract
+from kvpilot.api.model import ModelSpec
+from kvpilot.operator.objects import (
+    Device, Replica, claim_for, condition, event_for, owner_reference, pod_for, selector_string,
+)
+
+SPEC_JSON = {
+    "weights": {"parameters": 8030261248, "dtype": "bf16"},
+    "architecture": {"layers": 32, "attentionHeads": 32, "kvHeads": 8, "headDim": 128,
+                     "maxContextTokens": 8192},
+    "sla": {"contextTokens": 8192, "concurrentSequences": 16},
+    "source": "/models/llama-3-8b",
+    "worker": {"resources": {"requests": {"cpu": "4", "memory": "32Gi"}},
+               "engineArgs": ["--max-batch", "64"]},
+}
+SPEC = ModelSpec.model_validate(SPEC_JSON)
+R = Replica("llama-1", "ml", "llama", "uid-1", "h100-0", (2, 3), 20 * 2**30, 65536)
+LABELS = {"app.kubernetes.io/managed-by": "kvpilot", "kvpilot.dev/model": "llama",
+          "app.kubernetes.io/component": "worker", "kvpilot.dev/replica": "llama-1"}
+ANNOTATIONS = {"kvpilot.dev/node": "h100-0", "kvpilot.dev/gpus": "2,3",
+               "kvpilot.dev/hbm-per-gpu": str(20 * 2**30), "kvpilot.dev/tensor-parallel": "2",
+               "kvpilot.dev/kv-capacity-tokens": "65536"}
+
+
+def test_owner_reference_makes_the_model_the_controller():
+    assert owner_reference("llama", "uid-1") == {
+        "apiVersion": "kvpilot.dev/v1alpha1", "kind": "Model", "name": "llama", "uid": "uid-1",
+        "controller": True, "blockOwnerDeletion": True}
+
+
+def test_selector_string_is_sorted_and_stable():
+    assert selector_string("llama") == (
+        "app.kubernetes.io/managed-by=kvpilot,kvpilot.dev/model=llama")
+
+
+def test_claim_asks_the_planned_gpus_with_the_hbm_budget_as_capacity():
+    devices = [Device("gpu-2", "h100-0", "GPU-b", "NVIDIA H100 80GB HBM3"),
+               Device("gpu-3", "h100-0", "GPU-c", "NVIDIA H100 80GB HBM3")]
+    claim = claim_for(R, devices, "gpu.nvidia.com", "gpu.nvidia.com")
+    assert claim == {
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+        "metadata": {"name": "llama-1", "namespace": "ml", "labels": LABELS,
+                     "annotations": ANNOTATIONS,
+                     "ownerReferences": [owner_reference("llama", "uid-1")]},
+        "spec": {"devices": {"requests": [{"name": "gpu", "exactly": {
+            "deviceClassName": "gpu.nvidia.com", "allocationMode": "ExactCount", "count": 2,
+            "selectors": [
+                {"cel": {"expression": 'device.attributes["gpu.nvidia.com"].productName == '
+                                       '"NVIDIA H100 80GB HBM3"'}},
+                {"cel": {"expression": 'device.attributes["gpu.nvidia.com"].uuid in '
+                                       '["GPU-b", "GPU-c"]'}},
+            ],
+            "capacity": {"requests": {"memory": str(20 * 2**30)}},
+        }}]}},
+    }
+
+
+def test_claim_refuses_a_device_count_other_than_tp():
+    with pytest.raises(ValueError, match="2 GPUs planned, 1 devices given"):
+        claim_for(R, [Device("gpu-2", "h100-0", "GPU-b")], "gpu.nvidia.com", "gpu.nvidia.com")
+
+
+def _pod(mode: str) -> dict:
+    return pod_for(R, SPEC, SPEC_JSON, mode=mode, worker_port=8000,
+                   command=("python", "-m", "kvpilot.worker"), drain_seconds=60)
+
+
+def test_dra_pod_uses_the_claim_of_its_name_and_gets_the_model_as_env():
+    pod = _pod("dra")
+    assert pod["metadata"]["name"] == "llama-1"
+    assert pod["metadata"]["labels"] == LABELS
+    assert pod["metadata"]["annotations"] == ANNOTATIONS
+    spec = pod["spec"]
+    assert spec["nodeSelector"] == {"kubernetes.io/hostname": "h100-0"}
+    assert spec["resourceClaims"] == [{"name": "gpu", "resourceClaimName": "llama-1"}]
+    assert "affinity" not in spec
+    assert spec["terminationGracePeriodSeconds"] == 90
+    (c,) = spec["containers"]
+    assert c["image"] == "kvpilot/worker:0.1.0"
+    assert c["command"] == ["python", "-m", "kvpilot.worker"]
+    assert c["args"] == ["--host", "$(POD_IP)", "--port", "8000", "--model",
+                         "/models/llama-3-8b", "--max-batch", "64"]
+    assert c["resources"] == {"requests": {"cpu": "4", "memory": "32Gi"},
+                              "claims": [{"name": "gpu"}]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert json.loads(env[contract.ENV_MODEL_SPEC]) == SPEC_JSON
+    assert env[contract.ENV_MODEL_NAME] == "llama"
+    assert env[contract.ENV_HBM_PER_GPU] == str(20 * 2**30)
+    assert env[contract.ENV_TENSOR_PARALLEL] == "2"
+    assert c["readinessProbe"]["httpGet"] == {"path": contract.PATH_READY, "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": contract.PATH_HEALTH, "port": "http"}
+
+
+def test_device_plugin_pod_takes_whole_gpus_and_requires_its_node():
+    spec = _pod("devicePlugin")["spec"]
+    assert "resourceClaims" not in spec
+    (c,) = spec["containers"]
+    assert c["resources"] == {"requests": {"cpu": "4", "memory": "32Gi", "nvidia.com/gpu": 2},
+                              "limits": {"nvidia.com/gpu": 2}}
+    assert spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] == {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "kubernetes.io/hostname", "operator": "In", "values": ["h100-0"]}]}]}
+
+
+def test_default_image_replaces_only_the_builtin_default():
+    pod = pod_for(R, SPEC, SPEC_JSON, mode="dra", worker_port=8000, command=("w",),
+                  default_image="registry.local/worker:1")
+    assert pod["spec"]["containers"][0]["image"] == "registry.local/worker:1"
+    custom = ModelSpec.model_validate({**SPEC_JSON, "worker": {"image": "mine:2"}})
+    pod = pod_for(R, custom, SPEC_JSON, mode="dra", worker_port=8000, command=("w",),
+                  default_image="registry.local/worker:1")
+    assert pod["spec"]["containers"][0]["image"] == "mine:2"
+
+
+def test_condition_keeps_its_transition_time_while_its_status_holds():
+    old = [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]
+    same = condition("Ready", True, "R", "m", 3, old, "2026-02-02T00:00:00Z")
+    assert same == {"type": "Ready", "status": "True", "reason": "R", "message": "m",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 3}
+    flipped = condition("Ready", False, "R", "m", 3, old, "2026-02-02T00:00:00Z")
+    assert flipped["lastTransitionTime"] == "2026-02-02T00:00:00Z"
+
+
+def test_event_points_at_the_model():
+    model = {"metadata": {"name": "llama", "namespace": "ml", "uid": "uid-1"}}
+    ev = event_for(model, "Placed", "placed 1 replica", "2026-01-01T00:00:00Z", warning=True)
+    assert ev["involvedObject"] == {"apiVersion": "kvpilot.dev/v1alpha1", "kind": "Model",
+                                    "name": "llama", "namespace": "ml", "uid": "uid-1"}
+    assert (ev["type"], ev["reason"], ev["metadata"]["generateName"]) == (
+        "Warning", "Placed", "llama.")
