@@ -50,7 +50,20 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--no-share", action="store_true",
                       help="never put two replicas on one GPU")
     plan.set_defaults(run=_plan)
+    operator = sub.add_parser(
+        "operator", help="run the operator (out of cluster with a kubeconfig, or in a pod)",
+        description="Place Model replicas on the cluster's GPUs and run their worker pods.")
+    from kvpilot.operator.main import add_arguments
+
+    add_arguments(operator)
+    operator.set_defaults(run=_operator)
     return top
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from kvpilot.operator.main import main
+
+    return main(args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
