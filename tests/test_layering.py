@@ -19,6 +19,8 @@ PURE_MODULES = [
     "kvpilot.api.fleet", "kvpilot.api.files", "kvpilot.api.crd",
     "kvpilot.operator.placement", "kvpilot.operator.placement.exact",
     "kvpilot.operator.placement.check", "kvpilot.cli",
+    "kvpilot.operator.objects", "kvpilot.operator.view", "kvpilot.operator.reconcile",
+    "kvpilot.operator.settings", "kvpilot.operator.leader",
     "kvpilot.worker.block_manager", "kvpilot.worker.scheduler",
 ]
 

@@ -1,0 +1,307 @@
+"""The fleet reconciler as a pure function: tiny clusters as plain dicts, exact results.
+
+``World`` holds API objects as the API server would return them and applies a pass's
+actions the way the API server, scheduler and KWOK would (pods bound to their planned
+node and Ready), so a test can run passes until the world settles.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from kvpilot.api.quantity import GiB
+from kvpilot.operator.reconcile import Actions, Config, reconcile
+from kvpilot.operator.view import FOREIGN, cluster_view, dra_available, dra_product
+
+NOW = "2026-01-01T00:00:00Z"
+H100 = "NVIDIA-H100-80GB-HBM3"
+
+
+def node(name: str, gpus: int = 2, product: str = H100, mib: int = 81559, *,
+         ready: bool = True, cordoned: bool = False, taints: list | None = None) -> dict:
+    return {
+        "metadata": {"name": name, "labels": {"nvidia.com/gpu.product": product,
+                                              "nvidia.com/gpu.memory": str(mib)}},
+        "spec": {"unschedulable": cordoned, "taints": taints or []},
+        "status": {"allocatable": {"nvidia.com/gpu": str(gpus)},
+                   "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+    }
+
+
+def gpu_slice(node_name: str, gpus: int = 2, memory: str = "80Gi",
+              product: str = "NVIDIA H100 80GB HBM3", shared: bool = True) -> dict:
+    return {"spec": {
+        "driver": "gpu.nvidia.com", "nodeName": node_name,
+        "pool": {"name": node_name, "generation": 1, "resourceSliceCount": 1},
+        "devices": [{
+            "name": f"gpu-{i}",
+            **({"allowMultipleAllocations": True} if shared else {}),
+            "attributes": {"type": {"string": "gpu"}, "productName": {"string": product},
+                           "uuid": {"string": f"GPU-{node_name}-{i}"}},
+            "capacity": {"memory": {"value": memory}},
+        } for i in range(gpus)],
+    }}
+
+
+def model(name: str, replicas: int = 1, *, ns: str = "default", seqs: int = 4,
+          context: int = 8192, **spec) -> dict:
+    """Llama-3-8B shaped: 15 GiB of weights, 128 KiB of KV per token, 2 GiB overhead."""
+    return {
+        "apiVersion": "kvpilot.dev/v1alpha1", "kind": "Model",
+        "metadata": {"name": name, "namespace": ns, "uid": f"uid-{name}", "generation": 1},
+        "spec": {"weights": {"bytes": "15Gi"},
+                 "architecture": {"layers": 32, "attentionHeads": 32, "kvHeads": 8,
+                                  "headDim": 128, "maxContextTokens": 131072},
+                 "sla": {"contextTokens": context, "concurrentSequences": seqs},
+                 "replicas": replicas, **spec},
+    }
+
+
+@dataclass
+class World:
+    nodes: list[dict]
+    models: list[dict]
+    slices: list[dict] = field(default_factory=list)
+    pods: dict = field(default_factory=dict)
+    claims: dict = field(default_factory=dict)
+    foreign_claims: list[dict] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+    mode: str = "devicePlugin"
+
+    def view(self):
+        return cluster_view(self.nodes, self.slices, list(self.pods.values()),
+                            list(self.claims.values()) + self.foreign_claims, self.mode)
+
+    def step(self) -> Actions:
+        actions = reconcile(self.models, self.view(), Config(mode=self.mode), NOW)
+        for d in actions.deletes:
+            (self.pods if d.kind == "Pod" else self.claims).pop((d.namespace, d.name))
+        for obj in actions.creates:
+            obj = copy.deepcopy(obj)
+            key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+            if obj["kind"] == "Pod":
+                obj["spec"]["nodeName"] = obj["spec"]["nodeSelector"]["kubernetes.io/hostname"]
+                obj["status"] = {"phase": "Running",
+                                 "conditions": [{"type": "Ready", "status": "True"}]}
+                self.pods[key] = obj
+            else:
+                self.claims[key] = obj
+        for ns, name, status in actions.statuses:
+            m = next(m for m in self.models if m["metadata"]["name"] == name
+                     and m["metadata"]["namespace"] == ns)
+            m["status"] = {k: v for k, v in status.items() if v is not None}
+        self.events.extend(actions.events)
+        return actions
+
+    def settle(self, passes: int = 4) -> None:
+        for _ in range(passes):
+            if self.step().writes == 0:
+                return
+        raise AssertionError("the world did not settle")
+
+    def placements(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {name: (p["spec"]["nodeName"],
+                       tuple(int(g) for g in p["metadata"]["annotations"]["kvpilot.dev/gpus"]
+                             .split(",")))
+                for (_, name), p in sorted(self.pods.items())}
+
+    def status(self, name: str) -> dict:
+        return next(m for m in self.models if m["metadata"]["name"] == name)["status"]
+
+
+def cond(status: dict, type_: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def test_first_pass_creates_the_pods_and_the_second_writes_nothing():
+    w = World([node("a"), node("b")], [model("m", 3)])
+    first = w.step()
+    assert [o["metadata"]["name"] for o in first.creates] == ["m-0", "m-1", "m-2"]
+    assert [e["reason"] for e in first.events] == ["Placed"]
+    assert w.placements() == {"m-0": ("a", (0,)), "m-1": ("a", (1,)), "m-2": ("b", (0,))}
+    second = w.step()  # status catches up with the pods that now exist
+    assert (second.creates, second.deletes, len(second.statuses)) == ([], [], 1)
+    assert w.step().writes == 0
+    s = w.status("m")
+    assert (s["replicas"], s["readyReplicas"], s["tensorParallel"]) == (3, 3, 1)
+    assert s["hbmPerGpu"] == "21.0 GiB"  # 15 + 128 KiB x 8192 x 4 (4 GiB) + 2
+    assert s["kvCapacityTokens"] == 8192 * 4
+    assert s["selector"] == "app.kubernetes.io/managed-by=kvpilot,kvpilot.dev/model=m"
+    assert [(c["type"], c["status"]) for c in s["conditions"]] == [
+        ("Placed", "True"), ("Ready", "True"), ("Unschedulable", "False"),
+        ("Degraded", "False")]
+
+
+def test_device_plugin_mode_never_shares_a_gpu():
+    w = World([node("a", gpus=4)], [model("m", 2), model("n", 2)])
+    w.settle()
+    gpus = [g for _, gs in w.placements().values() for g in gs]
+    assert sorted(gpus) == [0, 1, 2, 3]
+
+
+def test_dra_mode_shares_gpus_by_budget_and_claims_the_planned_devices():
+    w = World([node("a")], [model("m", 2), model("n", 1)], slices=[gpu_slice("a")],
+              mode="dra")
+    w.settle()
+    # 21 GiB each: three fit one 80 GiB GPU.
+    assert w.placements() == {"m-0": ("a", (0,)), "m-1": ("a", (0,)), "n-0": ("a", (0,))}
+    claim = w.claims[("default", "m-0")]
+    (request,) = claim["spec"]["devices"]["requests"]
+    assert request["exactly"]["capacity"] == {"requests": {"memory": str(21 * GiB)}}
+    assert 'uuid in ["GPU-a-0"]' in request["exactly"]["selectors"][1]["cel"]["expression"]
+    assert w.status("m")["placements"][0] == {"replica": "m-0", "node": "a", "gpus": [0],
+                                              "shared": True}
+
+
+def test_scale_down_deletes_the_surplus_and_scale_up_adds():
+    w = World([node("a", gpus=4)], [model("m", 3)])
+    w.settle()
+    w.models[0]["spec"]["replicas"] = 1
+    actions = w.step()
+    assert sorted(d.name for d in actions.deletes) == ["m-1", "m-2"]
+    assert [e["reason"] for e in actions.events] == ["ReplicaRemoved", "ReplicaRemoved"]
+    w.settle()
+    assert list(w.placements()) == ["m-0"]
+    w.models[0]["spec"]["replicas"] = 2
+    w.settle()
+    assert list(w.placements()) == ["m-0", "m-1"]
+
+
+def test_replicas_on_a_lost_node_are_placed_again_elsewhere():
+    for lost in (dict(cordoned=True), dict(ready=False),
+                 dict(taints=[{"key": "x", "effect": "NoExecute"}])):
+        w = World([node("a", gpus=1), node("b", gpus=1)], [model("m", 1)])
+        w.settle()
+        assert w.placements() == {"m-0": ("a", (0,))}
+        w.nodes[0] = node("a", gpus=1, **lost)
+        actions = w.step()
+        assert [(d.kind, d.name) for d in actions.deletes] == [("Pod", "m-0")]
+        assert actions.events[0]["reason"] == "ReplicaLost"
+        w.settle()
+        assert list(w.placements().values()) == [("b", (0,))]
+
+
+def test_a_deleted_node_takes_its_replicas_with_it():
+    w = World([node("a", gpus=1), node("b", gpus=1)], [model("m", 2)])
+    w.settle()
+    w.nodes = [node("b", gpus=1), node("c", gpus=1)]
+    actions = w.step()
+    assert [d.name for d in actions.deletes] == ["m-0"]
+    assert "node is gone" in actions.events[0]["message"]
+    w.settle()
+    assert sorted(n for n, _ in w.placements().values()) == ["b", "c"]
+
+
+def test_a_noschedule_taint_keeps_what_runs_and_takes_nothing_new():
+    w = World([node("a", gpus=2)], [model("m", 1)])
+    w.settle()
+    w.nodes[0] = node("a", gpus=2, taints=[{"key": "x", "effect": "NoSchedule"}])
+    w.models[0]["spec"]["replicas"] = 2
+    actions = w.step()
+    assert actions.deletes == [] and actions.creates == []
+    assert cond(w.status("m"), "Unschedulable")["status"] == "True"
+    # the usual GPU taint is tolerated by worker pods
+    w.nodes[0] = node("a", gpus=2, taints=[{"key": "nvidia.com/gpu", "effect": "NoSchedule"}])
+    w.settle()
+    assert len(w.placements()) == 2
+
+
+def test_an_unplaceable_model_gets_the_reason_and_no_pods_and_others_carry_on():
+    huge = model("huge", 1, seqs=64, context=131072)  # 1 TiB of KV: fits nowhere
+    w = World([node("a")], [huge, model("m", 1)])
+    actions = w.step()
+    assert [o["metadata"]["name"] for o in actions.creates] == ["m-0"]
+    s = w.status("huge")
+    u = cond(s, "Unschedulable")
+    assert u["status"] == "True" and u["reason"] == "DoesNotFit"
+    assert "per GPU" in u["message"]
+    assert cond(s, "Placed")["status"] == "False"
+    assert [e["reason"] for e in actions.events if e["type"] == "Warning"] == ["DoesNotFit"]
+    w.settle()
+    assert not [e for e in w.events[len(actions.events):] if e["reason"] == "DoesNotFit"]
+
+
+def test_a_model_that_cannot_all_be_placed_keeps_what_it_has():
+    w = World([node("a", gpus=1)], [model("m", 3)], slices=[gpu_slice("a", gpus=1)],
+              mode="dra")  # one 80 GiB GPU holds three at 21 GiB
+    w.settle()
+    w.models[0]["spec"]["replicas"] = 5
+    w.settle()
+    assert len(w.placements()) == 3
+    s = w.status("m")
+    assert cond(s, "Degraded")["status"] == "True"
+    assert cond(s, "Placed")["message"] == "3 of 5 replicas placed"
+    assert s["replicas"] == 3
+
+
+def test_dra_counts_memory_held_by_other_workloads():
+    other = {"metadata": {"name": "train", "namespace": "x"}, "status": {"allocation": {
+        "devices": {"results": [{"driver": "gpu.nvidia.com", "pool": "a", "device": "gpu-0",
+                                 "request": "r", "consumedCapacity": {"memory": "70Gi"}}]}}}}
+    w = World([node("a")], [model("m", 1)], slices=[gpu_slice("a")], foreign_claims=[other],
+              mode="dra")
+    v = w.view()
+    assert [(e.model, e.node, e.gpus, e.hbm_per_gpu) for e in v.snapshot.replicas] == [
+        (FOREIGN, "a", (0,), 70 * GiB)]
+    w.settle()
+    assert w.placements() == {"m-0": ("a", (1,))}
+
+
+def test_claims_allocated_by_the_scheduler_override_the_planned_gpus():
+    w = World([node("a")], [model("m", 1)], slices=[gpu_slice("a")], mode="dra")
+    w.settle()
+    w.claims[("default", "m-0")]["status"] = {"allocation": {"devices": {"results": [
+        {"driver": "gpu.nvidia.com", "pool": "a", "device": "gpu-1", "request": "gpu"}]}}}
+    (e,) = w.view().snapshot.replicas
+    assert (e.node, e.gpus) == ("a", (1,))
+
+
+def test_a_claim_without_its_pod_gets_the_pod_and_nothing_else():
+    """Killed between creating a replica's claim and its pod: the next pass finishes it."""
+    w = World([node("a")], [model("m", 1)], slices=[gpu_slice("a")], mode="dra")
+    w.settle()
+    del w.pods[("default", "m-0")]
+    actions = w.step()
+    assert [(o["kind"], o["metadata"]["name"]) for o in actions.creates] == [("Pod", "m-0")]
+
+
+def test_pods_of_a_deleted_model_are_removed_and_a_deleting_model_is_emptied():
+    w = World([node("a")], [model("m", 2), model("n", 1)])
+    w.settle()
+    w.models[0]["metadata"]["deletionTimestamp"] = NOW
+    actions = w.step()
+    assert sorted(d.name for d in actions.deletes) == ["m-0", "m-1"]
+    assert all(ns != "default" or name != "m" for ns, name, _ in actions.statuses)
+    w.models = [w.models[1]]
+    w.pods[("default", "m-9")] = copy.deepcopy(w.pods[("default", "n-0")])
+    w.pods[("default", "m-9")]["metadata"].update(
+        name="m-9", labels={**w.pods[("default", "n-0")]["metadata"]["labels"],
+                            "kvpilot.dev/model": "m"})
+    assert [d.name for d in w.step().deletes] == ["m-9"]
+
+
+def test_models_of_the_same_name_in_two_namespaces_do_not_mix():
+    w = World([node("a", gpus=4)], [model("m", 1, ns="x"), model("m", 2, ns="y")])
+    w.settle()
+    assert sorted(w.pods) == [("x", "m-0"), ("y", "m-0"), ("y", "m-1")]
+
+
+def test_an_invalid_stored_spec_is_reported_and_its_replicas_kept():
+    w = World([node("a")], [model("m", 1), model("n", 1)])
+    w.settle()
+    w.models[0]["spec"]["sla"]["contextTokens"] = 10**9  # beyond maxContextTokens
+    actions = w.step()
+    assert actions.deletes == []
+    s = w.status("m")
+    assert [(c["type"], c["status"], c["reason"]) for c in s["conditions"]] == [
+        ("Degraded", "True", "InvalidSpec")]
+    assert "contextTokens" in s["conditions"][0]["message"]
+    assert len(w.placements()) == 2
+
+
+def test_dra_auto_detection_and_product_names():
+    assert dra_available([gpu_slice("a")], "gpu.nvidia.com")
+    assert not dra_available([gpu_slice("a", shared=False)], "gpu.nvidia.com")
+    assert not dra_available([gpu_slice("a")], "other.driver")
+    assert dra_product("NVIDIA H100 80GB HBM3") == H100
