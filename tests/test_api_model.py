@@ -8,7 +8,8 @@ from pydantic import ValidationError
 from kvpilot.api.model import Model, ModelSpec
 from kvpilot.api.quantity import format_bytes, parse_bytes
 from tests.conftest import llama_spec
-from tests.invalid_models import INVALID, apply_overrides
+from kvpilot.api.files import one_line
+from tests.invalid_models import INVALID, VALID, document
 
 
 def test_defaults_and_camel_case_names():
@@ -29,13 +30,21 @@ def test_examples_load(example_docs):
         assert model.metadata.name, name
 
 
-@pytest.mark.parametrize(
-    "overrides, message", [pytest.param(o, m, id=i) for i, o, m, _ in INVALID]
-)
-def test_invalid_specs_name_the_field_and_fix(overrides, message):
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in INVALID])
+def test_invalid_models_name_the_field_and_fix(case):
     with pytest.raises(ValidationError) as err:
-        ModelSpec.model_validate(apply_overrides(llama_spec(), overrides))
-    assert message in str(err.value)
+        Model.model_validate(document(case, llama_spec()))
+    text = one_line(err.value)
+    assert f"{case.field}: " in text and case.loader_text in text, text
+    # the one error of the case, in words a user knows, not pydantic's internals
+    for internal in ("constrained-", "function-", "union", "and 1 more", "Value error"):
+        assert internal not in text, text
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in VALID])
+def test_edge_models_are_accepted(case):
+    model = Model.model_validate(document(case, llama_spec()))
+    assert model.metadata.name == document(case, {})["metadata"]["name"]
 
 
 def test_unknown_fields_are_refused():

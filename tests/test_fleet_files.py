@@ -28,7 +28,7 @@ def test_mixed_fleet_expands_with_gfd_labels():
         ("nodes:\n  - {name: x, product: NVIDIA-L4, gpus: 1}\n  - {name: x, product: NVIDIA-L4, gpus: 1}\n",
          "node name 'x' appears twice"),
         ("nodes: [\n", "cannot read"),
-        ("nodes:\n  - {name: x, product: NVIDIA-L4, gpu: 1}\n", "nodes.0.gpus: Field required (and 1 more)"),
+        ("nodes:\n  - {name: x, product: NVIDIA-L4, gpu: 1}\n", "nodes.0.gpus: Field required; nodes.0.gpu: Extra inputs are not permitted"),
     ],
 )
 def test_bad_fleet_is_one_line_naming_file_and_field(tmp_path, text, message):

@@ -19,13 +19,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kvpilot.api.model import MAX_TENSOR_PARALLEL, Architecture, ModelSpec
+from kvpilot.api.model import (
+    MAX_TENSOR_PARALLEL, TENSOR_PARALLEL_DEGREES, Architecture, ModelSpec,
+)
 from kvpilot.api.quantity import parse_bytes
 
 DTYPE_BYTES: dict[str, float] = {
     "fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5,
 }
-TP_DEGREES = tuple(d for d in (1, 2, 4, 8, 16) if d <= MAX_TENSOR_PARALLEL)
+TP_DEGREES = TENSOR_PARALLEL_DEGREES
 
 
 def kv_bytes_per_token(arch: Architecture, kv_dtype: str, tp: int = 1) -> int:
@@ -46,9 +48,10 @@ def weight_bytes_per_gpu(spec: ModelSpec, tp: int) -> int:
 
 
 def tp_is_valid(spec: ModelSpec, tp: int) -> bool:
-    """A TP degree must split KV heads evenly, or replicate them evenly."""
+    """A TP degree must split the query heads evenly, and split the KV heads evenly or
+    replicate them evenly."""
     kv = spec.architecture.kv_heads
-    return kv % tp == 0 or tp % kv == 0
+    return spec.architecture.attention_heads % tp == 0 and (kv % tp == 0 or tp % kv == 0)
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,9 @@ def replica_budget(spec: ModelSpec, tp: int) -> ReplicaBudget:
     """Per-GPU HBM of one replica serving its full SLA at TP degree ``tp``."""
     if not tp_is_valid(spec, tp):
         raise ValueError(
-            f"tensorParallel {tp} neither divides nor is a multiple of "
-            f"kvHeads {spec.architecture.kv_heads}"
+            f"tensorParallel {tp} does not divide attentionHeads "
+            f"{spec.architecture.attention_heads}, or neither divides nor is a multiple "
+            f"of kvHeads {spec.architecture.kv_heads}"
         )
     per_token = kv_bytes_per_token(spec.architecture, spec.kv_cache_dtype, tp)
     return ReplicaBudget(

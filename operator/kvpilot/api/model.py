@@ -9,13 +9,21 @@ human message both give.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema,
+    field_validator, model_validator,
+)
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 
-from kvpilot.api.quantity import QUANTITY_PATTERN, parse_bytes
+from kvpilot.api.quantity import (
+    BYTES_HINT, MAX_BYTES, QUANTITY_PATTERN, RESOURCE_QUANTITY_PATTERN, parse_bytes,
+    parse_quantity,
+)
 
 GROUP = "kvpilot.dev"
 VERSION = "v1alpha1"
@@ -26,61 +34,147 @@ PLURAL = "models"
 WeightDtype = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"]
 KVCacheDtype = Literal["bf16", "fp16", "fp8"]
 
-# A byte count: a plain integer or a Kubernetes quantity string ("16Gi", "500M").
-Quantity = Annotated[
-    Union[Annotated[int, Field(ge=0)], Annotated[str, Field(pattern=QUANTITY_PATTERN)]],
-    Field(
-        json_schema_extra={
-            "x-kubernetes-int-or-string": True,
-            "x-kubernetes-validations": [
-                {
-                    "rule": f"type(self) == int ? self >= 0 : self.matches(r'{QUANTITY_PATTERN}')",
-                    "message": "must be a byte count: an integer or a quantity such as "
-                    "16Gi, 500Mi or 8G",
-                }
-            ],
-        }
-    ),
-]
-# Any container resource quantity ("500m" CPU, "4Gi" memory); the pod's own validation
-# is the authority on these, so they are passed through as Kubernetes accepts them.
-ResourceQuantity = Annotated[
-    Union[int, Annotated[str, Field(pattern=r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)"
-                                            r"(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$")]],
-    Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
-]
-MAX_TENSOR_PARALLEL = 16
+# Names derived from a Model's name must stay valid: replica pod names append a suffix
+# of up to 13 characters ("-" + replica index or a generated hash) and label values and
+# pod hostnames hold at most 63, so a Model name is a DNS label of at most 50.
+MAX_MODEL_NAME = 50
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# GPUs per replica: a power of two, as GPUs come in nodes of 1, 2, 4, 8 or 16.
+TENSOR_PARALLEL_DEGREES = (1, 2, 4, 8, 16)
+MAX_TENSOR_PARALLEL = TENSOR_PARALLEL_DEGREES[-1]
+MAX_INT64 = 2**63 - 1
 
 
 @dataclass(frozen=True)
 class Rule:
-    """A cross-field rule, enforced by the API server (CEL) and by pydantic (``check``).
+    """A rule enforced by the API server (CEL) and by pydantic (``check``).
 
-    ``check`` receives the pydantic object the rule is attached to (CEL's ``self``) and
-    returns True when the rule holds. ``message`` is what a user sees in both places.
+    ``check`` receives what the rule is attached to (CEL's ``self``: a pydantic object,
+    or a field's value) and returns True when the rule holds. ``message`` is what a user
+    sees in both places; ``field`` (a CEL ``fieldPath`` such as ``.sla.contextTokens``)
+    is where both report it, when it concerns one field of an object.
     """
 
     cel: str
     message: str
     check: Callable[[Any], bool]
+    field: Optional[str] = None
 
     def schema(self) -> dict[str, str]:
-        return {"rule": self.cel, "message": self.message}
+        out = {"rule": self.cel, "message": self.message}
+        if self.field:
+            out["fieldPath"] = self.field
+        return out
+
+
+def rule_error(broken: list[Rule]) -> PydanticCustomError:
+    """One error for the broken rules, located (by ``field``) at the first one's field."""
+    return PydanticCustomError(
+        "rule", "; ".join(r.message for r in broken), {"field": broken[0].field or ""}
+    )
+
+
+def checked(*rules: Rule) -> tuple[Any, ...]:
+    """``Annotated`` metadata that enforces field-level rules on both sides."""
+
+    def check(value: Any) -> Any:
+        broken = [r for r in rules if not r.check(value)]
+        if broken:
+            raise rule_error(broken)
+        return value
+
+    schema = {"x-kubernetes-validations": [r.schema() for r in rules]}
+    return Field(json_schema_extra=schema), AfterValidator(check)
+
+
+def _matches(pattern: str) -> Callable[[Any], bool]:
+    compiled = re.compile(pattern)
+    return lambda value: compiled.fullmatch(value) is not None
+
+
+def _int_or_string(validate: Callable[[Any], Any], rule: str, message: str,
+                   max_length: int, type_name: str) -> Any:
+    """An int-or-string type validated by one function, with one message on both sides.
+
+    pydantic would report a union member by member (``constrained-int``, ``(and 1
+    more)``); a plain validator says the one thing a user needs. ``format`` names the
+    type for ``kubectl explain``, which otherwise shows ``<Object>``.
+    """
+
+    def plain(value: Any) -> Any:
+        try:
+            ok = validate(value)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise PydanticCustomError("int_or_string", message)
+        return value
+
+    schema = {"x-kubernetes-int-or-string": True, "format": type_name,
+              "maxLength": max_length,
+              "x-kubernetes-validations": [{"rule": rule, "message": message}]}
+    return Annotated[Union[int, str], PlainValidator(plain), WithJsonSchema(schema)]
+
+
+def _is_byte_count(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return False
+    if isinstance(value, str) and len(value) > 64:
+        return False
+    parse_bytes(value)
+    return True
+
+
+# A byte count: a plain integer or a Kubernetes quantity string ("16Gi", "500M"), at most
+# 1 PiB (no GPU, model or overhead comes near it).
+Quantity = _int_or_string(
+    _is_byte_count,
+    f"type(self) == int ? (self >= 0 && self <= {MAX_BYTES}) : "
+    f"(self.matches(r'{QUANTITY_PATTERN}') && "
+    "quantity(self).compareTo(quantity('1Pi')) <= 0)",
+    f"must be a byte count: {BYTES_HINT}",
+    64, "byte-quantity",
+)
+
+
+def _is_resource_quantity(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return False
+    if isinstance(value, str) and len(value) > 64:
+        return False
+    parse_quantity(value)
+    return True
+
+
+# A container resource quantity ("500m" CPU, "4Gi" memory), as a pod accepts it, minus
+# negative values (a pod refuses those).
+ResourceQuantity = _int_or_string(
+    _is_resource_quantity,
+    f"type(self) == int ? (self >= 0 && self <= {MAX_INT64}) : "
+    f"self.matches(r'{RESOURCE_QUANTITY_PATTERN}')",
+    "must be a non-negative quantity such as 500m, 2, 4Gi or 1e3",
+    64, "quantity",
+)
 
 
 class KubeModel(BaseModel):
-    """Base: camelCase JSON names, unknown fields refused, rules checked after parsing."""
+    """Base: camelCase JSON names, unknown fields refused, rules checked after parsing.
+
+    Types are strict, as the API server's schema is: "2" is not an integer, true is not
+    a number, 1.0 is not a count.
+    """
 
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True,
+        strict=True,
     )
     RULES: ClassVar[tuple[Rule, ...]] = ()
 
     @model_validator(mode="after")
     def _check_rules(self) -> "KubeModel":
-        broken = [rule.message for rule in self.RULES if not rule.check(self)]
+        broken = [rule for rule in self.RULES if not rule.check(self)]
         if broken:
-            raise ValueError("; ".join(broken))
+            raise rule_error(broken)
         return self
 
 
@@ -88,7 +182,7 @@ class Weights(KubeModel):
     """How large the weights are: a parameter count times the dtype width, or bytes."""
 
     parameters: Optional[int] = Field(
-        None, ge=1, description="Parameter count, e.g. 8030261248 for Llama-3-8B."
+        None, ge=1, le=2**48, description="Parameter count, e.g. 8030261248 for Llama-3-8B."
     )
     bytes: Optional[Quantity] = Field(
         None,
@@ -111,17 +205,29 @@ class Architecture(KubeModel):
     layers: int = Field(ge=1, le=1024, description="Number of transformer layers.")
     attention_heads: int = Field(ge=1, le=1024, description="Query heads per layer.")
     kv_heads: int = Field(ge=1, le=1024, description="Key/value heads per layer (GQA groups).")
-    head_dim: int = Field(ge=8, le=1024, description="Dimension of one attention head.")
+    head_dim: int = Field(
+        ge=8, le=1024,
+        description="Dimension of one attention head, a multiple of 8. Workers serve "
+        "powers of two from 16 to 256; other values are planned, and the Model is marked "
+        "as not servable by the worker.",
+    )
     max_context_tokens: int = Field(
         ge=1, le=16_777_216, description="Longest context the model supports, in tokens."
     )
 
     RULES = (
         Rule(
-            "self.attentionHeads % self.kvHeads == 0",
+            "self.kvHeads < 1 || self.attentionHeads % self.kvHeads == 0",
             "kvHeads must divide attentionHeads (each KV head serves a whole group of "
             "query heads)",
             lambda a: a.attention_heads % a.kv_heads == 0,
+            ".kvHeads",
+        ),
+        Rule(
+            "self.headDim % 8 == 0",
+            "headDim must be a multiple of 8 (as every model's is, e.g. 64, 96 or 128)",
+            lambda a: a.head_dim % 8 == 0,
+            ".headDim",
         ),
     )
 
@@ -161,46 +267,194 @@ class Autoscaling(KubeModel):
     )
 
 
+# Container resource names as a pod takes them: the standard ones, or an extended
+# resource named domain/name (kubernetes.io names are reserved). Hugepages are not
+# offered to workers.
+RESOURCE_NAME = (
+    r"^(cpu|memory|ephemeral-storage|"
+    r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*"
+    r"/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$"
+)
+_RESOURCE_NAME = re.compile(RESOURCE_NAME)
+MAX_RESOURCES = 16
+
+
+def _resource_name_ok(name: str) -> bool:
+    return (len(name) <= 253 and _RESOURCE_NAME.fullmatch(name) is not None
+            and "kubernetes.io/" not in name)
+
+
+def _operator_owned(name: str) -> bool:
+    return name == "nvidia.com/gpu" or name.startswith("nvidia.com/mig-")
+
+
+def _whole(value: int | str) -> bool:
+    try:
+        return parse_quantity(value).denominator == 1
+    except ValueError:
+        return True  # reported by the value's own check
+
+
+ResourceList = Annotated[
+    dict[str, ResourceQuantity],
+    Field(max_length=MAX_RESOURCES),
+    *checked(
+        Rule(
+            "self.all(k, k.size() <= 253 && !k.contains('kubernetes.io/') && "
+            f"k.matches(r'{RESOURCE_NAME}'))",
+            "resource names are cpu, memory, ephemeral-storage or an extended resource "
+            "named domain/name, such as example.com/device",
+            lambda m: all(_resource_name_ok(k) for k in m),
+        ),
+        Rule(
+            "self.all(k, k != 'nvidia.com/gpu' && !k.startsWith('nvidia.com/mig-'))",
+            "must not name nvidia.com/gpu or nvidia.com/mig-* resources: the operator "
+            "gives each replica its GPUs from the placement",
+            lambda m: not any(_operator_owned(k) for k in m),
+        ),
+        Rule(
+            "self.all(k, !k.contains('/') || type(self[k]) == int || "
+            f"(self[k].matches(r'{RESOURCE_QUANTITY_PATTERN}') && "
+            "quantity(self[k]).isInteger()))",
+            "extended resources (domain/name) must be whole numbers",
+            lambda m: all(_whole(v) for k, v in m.items() if "/" in k),
+        ),
+    ),
+]
+
+
+def _compare(a: int | str, b: int | str) -> Optional[int]:
+    """-1, 0 or 1 as quantity a is below, equal to or above b; None if either is bad."""
+    try:
+        x, y = parse_quantity(a), parse_quantity(b)
+    except ValueError:
+        return None
+    return (x > y) - (x < y)
+
+
+def _q(side: str) -> str:
+    return f"quantity(string(self.{side}[k]))"
+
+
+_BOTH_VALID = "isQuantity(string(self.requests[k])) && isQuantity(string(self.limits[k]))"
+
+
 class Resources(KubeModel):
     """CPU and memory for the worker container (GPUs are added by the operator)."""
 
-    requests: dict[str, ResourceQuantity] = Field(default_factory=dict)
-    limits: dict[str, ResourceQuantity] = Field(default_factory=dict)
+    # Checked as Kubernetes checks a container's resources, so the operator never builds
+    # a pod the API server refuses: known names, non-negative quantities, requests at
+    # most the limits, extended resources whole and not overcommitted.
+
+    requests: ResourceList = Field(
+        default_factory=dict, description="Resources the worker container requests."
+    )
+    limits: ResourceList = Field(
+        default_factory=dict, description="Resources the worker container may use at most."
+    )
+
+    RULES = (
+        Rule(
+            "!has(self.requests) || !has(self.limits) || self.requests.all(k, "
+            f"!(k in self.limits) || !({_BOTH_VALID}) || "
+            f"{_q('requests')}.compareTo({_q('limits')}) <= 0)",
+            "requests must not exceed limits (lower the request or raise the limit)",
+            lambda r: all(_compare(v, r.limits[k]) != 1 for k, v in r.requests.items()
+                          if k in r.limits),
+            ".requests",
+        ),
+        Rule(
+            "!has(self.requests) || self.requests.all(k, !k.contains('/') || "
+            "(has(self.limits) && k in self.limits && "
+            f"(!({_BOTH_VALID}) || {_q('requests')}.compareTo({_q('limits')}) == 0)))",
+            "an extended resource (domain/name) needs a limit equal to its request (it "
+            "cannot be overcommitted; giving only the limit sets both)",
+            lambda r: all(k in r.limits and _compare(v, r.limits[k]) in (0, None)
+                          for k, v in r.requests.items() if "/" in k),
+            ".limits",
+        ),
+    )
+
+
+# An image reference as container runtimes parse it (the distribution reference
+# grammar): [registry[:port]/]path[:tag][@digest], the path in lowercase.
+_DOMAIN_PART = r"([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]{0,61}[a-zA-Z0-9])"
+_PATH_PART = r"[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*"
+IMAGE_PATTERN = (
+    rf"^({_DOMAIN_PART}(\.{_DOMAIN_PART})*(:[0-9]{{1,5}})?/)?"
+    rf"{_PATH_PART}(/{_PATH_PART})*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+    r"(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,128})?$"
+)
+
+EngineArg = Annotated[
+    str,
+    Field(max_length=1024),
+    *checked(Rule(
+        "self.size() >= 1 && !self.contains('\\x00')",
+        "engineArgs entries must be non-empty and hold no NUL character (a process "
+        "argument cannot)",
+        lambda a: len(a) >= 1 and "\x00" not in a,
+    )),
+]
 
 
 class WorkerSpec(KubeModel):
     """How worker pods are run."""
 
-    image: str = Field(
-        "kvpilot/worker:0.1.0", min_length=1, max_length=512, description="Worker image."
-    )
+    image: Annotated[
+        str,
+        Field(max_length=512),
+        *checked(Rule(
+            f"self.matches(r'{IMAGE_PATTERN}')",
+            "image must be a container image reference such as "
+            "registry.example.com/kvpilot/worker:0.1.0 ([registry/]path[:tag][@digest], "
+            "the path in lowercase)",
+            _matches(IMAGE_PATTERN),
+        )),
+    ] = Field("kvpilot/worker:0.1.0", description="Worker image.")
     resources: Resources = Field(default_factory=Resources)
-    engine_args: list[Annotated[str, Field(max_length=1024)]] = Field(
+    engine_args: list[EngineArg] = Field(
         default_factory=list, max_length=64, description="Extra engine command-line flags."
     )
 
 
-TensorParallel = Annotated[
-    Union[Annotated[int, Field(ge=1, le=MAX_TENSOR_PARALLEL)], Literal["auto"]],
-    Field(
-        json_schema_extra={
-            "x-kubernetes-int-or-string": True,
-            "x-kubernetes-validations": [
-                {
-                    "rule": "type(self) == string ? self == 'auto' : "
-                    f"(self >= 1 && self <= {MAX_TENSOR_PARALLEL})",
-                    "message": "tensorParallel must be 'auto' or an integer from 1 to "
-                    f"{MAX_TENSOR_PARALLEL}",
-                }
-            ],
-        }
-    ),
+def _is_tensor_parallel(value: Any) -> bool:
+    return value == "auto" or (
+        type(value) is int and value in TENSOR_PARALLEL_DEGREES)  # noqa: E721 (no bools)
+
+
+TensorParallel = _int_or_string(
+    _is_tensor_parallel,
+    "type(self) == string ? self == 'auto' : "
+    f"self in [{', '.join(map(str, TENSOR_PARALLEL_DEGREES))}]",
+    "tensorParallel must be 'auto' or one of "
+    f"{', '.join(map(str, TENSOR_PARALLEL_DEGREES))} (GPUs per replica)",
+    4, "int-or-string",
+)
+
+# nvidia.com/gpu.product is a node label, so an allowed product is a label value.
+LABEL_VALUE = r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+GPUProduct = Annotated[
+    str,
+    Field(max_length=63),
+    *checked(Rule(
+        f"self.matches(r'{LABEL_VALUE}')",
+        "gpuProducts entries are nvidia.com/gpu.product label values such as "
+        "NVIDIA-H100-80GB-HBM3 (letters, digits, '-', '_' and '.', at most 63)",
+        _matches(LABEL_VALUE),
+    )),
 ]
 
 
 def _tp_fits_kv_heads(spec: "ModelSpec") -> bool:
     tp, kv = spec.tensor_parallel, spec.architecture.kv_heads
     return tp == "auto" or kv % tp == 0 or tp % kv == 0
+
+
+def _tp_fits_attention_heads(spec: "ModelSpec") -> bool:
+    tp = spec.tensor_parallel
+    return tp == "auto" or spec.architecture.attention_heads % tp == 0
 
 
 class ModelSpec(KubeModel):
@@ -221,7 +475,7 @@ class ModelSpec(KubeModel):
     tensor_parallel: TensorParallel = Field(
         "auto", description="GPUs per replica, or 'auto' for the fewest that fit."
     )
-    gpu_products: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+    gpu_products: list[GPUProduct] = Field(
         default_factory=list,
         max_length=32,
         description="Allowed nvidia.com/gpu.product values; empty allows any.",
@@ -239,43 +493,63 @@ class ModelSpec(KubeModel):
             "!has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
             "minReplicas must be <= maxReplicas",
             lambda s: s.max_replicas is None or s.min_replicas <= s.max_replicas,
+            ".minReplicas",
         ),
         Rule(
             "self.replicas >= self.minReplicas",
             "replicas must be >= minReplicas (lower minReplicas to scale further down)",
             lambda s: s.replicas >= s.min_replicas,
+            ".replicas",
         ),
         Rule(
             "!has(self.maxReplicas) || self.replicas <= self.maxReplicas",
             "replicas must be <= maxReplicas (raise maxReplicas to scale further up)",
             lambda s: s.max_replicas is None or s.replicas <= s.max_replicas,
+            ".replicas",
         ),
         Rule(
             "self.sla.contextTokens <= self.architecture.maxContextTokens",
             "sla.contextTokens must be <= architecture.maxContextTokens (the model "
             "cannot attend over more tokens than it supports)",
             lambda s: s.sla.context_tokens <= s.architecture.max_context_tokens,
+            ".sla.contextTokens",
         ),
         Rule(
-            "type(self.tensorParallel) == string || "
+            "type(self.tensorParallel) == string || int(self.tensorParallel) < 1 || "
+            "self.architecture.kvHeads < 1 || "
             "self.architecture.kvHeads % int(self.tensorParallel) == 0 || "
             "int(self.tensorParallel) % self.architecture.kvHeads == 0",
             "tensorParallel must divide architecture.kvHeads, or be a multiple of it "
             "(KV heads are then replicated); use 'auto' to let kvpilot choose",
             _tp_fits_kv_heads,
+            ".tensorParallel",
+        ),
+        Rule(
+            "type(self.tensorParallel) == string || int(self.tensorParallel) < 1 || "
+            "self.architecture.attentionHeads % int(self.tensorParallel) == 0",
+            "tensorParallel must divide architecture.attentionHeads (each GPU serves an "
+            "equal share of the query heads); use 'auto' to let kvpilot choose",
+            _tp_fits_attention_heads,
+            ".tensorParallel",
         ),
         Rule(
             "!self.autoscaling.enabled || has(self.maxReplicas)",
             "autoscaling.enabled needs maxReplicas as the upper bound",
             lambda s: not s.autoscaling.enabled or s.max_replicas is not None,
+            ".maxReplicas",
         ),
     )
 
-    @field_validator("runtime_overhead")
+    @field_validator("gpu_products")
     @classmethod
-    def _quantity_parses(cls, value: int | str) -> int | str:
-        parse_bytes(value)
-        return value
+    def _no_repeats(cls, products: list[str]) -> list[str]:
+        # The API server refuses these itself (a list of type set); files get the same.
+        repeated = sorted({p for p in products if products.count(p) > 1})
+        if repeated:
+            raise PydanticCustomError(
+                "duplicate", "gpuProducts lists {repeated} more than once",
+                {"repeated": ", ".join(repeated)})
+        return products
 
 
 class Placement(KubeModel):
@@ -323,17 +597,38 @@ class ModelStatus(KubeModel):
 class ObjectMeta(BaseModel):
     """The part of metadata kvpilot reads; anything else is kept as is."""
 
-    model_config = ConfigDict(extra="allow")
-    name: str = Field(min_length=1, max_length=253)
-    namespace: Optional[str] = None
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    name: str = Field(max_length=253)
+    namespace: Optional[str] = Field(None, max_length=63, pattern=DNS_LABEL)
+
+
+def _name_ok(model: "Model") -> bool:
+    return re.fullmatch(DNS_LABEL, model.metadata.name) is not None
 
 
 class Model(KubeModel):
     """A Model resource as a whole, as loaded from a file or read from the API."""
 
-    model_config = ConfigDict(extra="ignore")
     api_version: Literal["kvpilot.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
     kind: Literal["Model"] = KIND
     metadata: ObjectMeta
     spec: ModelSpec
     status: Optional[ModelStatus] = None
+
+    # On the root of the CRD schema, where CEL sees metadata.name.
+    RULES = (
+        Rule(
+            f"self.metadata.name.size() <= {MAX_MODEL_NAME}",
+            f"metadata.name must be at most {MAX_MODEL_NAME} characters (replica pod "
+            "names and label values are derived from it and hold at most 63)",
+            lambda m: len(m.metadata.name) <= MAX_MODEL_NAME,
+            ".metadata.name",
+        ),
+        Rule(
+            f"self.metadata.name.matches(r'{DNS_LABEL}')",
+            "metadata.name must be a DNS label: lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit (e.g. llama-3-1-70b)",
+            _name_ok,
+            ".metadata.name",
+        ),
+    )

@@ -1,0 +1,42 @@
+"""What kvpilot's worker can serve, as opposed to what the Model API accepts.
+
+The API accepts every Model the memory model can plan: placement, ``kvpilot plan`` and
+the scale subresource work for it. The worker is narrower: Llama-style GQA on one GPU
+per process, with Triton kernels that take a head dimension that is a power of two from
+16 to 256. A Model outside that (Phi-3-mini's headDim of 96, say) is accepted and
+planned, and the operator marks it with a condition carrying the reason below instead
+of starting workers that would fail at load.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from kvpilot.api.model import ModelSpec
+
+WORKER_HEAD_DIMS = (16, 32, 64, 128, 256)
+# GPUs one worker process drives: it holds a whole replica, so a replica spread over
+# more GPUs (tensorParallel above this) has no worker yet.
+WORKER_MAX_TENSOR_PARALLEL = 1
+
+
+def worker_support_problem(spec: ModelSpec, tp: Optional[int] = None) -> Optional[str]:
+    """Why kvpilot's worker cannot serve ``spec``, or None when it can.
+
+    ``tp`` is the tensor-parallel degree placement resolved (for ``tensorParallel:
+    auto``); without it only a fixed degree in the spec is checked.
+    """
+    problems = []
+    head_dim = spec.architecture.head_dim
+    if head_dim not in WORKER_HEAD_DIMS:
+        problems.append(
+            f"architecture.headDim {head_dim} is not one the worker's attention kernels "
+            f"take ({', '.join(map(str, WORKER_HEAD_DIMS))})")
+    degree = tp if tp is not None else spec.tensor_parallel
+    if degree != "auto" and degree > WORKER_MAX_TENSOR_PARALLEL:
+        problems.append(
+            f"tensorParallel {degree}: a worker drives {WORKER_MAX_TENSOR_PARALLEL} GPU, "
+            "so a replica cannot span more")
+    if not problems:
+        return None
+    return "; ".join(problems) + " (the Model is planned, but no worker serves it)"
