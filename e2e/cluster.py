@@ -285,8 +285,41 @@ class Cluster:
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--authorization-mode=Node,RBAC",
             "--endpoint-reconciler-type=none",
+            f"--audit-policy-file={self._write_audit_policy()}",
+            f"--audit-log-path={self.audit_log}", "--audit-log-format=json",
+            "--audit-log-maxsize=200",
             "--v=1",
         ]
+
+    @property
+    def audit_log(self) -> Path:
+        return self.state / "logs" / "audit.log"
+
+    def _write_audit_policy(self) -> Path:
+        # Writes only, at metadata level: tests count a client's API writes from it.
+        path = self.state / "audit-policy.yaml"
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+            "omitStages": ["RequestReceived", "ResponseStarted"],
+            "rules": [{"level": "Metadata",
+                       "verbs": ["create", "update", "patch", "delete", "deletecollection"]},
+                      {"level": "None"}],
+        }))
+        return path
+
+    def audit_writes(self, user_agent_prefix: str) -> list[dict[str, Any]]:
+        """Write requests the API server completed for clients of that user agent."""
+        if not self.audit_log.exists():
+            return []
+        out = []
+        for line in self.audit_log.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("userAgent", "").startswith(user_agent_prefix):
+                out.append(event)
+        return out
 
     def _component_common(self, port_key: str) -> list[str]:
         return [
@@ -371,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="build binaries if needed, start the control plane")
     up.add_argument("--fleet", type=Path, help="fleet YAML: create these fake GPU nodes")
     up.add_argument("--crds", type=Path, default=Path("crds"), help="install CRDs from here")
+    up.add_argument("--dra", action="store_true",
+                    help="also publish the fleet's GPUs as DRA ResourceSlices")
     sub.add_parser("down", help="stop every process and remove the state directory")
     sub.add_parser("status", help="show components and readiness")
     sub.add_parser("env", help="print `export KUBECONFIG=...` for a shell")
@@ -384,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.fleet:
                 from e2e.fleet import create_fleet
 
-                nodes = create_fleet(cluster, args.fleet)
+                nodes = create_fleet(cluster, args.fleet, dra=args.dra)
                 log(f"created {len(nodes)} fake GPU nodes from {args.fleet}")
             print(f"export KUBECONFIG={cluster.kubeconfig}")
         elif args.command == "down":

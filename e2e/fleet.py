@@ -5,12 +5,21 @@ Discovery sets (``nvidia.com/gpu.product``, ``nvidia.com/gpu.memory`` in MiB,
 ``nvidia.com/gpu.count``), ``nvidia.com/gpu`` capacity, and a pod CIDR inside
 127.0.0.0/8 so KWOK hands its pods loopback IPs. The annotation
 ``kwok.x-k8s.io/node=fake`` puts the node under KWOK's management.
+
+With ``dra=True`` each node's GPUs are also published as a ResourceSlice, as NVIDIA's DRA
+GPU driver publishes them (driver ``gpu.nvidia.com``, one pool per node, devices
+``gpu-<minor>`` with ``type``, ``uuid``, ``productName`` and the other attributes it sets,
+and ``memory`` capacity in bytes), plus the driver's DeviceClass. Each device allows
+multiple allocations with its memory as consumable capacity (KEP-5075), the sharing mode
+kvpilot's DRA realization needs: the real kube-scheduler then allocates the claims on the
+KWOK nodes and keeps every GPU's memory sum within its capacity.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -55,19 +64,70 @@ def node_object(node: FleetNode, index: int) -> dict[str, Any]:
     }
 
 
-def create_fleet(cluster: Cluster, fleet_file: Path | str, timeout: float = 60) -> list[str]:
+DRA_DRIVER = "gpu.nvidia.com"
+ARCHITECTURES = {"H100": ("Hopper", "9.0.0"), "H200": ("Hopper", "9.0.0"),
+                 "A100": ("Ampere", "8.0.0"), "L40S": ("Ada Lovelace", "8.9.0"),
+                 "L4": ("Ada Lovelace", "8.9.0")}
+
+
+def device_class() -> dict[str, Any]:
+    """The DeviceClass NVIDIA's driver installs for whole GPUs."""
+    return {
+        "apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass",
+        "metadata": {"name": DRA_DRIVER},
+        "spec": {"selectors": [{"cel": {"expression": f"device.driver == '{DRA_DRIVER}' && "
+                                                      f"device.attributes['{DRA_DRIVER}']"
+                                                      ".type == 'gpu'"}}]},
+    }
+
+
+def gpu_slice(node: FleetNode) -> dict[str, Any]:
+    """The node's GPUs as the driver's ResourceSlice, sharing by memory switched on."""
+    product_name = node.product.replace("-", " ")  # GFD put dashes where NVML has spaces
+    arch, cc = next((v for k, v in ARCHITECTURES.items() if f"-{k}" in node.product),
+                    ("Hopper", "9.0.0"))
+    devices = []
+    for i in range(node.gpus):
+        gpu_uuid = "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{node.name}/{i}"))
+        devices.append({
+            "name": f"gpu-{i}",
+            "allowMultipleAllocations": True,
+            "attributes": {
+                "type": {"string": "gpu"}, "uuid": {"string": gpu_uuid},
+                "productName": {"string": product_name}, "brand": {"string": "Nvidia"},
+                "architecture": {"string": arch}, "cudaComputeCapability": {"version": cc},
+                "driverVersion": {"version": "580.95.5"},
+                "cudaDriverVersion": {"version": "13.0.0"},
+                "resource.kubernetes.io/pciBusID": {"string": f"0000:{0x18 + i:02x}:00.0"},
+            },
+            "capacity": {"memory": {"value": f"{node.gpu_memory_mib}Mi"}},
+        })
+    return {
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+        "metadata": {"name": f"{node.name}-{DRA_DRIVER}"},
+        "spec": {"driver": DRA_DRIVER, "nodeName": node.name,
+                 "pool": {"name": node.name, "generation": 1, "resourceSliceCount": 1},
+                 "devices": devices},
+    }
+
+
+def create_fleet(cluster: Cluster, fleet_file: Path | str, timeout: float = 60,
+                 dra: bool = False) -> list[str]:
     """Create one fake node per fleet entry and wait until all are Ready with GPUs."""
     nodes = load_fleet(fleet_file).expand()
-    return create_nodes(cluster, nodes, timeout)
+    return create_nodes(cluster, nodes, timeout, dra=dra)
 
 
-def create_nodes(cluster: Cluster, nodes: list[FleetNode], timeout: float = 60) -> list[str]:
+def create_nodes(cluster: Cluster, nodes: list[FleetNode], timeout: float = 60,
+                 dra: bool = False) -> list[str]:
     if not nodes:
         return []
     existing = _node_names(cluster)
     objects = [node_object(n, len(existing) + i) for i, n in enumerate(nodes)]
-    cluster.kubectl("create", "-f", "-", input=json.dumps(
-        {"apiVersion": "v1", "kind": "List", "items": objects}))
+    extra = [device_class()] + [gpu_slice(n) for n in nodes if n.gpus] if dra else []
+    cluster.kubectl("apply", "--server-side", "--field-manager=kvpilot-e2e", "-f", "-",
+                    input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                      "items": objects + extra}))
     # A Node's status is not taken from a create request; set capacity on the status
     # subresource, as a kubelet would report it.
     with cluster.http() as client:

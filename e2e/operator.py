@@ -1,0 +1,89 @@
+"""Run the real operator (``kvpilot operator``) as a process against a local cluster."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from e2e.cluster import Cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMESPACE = "kvpilot-system"
+
+
+def ensure_namespace(cluster: Cluster, name: str = NAMESPACE) -> None:
+    cluster.kubectl("create", "namespace", name, check=False)
+
+
+class OperatorProcess:
+    """``kvpilot operator`` out of cluster, with its log kept in ``log_path``."""
+
+    def __init__(self, cluster: Cluster, log_path: Path, *, mode: str = "auto",
+                 identity: str = "e2e-operator", kubeconfig: Path | None = None,
+                 **settings: Any) -> None:
+        self.cluster, self.log_path = cluster, log_path
+        self.kubeconfig = kubeconfig or cluster.kubeconfig
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("operator", "worker")),
+            "KVPILOT_MODE": mode, "KVPILOT_IDENTITY": identity,
+            "KVPILOT_NAMESPACE": NAMESPACE, "KVPILOT_LEASE_SECONDS": "3",
+            "KVPILOT_RECONCILE_SECONDS": "2", "KVPILOT_METRICS_PORT": "0",
+            "KVPILOT_HEALTH_PORT": "0",
+            **{f"KVPILOT_{k.upper()}": str(v) for k, v in settings.items()},
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "OperatorProcess":
+        ensure_namespace(self.cluster)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvpilot.cli", "operator", f"--kubeconfig={self.kubeconfig}"],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> "OperatorProcess":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60,
+             interval: float = 0.5, log: Callable[[], str] | None = None) -> Any:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` (and a log)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    tail = f"\n--- operator log ---\n{log()[-6000:]}" if log else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r}){tail}")

@@ -1,0 +1,272 @@
+"""The operator on the real control plane, DRA mode: Models become claims and pods that
+the real kube-scheduler binds and allocates where placement planned them.
+
+One control plane for the module, with GPUs published as ResourceSlices the way NVIDIA's
+DRA driver publishes them (memory as consumable capacity). The operator runs as a real
+process; evidence is what the API server holds: pod bindings, claim allocations with
+consumed capacity, Model status, Events, and the audit log of the operator's writes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from collections import Counter, defaultdict
+
+import pytest
+
+from kvpilot.api.fleet import FleetNode
+from kvpilot.api.quantity import parse_bytes
+
+from e2e.cluster import Cluster, install_crds
+from e2e.conftest import ROOT
+from e2e.fleet import create_nodes
+from e2e.operator import OperatorProcess, wait_for
+
+H100 = "NVIDIA-H100-80GB-HBM3"
+FLEET = [FleetNode(name=f"h100-{i}", product=H100, gpus=2, gpu_memory_mib=81559)
+         for i in range(3)] + [FleetNode(name="l40s-0", product="NVIDIA-L40S", gpus=1,
+                                         gpu_memory_mib=46068)]
+SELECTOR = "app.kubernetes.io/managed-by=kvpilot"
+
+
+def model(name: str, replicas: int, *, weights: str = "15Gi", layers: int = 32,
+          kv_heads: int = 8, head_dim: int = 128, context: int = 8192, seqs: int = 4) -> dict:
+    return {
+        "apiVersion": "kvpilot.dev/v1alpha1", "kind": "Model",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"weights": {"bytes": weights},
+                 "architecture": {"layers": layers, "attentionHeads": 32, "kvHeads": kv_heads,
+                                  "headDim": head_dim, "maxContextTokens": 131072},
+                 "sla": {"contextTokens": context, "concurrentSequences": seqs},
+                 "replicas": replicas, "maxReplicas": 16},
+    }
+
+
+LLAMA = model("llama", 2)  # 15 GiB + 4 GiB KV + 2 GiB = 21 GiB per replica
+QWEN = model("qwen", 3, weights="1Gi", layers=24, kv_heads=2, head_dim=64, context=4096,
+             seqs=8)  # 1 GiB + 384 MiB + 2 GiB
+MISTRAL = model("mistral", 1)
+HUGE = model("huge", 1, context=131072, seqs=64)  # 1 TiB of KV: fits nowhere
+
+
+@pytest.fixture(scope="module")
+def dra_cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("dra-cluster"), tie_to_parent=True)
+    c.up()
+    try:
+        install_crds(c, ROOT / "crds")
+        create_nodes(c, FLEET, dra=True)
+        yield c
+    finally:
+        c.down()
+
+
+@pytest.fixture(scope="module")
+def operator(dra_cluster, tmp_path_factory):
+    op = OperatorProcess(dra_cluster, tmp_path_factory.mktemp("operator") / "operator.log")
+    op.start()
+    yield op
+    op.stop()
+
+
+def objects(cluster: Cluster, kind: str) -> list[dict]:
+    return cluster.get(kind, "-A", "-l", SELECTOR)["items"]
+
+
+def replicas(cluster: Cluster) -> dict[str, dict]:
+    """Replica name -> its pod and claim (either may be missing)."""
+    out: dict[str, dict] = defaultdict(dict)
+    for kind, key in (("pods", "pod"), ("resourceclaims", "claim")):
+        for o in objects(cluster, kind):
+            if not o["metadata"].get("deletionTimestamp"):
+                out[o["metadata"]["name"]][key] = o
+    return dict(out)
+
+
+def running(cluster: Cluster, counts: dict[str, int]) -> dict | None:
+    """The replicas once exactly ``counts`` per model run with allocated claims."""
+    reps = replicas(cluster)
+    per_model = Counter(r["pod"]["metadata"]["labels"]["kvpilot.dev/model"]
+                        for r in reps.values() if "pod" in r)
+    if dict(per_model) != counts:
+        return None
+    for r in reps.values():
+        if "pod" not in r or "claim" not in r:
+            return None
+        if r["pod"]["status"].get("phase") != "Running":
+            return None
+        if not (r["claim"].get("status") or {}).get("allocation"):
+            return None
+    return reps
+
+
+def allocated(claim: dict) -> list[tuple[str, str, int]]:
+    """(pool, device, consumed bytes) the kube-scheduler allocated to a claim."""
+    return [(r["pool"], r["device"], parse_bytes(r["consumedCapacity"]["memory"]))
+            for r in claim["status"]["allocation"]["devices"]["results"]]
+
+
+def check_consistent(cluster: Cluster, reps: dict) -> dict[tuple[str, str], list[str]]:
+    """Every pod runs where it was planned, every claim holds the planned GPUs with the
+    planned memory, and no GPU's claims exceed its capacity. Returns GPU -> replicas."""
+    capacity = {}
+    for s in cluster.get("resourceslices")["items"]:
+        for d in s["spec"]["devices"]:
+            capacity[(s["spec"]["pool"]["name"], d["name"])] = parse_bytes(
+                d["capacity"]["memory"]["value"])
+    used: dict[tuple[str, str], int] = defaultdict(int)
+    holders: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for c in cluster.get("resourceclaims", "-A")["items"]:
+        for pool, dev, consumed in allocated(c) if (c.get("status") or {}).get("allocation") \
+                else []:
+            used[(pool, dev)] += consumed
+    for name, r in reps.items():
+        ann = r["pod"]["metadata"]["annotations"]
+        assert r["pod"]["spec"]["nodeName"] == ann["kvpilot.dev/node"], name
+        planned = sorted(f"gpu-{g}" for g in ann["kvpilot.dev/gpus"].split(","))
+        got = allocated(r["claim"])
+        assert sorted(d for _, d in got) == planned, name
+        assert {p for p, _, _ in got} == {ann["kvpilot.dev/node"]}, name
+        assert {c for _, _, c in got} == {int(ann["kvpilot.dev/hbm-per-gpu"])}, name
+        for pool, dev, _ in got:
+            holders[(pool, dev)].append(r["pod"]["metadata"]["labels"]["kvpilot.dev/model"])
+    for gpu, total in used.items():
+        assert total <= capacity[gpu], f"{gpu} holds {total} > {capacity[gpu]}"
+    return holders
+
+
+def model_status(cluster: Cluster, name: str) -> dict:
+    return cluster.get("model", name).get("status") or {}
+
+
+def condition(status: dict, type_: str) -> dict:
+    return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
+
+
+def events(cluster: Cluster, name: str) -> list[dict]:
+    return [e for e in cluster.get("events", "-n", "default")["items"]
+            if e["involvedObject"].get("kind") == "Model"
+            and e["involvedObject"].get("name") == name]
+
+
+def test_models_become_claims_and_pods_where_the_plan_says(dra_cluster, operator):
+    dra_cluster.apply([LLAMA, QWEN, MISTRAL, HUGE])
+    want = {"llama": 2, "qwen": 3, "mistral": 1}
+    reps = wait_for("6 replicas running", lambda: running(dra_cluster, want), 90,
+                    log=operator.log)
+    holders = check_consistent(dra_cluster, reps)
+    shared = [g for g, models in holders.items() if len(set(models)) >= 2]
+    assert shared, f"no GPU shared by two Models: {dict(holders)}"
+
+    status = wait_for("llama status", lambda: (s := model_status(dra_cluster, "llama"))
+                      .get("readyReplicas") == 2 and s, 30, log=operator.log)
+    assert (status["replicas"], status["tensorParallel"], status["hbmPerGpu"],
+            status["kvCapacityTokens"]) == (2, 1, "21.0 GiB", 8192 * 4)
+    assert status["selector"] == f"{SELECTOR},kvpilot.dev/model=llama"
+    assert sorted(p["replica"] for p in status["placements"]) == ["llama-0", "llama-1"]
+    assert condition(status, "Ready")["status"] == "True"
+    assert any(e["reason"] == "Placed" for e in events(dra_cluster, "llama"))
+
+    huge = wait_for("huge unschedulable", lambda: condition(
+        model_status(dra_cluster, "huge"), "Unschedulable").get("status") == "True"
+        and model_status(dra_cluster, "huge"), 30, log=operator.log)
+    assert "per GPU" in condition(huge, "Unschedulable")["message"]
+    assert "huge-0" not in replicas(dra_cluster)
+    assert any(e["reason"] == "DoesNotFit" for e in events(dra_cluster, "huge"))
+    table = dra_cluster.kubectl("get", "models").stdout
+    assert "21.0 GiB" in table
+
+
+def operator_writes(cluster: Cluster) -> list[dict]:
+    """The operator's writes, except its Lease renewals (leader election, not reconcile)."""
+    return [e for e in cluster.audit_writes("kvpilot-operator") + cluster.audit_writes("kopf")
+            if e.get("objectRef", {}).get("resource") != "leases"]
+
+
+def test_an_idle_reconcile_makes_no_writes(dra_cluster, operator):
+    wait_for("replicas settled", lambda: running(
+        dra_cluster, {"llama": 2, "qwen": 3, "mistral": 1}), 60, log=operator.log)
+    time.sleep(4)  # status catching up with the last pods
+    before = len(operator_writes(dra_cluster))
+    time.sleep(3 * 2 + 1)  # three reconcile intervals of 2 s
+    after = operator_writes(dra_cluster)
+    assert len(after) == before, [
+        (e["verb"], e["objectRef"].get("resource"), e["objectRef"].get("name"))
+        for e in after[before:]]
+    assert before > 0  # the audit log does see the operator's writes
+
+
+def test_a_cordoned_then_a_deleted_node_loses_its_replicas_to_other_nodes(dra_cluster,
+                                                                         operator):
+    want = {"llama": 2, "qwen": 3, "mistral": 1}
+    reps = wait_for("replicas", lambda: running(dra_cluster, want), 60, log=operator.log)
+    victim = reps["llama-0"]["pod"]["spec"]["nodeName"]
+    dra_cluster.kubectl("cordon", victim)
+    reps = wait_for(f"replicas off {victim}", lambda: (r := running(dra_cluster, want)) and all(
+        x["pod"]["spec"]["nodeName"] != victim for x in r.values()) and r, 90, log=operator.log)
+    check_consistent(dra_cluster, reps)
+    assert any(e["reason"] == "ReplicaLost" and victim in e["message"]
+               for e in events(dra_cluster, "llama"))
+
+    second = reps["llama-0"]["pod"]["spec"]["nodeName"]
+    dra_cluster.kubectl("delete", "node", second)
+    reps = wait_for(f"replicas off {second}", lambda: (r := running(dra_cluster, want)) and all(
+        x["pod"]["spec"]["nodeName"] not in (victim, second) for x in r.values()) and r, 120,
+        log=operator.log)
+    check_consistent(dra_cluster, reps)
+
+
+def test_killing_the_operator_during_a_rollout_leaves_no_duplicates_or_orphans(
+        dra_cluster, operator, tmp_path):
+    operator.kill()
+    rng = random.Random(7)
+    dra_cluster.apply([model("burst", 10, weights="1Gi", layers=24, kv_heads=2, head_dim=64,
+                             context=4096, seqs=8)])
+    op = OperatorProcess(dra_cluster, tmp_path / "killed.log")
+    for i in range(10):
+        op.start()
+        time.sleep(rng.uniform(1.0, 4.0))  # start-up takes ~1 s: kills land mid-rollout
+        op.kill(signal.SIGKILL)
+    op.start()
+    try:
+        want = {"llama": 2, "qwen": 3, "mistral": 1, "burst": 10}
+        reps = wait_for("all replicas after the kills", lambda: running(dra_cluster, want),
+                        120, log=op.log)
+        time.sleep(3)  # a pass or two more: nothing may change
+        assert set(replicas(dra_cluster)) == set(reps)
+        check_consistent(dra_cluster, reps)
+        pods = {p["metadata"]["name"] for p in objects(dra_cluster, "pods")}
+        claims = {c["metadata"]["name"] for c in objects(dra_cluster, "resourceclaims")}
+        assert pods == claims == set(reps)
+    finally:
+        op.stop()
+    operator.start()  # the module's operator again, for the tests after this one
+
+
+def test_deleting_a_model_removes_its_pods_and_claims(dra_cluster, operator):
+    dra_cluster.kubectl("delete", "model", "burst", "--wait=true", "--timeout=90s", timeout=100)
+    left = [n for n in replicas(dra_cluster) if n.startswith("burst-")]
+    assert left == []
+    assert dra_cluster.kubectl("get", "model", "burst", check=False).returncode != 0
+
+
+def test_a_standby_operator_takes_over_when_the_leader_stops(dra_cluster, operator, tmp_path):
+    standby = OperatorProcess(dra_cluster, tmp_path / "standby.log", identity="standby")
+    standby.start()
+    try:
+        wait_for("standby waiting", lambda: "standing by" in standby.log(), 30, log=standby.log)
+        operator.stop()  # releases the Lease
+        wait_for("standby leading", lambda: "acquired lease" in standby.log(), 30,
+                 log=standby.log)
+        dra_cluster.apply([model("late", 1, weights="1Gi", layers=24, kv_heads=2,
+                                 head_dim=64, context=4096, seqs=8)])
+        wait_for("late replica", lambda: "late-0" in replicas(dra_cluster), 60,
+                 log=standby.log)
+        lease = dra_cluster.get("lease", "-n", "kvpilot-system", "kvpilot-operator")
+        assert lease["spec"]["holderIdentity"] == "standby"
+    finally:
+        standby.stop()
+        operator.start()
