@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 WIDTH = 100
+# Widest first columns of the tables; a longer name gets a line of its own above its row,
+# so no name (Kubernetes allows 253 characters for a node) widens the table.
+NODE_COLUMN = 24
+PRODUCT_COLUMN = 30
+MODEL_COLUMN = 24  # the header is then exactly 100 wide
 
 
 def _fraction(text: str) -> float:
@@ -136,6 +141,15 @@ def _wrap(text: str, indent: int) -> list[str]:
     return [line.replace("\u00a0", " ") for line in lines]
 
 
+def _first_cells(cells: list[tuple[str, int]]) -> tuple[list[str], str]:
+    """Leading cells padded to their widths; when one is longer than its width, the
+    cells go on a line of their own (wrapped) and the row starts blank."""
+    if all(len(text) <= width for text, width in cells):
+        return [], "  ".join(f"{text:<{width}}" for text, width in cells)
+    own = _wrap("  ".join(text for text, _ in cells), 0)
+    return own, "  ".join(" " * width for _, width in cells)
+
+
 def render_table(plan, demands) -> str:
     """The plan for people, at most 100 columns wide."""
     lines: list[str] = []
@@ -144,15 +158,17 @@ def render_table(plan, demands) -> str:
         for g in a.gpus:
             # A no-break space keeps "replica size" together when the line wraps.
             by_gpu.setdefault((a.node, g), []).append(f"{a.replica}\u00a0{_gib(a.hbm_per_gpu)}")
-    name_w = max([4] + [len(n.name) for n in plan.nodes])
-    prod_w = max([7] + [len(n.product) for n in plan.nodes])
+    name_w = min(NODE_COLUMN, max([4] + [len(n.name) for n in plan.nodes]))
+    prod_w = min(PRODUCT_COLUMN, max([7] + [len(n.product) for n in plan.nodes]))
     lines.append(f"{'NODE':<{name_w}}  {'PRODUCT':<{prod_w}}  {'GPUS':>5}  "
                  f"{'HBM USED':>9}  {'HBM FREE':>9}  (GiB)")
     for n in plan.nodes:
         used = sum(n.used)
         free = n.gpu_capacity * len(n.used) - used
         state = "" if n.schedulable else "  unschedulable"
-        lines.append(f"{n.name:<{name_w}}  {n.product:<{prod_w}}  "
+        own, first = _first_cells([(n.name, name_w), (n.product, prod_w)])
+        lines.extend(own)
+        lines.append(f"{first}  "
                      f"{f'{n.gpus_in_use}/{len(n.used)}':>5}  {_gib(used):>9}  {_gib(free):>9}"
                      f"{state}")
         for g, u in enumerate(n.used):
@@ -161,7 +177,7 @@ def render_table(plan, demands) -> str:
                 lines.extend(_wrap(f"GPU {g}  {_gib(u)}/{_gib(n.gpu_capacity)}:  "
                                    + ", ".join(tenants), 2))
     lines.append("")
-    model_w = max([5] + [len(d.model) for d in demands])
+    model_w = min(MODEL_COLUMN, max([5] + [len(d.model) for d in demands]))
     lines.append(f"{'MODEL':<{model_w}}  {'PLACED':>7}  {'KV TOKENS/REPLICA':>17}  "
                  "PER REPLICA (TP x HBM PER GPU, BY GPU PRODUCT)")
     for d in demands:
@@ -171,11 +187,17 @@ def render_table(plan, demands) -> str:
         per = "; ".join(f"{tp} x {_gib(hbm)} GiB on {', '.join(ps)}"
                         for (tp, hbm), ps in groups.items()) or "fits no GPU product of the fleet"
         kv = max((r.kv_tokens for r in d.requirements.values()), default=0)
-        head = (f"{d.model:<{model_w}}  {f'{plan.placed(d.model)}/{d.replicas}':>7}  "
-                f"{kv:>17,}  ")
-        body = textwrap.wrap(per, WIDTH - len(head), break_on_hyphens=False) or [""]
-        lines.append(head + body[0])
-        lines.extend(" " * len(head) + b for b in body[1:])
+        own, first = _first_cells([(d.model, model_w)])
+        lines.extend(own)
+        head = f"{first}  {f'{plan.placed(d.model)}/{d.replicas}':>7}  {kv:>17,}  "
+        body = textwrap.wrap(per, WIDTH - len(head), break_on_hyphens=False,
+                             break_long_words=False) or [""]
+        if max(map(len, body)) > WIDTH - len(head):  # a product name wider than the column
+            lines.append(head.rstrip())
+            lines.extend(_wrap(per, 4))
+        else:
+            lines.append(head + body[0])
+            lines.extend(" " * len(head) + b for b in body[1:])
     if plan.unplaced:
         lines.append("")
         lines.append("NOT PLACED")

@@ -19,11 +19,31 @@ from pydantic import ValidationError
 
 from kvpilot.api.model import Model
 
-# The API server takes request bodies of at most 3 MiB; a file holds a few objects.
-MAX_FILE_BYTES = 4 * 2**20
+# A stored object is at most 1.5 MiB; a file holds a few Models.
+MAX_FILE_BYTES = 2**20
 MAX_DEPTH = 32  # a Model nests 5 levels deep; status and metadata a few more
-MAX_VALUES = 20_000  # scalars, lists and maps per document, aliases expanded
+MAX_VALUES = 10_000  # scalars, lists and maps per document, aliases expanded
 MAX_ERRORS = 3  # validation errors listed in one message
+
+
+def _c_parser() -> Any:
+    try:
+        from yaml.cyaml import CParser
+    except ImportError:
+        return None
+    return CParser
+
+
+class _PythonParser(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):
+    def __init__(self, stream: str) -> None:
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+
+
+# libyaml scans and parses in C when present; composing stays in Python, where the
+# limits are counted.
+_Parser = _c_parser() or _PythonParser
 
 
 class FileError(ValueError):
@@ -54,25 +74,36 @@ def one_line(err: ValidationError) -> str:
     return "; ".join(parts).replace("\n", " ")
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys and bounds depth and size."""
+class _StrictComposer(yaml.composer.Composer, yaml.constructor.SafeConstructor,
+                      yaml.resolver.Resolver):
+    """A safe loader that refuses duplicate keys and bounds depth and size."""
+
+    PARSER: Any = None  # the scanner and parser class, set by _loader()
 
     def __init__(self, stream: str) -> None:
-        super().__init__(stream)
+        self.PARSER.__init__(self, stream)
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
         self._depth = 0
+        self._composed = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         self._depth += 1
+        self._composed += 1
         try:
             if self._depth > MAX_DEPTH:
                 mark = self.peek_event().start_mark
                 raise yaml.YAMLError(f"nested deeper than {MAX_DEPTH} levels at line "
                                      f"{mark.line + 1}")
+            if self._composed > MAX_VALUES:
+                raise yaml.YAMLError(f"a document holds more than {MAX_VALUES} values")
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 
     def compose_document(self) -> Any:
+        self._composed = 0
         node = super().compose_document()
         _check_size(node)
         return node
@@ -81,7 +112,8 @@ class _StrictLoader(yaml.SafeLoader):
         if isinstance(node, yaml.MappingNode):
             seen: set[Any] = set()
             for key_node, _ in node.value:
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                if (not isinstance(key_node, yaml.ScalarNode)
+                        or key_node.tag == "tag:yaml.org,2002:merge"):
                     continue
                 key = self.construct_object(key_node)
                 if key in seen:
@@ -89,6 +121,14 @@ class _StrictLoader(yaml.SafeLoader):
                     raise yaml.YAMLError(f"duplicate key {key!r} at line {line}")
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _loader(parser: Any) -> Any:
+    return type(f"Strict{parser.__name__}Loader", (_StrictComposer, parser), {"PARSER": parser})
+
+
+_LOADER = _loader(_Parser)
+PYTHON_LOADER = _loader(_PythonParser)  # the same without libyaml (tests run both)
 
 
 def _check_size(root: Any) -> None:
@@ -138,18 +178,20 @@ def read_documents(path: str | Path) -> list[Any]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise FileError(f"{path}: not UTF-8 text (byte {err.start})") from err
+        line = data.count(b"\n", 0, err.start) + 1
+        raise FileError(f"{path}: not UTF-8 text (line {line}, byte {err.start})") from err
     return parse_documents(text, str(path))
 
 
-def parse_documents(text: str, where: str) -> list[Any]:
+def parse_documents(text: str, where: str, loader: Any = None) -> list[Any]:
     """The YAML documents of ``text`` (empty ones skipped); errors name ``where``."""
     try:
-        return [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
+        return [d for d in yaml.load_all(text, Loader=loader or _LOADER) if d is not None]
     except yaml.YAMLError as err:
         raise FileError(f"{where}: cannot read: {err}".replace("\n", " ")) from err
-    except (ValueError, RecursionError) as err:  # e.g. an integer of 5000 digits
-        raise FileError(f"{where}: cannot read: {err}".replace("\n", " ")) from err
+    except ValueError as err:  # e.g. an integer of 5000 digits
+        first = str(err).split(":")[0].replace("\n", " ")
+        raise FileError(f"{where}: cannot read: {first}") from err
 
 
 def models_from_documents(docs: list[Any], where: str) -> list[Model]:
