@@ -189,3 +189,14 @@ def test_token_finish(tokens, params, expected):
     s = Sequence([1, 2], params)
     s.tokens = list(tokens)
     assert token_finish(s, {9}, max_model_len=6) is expected
+
+
+def test_finishing_during_postprocess_leaves_the_batch_whole():
+    _, sched = make()
+    a, b = seq(4), seq(4, 10)
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)
+    batch = sched.schedule()
+    sched.finish(a, FinishReason.LENGTH)  # what the engine does while walking the batch
+    assert batch.seqs == [a, b] and sched.running == [b]

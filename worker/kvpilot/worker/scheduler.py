@@ -183,7 +183,7 @@ class Scheduler:
         self.running = scheduled
         if not scheduled and not preempted:
             return None
-        return Batch(BatchKind.DECODE, scheduled, preempted)
+        return Batch(BatchKind.DECODE, list(scheduled), preempted)  # running changes as they finish
 
     def _admit(self) -> list[Sequence]:
         admitted: list[Sequence] = []

@@ -1,0 +1,302 @@
+"""The engine: ``schedule -> run -> postprocess``, one step at a time, and the thread
+that runs it for the HTTP server.
+
+``Engine.step`` asks the scheduler for a batch, runs it through the model runner,
+samples one token per sequence, and turns tokens into text (stop strings are matched on
+the text; what could still become a stop string is held back while streaming). It
+returns one ``Output`` per sequence that got a token or finished. A batch whose forward
+pass raises finishes its sequences with an error (their pages are freed) and the engine
+goes on: one bad batch never takes the worker down.
+
+``EngineLoop`` runs ``step`` on its own thread. Requests and aborts arrive from the
+server's event loop through a locked inbox; outputs go back through a callback per
+request. The waiting queue is bounded: ``submit`` raises ``QueueFull`` beyond it (the
+server's 429) and ``Draining`` once draining started (503).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvpilot.worker.runner import ModelRunner
+from kvpilot.worker.sampler import Sampler
+from kvpilot.worker.scheduler import (
+    BatchKind,
+    FinishReason,
+    SamplingParams,
+    Scheduler,
+    Sequence,
+    Status,
+    token_finish,
+)
+from kvpilot.worker.stats import EngineStats
+from kvpilot.worker.tokenizer import Detokenizer, Tokenizer
+
+log = logging.getLogger("kvpilot.worker")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound."""
+
+
+QUEUE_FULL = "the waiting queue is full"
+
+
+class Draining(Exception):
+    """The worker is draining and admits nothing new."""
+
+
+@dataclass
+class Output:
+    seq_id: int
+    text: str  # new text since the last output
+    token_ids: list[int]  # new tokens since the last output
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detokenizer: Detokenizer | None
+    text: str = ""
+    emitted: int = 0  # characters of text already sent
+    sent_tokens: int = 0
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Tokenizer | None,
+                 stats: EngineStats, *, max_model_len: int, eos_token_ids: set[int],
+                 seed: int = 0):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.stats = stats
+        self.stats_lock = threading.Lock()
+        self.max_model_len = max_model_len
+        self.eos_token_ids = set(eos_token_ids)
+        self.sampler = Sampler(runner.device, seed)
+        self.weight_read_bytes = runner.model.w.read_per_step_bytes()
+        self._requests: dict[int, _Request] = {}
+
+    # ---- requests ---------------------------------------------------------------------
+    def add(self, seq: Sequence, *, detokenize: bool = True) -> None:
+        """Queue a sequence (its length limits are the server's to check); raises
+        QueueFull when the waiting queue is at its bound."""
+        if not self.scheduler.add(seq):
+            raise QueueFull
+        detok = None
+        if detokenize and self.tokenizer is not None:
+            detok = Detokenizer(self.tokenizer, seq.prompt[-4:])
+        self._requests[seq.seq_id] = _Request(seq, detok)
+        with self.stats_lock:
+            self.stats.prompt_tokens += seq.num_prompt
+
+    def abort(self, seq_id: int) -> bool:
+        req = self._requests.pop(seq_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req.seq, FinishReason.ABORT)
+        self.sampler.forget(seq_id)
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step ---------------------------------------------------------------------
+    def step(self) -> list[Output]:
+        batch = self.scheduler.schedule()
+        outputs: list[Output] = []
+        if batch is not None and batch.seqs:
+            seqs = batch.seqs
+            start = time.monotonic()
+            try:
+                if batch.kind is BatchKind.PREFILL:
+                    logits = self.runner.prefill(seqs)
+                else:
+                    logits = self.runner.decode(seqs)
+                tokens = self.sampler.sample(logits, [s.seq_id for s in seqs],
+                                             [s.params for s in seqs])
+            except Exception as err:  # noqa: BLE001 - the worker must outlive a bad batch
+                log.exception("a %s batch of %d sequences failed", batch.kind.value, len(seqs))
+                for seq in seqs:
+                    outputs.append(self._fail(seq, f"{type(err).__name__}: {err}"))
+                self._refresh_stats()
+                return outputs
+            now = time.monotonic()
+            self.scheduler.computed(batch)
+            with self.stats_lock:
+                if batch.kind is BatchKind.DECODE:
+                    self.stats.decode_step.observe(now - start)
+                    kv = sum(len(s) for s in seqs) * self.runner.kv_bytes_per_token
+                    self.stats.step_read_bytes = self.weight_read_bytes + kv
+                self.stats.generation_tokens += len(seqs)
+            for seq, token in zip(seqs, tokens):
+                outputs.append(self._postprocess(seq, token, now))
+        self._refresh_stats()
+        return outputs
+
+    def _postprocess(self, seq: Sequence, token: int, now: float) -> Output:
+        seq.tokens.append(token)
+        with self.stats_lock:
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                self.stats.ttft.observe(now - seq.arrival)
+            else:
+                self.stats.itl.observe(now - seq.last_token_time)
+        seq.last_token_time = now
+        reason = token_finish(seq, self.eos_token_ids, self.max_model_len)
+        req = self._requests[seq.seq_id]
+        hold = 0
+        if req.detokenizer is not None:
+            req.text += req.detokenizer.add(token)
+            stops = seq.params.stop
+            found = [i for i in (req.text.find(s, max(0, req.emitted - len(s))) for s in stops)
+                     if i >= 0]
+            if found:  # the text ends before the stop string, which is not sent
+                req.text = req.text[:min(found)]
+                reason = FinishReason.STOP
+            else:
+                hold = max((len(s) for s in stops), default=1) - 1
+                if reason is not None:
+                    req.text += req.detokenizer.flush()
+        if reason is not None:
+            self._retire(seq, reason)
+        upto = len(req.text) if reason is not None else max(req.emitted, len(req.text) - hold)
+        text, req.emitted = req.text[req.emitted:upto], upto
+        new_tokens = seq.output[req.sent_tokens:]
+        req.sent_tokens = seq.num_output
+        return Output(seq.seq_id, text, new_tokens, reason, seq.num_prompt, seq.num_output)
+
+    def _retire(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq, reason)
+        self._requests.pop(seq.seq_id, None)
+        self.sampler.forget(seq.seq_id)
+
+    def _fail(self, seq: Sequence, message: str) -> Output:
+        req = self._requests.get(seq.seq_id)
+        self._retire(seq, FinishReason.ERROR)
+        text = req.text[req.emitted:] if req else ""
+        return Output(seq.seq_id, text, [], FinishReason.ERROR, seq.num_prompt,
+                      seq.num_output, error=message)
+
+    def _refresh_stats(self) -> None:
+        bm, sched = self.scheduler.bm, self.scheduler
+        with self.stats_lock:
+            s = self.stats
+            s.pages_used = bm.num_used
+            s.pages_cached = bm.num_cached_free
+            s.running = len(sched.running)
+            s.waiting = len(sched.waiting)
+            s.preemptions = sched.num_preemptions
+            s.prefix_queried_tokens = bm.queried_tokens
+            s.prefix_hit_tokens = bm.hit_tokens
+
+    def snapshot(self) -> EngineStats:
+        with self.stats_lock:
+            return copy.deepcopy(self.stats)
+
+    # ---- offline use (tests, benchmarks) ----------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *,
+                 detokenize: bool = False) -> list[Sequence]:
+        """Run prompts to completion on the calling thread; the finished sequences."""
+        seqs = [Sequence(list(p), params, arrival=time.monotonic()) for p in prompts]
+        for s in seqs:
+            self.add(s, detokenize=detokenize)
+        while any(s.status is not Status.FINISHED for s in seqs):
+            self.step()
+        return seqs
+
+
+Sink = Callable[[Output], None]
+
+
+class EngineLoop:
+    """Runs an Engine on a background thread for the server."""
+
+    def __init__(self, engine: Engine, *, max_waiting: int):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._inbox: list[tuple[Sequence, bool, Sink]] = []
+        self._aborts: list[int] = []
+        self._sinks: dict[int, Sink] = {}
+        self._stop = False
+        self.draining = False
+        self._thread = threading.Thread(target=self._run, name="kvpilot-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def submit(self, seq: Sequence, sink: Sink, *, detokenize: bool = True) -> None:
+        with self._lock:
+            if self.draining:
+                raise Draining
+            if len(self._inbox) + len(self.engine.scheduler.waiting) >= self.max_waiting:
+                raise QueueFull
+            self._inbox.append((seq, detokenize, sink))
+        self._wake.set()
+
+    def abort(self, seq_id: int) -> None:
+        with self._lock:
+            self._aborts.append(seq_id)
+        self._wake.set()
+
+    def drain(self) -> None:
+        with self._lock:
+            self.draining = True
+        with self.engine.stats_lock:
+            self.engine.stats.draining = True
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting), the inbox counted as waiting."""
+        with self._lock:
+            inbox = len(self._inbox)
+        s = self.engine.snapshot()
+        return s.running, s.waiting + inbox
+
+    def _run(self) -> None:
+        while not self._stop:
+            with self._lock:
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+            for seq, detokenize, sink in inbox:
+                try:
+                    self.engine.add(seq, detokenize=detokenize)
+                except QueueFull:  # preempted sequences filled the queue meanwhile
+                    sink(Output(seq.seq_id, "", [], FinishReason.ERROR, seq.num_prompt, 0,
+                                error=QUEUE_FULL))
+                    continue
+                self._sinks[seq.seq_id] = sink
+            for seq_id in aborts:
+                self.engine.abort(seq_id)
+                self._sinks.pop(seq_id, None)
+            if aborts:
+                self.engine._refresh_stats()
+            if not self.engine.has_work():
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            for out in self.engine.step():
+                sink = self._sinks.get(out.seq_id)
+                if out.finished:
+                    self._sinks.pop(out.seq_id, None)
+                if sink is not None:
+                    sink(out)

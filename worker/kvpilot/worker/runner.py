@@ -1,0 +1,264 @@
+"""The model runner: the only part of the engine that touches torch devices.
+
+It owns the paged KV cache (one ``LayerKV`` per layer, ``kvpilot.worker.kernels.cache``)
+and turns a scheduled batch into tensors: token ids, positions, slots (where each new
+token's K/V goes), block tables and lengths, all read off the block manager's tables.
+
+Prefill
+    All new tokens of the batch go through the model as one ``[tokens, hidden]`` matrix.
+    Per layer, ``reshape_and_cache`` first writes their K/V into the pages, then each
+    sequence attends with ``scaled_dot_product_attention``: causal over its own new
+    tokens when nothing of it was cached, else over its whole length gathered back from
+    the pages (a prefix-cache hit), with the causal mask aligned to the end. Only the
+    last token of each sequence goes through the LM head.
+
+Decode
+    One token per sequence; attention is the Triton paged kernel on a GPU and the PyTorch
+    reference on CPU. On a GPU each step replays a CUDA graph captured for the smallest
+    batch-size bucket that holds the batch (padding rows write to slot -1 and have length
+    0): the kernel launcher's host work, 116-173 us a call, and the Python of 32 layers
+    would otherwise cost more than the kernels at small batches. The split count of the
+    paged kernel is fixed per bucket at capture, planned for the longest sequence the
+    engine admits.
+
+With ``debug_checks`` every table, length and slot is checked against the block manager
+on the host before it reaches a kernel (``block_manager.check_batch``): the kernels trust
+their inputs, and a bad page id reads garbage or kills the CUDA context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kvpilot.worker.block_manager import BlockManager, check_batch
+from kvpilot.worker.kernels import cache as kv_cache
+from kvpilot.worker.kernels.reference import (
+    dequantize,
+    gather_sequence,
+    paged_attention_ref,
+    reshape_and_cache_ref,
+)
+from kvpilot.worker.model import Llama
+from kvpilot.worker.scheduler import Sequence
+
+KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": kv_cache.FP8_DTYPE,
+             "fp32": torch.float32}
+
+
+def graph_buckets(max_num_seqs: int) -> list[int]:
+    """Batch sizes with a captured decode graph: 1, 2, 4, 8, then every 8 up to 64 and
+    every 16 beyond, and ``max_num_seqs`` itself."""
+    sizes = [b for b in (1, 2, 4) if b < max_num_seqs]
+    sizes += list(range(8, min(max_num_seqs, 64) + 1, 8))
+    sizes += list(range(80, max_num_seqs + 1, 16))
+    if not sizes or sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sorted(set(sizes))
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor
+
+
+class ModelRunner:
+    def __init__(self, model: Llama, block_manager: BlockManager, *, kv_dtype: str,
+                 max_model_len: int, max_num_seqs: int, cuda_graphs: bool = True,
+                 debug_checks: bool = False):
+        cfg = model.cfg
+        self.model = model
+        self.bm = block_manager
+        self.device = model.device
+        self.page_size = block_manager.page_size
+        self.max_model_len = max_model_len
+        self.max_pages = -(-max_model_len // self.page_size)
+        self.max_num_seqs = max_num_seqs
+        self.debug_checks = debug_checks
+        self.on_gpu = self.device.type == "cuda"
+        dtype = KV_DTYPES[kv_dtype]
+        if dtype == torch.float32 and self.on_gpu:
+            raise ValueError("an fp32 KV cache is for CPU only (the decode kernel reads "
+                             "bf16, fp16 or fp8)")
+        if dtype not in (torch.float32, kv_cache.FP8_DTYPE) and dtype != model.dtype:
+            raise ValueError(f"KV cache dtype {kv_dtype} must match the model's {model.dtype}")
+        self.kv_dtype = dtype
+        self.layers: list[kv_cache.LayerKV] = []
+        n = block_manager.num_pages
+        for _ in range(cfg.num_layers):
+            if dtype == torch.float32:
+                shape = (n, self.page_size, cfg.num_kv_heads, cfg.head_dim)
+                self.layers.append(kv_cache.LayerKV(torch.zeros(shape), torch.zeros(shape)))
+            else:
+                self.layers.append(kv_cache.allocate_layer(
+                    n, self.page_size, cfg.num_kv_heads, cfg.head_dim, dtype, self.device))
+        self.kv_bytes_per_token = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+                                   * self.layers[0].key.element_size())
+        self._graphs: dict[int, _Graph] = {}
+        self._splits: dict[int, int] = {}
+        if self.on_gpu:
+            b, p = max_num_seqs, self.max_pages
+            self._ids = torch.zeros(b, dtype=torch.long, device=self.device)
+            self._pos = torch.zeros(b, dtype=torch.long, device=self.device)
+            self._slots = torch.full((b,), -1, dtype=torch.long, device=self.device)
+            self._table = torch.zeros(b, p, dtype=torch.int32, device=self.device)
+            self._lens = torch.zeros(b, dtype=torch.int32, device=self.device)
+            if cuda_graphs:
+                self.capture_graphs()
+
+    @property
+    def kv_capacity_bytes(self) -> int:
+        return self.bm.num_pages * self.page_size * self.kv_bytes_per_token
+
+    # ---- K/V writes -------------------------------------------------------------------
+    def _write(self, layer: kv_cache.LayerKV, k, v, slots) -> None:
+        if self.on_gpu:
+            kv_cache.reshape_and_cache(k, v, layer, slots)
+        else:
+            reshape_and_cache_ref(k, v, layer.key, layer.value, slots, layer.k_scale,
+                                  layer.v_scale)
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        table, ps = self.bm.table(seq.seq_id), self.page_size
+        return [table[p // ps] * ps + p % ps for p in range(start, end)]
+
+    def _check(self, seqs: list[Sequence], writes: list[tuple[int, int, int]]) -> None:
+        check_batch(self.bm, [s.seq_id for s in seqs], [self.bm.table(s.seq_id) for s in seqs],
+                    [len(s) for s in seqs], writes)
+
+    # ---- prefill ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Compute tokens ``num_computed..len-1`` of each sequence; logits of each last
+        token, float32 ``[len(seqs), vocab]``."""
+        ids, pos, slots, spans = [], [], [], []
+        for s in seqs:
+            start, end = s.num_computed, len(s)
+            ids += s.tokens[start:end]
+            pos += range(start, end)
+            slots += self._slots(s, start, end)
+            spans.append((len(ids) - (end - start), len(ids), start, end))
+        if self.debug_checks:
+            self._check(seqs, [(s.seq_id, p, sl) for s, (t0, t1, a, b) in zip(seqs, spans)
+                               for p, sl in zip(range(a, b), slots[t0:t1])])
+        dev = self.device
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
+        tables = [torch.tensor(self.bm.table(s.seq_id), dtype=torch.long, device=dev)
+                  for s in seqs]
+        cfg = self.model.cfg
+        group = cfg.num_heads // cfg.num_kv_heads
+
+        def attend(i, q, k, v):
+            layer = self.layers[i]
+            self._write(layer, k, v, slot_t)
+            out = torch.empty_like(q)
+            for (t0, t1, start, end), table in zip(spans, tables):
+                qs = q[t0:t1].transpose(0, 1)[None]  # [1, Hq, n, D]
+                if start == 0:
+                    ks, vs, causal, mask = k[t0:t1], v[t0:t1], True, None
+                else:  # a cached prefix: read the whole sequence back from the pages
+                    ks = dequantize(gather_sequence(layer.key, table, end), layer.k_scale)
+                    vs = dequantize(gather_sequence(layer.value, table, end), layer.v_scale)
+                    ks, vs = ks.to(q.dtype), vs.to(q.dtype)
+                    qpos = torch.arange(start, end, device=dev)[:, None]
+                    mask, causal = torch.arange(end, device=dev)[None, :] <= qpos, False
+                ks = ks.transpose(0, 1).repeat_interleave(group, dim=0)[None]
+                vs = vs.transpose(0, 1).repeat_interleave(group, dim=0)[None]
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal)
+                out[t0:t1] = o[0].transpose(0, 1)
+            return out
+
+        hidden = self.model.forward(input_ids, positions, attend)
+        last = torch.tensor([t1 - 1 for _, t1, _, _ in spans], dtype=torch.long, device=dev)
+        return self.model.logits(hidden[last])
+
+    # ---- decode -----------------------------------------------------------------------
+    def _decode_inputs(self, seqs: list[Sequence], rows: int):
+        """Host arrays of one decode step, padded to ``rows``."""
+        ids = np.zeros(rows, dtype=np.int64)
+        pos = np.zeros(rows, dtype=np.int64)
+        slots = np.full(rows, -1, dtype=np.int64)
+        lens = np.zeros(rows, dtype=np.int32)
+        table = np.zeros((rows, self.max_pages), dtype=np.int32)
+        ps = self.page_size
+        for r, s in enumerate(seqs):
+            row = self.bm.table(s.seq_id)
+            p = len(s) - 1
+            ids[r], pos[r], lens[r] = s.tokens[-1], p, len(s)
+            slots[r] = row[p // ps] * ps + p % ps
+            table[r, :len(row)] = row
+        if self.debug_checks:
+            self._check(seqs, [(s.seq_id, int(pos[r]), int(slots[r])) for r, s in enumerate(seqs)])
+        return ids, pos, slots, lens, table
+
+    def _decode_forward(self, ids, pos, slots, table, lens, num_splits: int | None):
+        from kvpilot.worker.kernels.paged_attention import paged_attention_decode
+
+        def attend(i, q, k, v):
+            layer = self.layers[i]
+            self._write(layer, k, v, slots)
+            if not self.on_gpu:
+                return paged_attention_ref(q, layer.key, layer.value, table, lens,
+                                           k_scale=layer.k_scale, v_scale=layer.v_scale).to(q.dtype)
+            return paged_attention_decode(q, layer.key, layer.value, table, lens,
+                                          k_scale=layer.k_scale, v_scale=layer.v_scale,
+                                          max_seq_len=self.max_model_len, num_splits=num_splits)
+
+        return self.model.logits(self.model.forward(ids, pos, attend))
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Compute the last token of each sequence; float32 logits ``[len(seqs), vocab]``."""
+        n = len(seqs)
+        bucket = next((b for b in sorted(self._graphs) if b >= n), None)
+        rows = bucket or n
+        ids, pos, slots, lens, table = self._decode_inputs(seqs, rows)
+        if not self.on_gpu:
+            return self._decode_forward(torch.from_numpy(ids), torch.from_numpy(pos),
+                                        torch.from_numpy(slots), torch.from_numpy(table),
+                                        torch.from_numpy(lens), None)
+        self._ids[:rows].copy_(torch.from_numpy(ids), non_blocking=True)
+        self._pos[:rows].copy_(torch.from_numpy(pos), non_blocking=True)
+        self._slots[:rows].copy_(torch.from_numpy(slots), non_blocking=True)
+        self._lens[:rows].copy_(torch.from_numpy(lens), non_blocking=True)
+        self._table[:rows].copy_(torch.from_numpy(table), non_blocking=True)
+        if bucket is not None:
+            g = self._graphs[bucket]
+            g.graph.replay()
+            return g.logits[:n]
+        return self._decode_forward(self._ids[:n], self._pos[:n], self._slots[:n],
+                                    self._table[:n], self._lens[:n], None)
+
+    def capture_graphs(self) -> None:
+        """Capture one decode graph per batch-size bucket, largest first, sharing one
+        memory pool. Each is run eagerly once first (Triton compiles, and the paged
+        kernel learns its occupancy, which fixes the split count)."""
+        from kvpilot.worker.kernels.paged_attention import plan_num_splits
+
+        cfg = self.model.cfg
+        self._lens.zero_()
+        self._slots.fill_(-1)
+        pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode():
+            for b in reversed(graph_buckets(self.max_num_seqs)):
+                q = torch.empty(b, cfg.num_heads, cfg.head_dim, dtype=self.model.dtype,
+                                device=self.device)
+                args = (self._ids[:b], self._pos[:b], self._slots[:b], self._table[:b],
+                        self._lens[:b])
+                self._decode_forward(*args, None)  # compile, learn occupancy
+                splits = plan_num_splits(q, self.layers[0].key, self._table[:b],
+                                         max_seq_len=self.max_model_len)
+                self._decode_forward(*args, splits)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._decode_forward(*args, splits)
+                self._graphs[b] = _Graph(graph, logits)
+                self._splits[b] = splits
+        torch.cuda.synchronize()
