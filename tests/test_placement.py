@@ -76,8 +76,8 @@ def test_tp_group_larger_than_any_node_gets_a_reason():
     assert u.replica == "m-0"
     assert u.reason == (
         "needs 8 GPUs with >= 10.0 GiB free each on P80; largest free set on any allowed "
-        "node is 4 x 80.0 GiB (b); free HBM is held by other replicas: scale some down or "
-        "add GPU nodes (0/2 nodes fit: 2 fewer than 8 GPUs)"
+        "node is 4 x 80.0 GiB (b); no allowed node has 8 GPUs (the most is 4): add nodes "
+        "with 8 or more (0/2 nodes fit: 2 fewer than 8 GPUs)"
     )
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 from kvpilot.api.memory import TP_DEGREES, replica_budget, tp_is_valid
 from kvpilot.api.quantity import format_bytes
-from kvpilot.operator.placement.filters import first_failure
+from kvpilot.operator.placement.filters import first_failure, product_fits
 from kvpilot.operator.placement.model import Demand, Policy
 from kvpilot.operator.placement.state import NodeState
 
@@ -29,10 +29,13 @@ class _Free:
 
     def __init__(self, states: list[NodeState], share: bool) -> None:
         self.by_product: dict[str, list[tuple[list[int], NodeState]]] = {}
+        self.loaded: set[str] = set()  # products where replicas hold HBM already
         for s in states:
             if s.node.schedulable:
                 self.by_product.setdefault(s.node.product, []).append(
                     (s.eligible_free(share), s))
+                if any(s.tenants):
+                    self.loaded.add(s.node.product)
 
     def fits(self, product: str, tp: int, need: int) -> bool:
         return any(len(f) >= tp and f[tp - 1] >= need for f, _ in self.by_product.get(product, ()))
@@ -66,7 +69,7 @@ def explain(demand: Demand, states: list[NodeState], policy: Policy) -> str:
     total = len(states)
     if total == 0:
         return "the fleet has no GPU nodes"
-    tally = Counter(first_failure(s, demand, policy) or "fits" for s in states)
+    tally = Counter(_node_reason(s, demand, policy) for s in states)
     summary = f"0/{total} nodes fit: " + ", ".join(
         f"{n} {r}" for r, n in sorted(tally.items(), key=lambda x: (-x[1], x[0]))
     )
@@ -83,7 +86,9 @@ def explain(demand: Demand, states: list[NodeState], policy: Policy) -> str:
     fitting = [(p, r) for p, r in sized if r is not None]
     if not fitting:
         why = "; ".join(f"{p}: {demand.unfit.get(p, 'does not fit')}" for p in allowed)
-        main = f"fits no allowed GPU product at any tensorParallel ({why})"
+        fixed = demand.spec is not None and demand.spec.tensor_parallel != "auto"
+        at = f"tensorParallel {demand.spec.tensor_parallel}" if fixed else "any tensorParallel"
+        main = f"fits no allowed GPU product at {at} ({why})"
         fixes = _fixes(demand, free, allowed, products, None)
         return f"{main}{'; ' + fixes if fixes else ''} ({summary})"
     # The product where the replica comes closest: most GPUs with enough HBM, then size.
@@ -106,6 +111,20 @@ def explain(demand: Demand, states: list[NodeState], policy: Policy) -> str:
     return f"{main}; {best}{'; ' + fixes if fixes else ''} ({summary})"
 
 
+def _node_reason(s: NodeState, demand: Demand, policy: Policy) -> str:
+    """The first filter's reason for ``s``; a fixed tensorParallel larger than the node
+    is said as such, not as a GPU too small."""
+    reason = first_failure(s, demand, policy)
+    if reason is None:
+        return "fits"
+    spec = demand.spec
+    if (spec is not None and spec.tensor_parallel != "auto"
+            and spec.tensor_parallel > s.node.gpus
+            and reason == product_fits(s, demand, None, policy)):
+        return f"fewer than {spec.tensor_parallel} GPUs"
+    return reason
+
+
 def _fixes(demand: Demand, free: _Free, allowed: list[str], products: list[str],
            closest: Optional[tuple[str, int, int]]) -> str:
     """'try A, B or C' from the memory model, or a plain hint when no spec is known."""
@@ -121,10 +140,21 @@ def _fixes(demand: Demand, free: _Free, allowed: list[str], products: list[str],
             tries.append(f"tensorParallel {tp}")
         if closest is not None:
             tries.extend(_smaller_sla(spec, *closest))
+        else:
+            tries.extend(_sla_on_any(spec, free, allowed))
     tries.extend(_other_products(demand, free, products))
     if tries:
         return _join(tries)
-    return "free HBM is held by other replicas: scale some down or add GPU nodes"
+    tp = closest[1] if closest else 0
+    if spec is not None and spec.tensor_parallel != "auto":
+        tp = spec.tensor_parallel
+    most = max((s.node.gpus for p in allowed for _, s in free.by_product.get(p, ())), default=0)
+    if most < tp:
+        return f"no allowed node has {tp} GPUs (the most is {most}): add nodes with {tp} or more"
+    if any(p in free.loaded for p in allowed):
+        return "free HBM is held by other replicas: scale some down or add GPU nodes"
+    return ("no allowed GPU holds the weights and overhead of one replica, even with "
+            "nothing else on it: add nodes with larger GPUs or more GPUs per node")
 
 
 def _join(tries: list[str]) -> str:
@@ -158,18 +188,36 @@ def _larger_tp(spec, free: _Free, allowed: list[str], current: int) -> Optional[
 def _smaller_sla(spec, product: str, tp: int, best_free: int) -> list[str]:
     """The largest concurrentSequences (or, for one sequence, contextTokens) whose budget
     fits the best free set found."""
+    found = _sla_fit(spec, tp, best_free)
+    return [f"{found[1]} <= {found[2]}"] if found else []
+
+
+def _sla_fit(spec, tp: int, best_free: int) -> Optional[tuple[int, str, int]]:
+    """(rank, field, value) of the SLA that fits ``best_free`` per GPU at ``tp``: fewer
+    sequences first (rank 1), else shorter contexts (rank 0); None when neither does."""
     b = replica_budget(spec, tp)
     room = best_free - b.weights - b.overhead
     if room <= 0:
-        return []
+        return None
     per_sequence = b.kv_bytes_per_token * spec.sla.context_tokens
     sequences = room // per_sequence
     if 1 <= sequences < spec.sla.concurrent_sequences:
-        return [f"concurrentSequences <= {sequences}"]
+        return (1, "concurrentSequences", sequences)
     tokens = room // (b.kv_bytes_per_token * spec.sla.concurrent_sequences)
     if 1 <= tokens < spec.sla.context_tokens:
-        return [f"contextTokens <= {tokens}"]
-    return []
+        return (0, "contextTokens", tokens)
+    return None
+
+
+def _sla_on_any(spec, free: _Free, allowed: list[str]) -> list[str]:
+    """The least reduction of the SLA that fits some allowed product at some valid
+    tensorParallel, when no product holds the SLA as it is."""
+    fits = [f for p in allowed for t in _candidate_tps(spec)
+            if (f := _sla_fit(spec, t, free.best_group(p, t))) is not None]
+    if not fits:
+        return []
+    _, field, value = max(fits)
+    return [f"{field} <= {value}"]
 
 
 def _other_products(demand: Demand, free: _Free, products: list[str]) -> list[str]:

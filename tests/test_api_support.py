@@ -1,0 +1,51 @@
+"""What the worker can serve: accepted Models it cannot are flagged, not refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvpilot.api import support
+from kvpilot.api.model import ModelSpec
+from kvpilot.api.support import worker_support_problem
+from tests.conftest import llama_spec
+from tests.invalid_models import PHI3_ARCH
+
+
+def spec(**overrides) -> ModelSpec:
+    return ModelSpec.model_validate(llama_spec(**overrides))
+
+
+def test_llama_is_servable():
+    assert worker_support_problem(spec()) is None
+    assert worker_support_problem(spec(), tp=1) is None
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 256])
+def test_kernel_head_dims_are_servable(head_dim):
+    arch = {**llama_spec()["architecture"], "headDim": head_dim}
+    assert worker_support_problem(spec(architecture=arch)) is None
+
+
+@pytest.mark.parametrize("head_dim", [8, 24, 80, 96, 112, 192, 512, 1024])
+def test_other_head_dims_are_planned_and_flagged(head_dim):
+    arch = {**llama_spec()["architecture"], "headDim": head_dim}
+    assert worker_support_problem(spec(architecture=arch)) == (
+        f"architecture.headDim {head_dim} is not one the worker's attention kernels take "
+        "(16, 32, 64, 128, 256) (the Model is planned, but no worker serves it)")
+
+
+def test_phi3_mini_is_accepted_and_flagged():
+    phi3 = spec(architecture=PHI3_ARCH, sla={"contextTokens": 4096, "concurrentSequences": 8})
+    assert "headDim 96" in worker_support_problem(phi3)
+
+
+def test_replicas_wider_than_a_worker_are_flagged():
+    assert support.WORKER_MAX_TENSOR_PARALLEL == 1
+    assert worker_support_problem(spec(tensorParallel=2)) == (
+        "tensorParallel 2: a worker drives 1 GPU, so a replica cannot span more (the Model "
+        "is planned, but no worker serves it)")
+    # with tensorParallel auto, the degree placement resolved decides
+    assert worker_support_problem(spec(), tp=4).startswith("tensorParallel 4:")
+    arch = {**llama_spec()["architecture"], "headDim": 96}
+    both = worker_support_problem(spec(architecture=arch, tensorParallel=2))
+    assert "headDim 96" in both and "; tensorParallel 2:" in both
