@@ -1,0 +1,141 @@
+"""``python -m kvpilot.worker --model DIR [--spec MODEL.yaml] --host H --port P --device cpu|cuda``
+
+The Model comes from ``--spec`` (a Model YAML file), else from the environment the
+operator sets (``kvpilot.api.contract``: the spec as JSON, the name, the HBM budget per
+GPU, the TP degree), else it is described from the checkpoint (``--max-model-len`` x
+``--concurrent-sequences``). The HTTP server answers ``/health`` at once and ``/ready``
+once the model has loaded; a model that fails to load ends the process with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+
+from kvpilot.api import contract
+
+log = logging.getLogger("kvpilot.worker")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m kvpilot.worker",
+                                 description="Serve a Llama checkpoint with a paged KV cache.")
+    ap.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    ap.add_argument("--spec", help="Model YAML file (else the operator's environment)")
+    ap.add_argument("--name", help="model name to serve under (default: the Model's name, "
+                    "else the directory's)")
+    ap.add_argument("--host", default="0.0.0.0")
+    ap.add_argument("--port", type=int, default=contract.WORKER_PORT)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="default: cuda when a GPU is visible")
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                    help="weights and activations (default: bf16 on cuda, fp32 on cpu)")
+    ap.add_argument("--kv-cache-dtype", choices=("bf16", "fp16", "fp8", "fp32"), default=None,
+                    help="default: the Model's kvCacheDtype on cuda; fp32 on cpu unless fp8")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch")
+    ap.add_argument("--max-waiting", type=int, default=256,
+                    help="waiting requests beyond which new ones get 429")
+    ap.add_argument("--max-batched-tokens", type=int, default=8192)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None,
+                    help="standalone: size the KV pool from this share of the GPU's memory")
+    ap.add_argument("--max-model-len", type=int, default=2048,
+                    help="without a Model spec: the longest sequence served")
+    ap.add_argument("--concurrent-sequences", type=int, default=8,
+                    help="without a Model spec: sequences of max-model-len the pool holds")
+    ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--debug-checks", action="store_true",
+                    help="check every block table and slot on the host before the kernels")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-level", default="info")
+    return ap.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace, env) -> "WorkerSettings":
+    import torch
+
+    from kvpilot.api.files import load_models
+    from kvpilot.worker.config import (
+        WorkerSettings,
+        env_hbm_per_gpu,
+        spec_from_checkpoint,
+        spec_from_env,
+        tensor_parallel,
+    )
+    from kvpilot.worker.model import load_config
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    name = args.name
+    if args.spec:
+        model = load_models(args.spec)[0]
+        spec, name = model.spec, name or model.metadata.name
+    else:
+        spec, env_name = spec_from_env(env)
+        name = name or env_name
+    kv_dtype = args.kv_cache_dtype
+    if spec is None:
+        kv = kv_dtype or ("bf16" if device == "cuda" else "fp32")
+        spec = spec_from_checkpoint(load_config(args.model), params_dtype=dtype, kv_dtype=kv,
+                                    max_model_len=args.max_model_len,
+                                    concurrent=args.concurrent_sequences)
+    if kv_dtype is None:
+        kv_dtype = spec.kv_cache_dtype
+        if device == "cpu" and kv_dtype != "fp8":
+            kv_dtype = "fp32"  # the CPU path computes in fp32
+        elif device == "cuda" and kv_dtype in ("bf16", "fp16") and kv_dtype != dtype:
+            kv_dtype = dtype
+    return WorkerSettings(
+        model_dir=args.model, name=name or os.path.basename(os.path.normpath(args.model)),
+        spec=spec, device=device, dtype=dtype, kv_dtype=kv_dtype, page_size=args.page_size,
+        tp=tensor_parallel(spec, env), hbm_per_gpu=env_hbm_per_gpu(env),
+        gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+        max_waiting=args.max_waiting, max_batched_tokens=args.max_batched_tokens,
+        prefix_caching=not args.no_prefix_caching, cuda_graphs=not args.enforce_eager,
+        debug_checks=args.debug_checks, seed=args.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from kvpilot.worker.engine import EngineLoop
+    from kvpilot.worker.server import WorkerState, create_app
+
+    settings = settings_from(args, os.environ)
+    state = WorkerState(name=settings.name)
+    app = create_app(state)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+
+    def load() -> None:
+        from kvpilot.worker.factory import create_engine
+
+        try:
+            engine = create_engine(settings)
+        except Exception as err:  # noqa: BLE001 - reported, then the process exits
+            log.exception("the model failed to load")
+            state.load_error = f"{type(err).__name__}: {err}"
+            server.should_exit = True
+            return
+        loop = EngineLoop(engine, max_waiting=settings.max_waiting)
+        loop.start()
+        state.loop = loop
+        log.info("serving %s on %s:%d (%s)", settings.name, args.host, args.port, settings.device)
+
+    threading.Thread(target=load, name="kvpilot-load", daemon=True).start()
+    server.run()
+    if state.loop is not None:
+        state.loop.stop()
+    return 1 if state.load_error else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
