@@ -99,6 +99,18 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: An
     memo.fleet_task = asyncio.create_task(fleet.run(), name="kvpilot fleet loop")
 
 
+@kopf.on.login()
+def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    """Kopf connects with the same credentials as the operator's own client."""
+    creds = memo.kube.creds
+    c = creds.configuration
+    token = creds.headers().get("Authorization", "")
+    return kopf.ConnectionInfo(
+        server=creds.server, ca_path=c.ssl_ca_cert, insecure=not c.verify_ssl,
+        certificate_path=c.cert_file, private_key_path=c.key_file,
+        scheme="Bearer" if token else None, token=token.split(" ", 1)[-1] if token else None)
+
+
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     task = memo.get("fleet_task")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 from typing import Any, Callable
 
 from kvpilot.operator.settings import Settings
@@ -48,8 +47,6 @@ async def run(settings: Settings, kubeconfig: str | None = None,
     from kvpilot.operator.kube import Kube, load_credentials
     from kvpilot.operator.leader import Lease
 
-    if kubeconfig:
-        os.environ["KUBECONFIG"] = kubeconfig  # kopf's own login reads the same file
     kube = Kube(load_credentials(kubeconfig), settings.write_concurrency)
     lease = Lease(kube, settings.namespace, settings.lease_name, settings.identity,
                   settings.lease_seconds)
@@ -75,6 +72,7 @@ async def run(settings: Settings, kubeconfig: str | None = None,
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     settings = settings_from(args)
     log.info("starting: mode %s, lease %s/%s as %s", settings.mode, settings.namespace,
              settings.lease_name, settings.identity)
