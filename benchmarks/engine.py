@@ -1,0 +1,255 @@
+"""The engine's decode speed on a Llama-3-8B-shaped model, against the read ceiling and
+against Hugging Face transformers on the same weights, same run.
+
+    python benchmarks/engine.py [--json OUT.json]        # needs a CUDA GPU (about 60 GiB)
+
+Random bf16 weights in Llama-3-8B's shapes (32 layers, hidden 4096, 32 query and 8 KV
+heads of 128, MLP 14336, vocabulary 128256, Llama-3 rope scaling).
+
+1. Read ceiling: the best plain read of 4 GiB (``benchmarks/decode_kernel.py``).
+2. 4K context, batch 1, 32 and 64: every sequence gets a random 4096-token prompt,
+   prefilled by the engine itself; then ``--steps`` decode steps of the engine
+   (``Engine.step``: scheduling, CUDA-graph replay, sampling, postprocessing) are timed
+   with the wall clock. Tokens/s = batch x steps / time; bytes read per step = weights
+   read (all but the embedding table) + the KV of every sequence at its length in that
+   step; achieved bandwidth = bytes / time, reported against the ceiling.
+3. transformers' ``LlamaForCausalLM`` (bf16, SDPA attention, default ``generate()``
+   greedy) with the same weights and prompts: a decode step's time is
+   ``(time of generate(N + 1 new tokens) - time of generate(1 new token)) / N``,
+   prefill cancelling out.
+4. FP8 KV against bf16 KV at 32K context, batch 16, same weights: there the pages are
+   filled with random values instead of prefilled (a decode step reads all of them
+   either way, and 16 prefills of 32K tokens would only add minutes).
+
+Everything is printed with the GPU's name, and each baseline next to the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "worker"), str(ROOT / "operator"), str(ROOT / "benchmarks")]
+
+import torch  # noqa: E402
+
+from decode_kernel import read_ceiling  # noqa: E402
+from kvpilot.worker.block_manager import BlockManager  # noqa: E402
+from kvpilot.worker.engine import Engine, _Request  # noqa: E402
+from kvpilot.worker.model import Llama, LlamaConfig, hf_state_dict, random_weights  # noqa: E402
+from kvpilot.worker.runner import ModelRunner  # noqa: E402
+from kvpilot.worker.scheduler import SamplingParams, Scheduler, Sequence, Status  # noqa: E402
+from kvpilot.worker.stats import EngineStats  # noqa: E402
+
+LLAMA3_8B = LlamaConfig(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+    num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    max_position_embeddings=131072, eos_token_ids=(128001,),
+)
+PAGE = 16
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def make_engine(model: Llama, *, kv_dtype: str, max_model_len: int, max_num_seqs: int,
+                pool_tokens: int) -> Engine:
+    bm = BlockManager(-(-pool_tokens // PAGE), PAGE)
+    runner = ModelRunner(model, bm, kv_dtype=kv_dtype, max_model_len=max_model_len,
+                         max_num_seqs=max_num_seqs)
+    sched = Scheduler(bm, max_num_seqs=max_num_seqs, max_batched_tokens=16384,
+                      max_waiting=1024)
+    stats = EngineStats("bench", PAGE, runner.kv_bytes_per_token, bm.num_pages, 0)
+    return Engine(runner, sched, None, stats, max_model_len=max_model_len, eos_token_ids=set())
+
+
+def timed_decode(engine: Engine, seqs: list[Sequence], steps: int) -> dict:
+    """Time ``steps`` engine steps once every sequence is running (one token each)."""
+    while engine.scheduler.waiting:  # prefill
+        engine.step()
+    assert all(s.status is Status.RUNNING for s in seqs)
+    engine.step()  # one decode step untimed
+    kv_per_token = engine.runner.kv_bytes_per_token
+    weights = engine.weight_read_bytes
+    total_bytes = 0
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        total_bytes += weights + sum(len(s) for s in seqs) * kv_per_token
+        outs = engine.step()
+        assert len(outs) == len(seqs)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    for s in seqs:
+        engine.abort(s.seq_id)
+    return {"step_ms": elapsed / steps * 1e3, "tokens_per_s": len(seqs) * steps / elapsed,
+            "gb_per_s": total_bytes / elapsed / 1e9, "bytes_per_step": total_bytes / steps}
+
+
+def random_prompts(batch: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 128000, (batch, length), generator=g).tolist()
+
+
+def bench_engine_4k(model, batches, context, steps) -> dict:
+    engine = make_engine(model, kv_dtype="bf16", max_model_len=context + steps + 16,
+                         max_num_seqs=max(batches), pool_tokens=max(batches) * (context + steps + 16))
+    out = {}
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    for b in batches:
+        seqs = [Sequence(p, params, arrival=time.monotonic())
+                for p in random_prompts(b, context, seed=b)]
+        for s in seqs:
+            engine.add(s, detokenize=False)
+        t0 = time.perf_counter()
+        out[b] = timed_decode(engine, seqs, steps)
+        out[b]["wall_s"] = time.perf_counter() - t0
+        engine.scheduler.bm.reset_prefix_cache()
+        log(f"  kvpilot  batch {b:3d}: {out[b]['step_ms']:7.2f} ms/step "
+            f"{out[b]['tokens_per_s']:9.1f} tok/s {out[b]['gb_per_s']:7.0f} GB/s")
+    del engine
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_transformers(cfg: LlamaConfig, weights, batches, context, steps) -> dict:
+    import transformers
+
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+        rope_scaling=dict(cfg.rope_scaling), max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+        pad_token_id=128001, attn_implementation="sdpa")
+    with torch.device("cuda"):
+        hf = transformers.LlamaForCausalLM(hf_cfg).to(torch.bfloat16).eval()
+    missing = hf.load_state_dict(hf_state_dict(cfg, weights), strict=False)
+    assert not missing.unexpected_keys and all("rotary" in k for k in missing.missing_keys)
+    out = {}
+    for b in batches:
+        ids = torch.tensor(random_prompts(b, context, seed=b), device="cuda")
+
+        def gen(n):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                r = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                min_new_tokens=n, do_sample=False)
+            torch.cuda.synchronize()
+            assert r.shape[1] == context + n
+            return time.perf_counter() - t0
+
+        gen(2)  # warm-up
+        t1 = gen(1)
+        tn = gen(steps + 1)
+        step = (tn - t1) / steps
+        out[b] = {"step_ms": step * 1e3, "tokens_per_s": b / step}
+        log(f"  transformers batch {b:3d}: {out[b]['step_ms']:7.2f} ms/step "
+            f"{out[b]['tokens_per_s']:9.1f} tok/s")
+        torch.cuda.empty_cache()
+    del hf
+    torch.cuda.empty_cache()
+    return out
+
+
+def fill_pages(engine: Engine) -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for layer in engine.runner.layers:
+        for t in (layer.key, layer.value):
+            for i in range(0, t.shape[0], 4096):
+                chunk = t[i:i + 4096]
+                chunk.copy_((torch.randn(chunk.shape, generator=g, device="cuda") * 0.5).to(t.dtype))
+
+
+def bench_long(model, kv_dtype: str, batch: int, context: int, steps: int) -> dict:
+    engine = make_engine(model, kv_dtype=kv_dtype, max_model_len=context + steps + 16,
+                         max_num_seqs=batch, pool_tokens=batch * (context + steps + 16))
+    fill_pages(engine)
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    seqs = []
+    for p in random_prompts(batch, context, seed=100):
+        s = Sequence(p, params)
+        # The context is already in the (random) pages: only its last token is computed.
+        assert engine.scheduler.bm.allocate(s.seq_id, s.tokens) is not None
+        s.num_computed, s.status = context - 1, Status.RUNNING
+        engine.scheduler.running.append(s)
+        engine._requests[s.seq_id] = _Request(s, None)
+        seqs.append(s)
+    r = timed_decode(engine, seqs, steps)
+    log(f"  kvpilot {kv_dtype:4s} KV, batch {batch}, {context // 1024}K: {r['step_ms']:7.2f} "
+        f"ms/step {r['tokens_per_s']:8.1f} tok/s {r['gb_per_s']:7.0f} GB/s")
+    del engine
+    torch.cuda.empty_cache()
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--hf-steps", type=int, default=32)
+    ap.add_argument("--batches", default="1,32,64")
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--long-context", type=int, default=32768)
+    ap.add_argument("--long-batch", type=int, default=16)
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    batches = [int(b) for b in a.batches.split(",")]
+    gpu = torch.cuda.get_device_name()
+    log(f"GPU: {gpu}; torch {torch.__version__}")
+    ceiling = read_ceiling(log)
+    log(f"read ceiling: {ceiling:.0f} GB/s")
+
+    cfg = LLAMA3_8B
+    weights = random_weights(cfg, "cuda", torch.bfloat16, seed=0)
+    model = Llama(cfg, weights, max_positions=a.long_context + a.steps + 64)
+    log(f"weights: {weights.nbytes() / 1e9:.2f} GB, read per decode step "
+        f"{weights.read_per_step_bytes() / 1e9:.2f} GB")
+    t0 = time.perf_counter()
+    ours = bench_engine_4k(model, batches, a.context, a.steps)
+    log(f"  (engine part took {time.perf_counter() - t0:.0f} s)")
+    theirs = {} if a.skip_transformers else bench_transformers(cfg, weights, batches, a.context,
+                                                                a.hf_steps)
+    long = {k: bench_long(model, k, a.long_batch, a.long_context, a.steps // 2)
+            for k in ("bf16", "fp8")}
+
+    log(f"\n{gpu}, Llama-3-8B shape, random bf16 weights, {a.context // 1024}K context, "
+        f"read ceiling {ceiling:.0f} GB/s")
+    log("batch | kvpilot ms/step  tok/s    GB/s  of ceiling | transformers ms/step  tok/s "
+        " of ceiling | kvpilot / transformers")
+    rows = []
+    for b in batches:
+        o = ours[b]
+        line = (f"{b:5d} | {o['step_ms']:15.2f} {o['tokens_per_s']:7.0f} {o['gb_per_s']:7.0f} "
+                f"{o['gb_per_s'] / ceiling:9.0%} |")
+        row = {"batch": b, **o, "of_ceiling": o["gb_per_s"] / ceiling}
+        if b in theirs:
+            t = theirs[b]
+            t_gbs = o["bytes_per_step"] / (t["step_ms"] / 1e3) / 1e9
+            line += (f" {t['step_ms']:20.2f} {t['tokens_per_s']:6.0f} {t_gbs / ceiling:11.0%} |"
+                     f" {o['tokens_per_s'] / t['tokens_per_s']:.2f} x")
+            row["transformers"] = {**t, "of_ceiling": t_gbs / ceiling,
+                                   "speedup": o["tokens_per_s"] / t["tokens_per_s"]}
+        log(line)
+        rows.append(row)
+    ratio = long["fp8"]["tokens_per_s"] / long["bf16"]["tokens_per_s"]
+    log(f"FP8 KV vs bf16 KV, batch {a.long_batch}, {a.long_context // 1024}K context: "
+        f"{long['fp8']['tokens_per_s']:.0f} vs {long['bf16']['tokens_per_s']:.0f} tok/s "
+        f"= {ratio:.2f} x (bf16 {long['bf16']['gb_per_s'] / ceiling:.0%} of ceiling)")
+    if a.json:
+        Path(a.json).write_text(json.dumps({
+            "gpu": gpu, "torch": torch.__version__, "ceiling_gb_per_s": ceiling, "rows": rows,
+            "long": long, "fp8_over_bf16": ratio}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
