@@ -20,7 +20,7 @@ PURE_MODULES = [
     "kvpilot.operator.placement", "kvpilot.operator.placement.exact",
     "kvpilot.operator.placement.check", "kvpilot.cli",
     "kvpilot.operator.objects", "kvpilot.operator.view", "kvpilot.operator.reconcile",
-    "kvpilot.operator.settings", "kvpilot.operator.leader",
+    "kvpilot.operator.settings", "kvpilot.operator.leader", "kvpilot.operator.autoscale",
     "kvpilot.worker.block_manager", "kvpilot.worker.scheduler",
 ]
 
