@@ -1,6 +1,14 @@
 from __future__ import annotations
 
+import glob
+import os
 from pathlib import Path
+
+# Without a GPU, Triton kernels run on CPU through its interpreter, which must be chosen
+# before any module that defines a kernel is imported (@triton.jit reads it then); set
+# here so the order in which test modules import the worker does not matter.
+if not glob.glob("/dev/nvidia[0-9]*"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import yaml
