@@ -117,7 +117,7 @@ INVALID: list[Case] = [
     Case("name-trailing-dash", {}, "metadata.name", DNS,
          server="a lowercase RFC 1123 subdomain", name="llama-"),
     Case("name-not-a-string", {}, "metadata.name", "Input should be a valid string",
-         server="metadata.name", name=12345),
+         server="cannot unmarshal number", server_field="ObjectMeta.name", name=12345),
     # --- 3. what a replica cannot be split into ---------------------------------------
     Case("tp-3", {"tensorParallel": 3}, "spec.tensorParallel", TP),
     Case("tp-6", {"architecture": {**ARCH, "attentionHeads": 48, "kvHeads": 6},
@@ -180,8 +180,7 @@ INVALID: list[Case] = [
          server_field="spec.worker.resources.requests[memory]"),
     Case("resource-bool", _res(requests={"cpu": True}),
          "spec.worker.resources.requests.cpu", QUANTITY,
-         server="must be of type integer,string",
-         server_field="spec.worker.resources.requests[cpu]"),
+         server="must be of type integer,string"),
     Case("request-above-limit", _res(requests={"cpu": "2"}, limits={"cpu": "1500m"}),
          "spec.worker.resources.requests", "requests must not exceed limits"),
     Case("request-gi-above-g", _res(requests={"memory": "2Gi"}, limits={"memory": "2G"}),
@@ -250,6 +249,13 @@ VALID: list[Case] = [
                    "limits": {"cpu": 2, "memory": "2Gi", "example.com/dev": "1"}},
         engineArgs=["--max-batch", "16", "a b\tc"]), "", ""),
     Case("extended-limit-only", _res(limits={"example.com/dev": 2}), "", ""),
+    Case("everything-at-its-maximum", {
+        "weights": {"bytes": "1Pi"}, "runtimeOverhead": 2**50,
+        "architecture": {"layers": 1024, "attentionHeads": 1024, "kvHeads": 1024,
+                         "headDim": 1024, "maxContextTokens": 16_777_216},
+        "sla": {"contextTokens": 16_777_216, "concurrentSequences": 65_536,
+                "ttftMilliseconds": 3_600_000, "interTokenLatencyMilliseconds": 60_000},
+        "maxReplicas": 10_000, "tensorParallel": 16}, "", ""),
     Case("gpu-products-label-values", {"gpuProducts": ["NVIDIA-H100-80GB-HBM3", "A_1.b"]},
          "", ""),
 ]

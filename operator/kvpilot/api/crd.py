@@ -14,6 +14,7 @@ Helm chart's ``helm/kvpilot/crds/``).
 from __future__ import annotations
 
 import argparse
+import json
 import copy
 import sys
 from pathlib import Path
@@ -98,12 +99,32 @@ def _structural(node: Any, defs: dict[str, Any], classes: dict[str, type[KubeMod
     return out
 
 
+def _explain(node: dict[str, Any]) -> None:
+    """Say the type of int-or-string fields and every default in the descriptions:
+    ``kubectl explain`` shows neither (such a field reads ``<Object>``)."""
+    for prop in node.get("properties", {}).values():
+        notes = []
+        if prop.get("x-kubernetes-int-or-string"):
+            notes.append("Integer or string.")
+        default = prop.get("default")
+        if default not in (None, {}, [], ""):
+            notes.append(f"Default: {default if isinstance(default, str) else json.dumps(default)}.")
+        if notes:
+            prop["description"] = " ".join([prop.get("description", ""), *notes]).strip()
+        _explain(prop)
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            _explain(node[key])
+
+
 def structural_schema(model: type[KubeModel]) -> dict[str, Any]:
     """The structural OpenAPI v3 schema of one pydantic model."""
     raw = model.model_json_schema(by_alias=True, mode="validation")
     classes: dict[str, type[KubeModel]] = {}
     _rules_by_title(model, classes)
-    return _structural(raw, raw.pop("$defs", {}), classes)
+    schema = _structural(raw, raw.pop("$defs", {}), classes)
+    _explain(schema)
+    return schema
 
 
 def model_crd() -> dict[str, Any]:
@@ -115,7 +136,8 @@ def model_crd() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            # The name is declared so that the rules on it can report it as their field.
+            "metadata": {"type": "object", "properties": {"name": {"type": "string"}}},
             "spec": spec,
             "status": status,
         },

@@ -93,12 +93,11 @@ def _matches(pattern: str) -> Callable[[Any], bool]:
 
 
 def _int_or_string(validate: Callable[[Any], Any], rule: str, message: str,
-                   max_length: int, type_name: str) -> Any:
+                   max_length: int) -> Any:
     """An int-or-string type validated by one function, with one message on both sides.
 
     pydantic would report a union member by member (``constrained-int``, ``(and 1
-    more)``); a plain validator says the one thing a user needs. ``format`` names the
-    type for ``kubectl explain``, which otherwise shows ``<Object>``.
+    more)``); a plain validator says the one thing a user needs.
     """
 
     def plain(value: Any) -> Any:
@@ -110,8 +109,7 @@ def _int_or_string(validate: Callable[[Any], Any], rule: str, message: str,
             raise PydanticCustomError("int_or_string", message)
         return value
 
-    schema = {"x-kubernetes-int-or-string": True, "format": type_name,
-              "maxLength": max_length,
+    schema = {"x-kubernetes-int-or-string": True, "maxLength": max_length,
               "x-kubernetes-validations": [{"rule": rule, "message": message}]}
     return Annotated[Union[int, str], PlainValidator(plain), WithJsonSchema(schema)]
 
@@ -133,7 +131,7 @@ Quantity = _int_or_string(
     f"(self.matches(r'{QUANTITY_PATTERN}') && "
     "quantity(self).compareTo(quantity('1Pi')) <= 0)",
     f"must be a byte count: {BYTES_HINT}",
-    64, "byte-quantity",
+    64,
 )
 
 
@@ -153,7 +151,7 @@ ResourceQuantity = _int_or_string(
     f"type(self) == int ? (self >= 0 && self <= {MAX_INT64}) : "
     f"self.matches(r'{RESOURCE_QUANTITY_PATTERN}')",
     "must be a non-negative quantity such as 500m, 2, 4Gi or 1e3",
-    64, "quantity",
+    64,
 )
 
 
@@ -430,7 +428,7 @@ TensorParallel = _int_or_string(
     f"self in [{', '.join(map(str, TENSOR_PARALLEL_DEGREES))}]",
     "tensorParallel must be 'auto' or one of "
     f"{', '.join(map(str, TENSOR_PARALLEL_DEGREES))} (GPUs per replica)",
-    4, "int-or-string",
+    4,
 )
 
 # nvidia.com/gpu.product is a node label, so an allowed product is a label value.

@@ -82,7 +82,8 @@ def parse_bytes(value: int | str) -> int:
 
 def format_bytes(n: float) -> str:
     """Human-readable binary size with one decimal: 65755949056 -> '61.2 GiB'."""
-    for unit, size in (("TiB", 2**40), ("GiB", GiB), ("MiB", MiB), ("KiB", 2**10)):
+    for unit, size in (("EiB", 2**60), ("PiB", 2**50), ("TiB", 2**40), ("GiB", GiB),
+                       ("MiB", MiB), ("KiB", 2**10)):
         if abs(n) >= size:
             return f"{n / size:.1f} {unit}"
     return f"{int(n)} B"
