@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pytest
 from pydantic import ValidationError
 
-from kvpilot.api.model import Model, ModelSpec
-from kvpilot.api.quantity import format_bytes, parse_bytes
-from tests.conftest import llama_spec
 from kvpilot.api.files import one_line
+from kvpilot.api.model import Model, ModelSpec
+from kvpilot.api.quantity import format_bytes, parse_bytes, parse_quantity
+from tests.conftest import llama_spec
 from tests.invalid_models import INVALID, VALID, document
 
 
@@ -67,16 +69,36 @@ def test_tp_multiple_of_kv_heads_is_allowed():
     [
         (4096, 4096), ("4096", 4096), ("16Gi", 16 * 2**30), ("1.5Gi", 3 * 2**29),
         ("8G", 8 * 10**9), ("500Mi", 500 * 2**20), ("1e3", 1000), ("0.5", 1),
+        ("1.6e10", 16 * 10**9), ("1Pi", 2**50), (2**50, 2**50), ("1.125P", 1125 * 10**12),
+        ("0.001E", 10**15), ("0." + "9" * 20 + "Pi", 2**50), (".5Ki", 512),
+        ("0." + "0" * 19 + "1Ki", 1),
     ],
 )
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["-1", "16GB", "1.5gi", "", "Gi", True])
+@pytest.mark.parametrize("bad", ["-1", "16GB", "1.5gi", "", "Gi", True, "1E", "1Ei", "2Pi",
+                                 "1e16", "1e999999", "9" * 20 + "." + "9" * 20, "1" * 21, "1." + "0" * 21, " 1",
+                                 "1\n", 2**50 + 1, -1, 1.0, None])
 def test_parse_bytes_refuses(bad):
     with pytest.raises(ValueError):
         parse_bytes(bad)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("500m", Fraction(1, 2)), ("1e-3", Fraction(1, 1000)), ("2", 2), (4, 4),
+     ("1.5Gi", 3 * 2**29), ("100n", Fraction(1, 10**7)), ("1E", 10**18)],
+)
+def test_parse_quantity_is_exact(text, expected):
+    assert parse_quantity(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["-1", "+1", "1e999", "4GB", "", True, 2**63, "1 "])
+def test_parse_quantity_refuses(bad):
+    with pytest.raises(ValueError):
+        parse_quantity(bad)
 
 
 def test_format_bytes():

@@ -14,8 +14,8 @@ Helm chart's ``helm/kvpilot/crds/``).
 from __future__ import annotations
 
 import argparse
-import json
 import copy
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -108,7 +108,8 @@ def _explain(node: dict[str, Any]) -> None:
             notes.append("Integer or string.")
         default = prop.get("default")
         if default not in (None, {}, [], ""):
-            notes.append(f"Default: {default if isinstance(default, str) else json.dumps(default)}.")
+            text = default if isinstance(default, str) else json.dumps(default)
+            notes.append(f"Default: {text}.")
         if notes:
             prop["description"] = " ".join([prop.get("description", ""), *notes]).strip()
         _explain(prop)

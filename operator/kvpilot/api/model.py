@@ -96,13 +96,16 @@ def _int_or_string(validate: Callable[[Any], Any], rule: str, message: str,
                    max_length: int) -> Any:
     """An int-or-string type validated by one function, with one message on both sides.
 
-    pydantic would report a union member by member (``constrained-int``, ``(and 1
-    more)``); a plain validator says the one thing a user needs.
+    ``validate`` gets an int (never a bool) or a string of at most ``max_length`` and
+    returns False or raises ValueError when the value is not valid. pydantic would
+    report a union member by member (``constrained-int``, ``(and 1 more)``); a plain
+    validator says the one thing a user needs.
     """
 
     def plain(value: Any) -> Any:
+        ok = type(value) is int or (isinstance(value, str) and len(value) <= max_length)
         try:
-            ok = validate(value)
+            ok = ok and validate(value) is not False
         except ValueError:
             ok = False
         if not ok:
@@ -114,19 +117,10 @@ def _int_or_string(validate: Callable[[Any], Any], rule: str, message: str,
     return Annotated[Union[int, str], PlainValidator(plain), WithJsonSchema(schema)]
 
 
-def _is_byte_count(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        return False
-    if isinstance(value, str) and len(value) > 64:
-        return False
-    parse_bytes(value)
-    return True
-
-
 # A byte count: a plain integer or a Kubernetes quantity string ("16Gi", "500M"), at most
 # 1 PiB (no GPU, model or overhead comes near it).
 Quantity = _int_or_string(
-    _is_byte_count,
+    parse_bytes,
     f"type(self) == int ? (self >= 0 && self <= {MAX_BYTES}) : "
     f"(self.matches(r'{QUANTITY_PATTERN}') && "
     "quantity(self).compareTo(quantity('1Pi')) <= 0)",
@@ -135,19 +129,10 @@ Quantity = _int_or_string(
 )
 
 
-def _is_resource_quantity(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        return False
-    if isinstance(value, str) and len(value) > 64:
-        return False
-    parse_quantity(value)
-    return True
-
-
 # A container resource quantity ("500m" CPU, "4Gi" memory), as a pod accepts it, minus
 # negative values (a pod refuses those).
 ResourceQuantity = _int_or_string(
-    _is_resource_quantity,
+    parse_quantity,
     f"type(self) == int ? (self >= 0 && self <= {MAX_INT64}) : "
     f"self.matches(r'{RESOURCE_QUANTITY_PATTERN}')",
     "must be a non-negative quantity such as 500m, 2, 4Gi or 1e3",
@@ -417,13 +402,8 @@ class WorkerSpec(KubeModel):
     )
 
 
-def _is_tensor_parallel(value: Any) -> bool:
-    return value == "auto" or (
-        type(value) is int and value in TENSOR_PARALLEL_DEGREES)  # noqa: E721 (no bools)
-
-
 TensorParallel = _int_or_string(
-    _is_tensor_parallel,
+    lambda value: value == "auto" or value in TENSOR_PARALLEL_DEGREES,
     "type(self) == string ? self == 'auto' : "
     f"self in [{', '.join(map(str, TENSOR_PARALLEL_DEGREES))}]",
     "tensorParallel must be 'auto' or one of "
