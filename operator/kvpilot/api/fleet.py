@@ -14,10 +14,14 @@ the local test cluster, which creates one fake GPU node per entry::
       - name: custom
         product: ACME-X1
         memoryMiB: 65536      # required when the product is not in the catalog
+        bandwidthGBps: 2000   # HBM bandwidth; without it (and not in the catalog) the
+        bf16TFLOPS: 400       # planner cannot check latency targets on this node
         gpus: 4
         unschedulable: true   # cordoned
 
-Node objects get the labels NVIDIA GPU Feature Discovery sets on real nodes.
+Node objects get the labels NVIDIA GPU Feature Discovery sets on real nodes, and the
+bandwidth and FLOP/s a group states as ``kvpilot.dev/gpu.bandwidth-gbps`` and
+``kvpilot.dev/gpu.bf16-tflops``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from kvpilot.api.files import one_line, read_documents
-from kvpilot.api.gpus import CATALOG, LABEL_COUNT, LABEL_MEMORY_MIB, LABEL_PRODUCT
+from kvpilot.api.gpus import (
+    CATALOG, LABEL_BANDWIDTH_GBPS, LABEL_BF16_TFLOPS, LABEL_COUNT, LABEL_MEMORY_MIB,
+    LABEL_PRODUCT, GPUProduct, gpu_facts,
+)
 from kvpilot.api.quantity import MiB
 
 
@@ -43,6 +50,8 @@ class NodeGroup(_Base):
     product: str = Field(min_length=1, max_length=128)
     gpus: int = Field(ge=0, le=64)
     memory_mib: Optional[int] = Field(None, alias="memoryMiB", ge=1)
+    bandwidth_gbps: Optional[int] = Field(None, alias="bandwidthGBps", ge=1, le=1_000_000)
+    bf16_tflops: Optional[int] = Field(None, alias="bf16TFLOPS", ge=1, le=1_000_000)
     count: int = Field(1, ge=1, le=100_000)
     unschedulable: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
@@ -73,6 +82,8 @@ class FleetNode(_Base):
     product: str
     gpus: int
     gpu_memory_mib: int
+    bandwidth_gbps: Optional[int] = None  # stated by the fleet file; None: the catalog's
+    bf16_tflops: Optional[int] = None
     unschedulable: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
 
@@ -80,13 +91,22 @@ class FleetNode(_Base):
     def gpu_hbm_bytes(self) -> int:
         return self.gpu_memory_mib * MiB
 
+    @property
+    def gpu(self) -> GPUProduct:
+        """The facts of this node's GPUs: what the fleet file states, else the catalog's."""
+        return gpu_facts(self.product, self.gpu_memory_mib, self.bandwidth_gbps,
+                         self.bf16_tflops)
+
     def gfd_labels(self) -> dict[str, str]:
-        """Labels as NVIDIA GPU Feature Discovery puts them on a real node."""
+        """Labels as NVIDIA GPU Feature Discovery puts them on a real node, with the
+        bandwidth and FLOP/s overrides the fleet file states."""
+        stated = {LABEL_BANDWIDTH_GBPS: self.bandwidth_gbps, LABEL_BF16_TFLOPS: self.bf16_tflops}
         return {
             **self.labels,
             LABEL_PRODUCT: self.product,
             LABEL_MEMORY_MIB: str(self.gpu_memory_mib),
             LABEL_COUNT: str(self.gpus),
+            **{k: str(v) for k, v in stated.items() if v is not None},
         }
 
 
@@ -107,6 +127,7 @@ class Fleet(_Base):
         return [
             FleetNode(
                 name=name, product=g.product, gpus=g.gpus, gpu_memory_mib=g.gpu_memory_mib,
+                bandwidth_gbps=g.bandwidth_gbps, bf16_tflops=g.bf16_tflops,
                 unschedulable=g.unschedulable, labels=g.labels,
             )
             for g in self.nodes

@@ -12,6 +12,22 @@ Per GPU, one replica at tensor-parallel degree ``tp`` needs::
 where ``kv_bytes_per_token(tp) = 2 (K and V) x layers x ceil(kvHeads / tp) x headDim x
 bytes(kvCacheDtype)``: each GPU holds its share of KV heads, and when ``tp`` exceeds
 ``kvHeads`` every GPU keeps a full copy of one head (the heads are replicated, not split).
+
+The step-time model (the second half of this module) says how fast a replica decodes and
+prefills on a GPU product. A decode step streams each GPU's weight shard and the KV cache
+of every sequence it holds from HBM, so it is bandwidth-bound::
+
+    decode_step_bytes   = weights / tp + kv_bytes_per_token(tp) x sequences x contextTokens
+    decode_step_seconds = bytes / (bandwidth x BANDWIDTH_EFFICIENCY) + fixed per-step cost
+
+GPUs that several replicas share time-slice: when all are busy, every step of one waits
+for the others' kernels, so each tenant's step takes the bytes of ALL tenants of the GPU
+over its bandwidth, plus its own fixed (host-side) cost. A prefill is compute-bound::
+
+    prefill_seconds = (2 x parameters x prompt + 2 x layers x prompt^2 x heads x headDim)
+                      / (tp x bf16 FLOP/s x PREFILL_EFFICIENCY)
+
+The planner, the worker and the simulator all use these functions.
 """
 
 from __future__ import annotations
@@ -19,6 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from kvpilot.api.gpus import GPUProduct
 from kvpilot.api.model import (
     MAX_TENSOR_PARALLEL, TENSOR_PARALLEL_DEGREES, Architecture, ModelSpec,
 )
@@ -129,3 +146,109 @@ def smallest_tp(
         if replica_budget(spec, tp).per_gpu <= limit:
             return tp
     return None
+
+
+# --- step-time model -------------------------------------------------------------------
+
+BANDWIDTH_EFFICIENCY = 0.85
+"""Fraction of the datasheet HBM bandwidth a decode step streams at. A plain read reaches
+93.5-95% of the datasheet on an H100 and an H200 (3135 of 3350 GB/s, 4560 of 4800), and
+the project's decode kernel 90-96% of that read ceiling (docs/decode-kernel.md): 0.84-0.91."""
+
+PREFILL_EFFICIENCY = 0.5
+"""Fraction of the datasheet dense bf16 FLOP/s a prefill reaches (model FLOP utilization
+of long prefills in current engines is 0.4-0.7)."""
+
+DECODE_STEP_FIXED_SECONDS = 0.002
+"""What one decode step costs besides streaming bytes: scheduling, sampling, the CUDA-graph
+launch, postprocessing. Host-side, so tenants of a shared GPU do not add up theirs."""
+
+ALLREDUCE_SECONDS = 10e-6
+"""Latency of one small all-reduce over NVLink; a TP > 1 decode step does two per layer."""
+
+
+def parameter_count(spec: ModelSpec) -> int:
+    """The parameters, as given, else the weight bytes over the dtype's width."""
+    if spec.weights.parameters is not None:
+        return spec.weights.parameters
+    return math.ceil(weight_bytes(spec) / DTYPE_BYTES[spec.weights.dtype])
+
+
+def decode_step_bytes(
+    spec: ModelSpec, tp: int, sequences: int | None = None, context_tokens: int | None = None,
+) -> int:
+    """HBM bytes ONE GPU of a replica reads in one decode step: its weight shard and the
+    KV cache of ``sequences`` sequences of ``context_tokens`` tokens each (by default the
+    SLA's ``concurrentSequences`` and ``contextTokens``: the step at full load)."""
+    sequences = spec.sla.concurrent_sequences if sequences is None else sequences
+    context_tokens = spec.sla.context_tokens if context_tokens is None else context_tokens
+    per_token = kv_bytes_per_token(spec.architecture, spec.kv_cache_dtype, tp)
+    return weight_bytes_per_gpu(spec, tp) + per_token * sequences * context_tokens
+
+
+def decode_fixed_seconds(spec: ModelSpec, tp: int) -> float:
+    """The per-step cost of a replica that does not depend on bytes: the engine's fixed
+    cost, plus two all-reduces per layer when its layers are split over ``tp`` > 1 GPUs."""
+    allreduces = 2 * spec.architecture.layers if tp > 1 else 0
+    return DECODE_STEP_FIXED_SECONDS + allreduces * ALLREDUCE_SECONDS
+
+
+def effective_bandwidth(product: GPUProduct, efficiency: float = BANDWIDTH_EFFICIENCY) -> float:
+    """Bytes/s a decode step streams at on ``product``; ValueError when its bandwidth is
+    unknown (neither the catalog nor the node states it)."""
+    if product.hbm_bandwidth is None:
+        raise ValueError(f"HBM bandwidth of {product.name} is unknown")
+    return product.hbm_bandwidth * efficiency
+
+
+def decode_step_seconds(
+    step_bytes: int, product: GPUProduct, fixed_seconds: float = DECODE_STEP_FIXED_SECONDS,
+    efficiency: float = BANDWIDTH_EFFICIENCY,
+) -> float:
+    """Seconds one decode step takes on a GPU of ``product`` that streams ``step_bytes``:
+    a replica's own ``decode_step_bytes``, or on a shared GPU the sum over its tenants.
+    ``fixed_seconds`` is the replica's ``decode_fixed_seconds``."""
+    return step_bytes / effective_bandwidth(product, efficiency) + fixed_seconds
+
+
+def step_bytes_within(
+    seconds: float, product: GPUProduct, fixed_seconds: float = DECODE_STEP_FIXED_SECONDS,
+    efficiency: float = BANDWIDTH_EFFICIENCY,
+) -> int:
+    """The most bytes a GPU of ``product`` may stream per decode step so that the step
+    takes at most ``seconds`` (the inverse of ``decode_step_seconds``, rounded down);
+    negative when the fixed cost alone takes longer. The planner compares integer bytes
+    against this, so the two never disagree at the boundary."""
+    return math.floor((seconds - fixed_seconds) * effective_bandwidth(product, efficiency))
+
+
+def itl_step_bytes(spec: ModelSpec, tp: int, product: GPUProduct) -> int | None:
+    """The byte budget of one decode step on each GPU of a replica at ``tp`` on
+    ``product`` under its ITL target (the bytes of all tenants of the GPU must fit in
+    it); None when the Model sets no ``interTokenLatencyMilliseconds``."""
+    itl = spec.sla.inter_token_latency_milliseconds
+    if itl is None:
+        return None
+    return step_bytes_within(itl / 1000, product, decode_fixed_seconds(spec, tp))
+
+
+def prefill_flops(spec: ModelSpec, prompt_tokens: int) -> int:
+    """FLOPs of one prefill of ``prompt_tokens``: 2 per parameter per token for the
+    matrix products, plus causal attention (QK^T and PV over half the square)."""
+    arch = spec.architecture
+    attention = 2 * arch.layers * prompt_tokens**2 * arch.attention_heads * arch.head_dim
+    return 2 * parameter_count(spec) * prompt_tokens + attention
+
+
+def prefill_seconds(
+    spec: ModelSpec, tp: int, product: GPUProduct, prompt_tokens: int | None = None,
+    efficiency: float = PREFILL_EFFICIENCY,
+) -> float:
+    """Seconds to prefill one prompt of ``prompt_tokens`` (by default ``contextTokens``:
+    a prompt that fills the context, the SLA's worst case) on ``tp`` GPUs of ``product``,
+    the estimate a TTFT target is checked against. ValueError when the product's FLOP/s
+    are unknown."""
+    if product.bf16_flops is None:
+        raise ValueError(f"bf16 FLOP/s of {product.name} are unknown")
+    prompt = spec.sla.context_tokens if prompt_tokens is None else prompt_tokens
+    return prefill_flops(spec, prompt) / (tp * product.bf16_flops * efficiency)
