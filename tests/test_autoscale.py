@@ -73,9 +73,15 @@ def test_an_incomplete_sample_never_scales_down():
     assert autoscale(low, P, 4, State()).direction == "hold"
 
 
-def test_an_incomplete_sample_may_still_scale_up():
-    high = [s(i * 10, 1.0, replicas=2, answered=1) for i in range(4)]
-    assert autoscale(high, P, 2, State()).replicas == 3
+def test_an_incomplete_sample_counts_the_silent_as_empty_when_scaling_up():
+    # 3 of 4 answer at 100%: as if 75% over all four, the target: no scale-up...
+    full = [s(i * 10, 1.0, replicas=4, answered=3) for i in range(4)]
+    assert autoscale(full, P, 4, State()).direction == "hold"
+    # ... unless requests queue while the cache is over the target.
+    queued = [s(i * 10, 1.0, replicas=4, answered=3, waiting=2) for i in range(4)]
+    assert autoscale(queued, P, 4, State()).replicas == 5
+    # 3 of 4 at 100% with capacity for 4 x 100 GiB: 300/400 = 75%; at 4 of 4 it is 100%.
+    assert recommend(s(0, 1.0, replicas=4, answered=4), 0.75) == 6
 
 
 def test_cooldown_holds():

@@ -11,7 +11,7 @@ import copy
 from dataclasses import dataclass, field
 
 from kvpilot.api.quantity import GiB
-from kvpilot.operator.reconcile import Actions, Config, reconcile
+from kvpilot.operator.reconcile import Actions, Config, _epoch, reconcile
 from kvpilot.operator.view import FOREIGN, cluster_view, dra_available, dra_product
 
 NOW = "2026-01-01T00:00:00Z"
@@ -73,8 +73,11 @@ class World:
         return cluster_view(self.nodes, self.slices, list(self.pods.values()),
                             list(self.claims.values()) + self.foreign_claims, self.mode)
 
-    def step(self) -> Actions:
-        actions = reconcile(self.models, self.view(), Config(mode=self.mode), NOW)
+    def step(self, drained: dict | None = None, now_s: float | None = None) -> Actions:
+        actions = reconcile(self.models, self.view(), Config(mode=self.mode, drain_seconds=60),
+                            NOW, drained, now_s)
+        for ns, name in actions.drains:
+            self.pods[(ns, name)]["metadata"]["annotations"]["kvpilot.dev/drain-started"] = NOW
         for d in actions.deletes:
             (self.pods if d.kind == "Pod" else self.claims).pop((d.namespace, d.name))
         for obj in actions.creates:
@@ -82,7 +85,7 @@ class World:
             key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
             if obj["kind"] == "Pod":
                 obj["spec"]["nodeName"] = obj["spec"]["nodeSelector"]["kubernetes.io/hostname"]
-                obj["status"] = {"phase": "Running",
+                obj["status"] = {"phase": "Running", "podIP": f"127.64.0.{len(self.pods) + 1}",
                                  "conditions": [{"type": "Ready", "status": "True"}]}
                 self.pods[key] = obj
             else:
@@ -154,18 +157,54 @@ def test_dra_mode_shares_gpus_by_budget_and_claims_the_planned_devices():
                                               "shared": True}
 
 
-def test_scale_down_deletes_the_surplus_and_scale_up_adds():
+def test_scale_down_drains_the_surplus_then_deletes_it_once_drained():
     w = World([node("a", gpus=4)], [model("m", 3)])
     w.settle()
     w.models[0]["spec"]["replicas"] = 1
     actions = w.step()
-    assert sorted(d.name for d in actions.deletes) == ["m-1", "m-2"]
-    assert [e["reason"] for e in actions.events] == ["ReplicaRemoved", "ReplicaRemoved"]
+    assert actions.deletes == []
+    assert sorted(actions.drains) == [("default", "m-1"), ("default", "m-2")]
+    assert [e["reason"] for e in actions.events] == ["Draining", "Draining"]
+    assert w.step().writes == 1  # status: the draining replicas no longer count
+    assert w.status("m")["replicas"] == 1
+    assert w.step(drained={"default/m-2": False}).writes == 0  # still serving
+    actions = w.step(drained={"default/m-1": True})
+    assert [(d.kind, d.name) for d in actions.deletes] == [("Pod", "m-1")]
+    assert [(e["reason"], e["message"]) for e in actions.events] == [
+        ("ReplicaRemoved", "removed replica m-1: drained")]
+    actions = w.step(now_s=_epoch(NOW) + 60)  # m-2 never drained: the timeout takes it
+    assert [(d.kind, d.name) for d in actions.deletes] == [("Pod", "m-2")]
+    assert actions.events[0]["reason"] == "DrainTimeout"
+    assert actions.events[0]["type"] == "Warning"
     w.settle()
     assert list(w.placements()) == ["m-0"]
     w.models[0]["spec"]["replicas"] = 2
     w.settle()
     assert list(w.placements()) == ["m-0", "m-1"]
+
+
+def test_a_draining_replica_keeps_its_hbm_until_it_goes():
+    w = World([node("a", gpus=1)], [model("m", 3)], slices=[gpu_slice("a", gpus=1)],
+              mode="dra")  # one GPU holds three replicas of 21 GiB
+    w.settle()
+    w.models[0]["spec"]["replicas"] = 2
+    w.step()
+    w.models.append(model("n", 1))  # would fit in the draining replica's HBM
+    w.step()
+    assert ("default", "n-0") not in w.pods
+    assert cond(w.status("n"), "Unschedulable")["status"] == "True"
+    w.step(drained={"default/m-2": True})
+    w.settle()
+    assert ("default", "n-0") in w.pods
+
+
+def test_a_replica_that_does_not_serve_is_removed_without_draining():
+    w = World([node("a", gpus=4)], [model("m", 2)])
+    w.settle()
+    w.pods[("default", "m-1")]["status"]["conditions"][0]["status"] = "False"
+    w.models[0]["spec"]["replicas"] = 1
+    actions = w.step()
+    assert (actions.drains, [d.name for d in actions.deletes]) == ([], ["m-1"])
 
 
 def test_replicas_on_a_lost_node_are_placed_again_elsewhere():

@@ -16,7 +16,8 @@ The rule, in the spirit of the HorizontalPodAutoscaler:
   last ``scaleDownStabilizationSeconds`` recommends fewer, to the largest. A single spike
   or dip moves nothing, and a window the scraper has not yet covered moves nothing.
 * A replica that did not answer is not idle: a sample missing any replica never
-  recommends fewer replicas (it may still recommend more).
+  recommends fewer replicas. For scaling up it counts as empty, as the HPA counts pods
+  that are not ready: it is starting, or takes load once it is back.
 * ``cooldownSeconds`` between two actions; steps of at most ``maxStep``; the result
   always within ``minReplicas..maxReplicas``.
 """
@@ -93,7 +94,10 @@ def recommend(s: Sample, target: float) -> Optional[int]:
     p = s.pressure
     if p is None or s.replicas <= 0:
         return None
-    ratio = p / target
+    # Replicas that did not answer count as empty when scaling up (as the HPA counts
+    # pods that are not ready yet): they are starting, or will take load once back.
+    up = p if s.complete else s.kv_used / (s.kv_capacity / max(1, s.answered) * s.replicas)
+    ratio = up / target
     want = s.replicas if abs(ratio - 1) <= TOLERANCE else math.ceil(s.replicas * ratio)
     if (s.waiting > 0 or s.preemptions > 0) and p >= target:
         want = max(want, s.replicas + 1)

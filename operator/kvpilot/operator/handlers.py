@@ -7,7 +7,8 @@
 - Model create/update/resume: check the stored spec (a bad one is reported, never
   crashes anything) and wake the loop. Delete: a finalizer holds the Model until the
   loop has removed its replicas.
-- Startup: settings, kopf's own configuration, the fleet loop task; cleanup stops it.
+- Startup: kopf's own configuration, the fleet loop and the scrape loop; cleanup stops
+  them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from kvpilot.api.files import one_line
 from kvpilot.api.model import GROUP, PLURAL, VERSION, ModelSpec
 from kvpilot.operator.objects import LABEL_MODEL, MANAGED_BY, MANAGER
 from kvpilot.operator.runner import Fleet, Indexes
+from kvpilot.operator.scaling import Scaler
 
 log = logging.getLogger("kvpilot.operator")
 FINALIZER = "kvpilot.dev/finalizer"
@@ -95,8 +97,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: An
                       pods=kwargs["worker_pods"], claims=kwargs["resource_claims"],
                       slices=kwargs["resource_slices"])
     fleet = Fleet(memo.kube, memo.settings, indexes, on_pass=memo.get("on_pass"))
-    memo.fleet = fleet
-    memo.fleet_task = asyncio.create_task(fleet.run(), name="kvpilot fleet loop")
+    scaler = Scaler(memo.kube, memo.settings, indexes, fleet.ready, fleet.wake)
+    memo.fleet, memo.scaler = fleet, scaler
+    memo.tasks = [asyncio.create_task(fleet.run(), name="kvpilot fleet loop"),
+                  asyncio.create_task(scaler.run(), name="kvpilot scrape loop")]
 
 
 @kopf.on.login()
@@ -113,10 +117,13 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    task = memo.get("fleet_task")
-    if task is not None:
+    tasks = memo.get("tasks") or []
+    for task in tasks:
         task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for loop in (memo.get("fleet"), memo.get("scaler")):
+        if loop is not None:
+            await loop.close()
 
 
 def _check_spec(spec: Any) -> None:

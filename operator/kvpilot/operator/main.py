@@ -44,6 +44,7 @@ async def run(settings: Settings, kubeconfig: str | None = None,
     import kopf
 
     import kvpilot.operator.handlers  # noqa: F401  (registers the handlers)
+    from kvpilot.operator import metrics
     from kvpilot.operator.kube import Kube, load_credentials
     from kvpilot.operator.leader import Lease
 
@@ -54,6 +55,7 @@ async def run(settings: Settings, kubeconfig: str | None = None,
     keeper = None
     try:
         await lease.acquire()
+        metrics.serve(settings.metrics_port)
         keeper = asyncio.create_task(lease.keep(lost))
         liveness = (f"http://0.0.0.0:{settings.health_port}/healthz"
                     if settings.health_port else None)

@@ -27,6 +27,10 @@ ANN_GPUS = "kvpilot.dev/gpus"
 ANN_HBM = "kvpilot.dev/hbm-per-gpu"
 ANN_TP = "kvpilot.dev/tensor-parallel"
 ANN_KV_TOKENS = "kvpilot.dev/kv-capacity-tokens"
+# Set on a pod when its scale-down begins (an RFC 3339 time): the worker is asked to
+# drain, and the pod goes once the worker reports drained or the drain timeout passes.
+# On the pod, not in memory, so a restarted operator carries on with the same drain.
+ANN_DRAIN = "kvpilot.dev/drain-started"
 CLAIM_REQUEST = "gpu"
 WORKER_CONTAINER = "worker"
 DEFAULT_WORKER_IMAGE = "kvpilot/worker:0.1.0"

@@ -14,6 +14,7 @@ after a crash creates what is missing and nothing twice.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
 from pydantic import ValidationError
@@ -27,7 +28,7 @@ from kvpilot.operator.objects import (
 from kvpilot.operator.placement import (
     Assignment, Demand, Plan, Policy, Snapshot, demand_for, place,
 )
-from kvpilot.operator.view import FOREIGN, ClusterView, model_key, split_key
+from kvpilot.operator.view import ClusterView, ReplicaObjects, model_key, split_key
 
 Obj = Mapping[str, Any]
 
@@ -57,13 +58,15 @@ class Delete:
 class Actions:
     creates: list[dict] = field(default_factory=list)  # claims before their pods
     deletes: list[Delete] = field(default_factory=list)
+    drains: list[tuple[str, str]] = field(default_factory=list)  # pods (ns, name) to drain
     statuses: list[tuple[str, str, dict]] = field(default_factory=list)  # ns, name, status
     events: list[dict] = field(default_factory=list)
     plan: Plan | None = None
 
     @property
     def writes(self) -> int:
-        return len(self.creates) + len(self.deletes) + len(self.statuses) + len(self.events)
+        return (len(self.creates) + len(self.deletes) + len(self.drains) + len(self.statuses)
+                + len(self.events))
 
 
 @dataclass
@@ -116,7 +119,10 @@ def _valid_existing(snapshot: Snapshot) -> tuple[Snapshot, list[str]]:
     return Snapshot(snapshot.nodes, tuple(keep)), lost
 
 
-def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str) -> Actions:
+def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str,
+              drained: Mapping[str, bool] | None = None, now_s: float | None = None) -> Actions:
+    """One pass. ``drained``: replica key -> its worker reported drained (for replicas
+    that are draining); ``now_s``: the same moment as ``now``, in epoch seconds."""
     parsed = parse_models(models)
     by_key = {m.key: m for m in parsed}
     snapshot, lost = _valid_existing(view.snapshot)
@@ -133,32 +139,8 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
     plan = place(snapshot, demands, policy)
 
     actions = Actions(plan=plan)
-    # Replicas of a Model that no longer exists (its pods outlive it until collected).
-    orphans = [k for k, r in view.replicas.items() if r.model not in by_key]
-    removals = [*plan.removals, *lost, *orphans]
-    gone_nodes = {e.name: e.node for e in snapshot.replicas}
-    for key in dict.fromkeys(removals):
-        r = view.replicas.get(key)
-        if r is None or key.startswith(FOREIGN) or r.terminating:
-            continue
-        ns, name = split_key(key)
-        if r.claim is not None:
-            actions.deletes.append(Delete("ResourceClaim", ns, name))
-        if r.pod is not None:
-            actions.deletes.insert(0, Delete("Pod", ns, name))  # pods first: they hold claims
-        m = by_key.get(r.model)
-        if m is not None and not m.deleting:
-            node = gone_nodes.get(key, "")
-            why = view.node_problems.get(node) or ("node is gone" if node and node not in
-                                                   {n.name for n in snapshot.nodes} else "")
-            if why:
-                actions.events.append(event_for(m.raw, "ReplicaLost",
-                                                f"replica {name} on {node}: {why}; "
-                                                "placing it again elsewhere", now, warning=True))
-            else:
-                actions.events.append(event_for(m.raw, "ReplicaRemoved",
-                                                f"removed replica {name} (beyond the "
-                                                f"{m.desired()} desired)", now))
+    _remove(actions, parsed, by_key, view, snapshot, [*plan.removals, *lost], drained,
+            config, now, now_s)
 
     placed_by_model: dict[str, list[Assignment]] = {}
     for a in plan.assignments:
@@ -185,10 +167,79 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
             continue
         status = status_for(m, plan, view, now)
         old = m.raw.get("status") or {}
-        if _comparable(status) != _comparable(old):
+        if _comparable(status) != _comparable({k: old.get(k) for k in status}):
             actions.statuses.append((m.namespace, m.name, status))
             actions.events.extend(_transition_events(m, old, status, now))
     return actions
+
+
+def _remove(actions: Actions, parsed: list[_Model], by_key: dict[str, _Model],
+            view: ClusterView, snapshot: Snapshot, removals: list[str],
+            drained: Mapping[str, bool] | None, config: Config, now: str,
+            now_s: float | None) -> None:
+    """Deletes, drains and their events.
+
+    A replica beyond the desired count that is Ready is drained first (its worker stops
+    admitting and finishes what it serves) and deleted once drained or after the drain
+    timeout. Replicas lost with their node, of a deleted Model, or not serving are
+    deleted at once.
+    """
+    drained = drained or {}
+    now_s = _epoch(now) if now_s is None else now_s
+    nodes = {n.name for n in snapshot.nodes}
+    where = {e.name: e.node for e in snapshot.replicas}
+    lost = set(removals) - set(actions.plan.removals if actions.plan else ())
+
+    def delete(key: str, r: ReplicaObjects) -> None:
+        ns, name = split_key(key)
+        if r.pod is not None:
+            actions.deletes.append(Delete("Pod", ns, name))  # pods first: they hold claims
+        if r.claim is not None:
+            actions.deletes.append(Delete("ResourceClaim", ns, name))
+
+    for key, r in view.replicas.items():
+        if r.terminating:
+            continue
+        m = by_key.get(r.model)
+        name = split_key(key)[1]
+        node = where.get(key, "")
+        why = view.node_problems.get(node) or (
+            "node is gone" if node and node not in nodes else "")
+        if m is None or m.deleting:
+            delete(key, r)  # its Model is gone or going: nothing left to serve
+        elif key in lost or (why and key in removals):
+            delete(key, r)
+            actions.events.append(event_for(m.raw, "ReplicaLost", f"replica {name} on "
+                                            f"{node}: {why or 'its GPUs are gone'}; placing "
+                                            "it again elsewhere", now, warning=True))
+        elif r.drain_started:
+            elapsed = now_s - _epoch(r.drain_started)
+            if drained.get(key):
+                delete(key, r)
+                actions.events.append(event_for(m.raw, "ReplicaRemoved",
+                                                f"removed replica {name}: drained", now))
+            elif elapsed >= config.drain_seconds:
+                delete(key, r)
+                actions.events.append(event_for(
+                    m.raw, "DrainTimeout", f"removed replica {name}: not drained after "
+                    f"{elapsed:.0f}s (drain timeout {config.drain_seconds:.0f}s)", now,
+                    warning=True))
+        elif key in removals:
+            if r.ready and r.ip:
+                actions.drains.append(split_key(key))
+                actions.events.append(event_for(
+                    m.raw, "Draining", f"scaling down to {m.desired()}: draining replica "
+                    f"{name} before removing it", now))
+            else:
+                delete(key, r)
+                actions.events.append(event_for(m.raw, "ReplicaRemoved",
+                                                f"removed replica {name} (not serving; "
+                                                f"beyond the {m.desired()} desired)", now))
+
+
+def _epoch(ts: str) -> float:
+    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=timezone.utc).timestamp()
 
 
 def _realize(a: Assignment, m: _Model, view: ClusterView, config: Config) -> list[dict]:
@@ -220,7 +271,7 @@ def status_for(m: _Model, plan: Plan, view: ClusterView, now: str) -> dict:
     conditions = old.get("conditions") or []
     gen = m.raw["metadata"].get("generation")
     mine = [r for r in view.replicas.values() if r.model == m.key and not r.terminating
-            and r.pod is not None]
+            and r.pod is not None and not r.drain_started]
     ready = sum(1 for r in mine if r.ready)
     # Every key this pass owns is present; None deletes it in the merge patch.
     status: dict[str, Any] = {
@@ -229,7 +280,7 @@ def status_for(m: _Model, plan: Plan, view: ClusterView, now: str) -> dict:
         "selector": selector_string(m.name),
         "observedGeneration": gen,
         "tensorParallel": None, "hbmPerGpu": None, "kvCapacityTokens": None,
-        "placements": None, "kvPressurePercent": old.get("kvPressurePercent"),
+        "placements": None,
     }
     if m.spec is None or m.problem:
         status["conditions"] = [condition("Degraded", True, "InvalidSpec", m.problem, gen,
@@ -263,7 +314,8 @@ def status_for(m: _Model, plan: Plan, view: ClusterView, now: str) -> dict:
 
 
 def _comparable(status: Obj) -> dict:
-    """Status without None values, for the compare-before-patch check."""
+    """The keys a pass owns, without None values, for the compare-before-patch check
+    (``kvPressurePercent`` belongs to the autoscaler and is left alone)."""
     return {k: v for k, v in status.items() if v is not None}
 
 

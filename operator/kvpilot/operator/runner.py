@@ -22,11 +22,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
 
+import httpx
+
+from kvpilot.operator import metrics
 from kvpilot.operator.kube import ApiError, Kube
+from kvpilot.operator.objects import ANN_DRAIN
 from kvpilot.operator.placement import Policy
 from kvpilot.operator.reconcile import Actions, Config, Delete, reconcile
+from kvpilot.operator.scrape import drain
 from kvpilot.operator.settings import Settings
-from kvpilot.operator.view import ClusterView, cluster_view, dra_available
+from kvpilot.operator.view import ClusterView, cluster_view, dra_available, split_key
 
 log = logging.getLogger("kvpilot.fleet")
 EXPECTATION_SECONDS = 60.0  # after this, trust the indexes again
@@ -79,6 +84,7 @@ class Fleet:
         self.deleted: dict[tuple[str, str, str], float] = {}
         self.passes = 0
         self.last: PassResult | None = None
+        self.client = httpx.AsyncClient()  # to the workers, for drains
 
     def wake(self) -> None:
         self.woken.set()
@@ -145,11 +151,15 @@ class Fleet:
         view = cluster_view(ix.items(ix.nodes), slices, self._overlay("Pod", ix.items(ix.pods)),
                             self._overlay("ResourceClaim", ix.items(ix.claims)), mode,
                             self.settings.dra_driver)
-        actions = reconcile(ix.items(ix.models), view, self.config(mode), utc_now())
-        await self.apply(actions)
+        drained = await self.drain_progress(view)
+        actions = reconcile(ix.items(ix.models), view, self.config(mode), utc_now(), drained)
+        writes = self.kube.writes
+        await self.apply(actions, view)
         result = PassResult(actions, mode, time.monotonic() - started, view)
         self.passes += 1
         self.last = result
+        self.observe(result, ix.items(ix.models))
+        metrics.API_WRITES.inc(self.kube.writes - writes)
         if actions.writes:
             log.info("pass %d (%s): %d created, %d deleted, %d statuses, %d events in %.2fs",
                      self.passes, mode, len(actions.creates), len(actions.deletes),
@@ -158,7 +168,38 @@ class Fleet:
             self.on_pass(result)
         return result
 
-    async def apply(self, actions: Actions) -> None:
+    def observe(self, result: PassResult, models: list[Obj]) -> None:
+        metrics.RECONCILE_SECONDS.observe(result.seconds)
+        plan = result.actions.plan
+        for raw in models:
+            ns, name = raw["metadata"]["namespace"], raw["metadata"]["name"]
+            key = f"{ns}/{name}"
+            if raw["metadata"].get("deletionTimestamp"):
+                metrics.forget(ns, name)
+                continue
+            reps = [r for r in result.view.replicas.values() if r.model == key
+                    and not r.terminating and r.pod is not None and not r.drain_started]
+            unplaced = sum(1 for u in plan.unplaced if u.model == key) if plan else 0
+            metrics.ACTUAL.labels(ns, name).set(len(reps))
+            metrics.READY.labels(ns, name).set(sum(1 for r in reps if r.ready))
+            metrics.DESIRED.labels(ns, name).set(
+                (plan.placed(key) if plan else 0) + unplaced)
+            metrics.UNPLACED.labels(ns, name).set(unplaced)
+            if unplaced:
+                metrics.PLACEMENT_FAILURES.labels(ns, name).inc()
+
+    async def drain_progress(self, view: ClusterView) -> dict[str, bool]:
+        """Replica key -> drained, for replicas being drained. Asking again (POST) is
+        idempotent, and starts the drain should the operator have stopped between
+        marking the pod and telling its worker."""
+        draining = [r for r in view.replicas.values()
+                    if r.drain_started and r.ip and not r.terminating]
+        answers = await asyncio.gather(*(
+            drain(self.client, r.ip, self.settings.worker_port,
+                  self.settings.scrape_timeout_seconds, start=True) for r in draining))
+        return {r.key: bool(a) for r, a in zip(draining, answers)}
+
+    async def apply(self, actions: Actions, view: ClusterView | None = None) -> None:
         # Deletes first: they free HBM the creates may be planned into (DRA: the scheduler
         # holds a new claim Pending until the old one is gone, never overcommitting).
         await asyncio.gather(*(self._delete(d) for d in actions.deletes))
@@ -167,6 +208,7 @@ class Fleet:
             groups.setdefault((obj["metadata"]["namespace"], obj["metadata"]["name"]),
                               []).append(obj)
         await asyncio.gather(*(self._create_in_order(objs) for objs in groups.values()))
+        await asyncio.gather(*(self._drain(ns, name, view) for ns, name in actions.drains))
         await asyncio.gather(*(self._status(ns, name, status)
                                for ns, name, status in actions.statuses))
         await asyncio.gather(*(self._event(e) for e in actions.events))
@@ -181,6 +223,19 @@ class Fleet:
                 return  # not the pod without its claim; the next pass retries
             if made is not None:
                 self.created[_key(obj)] = (time.monotonic(), made)
+
+    async def _drain(self, namespace: str, name: str, view: ClusterView | None) -> None:
+        """Mark the pod (so the drain survives a restart), then tell its worker."""
+        try:
+            await self.kube.patch("Pod", namespace, name,
+                                  {"metadata": {"annotations": {ANN_DRAIN: utc_now()}}})
+        except ApiError as err:
+            log.warning("drain %s/%s: %s", namespace, name, err)
+            return
+        r = view.replicas.get(f"{namespace}/{name}") if view else None
+        if r is not None and r.ip:
+            await drain(self.client, r.ip, self.settings.worker_port,
+                        self.settings.scrape_timeout_seconds, start=True)
 
     async def _delete(self, d: Delete) -> None:
         try:
@@ -201,3 +256,6 @@ class Fleet:
             await self.kube.create(event)
         except ApiError as err:
             log.warning("event %s: %s", event.get("reason"), err)
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -28,11 +28,14 @@ from typing import Any, Iterable, Mapping
 from kvpilot.api.gpus import LABEL_MEMORY_MIB, LABEL_PRODUCT, RESOURCE_GPU
 from kvpilot.api.quantity import MiB, parse_bytes
 from kvpilot.operator.objects import (
-    ANN_GPUS, ANN_HBM, ANN_NODE, LABEL_MODEL, MANAGED_BY, MANAGER, Device,
+    ANN_DRAIN, ANN_GPUS, ANN_HBM, ANN_NODE, LABEL_MODEL, MANAGED_BY, MANAGER, Device,
 )
 from kvpilot.operator.placement import Existing, Node, Snapshot
 
 FOREIGN = "(other workloads)"
+# A draining replica still holds its HBM but no longer counts towards its Model: it is
+# an existing replica of this pseudo-model, which placement keeps and never demands.
+DRAINING = "(draining)"
 TOLERATED_TAINTS = {RESOURCE_GPU}  # worker pods tolerate the usual GPU-node taint
 
 Obj = Mapping[str, Any]
@@ -60,6 +63,16 @@ class ReplicaObjects:
     def terminating(self) -> bool:
         return any(o is not None and o["metadata"].get("deletionTimestamp")
                    for o in (self.pod, self.claim))
+
+    @property
+    def drain_started(self) -> str | None:
+        if self.pod is None:
+            return None
+        return (self.pod["metadata"].get("annotations") or {}).get(ANN_DRAIN)
+
+    @property
+    def ip(self) -> str | None:
+        return ((self.pod or {}).get("status") or {}).get("podIP")
 
     @property
     def ready(self) -> bool:
@@ -280,4 +293,4 @@ def _existing(r: ReplicaObjects, where: Mapping[tuple[str, str], tuple[str, int]
         hbm = 0
     if not node or not gpus or hbm <= 0:
         return None
-    return Existing(r.key, r.model, node, gpus, hbm)
+    return Existing(r.key, DRAINING + r.model if r.drain_started else r.model, node, gpus, hbm)

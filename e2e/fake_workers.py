@@ -1,0 +1,139 @@
+"""Stand-in workers for autoscaling tests: the worker side of the contract, test-driven.
+
+For every Running worker pod of the local cluster, a tiny HTTP server listens on the
+pod's own loopback IP and port, exactly where the operator looks for the real worker.
+It serves ``/metrics`` with KV figures the test sets (per Model) and ``/drain``, which
+reports drained only when the test says so. Tests of the real worker engine use the
+real worker; these test the operator's side alone, with signals under the test's
+control.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from kvpilot.api import contract
+
+from e2e.cluster import Cluster
+
+CAPACITY = 10 * 2**30
+
+
+@dataclass
+class Signals:
+    pressure: float = 0.0
+    waiting: int = 0
+    drains: bool = True  # a drain finishes as soon as it is asked for
+
+
+@dataclass
+class Worker:
+    pod: str
+    model: str
+    ip: str
+    server: ThreadingHTTPServer
+    drain_asked: float | None = None  # when /drain was first POSTed
+
+
+@dataclass
+class FakeWorkers:
+    cluster: Cluster
+    port: int = contract.WORKER_PORT
+    signals: dict[str, Signals] = field(default_factory=dict)  # model -> signals
+    workers: dict[str, Worker] = field(default_factory=dict)  # pod -> worker
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def set(self, model: str, **values) -> None:
+        sig = self.signals.setdefault(model, Signals())
+        for k, v in values.items():
+            setattr(sig, k, v)
+
+    def start(self) -> "FakeWorkers":
+        threading.Thread(target=self._follow, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for w in list(self.workers.values()):
+            w.server.shutdown()
+            w.server.server_close()
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            try:
+                pods = self.cluster.get("pods", "-l", "app.kubernetes.io/managed-by=kvpilot")
+            except Exception:  # the cluster may be busy; try again
+                time.sleep(0.5)
+                continue
+            live = set()
+            for p in pods["items"]:
+                name, ip = p["metadata"]["name"], p["status"].get("podIP")
+                if p["status"].get("phase") != "Running" or not ip:
+                    continue
+                if p["metadata"].get("deletionTimestamp"):
+                    continue
+                live.add(name)
+                if name not in self.workers:
+                    model = p["metadata"]["labels"]["kvpilot.dev/model"]
+                    self.workers[name] = self._serve(name, model, ip)
+            for name in set(self.workers) - live:
+                w = self.workers.pop(name)
+                w.server.shutdown()
+                w.server.server_close()
+            time.sleep(0.3)
+
+    def _serve(self, pod: str, model: str, ip: str) -> Worker:
+        fakes = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _send(self, code: int, body: str, ctype: str = "application/json") -> None:
+                data = body.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _drain_status(self) -> str:
+                sig = fakes.signals.get(model, Signals())
+                w = fakes.workers.get(pod)
+                draining = w is not None and w.drain_asked is not None
+                return json.dumps({"draining": draining, "drained": draining and sig.drains,
+                                   "running": 0 if sig.drains else 1, "waiting": 0})
+
+            def do_GET(self) -> None:
+                if self.path == contract.PATH_METRICS:
+                    sig = fakes.signals.get(model, Signals())
+                    label = f'{{{contract.LABEL_MODEL}="{model}"}}'
+                    lines = [
+                        f"{contract.KV_USED_BYTES}{label} {int(sig.pressure * CAPACITY)}",
+                        f"{contract.KV_CAPACITY_BYTES}{label} {CAPACITY}",
+                        f"{contract.REQUESTS_WAITING}{label} {sig.waiting}",
+                        f"{contract.REQUESTS_RUNNING}{label} 1",
+                    ]
+                    self._send(200, "\n".join(lines) + "\n", "text/plain; version=0.0.4")
+                elif self.path == contract.PATH_DRAIN:
+                    self._send(200, self._drain_status())
+                else:
+                    self._send(200 if self.path in (contract.PATH_HEALTH, contract.PATH_READY)
+                               else 404, "{}")
+
+            def do_POST(self) -> None:
+                if self.path != contract.PATH_DRAIN:
+                    self._send(404, "{}")
+                    return
+                w = fakes.workers.get(pod)
+                if w is not None and w.drain_asked is None:
+                    w.drain_asked = time.monotonic()
+                self._send(200, self._drain_status())
+
+        server = ThreadingHTTPServer((ip, self.port), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return Worker(pod, model, ip, server)

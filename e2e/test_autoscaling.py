@@ -1,0 +1,144 @@
+"""Autoscaling on KV pressure on the real control plane, with stand-in workers whose
+metrics the test sets: scale-up after the window, drain before scale-down, a worker that
+never drains, and who owns ``spec.replicas`` with autoscaling on and off."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from e2e.fake_workers import FakeWorkers
+from e2e.operator import OperatorProcess, wait_for
+from e2e.test_operator import dra_cluster, events, model, model_status  # noqa: F401
+
+SMALL = dict(weights="1Gi", layers=24, kv_heads=2, head_dim=64, context=4096, seqs=8)
+SCRAPE = 1.0
+DRAIN_TIMEOUT = 10
+
+
+def autoscaled(name: str, replicas: int = 1, up: int = 2, down: int = 2) -> dict:
+    m = model(name, replicas, **SMALL)
+    m["spec"].update(minReplicas=1, maxReplicas=3, autoscaling={
+        "enabled": True, "targetKvPressurePercent": 75, "scaleUpStabilizationSeconds": up,
+        "scaleDownStabilizationSeconds": down, "cooldownSeconds": 0})
+    return m
+
+
+@pytest.fixture(scope="module")
+def fakes(dra_cluster):  # noqa: F811
+    f = FakeWorkers(dra_cluster).start()
+    yield f
+    f.stop()
+
+
+@pytest.fixture(scope="module")
+def operator(dra_cluster, tmp_path_factory):  # noqa: F811
+    op = OperatorProcess(dra_cluster, tmp_path_factory.mktemp("op") / "operator.log",
+                         scrape_seconds=SCRAPE, drain_timeout_seconds=DRAIN_TIMEOUT)
+    op.start()
+    yield op
+    op.stop()
+
+
+def pods(cluster, name: str) -> dict[str, dict]:
+    items = cluster.get("pods", "-l", f"kvpilot.dev/model={name}")["items"]
+    return {p["metadata"]["name"]: p for p in items}
+
+
+def live(cluster, name: str) -> list[str]:
+    return sorted(n for n, p in pods(cluster, name).items()
+                  if not p["metadata"].get("deletionTimestamp"))
+
+
+def spec_replicas(cluster, name: str) -> int:
+    return cluster.get("model", name)["spec"]["replicas"]
+
+
+def reasons(cluster, name: str) -> list[str]:
+    return [e["reason"] for e in events(cluster, name)]
+
+
+def test_pressure_above_target_adds_a_pod_and_its_fall_drains_one(dra_cluster, operator,  # noqa: F811
+                                                                 fakes):
+    fakes.set("grow", pressure=0.5)
+    dra_cluster.apply([autoscaled("grow")])
+    wait_for("first worker", lambda: "grow-0" in fakes.workers, 60, log=operator.log)
+    wait_for("kv pressure in status", lambda: model_status(dra_cluster, "grow").get(
+        "kvPressurePercent") == 50, 30, log=operator.log)
+
+    high_since = time.monotonic()
+    fakes.set("grow", pressure=0.95)
+    wait_for("a second pod", lambda: len(live(dra_cluster, "grow")) >= 2, 60, log=operator.log)
+    seconds = time.monotonic() - high_since
+    up = next(e for e in events(dra_cluster, "grow") if e["reason"] == "ScaledUp")
+    assert up["message"].startswith("1 -> 2 replicas: kv pressure 95% > target 75% for ")
+    print(f"pressure above target -> new pod: {seconds:.1f}s (window 2s, scrape {SCRAPE}s)")
+    fakes.set("grow", pressure=0.5)  # 2 replicas at 50%: hold
+    wait_for("two workers", lambda: {"grow-0", "grow-1"} <= set(fakes.workers), 60,
+             log=operator.log)
+
+    fakes.set("grow", pressure=0.1, drains=False)
+    victim = wait_for("a drain request", lambda: next(
+        (w.pod for w in fakes.workers.values() if w.model == "grow" and w.drain_asked), None),
+        60, log=operator.log)
+    assert spec_replicas(dra_cluster, "grow") == 1
+    time.sleep(3)  # the worker still serves: its pod must stay
+    assert victim in live(dra_cluster, "grow")
+    assert "Draining" in reasons(dra_cluster, "grow")
+    fakes.set("grow", drains=True)
+    wait_for("the drained pod gone", lambda: victim not in live(dra_cluster, "grow"), 30,
+             log=operator.log)
+    assert any(e["reason"] == "ReplicaRemoved" and "drained" in e["message"]
+               for e in events(dra_cluster, "grow"))
+    assert len(live(dra_cluster, "grow")) == 1
+
+
+def test_a_worker_that_never_drains_is_removed_after_the_timeout(dra_cluster, operator,  # noqa: F811
+                                                                fakes):
+    fakes.set("stuck", pressure=0.5, drains=False)
+    dra_cluster.apply([autoscaled("stuck", replicas=2)])
+    wait_for("two workers", lambda: sum(w.model == "stuck" for w in fakes.workers.values())
+             == 2, 60, log=operator.log)
+    fakes.set("stuck", pressure=0.05)
+    victim = wait_for("a drain request", lambda: next(
+        (w.pod for w in fakes.workers.values() if w.model == "stuck" and w.drain_asked), None),
+        60, log=operator.log)
+    asked = fakes.workers[victim].drain_asked
+    wait_for("the stuck pod gone", lambda: victim not in live(dra_cluster, "stuck"),
+             DRAIN_TIMEOUT + 30, log=operator.log)
+    assert time.monotonic() - asked >= DRAIN_TIMEOUT - 1  # not before the timeout
+    timeout = [e for e in events(dra_cluster, "stuck") if e["reason"] == "DrainTimeout"]
+    assert timeout and timeout[0]["type"] == "Warning" and victim in timeout[0]["message"]
+
+
+def test_with_autoscaling_off_kubectl_scale_is_honoured(dra_cluster, operator, fakes):  # noqa: F811
+    fakes.set("manual", pressure=0.99, waiting=5)
+    m = model("manual", 1, **SMALL)
+    m["spec"]["maxReplicas"] = 3
+    dra_cluster.apply([m])
+    wait_for("one worker", lambda: "manual-0" in fakes.workers, 60, log=operator.log)
+    dra_cluster.kubectl("scale", "model/manual", "--replicas=2")
+    wait_for("two pods", lambda: len(live(dra_cluster, "manual")) == 2, 60, log=operator.log)
+    time.sleep(4 * SCRAPE)  # pressure is far above any target: still nothing changes
+    assert spec_replicas(dra_cluster, "manual") == 2
+    assert not {"ScaledUp", "ScaledDown"} & set(reasons(dra_cluster, "manual"))
+    scale = json.loads(dra_cluster.kubectl(
+        "get", "--raw", "/apis/kvpilot.dev/v1alpha1/namespaces/default/models/manual/scale"
+    ).stdout)
+    assert scale["status"]["selector"] == ("app.kubernetes.io/managed-by=kvpilot,"
+                                           "kvpilot.dev/model=manual")
+
+
+def test_with_autoscaling_on_a_manual_scale_is_reported_and_overridden(dra_cluster, operator,  # noqa: F811
+                                                                       fakes):
+    fakes.set("owned", pressure=0.5)
+    dra_cluster.apply([autoscaled("owned", down=1)])
+    wait_for("one worker", lambda: "owned-0" in fakes.workers, 60, log=operator.log)
+    time.sleep(2 * SCRAPE)
+    dra_cluster.kubectl("scale", "model/owned", "--replicas=3")
+    wait_for("the override reported", lambda: "ScaledOutsideAutoscaler" in reasons(
+        dra_cluster, "owned"), 30, log=operator.log)
+    wait_for("the autoscaler's count back", lambda: spec_replicas(dra_cluster, "owned") < 3,
+             60, log=operator.log)

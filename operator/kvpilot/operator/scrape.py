@@ -1,0 +1,86 @@
+"""Reading workers: their ``/metrics`` (parsed with prometheus-client) and ``/drain``.
+
+``parse_metrics`` is pure; ``scrape`` and ``drain`` do the HTTP, concurrently and with
+short timeouts. A worker that does not answer gives ``None``, never zeros: silence is
+not idleness (see ``autoscale``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvpilot.api import contract
+
+
+@dataclass(frozen=True)
+class WorkerMetrics:
+    kv_used: int
+    kv_capacity: int
+    running: int
+    waiting: int
+    preemptions: int  # counter, since the worker started
+    draining: bool
+
+
+def parse_metrics(text: str, model: str) -> WorkerMetrics:
+    """The autoscaling signals of one worker, for ``model``, from Prometheus text."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get(contract.LABEL_MODEL) == model:
+                values[s.name] = values.get(s.name, 0.0) + s.value
+    missing = [n for n in (contract.KV_USED_BYTES, contract.KV_CAPACITY_BYTES)
+               if n not in values]
+    if missing:
+        raise ValueError(f"worker exports no {', '.join(missing)} for model {model!r}")
+    return WorkerMetrics(
+        kv_used=int(values[contract.KV_USED_BYTES]),
+        kv_capacity=int(values[contract.KV_CAPACITY_BYTES]),
+        running=int(values.get(contract.REQUESTS_RUNNING, 0)),
+        waiting=int(values.get(contract.REQUESTS_WAITING, 0)),
+        preemptions=int(values.get(contract.PREEMPTIONS + "_total", 0)),
+        draining=values.get(contract.DRAINING, 0) > 0,
+    )
+
+
+def worker_url(ip: str, port: int, path: str) -> str:
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{port}{path}"
+
+
+async def scrape(client: httpx.AsyncClient, ip: str, port: int, model: str,
+                 timeout: float) -> tuple[Optional[WorkerMetrics], str]:
+    """(metrics, "") or (None, why it failed)."""
+    try:
+        resp = await client.get(worker_url(ip, port, contract.PATH_METRICS), timeout=timeout)
+        resp.raise_for_status()
+        return parse_metrics(resp.text, model), ""
+    except (httpx.HTTPError, ValueError) as err:
+        return None, f"{type(err).__name__}: {err}"
+
+
+async def scrape_all(client: httpx.AsyncClient, targets: Iterable[tuple[str, str, str]],
+                     port: int, timeout: float) -> dict[str, tuple[Optional[WorkerMetrics], str]]:
+    """Scrape (key, ip, model) targets at once; key -> (metrics or None, error)."""
+    targets = list(targets)
+    results = await asyncio.gather(*(scrape(client, ip, port, model, timeout)
+                                     for _, ip, model in targets))
+    return {key: r for (key, _, _), r in zip(targets, results)}
+
+
+async def drain(client: httpx.AsyncClient, ip: str, port: int, timeout: float,
+                start: bool) -> Optional[bool]:
+    """Ask a worker to drain (``start``) or how it is going: drained? None: no answer."""
+    url = worker_url(ip, port, contract.PATH_DRAIN)
+    try:
+        resp = await (client.post(url, timeout=timeout) if start
+                      else client.get(url, timeout=timeout))
+        resp.raise_for_status()
+        return bool(resp.json().get("drained"))
+    except (httpx.HTTPError, ValueError):
+        return None
