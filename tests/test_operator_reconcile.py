@@ -344,3 +344,23 @@ def test_dra_auto_detection_and_product_names():
     assert not dra_available([gpu_slice("a", shared=False)], "gpu.nvidia.com")
     assert not dra_available([gpu_slice("a")], "other.driver")
     assert dra_product("NVIDIA H100 80GB HBM3") == H100
+
+
+def test_a_model_the_worker_cannot_serve_gets_a_condition_and_no_pods():
+    phi = model("phi", 1)
+    phi["spec"]["architecture"]["headDim"] = 96  # Phi-3-mini: accepted, not servable
+    w = World([node("a")], [phi, model("m", 1)])
+    w.settle()
+    assert list(w.placements()) == ["m-0"]
+    (c,) = w.status("phi")["conditions"]
+    assert (c["type"], c["status"], c["reason"]) == ("Degraded", "True", "WorkerUnsupported")
+    assert "headDim 96" in c["message"]
+
+
+def test_tp_auto_never_resolves_wider_than_a_worker_drives():
+    big = model("big", 1, seqs=16, context=65536)  # 15 + 128 GiB + 2: needs TP 2 on H100s
+    w = World([node("a")], [big])
+    w.settle()
+    assert w.pods == {}
+    u = cond(w.status("big"), "Unschedulable")
+    assert u["status"] == "True" and "a worker drives 1 GPU" in u["message"]

@@ -20,7 +20,8 @@ from typing import Any, Mapping, Sequence
 from pydantic import ValidationError
 
 from kvpilot.api.files import one_line
-from kvpilot.api.model import ModelSpec
+from kvpilot.api.model import MAX_MODEL_NAME, ModelSpec
+from kvpilot.api.support import worker_support_problem
 from kvpilot.api.quantity import format_bytes
 from kvpilot.operator.objects import (
     Device, Replica, claim_for, condition, event_for, pod_for, selector_string,
@@ -74,7 +75,8 @@ class _Model:
     raw: Obj
     key: str
     spec: ModelSpec | None
-    problem: str = ""  # why the stored spec cannot be served
+    problem: str = ""  # why the stored Model cannot be served
+    reason: str = "InvalidSpec"  # the condition reason that goes with it
 
     @property
     def name(self) -> str:
@@ -97,14 +99,35 @@ class _Model:
 
 
 def parse_models(raws: Sequence[Obj]) -> list[_Model]:
+    """Models as the operator serves them; a stored one it cannot serve carries why."""
     out = []
     for raw in sorted(raws, key=lambda r: (r["metadata"]["namespace"], r["metadata"]["name"])):
-        key = model_key(raw["metadata"]["namespace"], raw["metadata"]["name"])
+        name = raw["metadata"]["name"]
+        key = model_key(raw["metadata"]["namespace"], name)
         try:
-            out.append(_Model(raw, key, ModelSpec.model_validate(raw.get("spec") or {})))
+            spec = ModelSpec.model_validate(raw.get("spec") or {})
         except ValidationError as err:
             out.append(_Model(raw, key, None, f"spec is invalid: {one_line(err)}"))
+            continue
+        m = _Model(raw, key, spec)
+        if len(name) > MAX_MODEL_NAME:  # stored before the API capped names
+            m.problem = (f"metadata.name is {len(name)} characters; replica names need it "
+                         f"at most {MAX_MODEL_NAME}")
+        elif problem := worker_support_problem(spec):
+            m.problem, m.reason = problem, "WorkerUnsupported"
+        out.append(m)
     return out
+
+
+def _servable(d: Demand, spec: ModelSpec) -> Demand:
+    """The demand without the products where ``tensorParallel: auto`` resolves to more
+    GPUs than a worker drives; their reason says so."""
+    wide = {p: why for p, r in d.requirements.items()
+            if (why := worker_support_problem(spec, r.tp))}
+    if not wide:
+        return d
+    return replace(d, requirements={p: r for p, r in d.requirements.items() if p not in wide},
+                   unfit={**d.unfit, **wide})
 
 
 def _valid_existing(snapshot: Snapshot) -> tuple[Snapshot, list[str]]:
@@ -130,12 +153,14 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
 
     demands: list[Demand] = []
     for m in parsed:
-        if m.spec is None:
+        if m.spec is None or m.problem:
             continue  # kept as it runs: not demanded, so placement leaves it alone
         try:
-            demands.append(demand_for(m.key, m.spec, snapshot, policy, replicas=m.desired()))
+            d = demand_for(m.key, m.spec, snapshot, policy, replicas=m.desired())
         except (ValueError, ArithmeticError) as err:
-            m.problem = f"cannot size a replica: {err}"
+            m.problem, m.reason = f"cannot size a replica: {err}", "InvalidSpec"
+            continue
+        demands.append(_servable(d, m.spec))
     plan = place(snapshot, demands, policy)
 
     actions = Actions(plan=plan)
@@ -146,7 +171,7 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
     for a in plan.assignments:
         placed_by_model.setdefault(a.model, []).append(a)
     for m in parsed:
-        if m.spec is None or m.deleting:
+        if m.spec is None or m.deleting or m.problem:
             continue
         created = []
         for a in placed_by_model.get(m.key, []):
@@ -283,7 +308,7 @@ def status_for(m: _Model, plan: Plan, view: ClusterView, now: str) -> dict:
         "placements": None,
     }
     if m.spec is None or m.problem:
-        status["conditions"] = [condition("Degraded", True, "InvalidSpec", m.problem, gen,
+        status["conditions"] = [condition("Degraded", True, m.reason, m.problem, gen,
                                           conditions, now)]
         return status
     placed = [a for a in plan.assignments if a.model == m.key]
