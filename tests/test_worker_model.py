@@ -79,6 +79,10 @@ def test_debug_checks_pass_on_real_batches_and_catch_a_bad_table(ckpt, reference
     bm._tables[seq.seq_id].pages[0] = bm.num_pages + 3  # what a bug would hand the kernel
     with pytest.raises(TableError, match="out of range"):
         engine.runner.decode([seq])
+    bm._tables[seq.seq_id].pages[0] = 0
+    engine.runner._h[4][0, 1] = 7  # a host row that is not the block manager's
+    with pytest.raises(TableError, match="not the block manager's"):
+        engine.runner.decode([seq])
 
 
 def test_a_failing_batch_finishes_its_sequences_with_an_error(ckpt):

@@ -142,19 +142,18 @@ class Engine:
                     kv = sum(len(s) for s in seqs) * self.runner.kv_bytes_per_token
                     self.stats.step_read_bytes = self.weight_read_bytes + kv
                 self.stats.generation_tokens += len(seqs)
-            for seq, token in zip(seqs, tokens):
-                outputs.append(self._postprocess(seq, token, now))
+                outputs = [self._postprocess(seq, token, now) for seq, token in zip(seqs, tokens)]
         self._refresh_stats()
         return outputs
 
     def _postprocess(self, seq: Sequence, token: int, now: float) -> Output:
+        """One sequence's new token: timing, finish, text. Called under ``stats_lock``."""
         seq.tokens.append(token)
-        with self.stats_lock:
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-                self.stats.ttft.observe(now - seq.arrival)
-            else:
-                self.stats.itl.observe(now - seq.last_token_time)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.stats.ttft.observe(now - seq.arrival)
+        else:
+            self.stats.itl.observe(now - seq.last_token_time)
         seq.last_token_time = now
         reason = token_finish(seq, self.eos_token_ids, self.max_model_len)
         req = self._requests[seq.seq_id]
@@ -175,7 +174,7 @@ class Engine:
             self._retire(seq, reason)
         upto = len(req.text) if reason is not None else max(req.emitted, len(req.text) - hold)
         text, req.emitted = req.text[req.emitted:upto], upto
-        new_tokens = seq.output[req.sent_tokens:]
+        new_tokens = seq.tokens[seq.num_prompt + req.sent_tokens:]
         req.sent_tokens = seq.num_output
         return Output(seq.seq_id, text, new_tokens, reason, seq.num_prompt, seq.num_output)
 

@@ -100,15 +100,23 @@ class ModelRunner:
                                    * self.layers[0].key.element_size())
         self._graphs: dict[int, _Graph] = {}
         self._splits: dict[int, int] = {}
-        if self.on_gpu:
-            b, p = max_num_seqs, self.max_pages
-            self._ids = torch.zeros(b, dtype=torch.long, device=self.device)
-            self._pos = torch.zeros(b, dtype=torch.long, device=self.device)
-            self._slots = torch.full((b,), -1, dtype=torch.long, device=self.device)
-            self._table = torch.zeros(b, p, dtype=torch.int32, device=self.device)
-            self._lens = torch.zeros(b, dtype=torch.int32, device=self.device)
-            if cuda_graphs:
-                self.capture_graphs()
+        # Decode inputs, int32, in one buffer: ids, positions, slots, lengths (one per row
+        # each), then the block table. The host fills a pinned copy and one transfer moves
+        # it; CUDA graphs read the device copy, whose address never changes.
+        b, p = max_num_seqs, self.max_pages
+        host = torch.zeros(4 * b + b * p, dtype=torch.int32, pin_memory=self.on_gpu)
+        host[2 * b:3 * b] = -1  # slots: no writes until a row is used
+        dev = host.to(self.device) if self.on_gpu else host
+        self._host, self._dev = host, dev
+        h = host.numpy()
+        self._h = [h[i * b:(i + 1) * b] for i in range(4)] + [h[4 * b:].reshape(b, p)]
+        self._ids, self._pos, self._slots, self._lens = (dev[i * b:(i + 1) * b] for i in range(4))
+        self._table = dev[4 * b:].view(b, p)
+        # Which page table (the block manager's list, held, so never another) and length
+        # each host row holds: most rows are unchanged from one step to the next.
+        self._row_owner: list[tuple[list[int], int] | None] = [None] * b
+        if self.on_gpu and cuda_graphs:
+            self.capture_graphs()
 
     @property
     def kv_capacity_bytes(self) -> int:
@@ -122,7 +130,7 @@ class ModelRunner:
             reshape_and_cache_ref(k, v, layer.key, layer.value, slots, layer.k_scale,
                                   layer.v_scale)
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+    def _slots_of(self, seq: Sequence, start: int, end: int) -> list[int]:
         table, ps = self.bm.table(seq.seq_id), self.page_size
         return [table[p // ps] * ps + p % ps for p in range(start, end)]
 
@@ -140,7 +148,7 @@ class ModelRunner:
             start, end = s.num_computed, len(s)
             ids += s.tokens[start:end]
             pos += range(start, end)
-            slots += self._slots(s, start, end)
+            slots += self._slots_of(s, start, end)
             spans.append((len(ids) - (end - start), len(ids), start, end))
         if self.debug_checks:
             self._check(seqs, [(s.seq_id, p, sl) for s, (t0, t1, a, b) in zip(seqs, spans)
@@ -179,23 +187,33 @@ class ModelRunner:
         return self.model.logits(hidden[last])
 
     # ---- decode -----------------------------------------------------------------------
-    def _decode_inputs(self, seqs: list[Sequence], rows: int):
-        """Host arrays of one decode step, padded to ``rows``."""
-        ids = np.zeros(rows, dtype=np.int64)
-        pos = np.zeros(rows, dtype=np.int64)
-        slots = np.full(rows, -1, dtype=np.int64)
-        lens = np.zeros(rows, dtype=np.int32)
-        table = np.zeros((rows, self.max_pages), dtype=np.int32)
-        ps = self.page_size
+    def _decode_inputs(self, seqs: list[Sequence], rows: int) -> None:
+        """Fill the host buffer for one decode step, padded to ``rows`` (padding rows have
+        length 0 and slot -1: nothing read, nothing written)."""
+        ids, pos, slots, lens, table = self._h
+        n = len(seqs)
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int32, count=n)
+        ids[:n] = [s.tokens[-1] for s in seqs]
+        lens[:n] = lengths
+        pos[:n] = lengths - 1
+        ids[n:rows] = pos[n:rows] = lens[n:rows] = 0
+        slots[n:rows] = -1
         for r, s in enumerate(seqs):
-            row = self.bm.table(s.seq_id)
-            p = len(s) - 1
-            ids[r], pos[r], lens[r] = s.tokens[-1], p, len(s)
-            slots[r] = row[p // ps] * ps + p % ps
-            table[r, :len(row)] = row
-        if self.debug_checks:
-            self._check(seqs, [(s.seq_id, int(pos[r]), int(slots[r])) for r, s in enumerate(seqs)])
-        return ids, pos, slots, lens, table
+            pages = self.bm.table(s.seq_id)
+            owner = self._row_owner[r]
+            if owner is not None and owner[0] is pages and owner[1] == len(pages):
+                continue
+            start = owner[1] if owner is not None and owner[0] is pages and owner[1] < len(pages) else 0
+            table[r, start:len(pages)] = pages[start:]
+            self._row_owner[r] = (pages, len(pages))
+        ps = self.page_size
+        last = lengths - 1
+        slots[:n] = table[np.arange(n), last // ps] * ps + last % ps
+        if self.debug_checks:  # what is handed over, not what should have been
+            check_batch(self.bm, [s.seq_id for s in seqs],
+                        [table[r, :len(self.bm.table(s.seq_id))].tolist() for r, s in enumerate(seqs)],
+                        lens[:n].tolist(),
+                        [(s.seq_id, int(pos[r]), int(slots[r])) for r, s in enumerate(seqs)])
 
     def _decode_forward(self, ids, pos, slots, table, lens, num_splits: int | None):
         from kvpilot.worker.kernels.paged_attention import paged_attention_decode
@@ -218,16 +236,9 @@ class ModelRunner:
         n = len(seqs)
         bucket = next((b for b in sorted(self._graphs) if b >= n), None)
         rows = bucket or n
-        ids, pos, slots, lens, table = self._decode_inputs(seqs, rows)
-        if not self.on_gpu:
-            return self._decode_forward(torch.from_numpy(ids), torch.from_numpy(pos),
-                                        torch.from_numpy(slots), torch.from_numpy(table),
-                                        torch.from_numpy(lens), None)
-        self._ids[:rows].copy_(torch.from_numpy(ids), non_blocking=True)
-        self._pos[:rows].copy_(torch.from_numpy(pos), non_blocking=True)
-        self._slots[:rows].copy_(torch.from_numpy(slots), non_blocking=True)
-        self._lens[:rows].copy_(torch.from_numpy(lens), non_blocking=True)
-        self._table[:rows].copy_(torch.from_numpy(table), non_blocking=True)
+        self._decode_inputs(seqs, rows)
+        if self.on_gpu:
+            self._dev.copy_(self._host, non_blocking=True)
         if bucket is not None:
             g = self._graphs[bucket]
             g.graph.replay()
@@ -242,8 +253,6 @@ class ModelRunner:
         from kvpilot.worker.kernels.paged_attention import plan_num_splits
 
         cfg = self.model.cfg
-        self._lens.zero_()
-        self._slots.fill_(-1)
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             for b in reversed(graph_buckets(self.max_num_seqs)):
