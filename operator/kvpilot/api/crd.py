@@ -8,7 +8,8 @@ attaches each model's :class:`~kvpilot.api.model.Rule` list as CEL
 ``x-kubernetes-validations``.
 
 Usage: ``python -m kvpilot.api.crd [--check] [OUTDIR...]`` (default ``crds/`` and the
-Helm chart's ``helm/kvpilot/crds/``).
+Helm chart's ``helm/kvpilot/files/crds/``, which the chart templates so that ``helm
+upgrade`` updates the CRD).
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def render() -> dict[str, str]:
     return {f"{crd['metadata']['name']}.yaml": text}
 
 
-DEFAULT_OUTDIRS = (Path("crds"), Path("helm/kvpilot/crds"))
+DEFAULT_OUTDIRS = (Path("crds"), Path("helm/kvpilot/files/crds"))
 
 
 def stale_files(outdir: Path, files: dict[str, str]) -> list[str]:

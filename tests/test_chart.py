@@ -1,0 +1,382 @@
+"""The Helm chart as rendered by helm: objects, RBAC, the operator's settings, the schema.
+
+What the API server makes of the objects, and the RBAC against the operator's real
+calls, is e2e/test_helm.py's part.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+import yaml
+
+from kvpilot.api import crd
+from kvpilot.operator import objects as builders
+from kvpilot.operator.settings import Settings
+from tests.chart_helpers import (
+    ALL_FEATURES, CHART, NAMESPACE, container_env, helm, kinds, one, render, template,
+)
+
+OPERATOR = "kvpilot-operator"
+POD = "kvpilot-operator-5d9c7b-x2x7q"
+
+
+def test_lint_is_clean_with_defaults_and_with_every_feature(tmp_path):
+    values = tmp_path / "all.yaml"
+    values.write_text(yaml.safe_dump(ALL_FEATURES))
+    for args in ([], ["-f", str(values)]):
+        out = helm("lint", "--strict", str(CHART), *args).stdout
+        assert "1 chart(s) linted, 0 chart(s) failed" in out, out
+        assert "[WARNING]" not in out and "[ERROR]" not in out, out
+
+
+def test_defaults_render_the_operator_and_its_rbac():
+    assert kinds(render()) == [
+        ("ClusterRole", "kvpilot-models-edit"),
+        ("ClusterRole", "kvpilot-models-view"),
+        ("ClusterRole", OPERATOR),
+        ("ClusterRoleBinding", OPERATOR),
+        ("CustomResourceDefinition", "models.kvpilot.dev"),
+        ("Deployment", OPERATOR),
+        ("Role", OPERATOR),
+        ("RoleBinding", OPERATOR),
+        ("Service", f"{OPERATOR}-metrics"),
+        ("ServiceAccount", "kvpilot"),
+    ]
+
+
+def test_every_optional_feature_renders_its_object():
+    objs = render(ALL_FEATURES)
+    extra = set(kinds(objs)) - set(kinds(render()))
+    assert extra == {("NetworkPolicy", OPERATOR), ("PodDisruptionBudget", OPERATOR),
+                     ("PodMonitor", "kvpilot-workers"), ("ServiceMonitor", OPERATOR)}
+    assert one(objs, "Deployment")["spec"]["replicas"] == 2
+
+
+# -- the CRD ------------------------------------------------------------------------------
+
+def test_the_crd_is_the_generated_one_with_the_release_labels_and_kept_on_uninstall():
+    rendered = one(render(), "CustomResourceDefinition")
+    meta = rendered["metadata"]
+    assert meta["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert meta["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    assert meta["labels"]["app.kubernetes.io/instance"] == "kvpilot"
+    generated = crd.model_crd()
+    rendered["metadata"] = {k: v for k, v in meta.items() if k not in ("labels", "annotations")}
+    assert rendered == generated
+
+
+def test_crds_can_be_left_to_the_cluster_admin_or_deleted_with_the_release():
+    assert "CustomResourceDefinition" not in {o["kind"] for o in render({"crds": {"install": False}})}
+    meta = one(render({"crds": {"keep": False}}), "CustomResourceDefinition")["metadata"]
+    assert "annotations" not in meta
+
+
+def test_the_chart_carries_no_crds_directory_that_helm_would_install_but_never_upgrade():
+    assert not (CHART / "crds").exists()
+    assert sorted(p.name for p in (CHART / "files" / "crds").iterdir()) == sorted(crd.render())
+
+
+# -- RBAC ---------------------------------------------------------------------------------
+
+READ = {"get", "list", "watch"}
+CLUSTER_RULES = {  # (group, resource) -> verbs: exactly the operator's calls
+    ("kvpilot.dev", "models"): READ | {"patch", "update"},
+    ("kvpilot.dev", "models/status"): {"get", "patch", "update"},
+    ("kvpilot.dev", "models/scale"): {"get", "patch", "update"},
+    ("", "pods"): READ | {"create", "delete", "patch"},
+    ("resource.k8s.io", "resourceclaims"): READ | {"create", "delete"},
+    ("resource.k8s.io", "resourceslices"): READ,
+    ("resource.k8s.io", "deviceclasses"): READ,
+    ("", "nodes"): READ,
+    ("", "events"): {"create", "patch"},
+    ("events.k8s.io", "events"): {"create", "patch"},
+}
+
+
+def grants(rules: list[dict[str, Any]]) -> dict[tuple[str, str, tuple[str, ...]], set[str]]:
+    out: dict[tuple[str, str, tuple[str, ...]], set[str]] = {}
+    for rule in rules:
+        assert set(rule) <= {"apiGroups", "resources", "verbs", "resourceNames"}, rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                key = (group, resource, tuple(rule.get("resourceNames", ())))
+                out.setdefault(key, set()).update(rule["verbs"])
+    return out
+
+
+def test_the_operator_gets_exactly_the_calls_it_makes():
+    objs = render()
+    cluster = grants(one(objs, "ClusterRole", OPERATOR)["rules"])
+    assert cluster == {(g, r, ()): v for (g, r), v in CLUSTER_RULES.items()}
+    lease = grants(one(objs, "Role", OPERATOR)["rules"])
+    # create cannot be limited to a name; reading and renewing are, to the one Lease
+    assert lease == {("coordination.k8s.io", "leases", ()): {"create"},
+                     ("coordination.k8s.io", "leases", (OPERATOR,)): {"get", "update"}}
+    role = one(objs, "Role", OPERATOR)
+    assert role["metadata"]["namespace"] == NAMESPACE
+    for binding, role_kind in (("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")):
+        b = one(objs, binding, OPERATOR)
+        assert b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind,
+                                "name": OPERATOR}
+        assert b["subjects"] == [{"kind": "ServiceAccount", "name": "kvpilot",
+                                  "namespace": NAMESPACE}]
+    deployment = one(objs, "Deployment")
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "kvpilot"
+
+
+def test_no_role_in_the_chart_grants_wildcards_or_secrets():
+    for o in render(ALL_FEATURES):
+        for rule in o.get("rules", []) if o["kind"] in ("ClusterRole", "Role") else []:
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], (o["metadata"]["name"], rule)
+            assert not {"secrets", "configmaps"} & set(rule["resources"]), rule
+
+
+def test_namespace_users_get_models_through_the_default_roles():
+    objs = render()
+    view = one(objs, "ClusterRole", "kvpilot-models-view")
+    edit = one(objs, "ClusterRole", "kvpilot-models-edit")
+    assert {k for k, v in view["metadata"]["labels"].items()
+            if k.startswith("rbac.authorization.k8s.io/aggregate-to-") and v == "true"} == {
+        "rbac.authorization.k8s.io/aggregate-to-view",
+        "rbac.authorization.k8s.io/aggregate-to-edit",
+        "rbac.authorization.k8s.io/aggregate-to-admin"}
+    assert "rbac.authorization.k8s.io/aggregate-to-view" not in edit["metadata"]["labels"]
+    assert grants(view["rules"]) == {("kvpilot.dev", r, ()): READ
+                                     for r in ("models", "models/status", "models/scale")}
+    assert "ClusterRole" not in {o["kind"] for o in render(
+        {"rbac": {"aggregateToDefaultRoles": False}}) if o["metadata"]["name"].endswith(
+        ("-view", "-edit"))}
+
+
+# -- the operator's Deployment and settings -------------------------------------------------
+
+def test_the_operator_runs_locked_down():
+    pod = one(render(), "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 65532,
+                                      "runAsGroup": 65532,
+                                      "seccompProfile": {"type": "RuntimeDefault"}}
+    (c,) = pod["containers"]
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "privileged": False,
+                                    "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+                                    "capabilities": {"drop": ["ALL"]}}
+    assert c["args"] == ["operator"]
+    assert c["image"] == "kvpilot/operator:0.1.0"
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 8080,
+                                                                   "health": 8081}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["resources"]["limits"]["memory"] and c["resources"]["requests"]["cpu"]
+    # the one writable path, for Python's temporary files
+    assert c["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+
+
+def test_the_default_env_is_valid_settings_and_sets_every_one():
+    env = container_env(one(render(), "Deployment"), POD)
+    settings = Settings.from_env(env)
+    # every setting comes from the chart, so none falls back to a default it never chose
+    assert {k.removeprefix("KVPILOT_").lower() for k in env} == set(Settings.model_fields)
+    assert settings == Settings(
+        mode="auto", dra_driver="gpu.nvidia.com", device_class="gpu.nvidia.com",
+        reserve=0, packing=1, worker_image="kvpilot/worker:0.1.0", worker_port=8000,
+        worker_command=("python", "-m", "kvpilot.worker"), scrape_seconds=15,
+        scrape_timeout_seconds=2, drain_timeout_seconds=120, reconcile_seconds=30,
+        debounce_seconds=0.2, write_concurrency=16, namespace=NAMESPACE,
+        lease_name=OPERATOR, lease_seconds=15, identity=POD, metrics_port=8080,
+        health_port=8081)
+
+
+CHANGED = {
+    "placement": {"mode": "devicePlugin", "draDriver": "gpu.example.com",
+                  "deviceClass": "h100.example.com", "reserve": 0.1, "packing": 0},
+    "worker": {"image": {"repository": "registry.example.com/ml/kvpilot-worker",
+                         "tag": "0.1.0-cu13", "digest": "sha256:" + "ab" * 32},
+               "port": 9000, "command": ["/opt/kvpilot/bin/python", "-m", "kvpilot.worker"],
+               "scrapeSeconds": 5, "scrapeTimeoutSeconds": 1.5, "drainTimeoutSeconds": 600},
+    "operator": {"reconcileSeconds": 10, "debounceSeconds": 0, "writeConcurrency": 4,
+                 "leaseSeconds": 30, "metricsPort": 9090, "healthPort": 9091, "verbose": True},
+}
+
+
+def test_values_flow_into_the_operators_settings(tmp_path):
+    objs = render(CHANGED)
+    deployment = one(objs, "Deployment")
+    settings = Settings.from_env(container_env(deployment, POD))
+    assert settings.model_dump(exclude={"namespace", "lease_name", "identity"}) == dict(
+        mode="devicePlugin", dra_driver="gpu.example.com", device_class="h100.example.com",
+        reserve=0.1, packing=0,
+        worker_image="registry.example.com/ml/kvpilot-worker:0.1.0-cu13@sha256:" + "ab" * 32,
+        worker_port=9000, worker_command=("/opt/kvpilot/bin/python", "-m", "kvpilot.worker"),
+        scrape_seconds=5, scrape_timeout_seconds=1.5, drain_timeout_seconds=600,
+        reconcile_seconds=10, debounce_seconds=0, write_concurrency=4, lease_seconds=30,
+        metrics_port=9090, health_port=9091)
+    c = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"] == ["operator", "--verbose"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 9090,
+                                                                   "health": 9091}
+    service = one(objs, "Service")
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9090,
+                                         "targetPort": "metrics", "protocol": "TCP"}]
+    # the settings this chart sets exist as flags or env of `kvpilot operator` only
+    env = container_env(deployment, POD)
+    assert env["KVPILOT_NAMESPACE"] == NAMESPACE and env["KVPILOT_LEASE_NAME"] == OPERATOR
+
+
+# Values that are the operator's settings, and the Settings field each one becomes.
+SETTINGS_OF_VALUES = {
+    ("placement", "mode"): "mode", ("placement", "draDriver"): "dra_driver",
+    ("placement", "deviceClass"): "device_class", ("placement", "reserve"): "reserve",
+    ("placement", "packing"): "packing", ("worker", "port"): "worker_port",
+    ("worker", "command"): "worker_command", ("worker", "scrapeSeconds"): "scrape_seconds",
+    ("worker", "scrapeTimeoutSeconds"): "scrape_timeout_seconds",
+    ("worker", "drainTimeoutSeconds"): "drain_timeout_seconds",
+    ("operator", "reconcileSeconds"): "reconcile_seconds",
+    ("operator", "debounceSeconds"): "debounce_seconds",
+    ("operator", "writeConcurrency"): "write_concurrency",
+    ("operator", "leaseSeconds"): "lease_seconds",
+    ("operator", "metricsPort"): "metrics_port", ("operator", "healthPort"): "health_port",
+}
+BOUNDS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+          "minLength", "minItems")
+
+
+def test_the_values_schema_bounds_the_settings_as_the_settings_model_does():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    model = Settings.model_json_schema()["properties"]
+    for (section, key), field in SETTINGS_OF_VALUES.items():
+        ours = {k: v for k, v in schema["properties"][section]["properties"][key].items()
+                if k in BOUNDS}
+        theirs = {k: v for k, v in model[field].items() if k in BOUNDS}
+        if field in ("metrics_port", "health_port"):
+            theirs["minimum"] = 1  # 0 turns the endpoint off; the chart always serves it
+        assert ours == theirs, (section, key)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"operator": {"replica": 2}}, "at '/operator': additional properties 'replica' not allowed"),
+    ({"extra": True}, "additional properties 'extra' not allowed"),
+    ({"placement": {"mode": "mig"}},
+     "at '/placement/mode': value must be one of 'auto', 'dra', 'devicePlugin'"),
+    ({"worker": {"scrapeSeconds": 0}}, "at '/worker/scrapeSeconds': exclusiveMinimum"),
+    ({"placement": {"reserve": 1}}, "at '/placement/reserve': exclusiveMaximum"),
+    ({"operator": {"replicas": 0}}, "at '/operator/replicas': minimum: got 0, want 1"),
+    ({"worker": {"command": ["python -m kvpilot.worker"]}}, "at '/worker/command/0'"),
+    ({"worker": {"image": {"digest": "sha256:abc"}}}, "at '/worker/image/digest'"),
+    ({"operator": {"metricsPort": "8080"}}, "at '/operator/metricsPort': got string, want integer"),
+    ({"worker": {"image": {"tag": "latest"}}},
+     "worker.image.tag: latest is a moving tag; pin a version or a digest"),
+    ({"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}},
+     "metrics.serviceMonitor.enabled needs metrics.service.enabled"),
+])
+def test_values_that_break_the_schema_are_refused_with_the_path(values, message):
+    proc = template(values, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+
+
+def test_every_value_has_a_comment_and_a_schema_entry():
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    values = yaml.safe_load("\n".join(lines))
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def leaves(node: Any, path: tuple[str, ...] = ()):
+        if isinstance(node, dict) and node and path[-1:] != ("resources",) and \
+                path[-1:] not in (("livenessProbe",), ("readinessProbe",)):
+            for key, value in node.items():
+                yield from leaves(value, path + (key,))
+        else:
+            yield path
+
+    def schema_at(path: tuple[str, ...]) -> dict[str, Any]:
+        node = schema
+        for key in path:
+            assert node.get("additionalProperties") is False, f"{path}: open schema"
+            node = node["properties"][key]
+        return node
+
+    key_lines = {}
+    stack: list[tuple[int, str]] = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^( *)([A-Za-z][A-Za-z0-9]*):", line)
+        if not m:
+            continue
+        indent = len(m.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, m.group(2)))
+        key_lines[tuple(k for _, k in stack)] = i
+    for path in leaves(values):
+        above = lines[key_lines[path] - 1].strip()
+        assert above.startswith("#"), f"{'.'.join(path)} has no comment"
+        node = schema_at(path)
+        assert node.get("description"), f"{'.'.join(path)} has no description in the schema"
+        assert "type" in node, f"{'.'.join(path)} has no type in the schema"
+
+
+# -- optional objects: each selects what it is for ------------------------------------------
+
+def pod_labels(objs: list[dict[str, Any]]) -> dict[str, str]:
+    return one(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_the_service_pdb_and_policy_select_the_operator_pods_and_only_them():
+    objs = render(ALL_FEATURES)
+    labels = pod_labels(objs)
+    deployment = one(objs, "Deployment")
+    assert deployment["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "kvpilot", "app.kubernetes.io/instance": "kvpilot",
+        "app.kubernetes.io/component": "operator"}
+    for selector in (one(objs, "Service")["spec"]["selector"],
+                     one(objs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+                     one(objs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]):
+        assert selector == deployment["spec"]["selector"]["matchLabels"]
+        assert selects(selector, labels)
+    # the operator is never one of its own workers
+    assert labels["app.kubernetes.io/managed-by"] != builders.MANAGER
+    assert one(objs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+
+
+def test_the_service_monitor_scrapes_the_metrics_service():
+    objs = render(ALL_FEATURES)
+    monitor, service = one(objs, "ServiceMonitor"), one(objs, "Service")
+    assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics",
+                                             "interval": "30s"}]
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+
+
+def test_the_pod_monitor_scrapes_the_workers_the_operator_creates():
+    monitor = one(render(ALL_FEATURES), "PodMonitor")
+    worker_labels = {builders.MANAGED_BY: builders.MANAGER, builders.LABEL_MODEL: "llama",
+                     builders.LABEL_COMPONENT: builders.COMPONENT_WORKER}
+    assert selects(monitor["spec"]["selector"]["matchLabels"], worker_labels)
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    assert monitor["spec"]["podMetricsEndpoints"] == [
+        {"port": "http", "path": "/metrics", "interval": "15s"}]
+
+
+def test_the_network_policy_lets_through_scrapes_probes_the_api_server_and_workers():
+    policy = one(render(ALL_FEATURES), "NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["ingress"] == [
+        {"ports": [{"port": "metrics", "protocol": "TCP"}],
+         "from": [{"namespaceSelector": {"matchLabels": {
+             "kubernetes.io/metadata.name": "monitoring"}}}]},
+        {"ports": [{"port": "health", "protocol": "TCP"}]}]
+    dns, api, workers = policy["egress"]
+    assert dns == {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    assert api == {"ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}],
+                   "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}]}
+    assert workers == {"ports": [{"port": 8000, "protocol": "TCP"}],
+                       "to": [{"namespaceSelector": {},
+                               "podSelector": {"matchLabels": {
+                                   builders.MANAGED_BY: builders.MANAGER}}}]}
