@@ -26,13 +26,21 @@ def test_table_for_the_examples(capsys):
     lines = out.splitlines()
     assert max(len(line) for line in lines) <= 100
     assert lines[0].split() == ["NODE", "PRODUCT", "GPUS", "HBM", "USED", "HBM", "FREE", "(GiB)"]
-    assert lines[1].split()[:3] == ["h100-0", "NVIDIA-H100-80GB-HBM3", "4/8"]
-    # Llama-3.1-70B (fp8 KV, 8 x 32K) at TP 4 on H100: 44.9 GiB on each of GPUs 0-3.
-    assert "  GPU 1  77.8/79.6:  llama-3-8b-0 33.0, llama-3-1-70b-0 44.9" in lines
+    assert lines[1].split()[:3] == ["h100-0", "NVIDIA-H100-80GB-HBM3", "8/8"]
+    # Llama-3.1-70B (fp8 KV, 8 x 32K, TTFT 2 s): a 32K prefill takes 3.0 s at TP 4 on
+    # H100, 1.5 s at TP 8, so TP 8 with 23.4 GiB on each GPU. Beside it on GPU 1, a
+    # Llama-3-8B replica: 33.2 + 23.0 GB per decode step at 2.85 TB/s, + 2 ms.
+    assert "  GPU 1  56.4/79.6  21.8 ms:  llama-3-8b-1 33.0, llama-3-1-70b-0 23.4" in lines
     model_rows = {line.split()[0]: line.split() for line in lines if line[:1].isalpha()}
     assert model_rows["llama-3-8b"][1:3] == ["2/2", "131,072"]
-    assert model_rows["llama-3-1-70b"][1:4] == ["1/1", "262,144", "4"]
-    assert lines[-1] == "GPUs with load: 4 of 26 (4 shared); replicas placed: 8 of 8"
+    assert model_rows["llama-3-1-70b"][1:4] == ["1/1", "262,144", "8"]
+    # Per replica: its GPUs, the decode step of its slowest GPU with every tenant busy
+    # (TP 8 adds two all-reduces per layer: 80 x 2 x 10 us = 1.6 ms), and the KV tokens
+    # its share of the spare HBM holds.
+    replica = {line.split()[0]: line.split()[1:] for line in lines
+               if line.startswith("llama-3-1-70b-0 ")}
+    assert replica["llama-3-1-70b-0"] == ["h100-0", "0-7", "26.4", "ms", "262,144", "358,980"]
+    assert lines[-1] == "GPUs with load: 8 of 26 (3 shared); replicas placed: 8 of 8"
 
 
 def test_json_and_yaml_carry_the_same_plan(capsys):
@@ -41,15 +49,21 @@ def test_json_and_yaml_carry_the_same_plan(capsys):
     data = json.loads(out)
     code, out, _ = run(capsys, FLEET, *MODELS, "-o", "yaml")
     assert code == 0 and yaml.safe_load(out) == data
-    assert data["gpusUsed"] == 4 and data["unplaced"] == []
+    assert data["gpusUsed"] == 8 and data["unplaced"] == []
     by_replica = {a["replica"]: a for a in data["assignments"]}
-    assert by_replica["llama-3-1-70b-0"]["gpus"] == [0, 1, 2, 3]
-    assert by_replica["llama-3-1-70b-0"]["hbmPerGpu"] == 48161755136
+    seventy = by_replica["llama-3-1-70b-0"]
+    assert seventy["gpus"] == list(range(8)) and seventy["hbmPerGpu"] == 25154619392
+    # 141107412992 / 8 bytes of weights + 8 x 32768 tokens x 16 KiB of fp8 KV per GPU
+    assert seventy["stepBytes"] == 17638426624 + 262144 * 20480 == 23007135744
+    assert seventy["kvCapacityTokens"] == 358980
     models = {m["name"]: m for m in data["models"]}
     assert models["llama-3-1-70b"]["perReplica"] == {
-        "NVIDIA-H100-80GB-HBM3": {"tensorParallel": 4, "hbmPerGpu": 48161755136,
-                                  "kvTokens": 262144},
+        "NVIDIA-H100-80GB-HBM3": {"tensorParallel": 8, "hbmPerGpu": 25154619392,
+                                  "kvTokens": 262144, "stepBytes": 23007135744,
+                                  "stepBudget": None},
     }
+    assert models["llama-3-8b"]["perReplica"]["NVIDIA-H100-80GB-HBM3"]["stepBudget"] == (
+        int((0.05 - 0.002) * 3350e9 * 0.85))
     assert models["mistral-7b"]["unfit"] == {
         "NVIDIA-L4": "needs 31.5 GiB per GPU at tensorParallel 1, a GPU holds 22.5 GiB"}
 
@@ -57,7 +71,8 @@ def test_json_and_yaml_carry_the_same_plan(capsys):
 def test_policies_and_reserve(capsys):
     _, out, _ = run(capsys, FLEET, *MODELS, "-o", "json", "--policy", "spread")
     spread = json.loads(out)
-    assert spread["gpusUsed"] == 11 and spread["sharedGpus"] == []
+    # Spreading keeps 56 GiB of headroom beside a 70B shard rather than take an L4.
+    assert spread["gpusUsed"] == 15 and spread["sharedGpus"] == [{"node": "h100-0", "gpu": 0}]
     _, out, _ = run(capsys, FLEET, *MODELS, "-o", "json", "--no-share")
     assert json.loads(out)["sharedGpus"] == []
     _, out, _ = run(capsys, FLEET, *MODELS, "-o", "json", "--reserve", "0.5")
@@ -74,15 +89,17 @@ def test_policies_and_reserve(capsys):
 def test_replicas_that_do_not_fit_are_listed_with_their_reason(capsys, tmp_path):
     big = tmp_path / "big.yaml"
     text = (EXAMPLES / "llama-3.1-70b.yaml").read_text()
-    big.write_text(text.replace("replicas: 1", "replicas: 6").replace("maxReplicas: 4",
+    big.write_text(text.replace("replicas: 1", "replicas: 8").replace("maxReplicas: 4",
                                                                      "maxReplicas: 8"))
     code, out, _ = run(capsys, FLEET, big)
     assert code == 0
+    # Three TP-8 replicas stack on each 8 x H100 node (3 x 23.4 GiB per GPU).
+    assert out.splitlines()[-1] == "GPUs with load: 16 of 26 (16 shared); replicas placed: 6 of 8"
     text = " ".join(out.split("NOT PLACED\n", 1)[1].split())
     assert text.startswith(
-        "llama-3-1-70b-4 .. llama-3-1-70b-5 (2): needs 4 GPUs with >= 44.9 GiB free each on "
-        "NVIDIA-H100-80GB-HBM3; largest free set on any allowed node is 4 x 34.8 GiB (h100-0); "
-        "try tensorParallel 8 or adding NVIDIA-A100-SXM4-40GB to gpuProducts (0/5 nodes fit: "
+        "llama-3-1-70b-6 .. llama-3-1-70b-7 (2): needs 8 GPUs with >= 23.4 GiB free each on "
+        "NVIDIA-H100-80GB-HBM3; largest free set on any allowed node is 8 x 9.4 GiB (h100-0); "
+        "try adding NVIDIA-A100-SXM4-40GB to gpuProducts (0/5 nodes fit: "
         "3 GPU product not allowed, 2 not enough free HBM)")
 
 

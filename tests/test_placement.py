@@ -239,8 +239,11 @@ def test_tp_auto_is_chosen_per_product():
                            catalog_node("l4", "NVIDIA-L4", 1)))
     d = demand_for("llama-70b", llama_70b(), snap, Policy())
     assert d.requirements == {
-        H100: Requirement(2, 83438608384, 65536),
-        "NVIDIA-A100-SXM4-40GB": Requirement(4, 42793046016, 65536),
+        # step bytes: the weight shard and the KV it holds (no ITL target: no budget)
+        H100: Requirement(2, 83438608384, 65536, step_bytes=81291124736,
+                          kv_bytes_per_token=163840),
+        "NVIDIA-A100-SXM4-40GB": Requirement(4, 42793046016, 65536, step_bytes=40645562368,
+                                             kv_bytes_per_token=81920),
     }
     assert d.unfit == {"NVIDIA-L4": "needs 153.4 GiB per GPU even at tensorParallel 1 (the most "
                                     "GPUs on one node), a GPU holds 22.5 GiB"}
@@ -351,13 +354,11 @@ def test_consolidation_empties_a_gpu_by_moving_single_gpu_replicas():
     snap = Snapshot(nodes=(node("n", gpus=4, hbm=10),))
     demands = [demand("six", 1, gib=6), demand("four", 1, gib=4), demand("five", 2, gib=5)]
     world = World(snap, demands, Policy())
-    world.resolve_existing()
-    for d in demands:
-        world.pending[d.model] = d.replicas
+    world.load_existing()
     pool = world.pools[0]
     s = world.states[0]
     for d, g in ((demands[0], 0), (demands[1], 1), (demands[2], 2), (demands[2], 3)):
-        world._commit(d, pool, s, (g,), d.requirement("P80"))
+        world.commit(d, pool, s, (g,), d.requirement("P80"))
     assert sum(1 for t in s.tenants if t) == 4
     consolidate(world, budget=1000)
     assert sum(1 for t in s.tenants if t) == 2

@@ -121,7 +121,8 @@ def model_summary(plan, demands) -> list[dict[str, Any]]:
             "replicas": d.replicas,
             "placed": plan.placed(d.model),
             "perReplica": {
-                p: {"tensorParallel": r.tp, "hbmPerGpu": r.hbm_per_gpu, "kvTokens": r.kv_tokens}
+                p: {"tensorParallel": r.tp, "hbmPerGpu": r.hbm_per_gpu, "kvTokens": r.kv_tokens,
+                    "stepBytes": r.step_bytes, "stepBudget": r.step_budget}
                 for p, r in sorted(d.requirements.items())
             },
             "unfit": dict(sorted(d.unfit.items())),
@@ -132,6 +133,22 @@ def model_summary(plan, demands) -> list[dict[str, Any]]:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f}"
+
+
+def _ranges(gpus: Sequence[int]) -> str:
+    """0,1,2,3,6 -> '0-3,6'."""
+    runs: list[list[int]] = []
+    for g in sorted(gpus):
+        if runs and g == runs[-1][1] + 1:
+            runs[-1][1] = g
+        else:
+            runs.append([g, g])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _ms(seconds: Optional[float]) -> str:
+    """A decode step as people read it; '?' where the GPU's bandwidth is unknown."""
+    return "?" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
 def _wrap(text: str, indent: int) -> list[str]:
@@ -174,7 +191,8 @@ def render_table(plan, demands) -> str:
         for g, u in enumerate(n.used):
             tenants = by_gpu.get((n.name, g))
             if tenants:
-                lines.extend(_wrap(f"GPU {g}  {_gib(u)}/{_gib(n.gpu_capacity)}:  "
+                step = n.step_seconds[g] if g < len(n.step_seconds) else None
+                lines.extend(_wrap(f"GPU {g}  {_gib(u)}/{_gib(n.gpu_capacity)}  {_ms(step)}:  "
                                    + ", ".join(tenants), 2))
     lines.append("")
     model_w = min(MODEL_COLUMN, max([5] + [len(d.model) for d in demands]))
@@ -198,6 +216,18 @@ def render_table(plan, demands) -> str:
         else:
             lines.append(head + body[0])
             lines.extend(" " * len(head) + b for b in body[1:])
+    if plan.assignments:
+        lines.append("")
+        replica_w = min(MODEL_COLUMN, max(len(a.replica) for a in plan.assignments))
+        node_w = min(NODE_COLUMN, max(len(a.node) for a in plan.assignments))
+        lines.append(f"{'REPLICA':<{replica_w}}  {'NODE':<{node_w}}  {'GPUS':<11}  "
+                     f"{'DECODE STEP':>11}  {'KV TOKENS':>11}  {'KV CAPACITY':>11}")
+        for a in plan.assignments:
+            own, first = _first_cells([(a.replica, replica_w), (a.node, node_w)])
+            lines.extend(own)
+            gpus = _ranges(a.gpus)
+            lines.append(f"{first}  {gpus:<11}  {_ms(a.step_seconds):>11}  "
+                         f"{a.kv_tokens:>11,}  {a.kv_capacity:>11,}")
     if plan.unplaced:
         lines.append("")
         lines.append("NOT PLACED")

@@ -1,8 +1,9 @@
 """Check a plan against its inputs, independently of how it was made.
 
 Recomputes every GPU's load from the snapshot and the plan's assignments: no GPU holds
-more than its usable HBM (unless existing replicas already did), no TP group leaves its
-node, nothing new lands on a node that is cordoned or not Ready or on a product the
+more than its usable HBM (unless existing replicas already did), no GPU's tenants
+stream more bytes per decode step than the tightest ITL budget among them allows (unless
+existing replicas already did), no TP group leaves its node, nothing new lands on a node that is cordoned or not Ready or on a product the
 model does not allow, and every demanded replica is either placed or has a reason. The
 benchmark and the tests run it on every plan, the engine's and the exact solver's.
 """
@@ -13,6 +14,7 @@ from typing import Sequence
 
 from kvpilot.api.memory import usable_hbm
 from kvpilot.operator.placement.model import Demand, Plan, Policy, Snapshot
+from kvpilot.operator.placement.state import existing_load
 
 
 def violations(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
@@ -24,6 +26,8 @@ def violations(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
     existing = {e.name: e for e in snapshot.replicas}
     load: dict[tuple[str, int], int] = {}
     tenants: dict[tuple[str, int], int] = {}
+    streamed: dict[tuple[str, int], int] = {}
+    budgets: dict[tuple[str, int], list[int]] = {}
     names: set[str] = set()
     for a in plan.assignments:
         if a.replica in names:
@@ -40,6 +44,19 @@ def violations(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
         stays = old is not None and old.node == a.node and tuple(old.gpus) == a.gpus
         if a.existing and not stays:
             out.append(f"{a.replica}: marked existing but not where it ran")
+        d = by_model.get(a.model)
+        if stays:
+            step, budget = existing_load(old, d, node.product)
+        else:
+            req = d.size_on(node.product) if d else None
+            step, budget = a.step_bytes, (req.step_budget if req else None)
+            if req is not None and req.step_bytes != a.step_bytes:
+                out.append(f"{a.replica}: streams {a.step_bytes} bytes per step, the model "
+                           f"{req.step_bytes} on {node.product}")
+        for g in a.gpus:
+            streamed[(a.node, g)] = streamed.get((a.node, g), 0) + step
+            if budget is not None:
+                budgets.setdefault((a.node, g), []).append(budget)
         if not stays:
             if not node.schedulable:
                 out.append(f"{a.replica}: placed on unschedulable node {a.node}")
@@ -54,9 +71,19 @@ def violations(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
             load[(a.node, g)] = load.get((a.node, g), 0) + a.hbm_per_gpu
             tenants[(a.node, g)] = tenants.get((a.node, g), 0) + 1
     old_load: dict[tuple[str, int], int] = {}
+    old_streamed: dict[tuple[str, int], int] = {}
     for e in snapshot.replicas:
+        if e.node not in nodes:
+            continue
+        step, _ = existing_load(e, by_model.get(e.model), nodes[e.node].product)
         for g in e.gpus:
             old_load[(e.node, g)] = old_load.get((e.node, g), 0) + e.hbm_per_gpu
+            old_streamed[(e.node, g)] = old_streamed.get((e.node, g), 0) + step
+    for key, step in sorted(streamed.items()):
+        limit = min(budgets[key]) if budgets.get(key) else None
+        if limit is not None and step > limit and step > old_streamed.get(key, 0):
+            out.append(f"{key[0]} GPU {key[1]}: streams {step} bytes per decode step, the "
+                       f"tightest ITL among its tenants allows {limit}")
     for (node_name, g), used in sorted(load.items()):
         cap = usable_hbm(nodes[node_name].gpu_hbm, policy.reserve)
         if used > max(cap, old_load.get((node_name, g), 0)):

@@ -62,7 +62,7 @@ class ExactResult:
 def _residual(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy):
     """The engine's own view of the world after existing replicas: states and counts."""
     world = World(snapshot, demands, policy)
-    kept, _, _ = world.resolve_existing()
+    kept, _, _ = world.load_existing()
     residual = {d.model: d.replicas - sum(1 for e in kept if e.model == d.model)
                 for d in demands}
     return world, kept, residual
@@ -107,7 +107,7 @@ def solve(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
             req = d.requirement(s.node.product)
             if req is None or req.tp > s.node.gpus:
                 continue
-            gpus = s.fitting_gpus(req.hbm_per_gpu, share)
+            gpus = s.fitting_gpus(req, share)
             if len(gpus) < req.tp:
                 continue
             v = var(0.0, float(r_m), -float(big))
@@ -208,7 +208,7 @@ def _plan(world: World, kept, new, residual: dict[str, int]) -> Plan:
             for e in kept]
     counter: dict[str, int] = {}
     for d, s, gpus, req in new:
-        s.add(d.model, gpus, req.hbm_per_gpu)
+        s.add(d.model, gpus, req.hbm_per_gpu, req.step_bytes, req.step_budget)
         i = counter.get(d.model, 0)
         counter[d.model] = i + 1
         rows.append(Assignment(f"{d.model}-{i}", d.model, s.node.name, gpus, req.hbm_per_gpu,

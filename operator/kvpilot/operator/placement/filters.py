@@ -43,13 +43,26 @@ def tp_on_one_node(s: NodeState, demand: Demand, req: Optional[Requirement],
 def fits_hbm(s: NodeState, demand: Demand, req: Optional[Requirement],
              policy: Policy) -> Optional[str]:
     assert req is not None
-    if len(s.fitting_gpus(req.hbm_per_gpu, policy.share_gpus)) >= req.tp:
+    share, need = policy.share_gpus, req.hbm_per_gpu
+    if sum(1 for f, t in zip(s.free, s.tenants) if f >= need and (share or not t)) >= req.tp:
         return None
-    return "not enough free HBM" if policy.share_gpus else "not enough unshared GPUs"
+    return "not enough free HBM" if share else "not enough unshared GPUs"
+
+
+def fits_bandwidth(s: NodeState, demand: Demand, req: Optional[Requirement],
+                   policy: Policy) -> Optional[str]:
+    """The whole fit predicate (``gpu_fits``): of the GPUs with the HBM free, enough
+    whose tenants, this replica included, stream their bytes per decode step within the
+    tightest ITL target among them."""
+    assert req is not None
+    if len(s.fitting_gpus(req, policy.share_gpus)) >= req.tp:
+        return None
+    return "not enough HBM bandwidth for the ITL targets"
 
 
 FILTERS: tuple[Filter, ...] = (
     node_schedulable, product_allowed, product_fits, tp_on_one_node, fits_hbm,
+    fits_bandwidth,
 )
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from kvpilot.api.quantity import format_bytes
+from kvpilot.api.gpus import GPUProduct, gpu_facts
+from kvpilot.api.quantity import MiB, format_bytes
 
 ANY_PRODUCT = "*"
 
@@ -24,10 +25,18 @@ class Node:
     gpu_hbm: int  # bytes per GPU, before any reserve
     cordoned: bool = False  # spec.unschedulable: keeps what runs there, takes nothing new
     ready: bool = True  # a node that is not Ready takes nothing, and its replicas are lost
+    bandwidth_gbps: Optional[int] = None  # stated by the node; None: the catalog's
+    bf16_tflops: Optional[int] = None
 
     @property
     def schedulable(self) -> bool:
         return self.ready and not self.cordoned
+
+    @property
+    def gpu(self) -> GPUProduct:
+        """The facts of this node's GPUs (bandwidth and FLOP/s may be unknown: None)."""
+        return gpu_facts(self.product, self.gpu_hbm // MiB, self.bandwidth_gbps,
+                         self.bf16_tflops)
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,9 @@ class Existing:
     node: str
     gpus: tuple[int, ...]
     hbm_per_gpu: int
+    # HBM bytes it streams per decode step on each GPU; None: its model's requirement
+    # there says (capped by what it holds), else everything it holds.
+    step_bytes: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,11 @@ class Requirement:
     tp: int
     hbm_per_gpu: int
     kv_tokens: int = 0  # KV-cache tokens the budget holds (the SLA's context x sequences)
+    step_bytes: int = 0  # bytes one decode step streams on each GPU at the SLA's load
+    # The most bytes per step any GPU it runs on may stream, all tenants together, for
+    # its interTokenLatency target (``memory.itl_step_bytes``); None: no target.
+    step_budget: Optional[int] = None
+    kv_bytes_per_token: int = 0  # on each GPU; turns spare HBM into KV tokens
 
     @property
     def total(self) -> int:
@@ -114,8 +131,12 @@ class Policy:
     ``share_gpus`` lets replicas of different (or the same) models share a GPU when
     their budgets fit. ``rebalance`` re-places existing replicas as if new.
 
-    With ``packing == 1``, sharing on and no replica spreading, ``place()`` also
-    completes every GPU it opens and consolidates at the end (see ``packing``).
+    ``improve`` lets ``place()`` work on the objective of pure packing, GPUs with load:
+    complete every GPU it opens, stack and stagger TP groups, repair what is left
+    unplaced, consolidate, and make the plan a few other ways, keeping the best (see
+    ``engine`` and ``packing``). Those steps serve that objective only, so they run when
+    ``improve`` is set AND the policy packs purely (``packing == 1``, sharing on, no
+    replica spreading): ``optimizes`` says whether they do.
     """
 
     packing: float = 1.0
@@ -123,12 +144,19 @@ class Policy:
     spread_replicas: bool = False
     share_gpus: bool = True
     rebalance: bool = False
+    improve: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.packing <= 1.0:
             raise ValueError(f"packing must be in [0, 1]: {self.packing}")
         if not 0.0 <= self.reserve < 1.0:
             raise ValueError(f"reserve must be in [0, 1): {self.reserve}")
+
+    @property
+    def optimizes(self) -> bool:
+        """Whether ``place()`` runs the GPU-count steps (see ``improve``)."""
+        return (self.improve and self.packing == 1.0 and self.share_gpus
+                and not self.spread_replicas)
 
     @classmethod
     def pack(cls, **kw: Any) -> "Policy":
@@ -161,6 +189,13 @@ class Assignment:
     kv_tokens: int = 0
     existing: bool = False  # it already ran there and stays
     shared: bool = False  # another replica holds HBM on at least one of these GPUs
+    # Bytes it streams per decode step on each of its GPUs at its SLA's load.
+    step_bytes: int = 0
+    # Predicted decode step when every tenant of its GPUs decodes at full load (the
+    # slowest of its GPUs); None when a GPU's bandwidth is unknown.
+    step_seconds: Optional[float] = None
+    # KV tokens it can hold once spare HBM on its GPUs is handed out (>= kv_tokens).
+    kv_capacity: int = 0
 
     @property
     def tp(self) -> int:
@@ -195,6 +230,10 @@ class NodeUsage:
     gpu_capacity: int  # usable bytes per GPU (after the reserve)
     used: tuple[int, ...]
     schedulable: bool = True
+    streamed: tuple[int, ...] = ()  # bytes all tenants stream per decode step, per GPU
+    # Decode step per GPU with every tenant busy (bytes over bandwidth plus the fixed
+    # cost); None for an idle GPU or an unknown bandwidth.
+    step_seconds: tuple[Optional[float], ...] = ()
 
     @property
     def gpus_in_use(self) -> int:
@@ -248,7 +287,8 @@ class Plan:
                     "replica": a.replica, "model": a.model, "node": a.node,
                     "gpus": list(a.gpus), "hbmPerGpu": a.hbm_per_gpu,
                     "hbmPerGpuHuman": format_bytes(a.hbm_per_gpu), "kvTokens": a.kv_tokens,
-                    "existing": a.existing, "shared": a.shared,
+                    "kvCapacityTokens": a.kv_capacity, "stepBytes": a.step_bytes,
+                    "stepSeconds": a.step_seconds, "existing": a.existing, "shared": a.shared,
                 }
                 for a in self.assignments
             ],
@@ -267,7 +307,8 @@ class Plan:
                 {
                     "name": n.name, "product": n.product, "schedulable": n.schedulable,
                     "gpuCapacity": n.gpu_capacity, "used": list(n.used),
-                    "gpusInUse": n.gpus_in_use,
+                    "gpusInUse": n.gpus_in_use, "streamed": list(n.streamed),
+                    "stepSeconds": list(n.step_seconds),
                 }
                 for n in self.nodes
             ],

@@ -1,4 +1,13 @@
-"""The packing objective's own steps: completing a fresh GPU, and consolidation.
+"""The packing objective's own steps: stacking TP groups, completing a fresh GPU,
+repairing what is left unplaced, and consolidation.
+
+``stack_groups``: the replicas of a TP model that go onto one node go there together,
+over the fewest GPUs the node can give them: shards of one replica need distinct GPUs,
+but two replicas may share any of them, so k replicas of TP t fit a set of GPUs that
+hold c_g shards each iff the set has t GPUs and sum min(c_g, k) >= t k (McNaughton's
+wrap-around deals them out). Three TP-4 replicas of half a GPU take six GPUs, two
+shards on each (staggered), not eight; two TP-8 replicas stack on the same eight GPUs
+before anything else tops those GPUs up.
 
 ``best_fill``: when a replica opens a GPU, the engine completes it at once with the
 pending single-GPU replicas that leave the least HBM unused (minimum bin slack, Gupta
@@ -14,17 +23,23 @@ more concentrated (a larger sum of squared loads over every GPU the round touche
 ruined ones and those that took their replicas: the next GPU is easier to empty);
 otherwise undo it.
 
-Only single-GPU replicas placed in this run move: existing replicas stay put and TP
-groups keep their GPUs. The search is seeded from the input, so a plan is still a pure
-function of it.
+``repair``: a replica left unplaced although its model fits the fleet is given room by
+taking the replicas placed in this run off one node, putting it there, and putting them
+back anywhere (any node, any product); kept only when every one of them finds a place.
+
+Only replicas placed in this run move: existing replicas stay put. Consolidation moves
+single-GPU replicas; repair moves TP groups too. The search is seeded from the input,
+so a plan is still a pure function of it.
 """
 
 from __future__ import annotations
 
 import random
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Optional
 
-from kvpilot.operator.placement.state import NodeState, Pool
+from kvpilot.operator.placement.model import Requirement
+from kvpilot.operator.placement.state import NodeState, Placed, Pool
 
 if TYPE_CHECKING:  # pragma: no cover
     from kvpilot.operator.placement.engine import World
@@ -32,6 +47,105 @@ if TYPE_CHECKING:  # pragma: no cover
 FILL_BUDGET = 400  # search nodes per GPU filled
 RUIN = 4  # GPUs emptied per round
 PATIENCE = 300  # rounds in a row without improvement before giving up
+REPAIR_MOVES = 5_000  # replicas moved, at most, while repairing one plan
+
+
+def stack_groups(s: NodeState, req: Requirement, count: int, share: bool
+                 ) -> list[tuple[int, ...]]:
+    """GPU sets for as many of ``count`` replicas of ``req`` (TP > 1) as node ``s``
+    holds, over the fewest fresh GPUs: GPUs in use first, then fresh ones holding the
+    most shards, dealt out by McNaughton's wrap-around. Empty when not one fits."""
+    t = req.tp
+    caps = [(g, s.shards(g, req, share)) for g in range(s.node.gpus)]
+    caps = [(g, c) for g, c in caps if c > 0]
+    if len(caps) < t:
+        return []
+    k = min(count, sum(c for _, c in caps) // t)
+    while k > 0 and sum(min(c, k) for _, c in caps) < t * k:
+        k -= 1
+    if k == 0:
+        return []
+    ranked = sorted(caps, key=lambda gc: (s.tenants[gc[0]] == 0, -gc[1], gc[0]))
+    slots: list[int] = []
+    used = 0
+    for g, c in ranked:
+        if len(slots) >= t * k and used >= t:
+            break
+        slots.extend([g] * min(c, k))
+        used += 1
+    slots = slots[: t * k]
+    # Slot j of the row goes to replica j mod k: a GPU's (at most k) slots are
+    # consecutive, so no replica gets one GPU twice.
+    return [tuple(sorted(slots[j::k])) for j in range(k)]
+
+
+def repair(world: "World", demands: list, budget: int = REPAIR_MOVES) -> int:
+    """Make room for the pending replicas of ``demands`` (in that order) by moving
+    replicas placed in this run; returns the moves spent (at most ``budget``)."""
+    spent = 0
+    for demand in demands:
+        while world.pending[demand.model] > 0 and spent < budget:
+            moved = _make_room(world, demand, budget - spent)
+            if moved is None:
+                break
+            spent += moved
+    return spent
+
+
+def _make_room(world: "World", demand, budget: int) -> Optional[int]:
+    """One replica of ``demand`` placed by emptying one node of this run's replicas
+    and putting them back elsewhere; the moves it took, or None (nothing changed)."""
+    share = world.policy.share_gpus
+    pools = {p.product: p for p in world.pools}
+    on_node: dict[int, list[Placed]] = {}
+    for p in world.placed:
+        if p.state is not None:
+            on_node.setdefault(p.state.index, []).append(p)
+    tries = []
+    for pool, req in world.options(demand):
+        for s in pool.states:
+            mine = on_node.get(s.index, [])
+            if s.node.gpus < req.tp or not mine or len(mine) > budget:
+                continue
+            tries.append((sum(p.req.hbm_per_gpu * p.req.tp for p in mine), s.index, pool, req))
+    for _, n, pool, req in sorted(tries, key=lambda x: (x[0], x[1])):
+        s = world.states[n]
+        mine = on_node[n]
+        for p in mine:
+            pools[s.node.product].release(s, p.demand.model, p.gpus, p.req)
+        gpus = s.fitting_gpus(req, share)
+        if len(gpus) < req.tp:
+            for p in mine:
+                pools[s.node.product].update(s, p.demand.model, p.gpus, p.req)
+            continue
+        home = {id(p): (p.state, p.gpus) for p in mine}
+        for p in mine:
+            p.state = None
+        world.commit(demand, pool, s, stack_groups(s, req, 1, share)[0], req)
+        ok = True
+        for p in sorted(mine, key=lambda p: (-p.req.hbm_per_gpu * p.req.tp, p.demand.model)):
+            found = world.best_node(p.demand, world.options(p.demand),
+                                    {pl.product: 1.0 for pl in world.pools})
+            if found is None:
+                ok = False
+                break
+            t, gpus_t, pool_t, req_t = found
+            pool_t.update(t, p.demand.model, gpus_t, req_t)
+            p.state, p.gpus, p.req = t, gpus_t, req_t
+        if ok:
+            return len(mine)
+        # Undo: the new replica off, the moved ones back where they were.
+        new = world.placed.pop()
+        pools[s.node.product].release(s, demand.model, new.gpus, new.req)
+        world.pending[demand.model] += 1
+        for p in mine:
+            if p.state is not None:
+                pools[p.state.node.product].release(p.state, p.demand.model, p.gpus, p.req)
+        for p in mine:
+            p.state, p.gpus = home[id(p)]
+            p.req = p.demand.requirement(p.state.node.product)
+            pools[p.state.node.product].update(p.state, p.demand.model, p.gpus, p.req)
+    return None
 
 
 def best_fill(room: int, items: list[tuple[int, int]], budget: int = FILL_BUDGET
@@ -75,9 +189,9 @@ def consolidate(world: "World", budget: int) -> int:
     work, not time, so the result does not depend on the machine."""
     pools = {p.product: p for p in world.pools}
     on_gpu: dict[tuple[int, int], list[int]] = {}
-    for i, item in enumerate(world.placed):
-        if len(item[2]) == 1:
-            on_gpu.setdefault((item[1].index, item[2][0]), []).append(i)
+    for i, p in enumerate(world.placed):
+        if len(p.gpus) == 1 and p.state is not None:
+            on_gpu.setdefault((p.state.index, p.gpus[0]), []).append(i)
     rng = random.Random(len(world.placed) * 7919 + len(on_gpu))
     spent = [0]
     idle = 0
@@ -123,7 +237,7 @@ def _round(world: "World", pools: dict[str, Pool], on_gpu: dict, ruined: list,
             moved.append((i, key))
     spent[0] += len(moved)
     emptied = [k for k in ruined if states[k[0]].tenants[k[1]] == 0]
-    order = sorted(moved, key=lambda m: (-world.placed[m[0]][3].hbm_per_gpu, m[0]))
+    order = sorted(moved, key=lambda m: (-world.placed[m[0]].req.hbm_per_gpu, m[0]))
     ok = True
     for i, _ in order:
         where = _best_home(world, pools, i, emptied)
@@ -141,56 +255,62 @@ def _round(world: "World", pools: dict[str, Pool], on_gpu: dict, ruined: list,
             return True
     # Undo: everything that moved goes back where it was.
     for i, _ in moved:
-        if world.placed[i][1] is not None:
+        if world.placed[i].state is not None:
             _take(world, pools, on_gpu, i)
     for i, (n, g) in moved:
         s = states[n]
-        req = world.placed[i][0].requirement(s.node.product)
+        req = world.placed[i].demand.requirement(s.node.product)
         _put(world, pools, on_gpu, i, s, g, req)
     return False
 
 
 def _take(world: "World", pools: dict[str, Pool], on_gpu: dict, i: int) -> None:
-    demand, s, gpus, req = world.placed[i]
-    pools[s.node.product].release(s, demand.model, gpus, req.hbm_per_gpu)
-    on_gpu[(s.index, gpus[0])].remove(i)
-    world.placed[i] = [demand, None, (), req]
+    p = world.placed[i]
+    assert p.state is not None
+    pools[p.state.node.product].release(p.state, p.demand.model, p.gpus, p.req)
+    on_gpu[(p.state.index, p.gpus[0])].remove(i)
+    p.state, p.gpus = None, ()
 
 
 def _put(world: "World", pools: dict[str, Pool], on_gpu: dict, i: int, s: NodeState, g: int,
-         req) -> None:
-    demand = world.placed[i][0]
-    pools[s.node.product].update(s, demand.model, (g,), req.hbm_per_gpu)
+         req: Requirement) -> None:
+    p = world.placed[i]
+    pools[s.node.product].update(s, p.demand.model, (g,), req)
     on_gpu.setdefault((s.index, g), []).append(i)
-    world.placed[i] = [demand, s, (g,), req]
+    p.state, p.gpus, p.req = s, (g,), req
 
 
 def _best_home(world: "World", pools: dict[str, Pool], i: int, emptied: list
-               ) -> Optional[tuple[NodeState, int, object]]:
+               ) -> Optional[tuple[NodeState, int, Requirement]]:
     """The tightest in-use GPU that holds item ``i`` (on any product where it needs one
     GPU), else the just-emptied GPU it fills most: a replica that takes 99% of an H100
-    goes there rather than leaving 40% of an H200 to fragments."""
-    demand = world.placed[i][0]
+    goes there rather than leaving 40% of an H200 to fragments. The index finds the
+    tightest GPU by HBM; where the bandwidth filter refuses it, the next ones are
+    looked at."""
+    demand = world.placed[i].demand
+    share = world.policy.share_gpus
     best: Optional[tuple] = None
     for pool in world.pools:
         req = demand.requirement(pool.product)
         if req is None or req.tp != 1:
             continue
-        hit = pool.best_open_gpu(req.hbm_per_gpu)
-        if hit is None:
-            continue
-        free, n, g = hit
-        s = world.states[n]
-        fill = (s.cap - free + req.hbm_per_gpu) / s.cap
-        if best is None or (fill, -n, -g) > best[0]:
-            best = ((fill, -n, -g), s, g, req)
+        lst = pool.open_gpus
+        for j in range(bisect_left(lst, (req.hbm_per_gpu,)), len(lst)):
+            free, n, g = lst[j]
+            s = world.states[n]
+            if not s.fits(g, req, share):
+                continue
+            fill = (s.cap - free + req.hbm_per_gpu) / s.cap
+            if best is None or (fill, -n, -g) > best[0]:
+                best = ((fill, -n, -g), s, g, req)
+            break
     if best is not None:
         return best[1], best[2], best[3]
     fresh: Optional[tuple] = None
     for n, g in emptied:
         s = world.states[n]
         req = demand.requirement(s.node.product)
-        if s.tenants[g] == 0 and req is not None and req.tp == 1 and s.free[g] >= req.hbm_per_gpu:
+        if s.tenants[g] == 0 and req is not None and req.tp == 1 and s.fits(g, req, share):
             key = (req.hbm_per_gpu / s.cap, -n, -g)
             if fresh is None or key > fresh[0]:
                 fresh = (key, s, g, req)

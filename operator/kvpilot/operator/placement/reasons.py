@@ -21,7 +21,7 @@ from kvpilot.api.memory import TP_DEGREES, replica_budget, tp_is_valid
 from kvpilot.api.quantity import format_bytes
 from kvpilot.operator.placement.filters import first_failure, product_fits
 from kvpilot.operator.placement.model import Demand, Policy
-from kvpilot.operator.placement.state import NodeState
+from kvpilot.operator.placement.state import NodeState, tighter
 
 
 class _Free:
@@ -98,6 +98,8 @@ def explain(demand: Demand, states: list[NodeState], policy: Policy) -> str:
         scored.append(((k, n * size / r.total), p, r, n, size, node))
     scored.sort(key=lambda x: (-x[0][0], -x[0][1], x[1]))
     _, product, req, n, size, node = scored[0]
+    if n == req.tp and size >= req.hbm_per_gpu and req.step_budget is not None:
+        return _bandwidth_reason(demand, states, policy, product, req, summary)
     gpus = "1 GPU" if req.tp == 1 else f"{req.tp} GPUs"
     each = "" if req.tp == 1 else " each"
     main = f"needs {gpus} with >= {format_bytes(req.hbm_per_gpu)} free{each} on {product}"
@@ -109,6 +111,45 @@ def explain(demand: Demand, states: list[NodeState], policy: Policy) -> str:
     fixes = _fixes(demand, free, allowed, products,
                    (product, req.tp, free.best_group(product, req.tp)))
     return f"{main}; {best}{'; ' + fixes if fixes else ''} ({summary})"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def _bandwidth_reason(demand: Demand, states: list[NodeState], policy: Policy, product: str,
+                      req, summary: str) -> str:
+    """The HBM is free somewhere, but no GPU set with it can stream one more replica's
+    bytes per decode step within the tightest ITL target of its tenants."""
+    best, where = -1, None
+    for s in states:
+        if not s.node.schedulable or s.node.product != product or s.node.gpus < req.tp:
+            continue
+        rooms = sorted((tighter(s.limit(g), req.step_budget) - s.streamed[g]
+                        for g in range(s.node.gpus)
+                        if s.free[g] >= req.hbm_per_gpu and (policy.share_gpus or not s.tenants[g])),
+                       reverse=True)
+        if len(rooms) >= req.tp and rooms[req.tp - 1] > best:
+            best, where = rooms[req.tp - 1], s.node.name
+    gpus = "1 GPU" if req.tp == 1 else f"{req.tp} GPUs"
+    main = (f"needs {gpus} with >= {format_bytes(req.hbm_per_gpu)} free and room for "
+            f"{_gb(req.step_bytes)} per decode step on {product}; the GPUs with that HBM free "
+            f"have at most {_gb(max(0, best))} per step left within their tenants' ITL targets "
+            f"({where})")
+    tries = []
+    spec = demand.spec
+    if spec is not None and best > 0:
+        per_sequence = req.kv_bytes_per_token * spec.sla.context_tokens
+        kv = per_sequence * spec.sla.concurrent_sequences
+        weights = req.step_bytes - kv
+        if per_sequence and best > weights:
+            sequences = (best - weights) // per_sequence
+            if 1 <= sequences < spec.sla.concurrent_sequences:
+                tries.append(f"concurrentSequences <= {sequences}")
+        if spec.kv_cache_dtype in ("bf16", "fp16") and weights + kv // 2 <= best:
+            tries.append("kvCacheDtype fp8")
+    tries.append("a looser interTokenLatencyMilliseconds")
+    return f"{main}; {_join(tries)} or adding GPU nodes ({summary})"
 
 
 def _node_reason(s: NodeState, demand: Demand, policy: Policy) -> str:

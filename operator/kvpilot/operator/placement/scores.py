@@ -8,28 +8,40 @@ eligible GPUs with the best weighted GPU score. Packing vs spreading is the weig
 from __future__ import annotations
 
 from kvpilot.operator.placement.model import Demand, Requirement
-from kvpilot.operator.placement.state import NodeState
+from kvpilot.operator.placement.state import NodeState, tighter
 
 
 def gpu_most_allocated(free: int, tenants: int, cap: int, need: int, fresh: float,
-                       node_used: float) -> float:
+                       node_used: float, stream_fill: float = 0.0) -> float:
     """Packing, per GPU, judged on what it minimises: the number of GPUs with load.
 
     A GPU already in use always beats a fresh one (>= 50 vs <= 50), and among those the
-    fullest after placement wins (best fit). A fresh GPU scores up to ``50 x fresh``,
+    fullest after placement wins (best fit), full by whichever resource binds: HBM, or
+    the share of the ITL byte budget its tenants stream (``stream_fill``, 0-1). A fresh
+    GPU scores up to ``50 x fresh``,
     where ``fresh`` (0-1) is what opening a GPU of this product is worth (see
     ``engine.World.fresh_values``); of equal fresh GPUs, the one on the node with more
     HBM in use (``node_used``, 0-1) wins, which keeps whole nodes free.
     """
     if tenants > 0:
-        return 50.0 + 50.0 * (cap - free + need) / cap
+        return 50.0 + 50.0 * max((cap - free + need) / cap, stream_fill)
     return 50.0 * fresh * (0.9 + 0.1 * node_used)
 
 
-def gpu_kv_headroom(free: int, need: int, max_cap: int) -> float:
+def gpu_kv_headroom(free: int, need: int, max_cap: int, stream_fill: float = 0.0) -> float:
     """HBM left on the GPU after placement (room for this replica's KV to grow and for
-    its neighbours), relative to the largest GPU of the fleet: spreading."""
-    return 100.0 * (free - need) / max_cap
+    its neighbours), relative to the largest GPU of the fleet, scaled down by the share
+    of the ITL byte budget its tenants would stream: spreading."""
+    return 100.0 * (free - need) / max_cap * (1.0 - stream_fill)
+
+
+def stream_fill(s: NodeState, g: int, req: Requirement) -> float:
+    """The share of GPU ``g``'s step-byte budget its tenants and this replica would
+    stream (0 without an ITL target)."""
+    budget = tighter(s.limit(g), req.step_budget)
+    if not budget or budget <= 0:
+        return 0.0
+    return min(1.0, (s.streamed[g] + req.step_bytes) / budget)
 
 
 def least_allocated(s: NodeState, req: Requirement) -> float:
@@ -54,10 +66,11 @@ def score_node(
     node_used = 1.0 - sum(s.free) / (cap * s.node.gpus)
     ranked = []
     for g, (free, tenants) in enumerate(zip(s.free, s.tenants)):
-        if free < need or (tenants and not share):
+        if not s.fits(g, req, share):
             continue
-        pack = gpu_most_allocated(free, tenants, cap, need, fresh, node_used)
-        head = gpu_kv_headroom(free, need, max_cap)
+        fill = stream_fill(s, g, req)
+        pack = gpu_most_allocated(free, tenants, cap, need, fresh, node_used, fill)
+        head = gpu_kv_headroom(free, need, max_cap, fill)
         ranked.append((-(w_pack * pack + w_head * head), g, pack, head))
     ranked.sort()
     chosen = ranked[: req.tp]

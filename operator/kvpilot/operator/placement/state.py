@@ -1,23 +1,83 @@
-"""Mutable per-node state while one plan is being built, and the indexes over it.
+"""Mutable per-node state while one plan is being built, the one fit predicate, and the
+indexes over the nodes.
 
-``place()`` copies the snapshot into these structures and mutates only the copy. Free
-HBM only ever shrinks during one run, which two shortcuts rely on: once a model's
-replica finds no node, none of its later replicas will (so the reason is computed once),
-and a node's score stays valid until that node changes (``version``).
+``place()`` copies the snapshot into these structures and mutates only the copy. A GPU
+has two resources: HBM, and the bytes its tenants stream per decode step, which must
+stay within the byte budget of the tightest ITL target among them. Within one
+constructive pass free HBM only shrinks and streamed bytes only grow, which two
+shortcuts rely on: once a model's replica finds no node, none of its later replicas will
+(so the reason is computed once), and a node's score stays valid until that node changes
+(``version``).
+
+``gpu_fits`` is THE fit predicate: the filters, the reasons, the packing steps and the
+exact reference all ask it (the indexes hold free HBM only, a necessary condition, and
+every node they propose still goes through it).
 """
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left, insort
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from kvpilot.operator.placement.model import Node
+from kvpilot.operator.placement.model import Demand, Existing, Node, Requirement
+
+
+def tighter(a: Optional[int], b: Optional[int]) -> Optional[int]:
+    """The smaller of two step-byte budgets, None meaning no limit."""
+    if a is None:
+        return b
+    return a if b is None or a <= b else b
+
+
+def gpu_fits(free: int, tenants: int, streamed: int, limit: Optional[int],
+             req: Requirement, share: bool) -> bool:
+    """Whether one shard of ``req`` fits a GPU with ``free`` HBM, ``tenants`` replicas
+    streaming ``streamed`` bytes per step under the budget ``limit`` (theirs; None: no
+    target): its HBM fits, sharing allows it, and the bytes of all tenants, its own
+    included, stay within the tightest budget among them and it."""
+    if free < req.hbm_per_gpu or (tenants and not share):
+        return False
+    budget = tighter(limit, req.step_budget)
+    return budget is None or streamed + req.step_bytes <= budget
+
+
+def natural(name: str) -> list:
+    """'m-10' after 'm-9': digits compare as numbers."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def existing_load(e: Existing, demand: Optional[Demand], product: str
+                  ) -> tuple[int, Optional[int]]:
+    """(bytes per decode step on each GPU, ITL byte budget) of a replica that already
+    runs: as stated, else as its model's requirement on that product says (never more
+    than it holds), else everything it holds and no budget. A replica cannot stream more
+    than its HBM, so the fallback overestimates and never oversubscribes a GPU."""
+    req = demand.size_on(product) if demand is not None else None
+    step = e.step_bytes
+    if step is None:
+        fits = req is not None and req.tp == len(e.gpus)
+        step = min(req.step_bytes, e.hbm_per_gpu) if fits else e.hbm_per_gpu
+    return step, (req.step_budget if req is not None else None)
+
+
+@dataclass(eq=False, slots=True)
+class Placed:
+    """A replica this run placed: ``state`` is None while consolidation or repair holds
+    it in hand, between taking it off its GPUs and putting it back."""
+
+    demand: Demand
+    state: Optional["NodeState"]
+    gpus: tuple[int, ...]
+    req: Requirement
 
 
 class NodeState:
-    """Free HBM and tenants of each GPU of one node."""
+    """Free HBM, streamed bytes, budgets and tenants of each GPU of one node."""
 
-    __slots__ = ("node", "index", "cap", "free", "tenants", "models", "version")
+    __slots__ = ("node", "index", "cap", "free", "tenants", "streamed", "budgets", "models",
+                 "version")
 
     def __init__(self, node: Node, index: int, cap: int) -> None:
         self.node = node
@@ -25,8 +85,30 @@ class NodeState:
         self.cap = cap  # usable bytes per GPU after the reserve
         self.free = [cap] * node.gpus
         self.tenants = [0] * node.gpus  # replicas holding HBM on each GPU
+        self.streamed = [0] * node.gpus  # bytes per decode step, all tenants
+        self.budgets: list[list[int]] = [[] for _ in range(node.gpus)]  # tenants' budgets
         self.models: dict[str, int] = {}  # model -> replicas on this node
         self.version = 0
+
+    def limit(self, g: int) -> Optional[int]:
+        """The step-byte budget of GPU ``g``: its tightest tenant's; None: no target."""
+        return min(self.budgets[g]) if self.budgets[g] else None
+
+    def fits(self, g: int, req: Requirement, share: bool) -> bool:
+        return gpu_fits(self.free[g], self.tenants[g], self.streamed[g], self.limit(g),
+                        req, share)
+
+    def shards(self, g: int, req: Requirement, share: bool) -> int:
+        """How many shards of ``req`` GPU ``g`` holds at once (by both resources)."""
+        if not self.fits(g, req, share):
+            return 0
+        if not share:
+            return 1
+        k = self.free[g] // req.hbm_per_gpu if req.hbm_per_gpu else 1 << 20
+        budget = tighter(self.limit(g), req.step_budget)
+        if budget is not None and req.step_bytes:
+            k = min(k, (budget - self.streamed[g]) // req.step_bytes)
+        return k
 
     def eligible_free(self, share: bool) -> list[int]:
         """Free bytes of the GPUs a new replica may use, largest first."""
@@ -34,25 +116,29 @@ class NodeState:
             return sorted(self.free, reverse=True)
         return sorted((f for f, t in zip(self.free, self.tenants) if t == 0), reverse=True)
 
-    def fitting_gpus(self, need: int, share: bool) -> list[int]:
-        """GPUs with ``need`` bytes free that a new replica may use (unshared ones only
-        when sharing is off)."""
-        return [
-            g for g, (f, t) in enumerate(zip(self.free, self.tenants))
-            if f >= need and (share or t == 0)
-        ]
+    def fitting_gpus(self, req: Requirement, share: bool) -> list[int]:
+        """GPUs a shard of ``req`` fits (``gpu_fits``)."""
+        return [g for g in range(self.node.gpus) if self.fits(g, req, share)]
 
-    def add(self, model: str, gpus: tuple[int, ...], hbm: int) -> None:
+    def add(self, model: str, gpus: tuple[int, ...], hbm: int, step: int = 0,
+            budget: Optional[int] = None) -> None:
         for g in gpus:
             self.free[g] -= hbm
             self.tenants[g] += 1
+            self.streamed[g] += step
+            if budget is not None:
+                self.budgets[g].append(budget)
         self.models[model] = self.models.get(model, 0) + 1
         self.version += 1
 
-    def remove(self, model: str, gpus: tuple[int, ...], hbm: int) -> None:
+    def remove(self, model: str, gpus: tuple[int, ...], hbm: int, step: int = 0,
+               budget: Optional[int] = None) -> None:
         for g in gpus:
             self.free[g] += hbm
             self.tenants[g] -= 1
+            self.streamed[g] -= step
+            if budget is not None:
+                self.budgets[g].remove(budget)
         self.models[model] -= 1
         self.version += 1
 
@@ -135,13 +221,24 @@ class Pool:
                 _remove(lst, (old, idx))
                 insort(lst, (new, idx))
 
-    def update(self, s: NodeState, model: str, gpus: tuple[int, ...], hbm: int) -> None:
-        """Place ``hbm`` on ``gpus`` of ``s``, keeping the indexes in step."""
-        self._change(s, gpus, lambda: s.add(model, gpus, hbm))
+    def update(self, s: NodeState, model: str, gpus: tuple[int, ...], req: Requirement
+               ) -> None:
+        """Place a replica of ``req`` on ``gpus`` of ``s``, keeping the indexes in step."""
+        self._change(s, gpus, lambda: s.add(model, gpus, req.hbm_per_gpu, req.step_bytes,
+                                             req.step_budget))
 
-    def release(self, s: NodeState, model: str, gpus: tuple[int, ...], hbm: int) -> None:
-        """Take ``hbm`` off ``gpus`` of ``s`` again (a replica that moves)."""
-        self._change(s, gpus, lambda: s.remove(model, gpus, hbm))
+    def release(self, s: NodeState, model: str, gpus: tuple[int, ...], req: Requirement
+                ) -> None:
+        """Take a replica of ``req`` off ``gpus`` of ``s`` again (a replica that moves)."""
+        self._change(s, gpus, lambda: s.remove(model, gpus, req.hbm_per_gpu, req.step_bytes,
+                                               req.step_budget))
+
+    def fitting_nodes(self, tp: int, need: int) -> Iterator[int]:
+        """Every node with ``tp`` eligible GPUs of ``need`` free HBM, tightest first (by
+        HBM: the fit predicate still decides)."""
+        lst = self.tp_index(tp)
+        for j in range(bisect_left(lst, (need,)), len(lst)):
+            yield lst[j][1]
 
     def best_open_gpu(self, need: int) -> Optional[tuple[int, int, int]]:
         """(free, node, gpu) of the in-use GPU with the least free HBM >= ``need``."""

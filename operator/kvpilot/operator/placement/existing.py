@@ -1,0 +1,66 @@
+"""Replicas that already run: account for them before anything new is placed.
+
+They stay where they are (a move costs a restart), unless the policy rebalances. Those on
+a node that is not Ready are lost and placed again as new; beyond a model's desired
+count the surplus is removed, those freeing the most first.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvpilot.operator.placement.model import Existing
+from kvpilot.operator.placement.state import existing_load, natural
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kvpilot.operator.placement.engine import World
+
+
+def resolve_existing(world: "World") -> tuple[list[Existing], list[str], list[Existing]]:
+    """Load the existing replicas into ``world``: (kept in place, to remove, previous
+    replicas a rebalance may move)."""
+    removals: list[str] = []
+    alive: list[Existing] = []
+    for e in world.existing:
+        s = world.by_name.get(e.node)
+        if s is None or not s.node.ready:
+            removals.append(e.name)  # lost with its node: placed again as new
+            continue
+        if len(set(e.gpus)) != len(e.gpus) or any(not 0 <= g < s.node.gpus for g in e.gpus):
+            raise ValueError(f"existing replica {e.name!r}: GPUs {list(e.gpus)} are not "
+                             f"distinct indices below {s.node.gpus} on node {e.node!r}")
+        alive.append(e)
+    previous: list[Existing] = []
+    if world.policy.rebalance:
+        previous = [e for e in alive if e.model in world.by_model]
+        alive = [e for e in alive if e.model not in world.by_model]
+    for e in alive:
+        _load(world, e, add=True)
+    kept = list(alive)
+    for d in world.demands:
+        mine = [e for e in kept if e.model == d.model]
+        excess = len(mine) - d.replicas
+        if excess <= 0:
+            continue
+        for e in sorted(mine, key=lambda e: _removal_key(world, e))[:excess]:
+            _load(world, e, add=False)
+            kept.remove(e)
+            removals.append(e.name)
+    return kept, removals, previous
+
+
+def _load(world: "World", e: Existing, add: bool) -> None:
+    s = world.by_name[e.node]
+    step, budget = existing_load(e, world.by_model.get(e.model), s.node.product)
+    (s.add if add else s.remove)(e.model, e.gpus, e.hbm_per_gpu, step, budget)
+
+
+def _removal_key(world: "World", e: Existing) -> tuple:
+    """Which surplus replica goes first: one on a cordoned node (being drained), then the
+    one that is alone on the most GPUs (removing it frees whole GPUs), then the one on
+    the least loaded node, then the newest name."""
+    s = world.by_name[e.node]
+    alone = sum(1 for g in e.gpus if s.tenants[g] == 1)
+    used = sum(s.cap - f for f in s.free)
+    return (not s.node.cordoned, -alone, used,
+            [-x if isinstance(x, int) else x for x in natural(e.name)])
