@@ -148,8 +148,8 @@ def _bandwidth_reason(demand: Demand, states: list[NodeState], policy: Policy, p
                 tries.append(f"concurrentSequences <= {sequences}")
         if spec.kv_cache_dtype in ("bf16", "fp16") and weights + kv // 2 <= best:
             tries.append("kvCacheDtype fp8")
-    tries.append("a looser interTokenLatencyMilliseconds")
-    return f"{main}; {_join(tries)} or adding GPU nodes ({summary})"
+    tries.extend(["a looser interTokenLatencyMilliseconds", "adding GPU nodes"])
+    return f"{main}; {_join(tries)} ({summary})"
 
 
 def _node_reason(s: NodeState, demand: Demand, policy: Policy) -> str:
