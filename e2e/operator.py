@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from e2e.cluster import Cluster
+from e2e.cluster import Cluster, _die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "kvpilot-system"
@@ -45,7 +45,7 @@ class OperatorProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvpilot.cli", "operator", f"--kubeconfig={self.kubeconfig}"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True)
+            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         log.close()
         return self
 
