@@ -1,5 +1,6 @@
-"""Properties of every plan (hypothesis): no GPU holds more than it has, no TP group
-leaves its node, nothing lands on a disallowed product or an unschedulable node, every
+"""Properties of every plan (hypothesis): no GPU holds more than it has nor streams more
+per decode step than the tightest ITL budget among its tenants, no TP group leaves its
+node, nothing lands on a disallowed product or an unschedulable node, every
 replica is placed or has a reason, and equal inputs give equal plans.
 
 The checks here are written out again, independently of ``placement.check``, so that a
@@ -38,7 +39,13 @@ def worlds(draw):
         for product in sorted(PRODUCTS):
             if draw(st.booleans()):
                 tp = draw(st.sampled_from([1, 1, 2, 4, 8]))
-                reqs[product] = Requirement(tp, int(draw(st.floats(0.05, 1.0)) * PRODUCTS[product]))
+                hbm = int(draw(st.floats(0.05, 1.0)) * PRODUCTS[product])
+                # Bytes per decode step: at most what it holds; an ITL budget a third
+                # of the time, from one to four replicas' worth.
+                step = int(hbm * draw(st.floats(0.5, 1.0)))
+                budget = (int(step * draw(st.floats(1.0, 4.0)))
+                          if draw(st.integers(0, 2)) == 0 else None)
+                reqs[product] = Requirement(tp, hbm, step_bytes=step, step_budget=budget)
         allowed = tuple(p for p in sorted(PRODUCTS) if draw(st.booleans()))
         demands.append(Demand(f"m{m}", draw(st.integers(0, 6)), reqs, allowed))
     policy = Policy(
@@ -64,6 +71,8 @@ def check_independently(snapshot: Snapshot, demands, policy: Policy, plan) -> No
     by_model = {d.model: d for d in demands}
     usable = {n: int(node.gpu_hbm * (1 - policy.reserve)) for n, node in nodes.items()}
     load: dict[tuple[str, int], int] = {}
+    streamed: dict[tuple[str, int], int] = {}
+    budgets: dict[tuple[str, int], list[int]] = {}
     existing_load: dict[tuple[str, int], int] = {}
     for e in snapshot.replicas:
         for g in e.gpus:
@@ -78,10 +87,19 @@ def check_independently(snapshot: Snapshot, demands, policy: Policy, plan) -> No
             assert not d.products or node.product in d.products, a
             req = d.requirements.get(node.product) or d.requirements.get("*")
             assert req is not None and (req.tp, req.hbm_per_gpu) == (len(a.gpus), a.hbm_per_gpu)
+            assert a.step_bytes == req.step_bytes
+        d = by_model.get(a.model)
+        req = (d.requirements.get(node.product) or d.requirements.get("*")) if d else None
         for g in a.gpus:
             load[(a.node, g)] = load.get((a.node, g), 0) + a.hbm_per_gpu
+            streamed[(a.node, g)] = streamed.get((a.node, g), 0) + a.step_bytes
+            if req is not None and req.step_budget is not None:
+                budgets.setdefault((a.node, g), []).append(req.step_budget)
     for (n, g), used in load.items():
         assert used <= max(usable[n], existing_load.get((n, g), 0)), (n, g, used)
+    for key, step in streamed.items():
+        if budgets.get(key) and key not in existing_load:
+            assert step <= min(budgets[key]), (key, step, budgets[key])
     for d in demands:
         placed = sum(1 for a in plan.assignments if a.model == d.model)
         reasons = [u.reason for u in plan.unplaced if u.model == d.model]

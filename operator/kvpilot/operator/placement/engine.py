@@ -82,7 +82,7 @@ def place(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
             plan, best_mode = other, mode
     if world.small:
         left = PORTFOLIO_MOVES
-        for order in alternative_orders(world)[:PORTFOLIO_ORDERS]:
+        for order in alternative_orders(world, not plan.complete)[:PORTFOLIO_ORDERS]:
             if left <= 0:
                 break
             other, alt = _plan_once(snapshot, demands, policy, best_mode, order,
@@ -258,7 +258,8 @@ class World:
     def fill_items(self, product: str, room: int
                    ) -> list[tuple[int, int, Demand, Requirement]]:
         """Pending single-GPU replicas that could share a GPU of ``product``:
-        (need, count, demand, requirement), largest first."""
+        (need, count, demand, requirement), largest first, of equal size the one with
+        the loosest ITL budget first (a tight one caps the GPU for the rest)."""
         items = []
         for d in self.demands:
             count = self.pending.get(d.model, 0)
@@ -267,7 +268,8 @@ class World:
             req = d.requirement(product)
             if req is not None and req.tp == 1 and req.hbm_per_gpu <= room:
                 items.append((req.hbm_per_gpu, count, d, req))
-        items.sort(key=lambda x: (-x[0], x[2].model))
+        items.sort(key=lambda x: (-x[0], x[3].step_budget is not None,
+                                  -(x[3].step_budget or 0), x[2].model))
         return items
 
     def _fill(self, pool: Pool, s: NodeState, g: int) -> None:

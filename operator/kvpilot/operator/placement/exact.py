@@ -15,15 +15,20 @@ naming each (far fewer variables and no symmetry between replicas):
   ``w <= v`` (a replica's shards are on distinct GPUs); any such counts can be dealt out
   as whole replicas (McNaughton's wrap-around: walk the GPUs' shards in a row and give
   the k-th shard to replica k mod v);
-- ``u[n,g]`` binary: GPU g carries load; ``sum_m need[m,n] w[m,n,g] <= free[n,g] u[n,g]``.
+- ``u[n,g]`` binary: GPU g carries load; ``sum_m need[m,n] w[m,n,g] <= free[n,g] u[n,g]``;
+- bandwidth, the second resource: ``y[m,n,g]`` binary, model m has a shard on GPU g
+  (``w <= r_m y``); for each model m with an ITL byte budget B_m, ``streamed[n,g] +
+  sum_m' step[m'] w[m',n,g] <= B_m + M (1 - y[m,n,g])``: the bytes of all tenants stay
+  within the budget of every tenant that has one (and within the budget of the replicas
+  already there, a plain row).
 
 Valid inequalities tighten the relaxation: at most j shards larger than 1/(j+1) of a
 GPU's free HBM fit on it (``sum w <= j u`` over those, j = 1..3). Symmetry breaking: of
 identical GPUs of a node the lower index is used first, and of identical empty nodes
 the earlier one carries at least as many used GPUs.
 
-The LP bound pools identical GPUs into classes (dropping "a TP group on one node",
-which only relaxes it further) and solves the continuous relaxation with the same valid
+The LP bound pools identical GPUs into classes (dropping "a TP group on one node" and
+bandwidth, which only relaxes it further) and solves the continuous relaxation with the same valid
 inequalities; its ceiling is a lower bound on GPUs used when every replica is placed,
 and it solves in milliseconds at fleet scale.
 """
@@ -32,14 +37,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 from kvpilot.operator.placement.engine import World
 from kvpilot.operator.placement.model import (
     Assignment, Demand, NodeUsage, Plan, Policy, Requirement, Snapshot, Unplaced,
 )
-from kvpilot.operator.placement.state import NodeState
+from kvpilot.operator.placement.state import NodeState, existing_load
 
 CUTS = (1, 2, 3)
 
@@ -121,9 +126,28 @@ def solve(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
             rows.append(({v: 1.0 for v in per_model}, -math.inf, float(r_m)))
     # Capacity, valid inequalities, and no sharing, per GPU.
     loads: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    streams: dict[tuple[int, int], list[tuple[int, Requirement, int]]] = {}
     for d, req, s, v, w in pairs:
         for g, col in w.items():
             loads.setdefault((s.index, g), []).append((col, req.hbm_per_gpu))
+            streams.setdefault((s.index, g), []).append((col, req, residual[d.model]))
+    for (n, g), items in streams.items():
+        s = world.states[n]
+        scale = float(max([s.streamed[g], 1] + [r.step_bytes for _, r, _ in items]))
+        most = s.streamed[g] + sum(r.step_bytes * ub for _, r, ub in items)
+        limit = s.limit(g)
+        if limit is not None and most > limit:
+            rows.append(({col: r.step_bytes / scale for col, r, _ in items}, -math.inf,
+                         (limit - s.streamed[g]) / scale))
+        for col, r, ub in items:
+            if r.step_budget is None or most <= r.step_budget:
+                continue
+            y = var(0.0, 1.0, 0.0)
+            rows.append(({col: 1.0, y: -float(ub)}, -math.inf, 0.0))
+            big_m = (most - r.step_budget) / scale
+            row = {c: rr.step_bytes / scale for c, rr, _ in items}
+            row[y] = row.get(y, 0.0) + big_m
+            rows.append((row, -math.inf, (r.step_budget - s.streamed[g]) / scale + big_m))
     for (n, g), items in loads.items():
         s = world.states[n]
         free = s.free[g]
@@ -204,23 +228,23 @@ def solve(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
 
 def _plan(world: World, kept, new, residual: dict[str, int]) -> Plan:
     """A plan from the exact solution, built on the same states (for checking it)."""
-    rows = [Assignment(e.name, e.model, e.node, tuple(e.gpus), e.hbm_per_gpu, existing=True)
-            for e in kept]
+    rows = []
+    for e in kept:
+        step, _ = existing_load(e, world.by_model.get(e.model), world.by_name[e.node].node.product)
+        rows.append(Assignment(e.name, e.model, e.node, tuple(e.gpus), e.hbm_per_gpu,
+                               existing=True, step_bytes=step))
     counter: dict[str, int] = {}
     for d, s, gpus, req in new:
         s.add(d.model, gpus, req.hbm_per_gpu, req.step_bytes, req.step_budget)
         i = counter.get(d.model, 0)
         counter[d.model] = i + 1
         rows.append(Assignment(f"{d.model}-{i}", d.model, s.node.name, gpus, req.hbm_per_gpu,
-                               req.kv_tokens))
+                               req.kv_tokens, step_bytes=req.step_bytes))
     by_name = {s.node.name: s for s in world.states}
     assignments = tuple(
-        Assignment(a.replica, a.model, a.node, a.gpus, a.hbm_per_gpu, a.kv_tokens, a.existing,
-                   shared=any(by_name[a.node].tenants[g] > 1 for g in a.gpus))
-        for a in rows
-    )
+        replace(a, shared=any(by_name[a.node].tenants[g] > 1 for g in a.gpus)) for a in rows)
     nodes = tuple(NodeUsage(s.node.name, s.node.product, s.cap, tuple(s.cap - f for f in s.free),
-                            s.node.schedulable) for s in world.states)
+                            s.node.schedulable, tuple(s.streamed)) for s in world.states)
     unplaced = tuple(
         Unplaced(f"{model}-{i}", model, "not placed by the exact solver")
         for model, want in residual.items() for i in range(counter.get(model, 0), want)

@@ -20,10 +20,12 @@ def largest_first(world: "World") -> list[Demand]:
     return sorted(world.demands, key=lambda d: (tuple(-x for x in size(d)), d.model))
 
 
-def alternative_orders(world: "World") -> list[list[str]]:
+def alternative_orders(world: "World", incomplete: bool = False) -> list[list[str]]:
     """Other model orders worth a plan on a small instance, most promising first, each
-    once and none equal to largest first: every adjacent pair of it swapped (front to
-    back), then decreasing HBM per GPU, then, when the largest product is scarce,
+    once and none equal to largest first: when the plan so far leaves replicas unplaced,
+    smallest first (what places the most replicas when not all fit) and loosest ITL
+    first (a tight budget placed early caps every GPU it lands on), then every adjacent
+    pair of largest first swapped (front to back), then decreasing HBM per GPU, then, when the largest product is scarce,
     decreasing GPUs saved per GPU of it (``saved_per_scarce``). Largest first decides
     which replicas get a scarce product by size alone; a model that packs three to an
     H200 GPU and one to an 80 GB GPU may deserve it more than a larger one that needs
@@ -39,6 +41,15 @@ def alternative_orders(world: "World") -> list[list[str]]:
             seen.add(tuple(order))
             out.append(order)
 
+    if incomplete:
+        add(list(reversed(base)))
+
+        def tightness(m: str) -> float:
+            budgets = [r.step_budget / r.step_bytes for _, r in world.sized(world.by_model[m])
+                       if r.step_budget is not None and r.step_bytes]
+            return min(budgets, default=float("inf"))
+
+        add(sorted(base, key=lambda m: (-tightness(m), rank[m])))
     for i in range(len(base) - 1):
         swapped = list(base)
         swapped[i], swapped[i + 1] = swapped[i + 1], swapped[i]
