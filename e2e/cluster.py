@@ -42,6 +42,10 @@ SERVICE_CIDR = "10.96.0.0/16"  # allocation range for Service objects only; neve
 DEFAULT_POD_CIDR = "127.1.0.0/16"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+WRITE_VERBS = ("create", "update", "patch", "delete", "deletecollection")
+# Service accounts here have their every request audited (e2e/test_helm.py runs the
+# operator under the chart's one).
+AUDITED_NAMESPACE = "kvpilot-system"
 
 
 def log(message: str) -> None:
@@ -296,30 +300,41 @@ class Cluster:
         return self.state / "logs" / "audit.log"
 
     def _write_audit_policy(self) -> Path:
-        # Writes only, at metadata level: tests count a client's API writes from it.
+        # Writes, at metadata level: tests count a client's API writes from it. Every
+        # request of the service accounts in AUDITED_NAMESPACE too, reads included, so a
+        # test can see each call (and each 403) of a component running under one.
         path = self.state / "audit-policy.yaml"
         path.write_text(yaml.safe_dump({
             "apiVersion": "audit.k8s.io/v1", "kind": "Policy",
             "omitStages": ["RequestReceived", "ResponseStarted"],
             "rules": [{"level": "Metadata",
-                       "verbs": ["create", "update", "patch", "delete", "deletecollection"]},
+                       "userGroups": [f"system:serviceaccounts:{AUDITED_NAMESPACE}"]},
+                      {"level": "Metadata", "verbs": list(WRITE_VERBS)},
                       {"level": "None"}],
         }))
         return path
 
-    def audit_writes(self, user_agent_prefix: str) -> list[dict[str, Any]]:
-        """Write requests the API server completed for clients of that user agent."""
+    def _audit_events(self) -> list[dict[str, Any]]:
         if not self.audit_log.exists():
             return []
         out = []
         for line in self.audit_log.read_text().splitlines():
             try:
-                event = json.loads(line)
+                out.append(json.loads(line))
             except ValueError:
                 continue
-            if event.get("userAgent", "").startswith(user_agent_prefix):
-                out.append(event)
         return out
+
+    def audit_writes(self, user_agent_prefix: str) -> list[dict[str, Any]]:
+        """Write requests the API server completed for clients of that user agent."""
+        return [e for e in self._audit_events() if e.get("verb") in WRITE_VERBS
+                and e.get("userAgent", "").startswith(user_agent_prefix)]
+
+    def audit_requests(self, username: str) -> list[dict[str, Any]]:
+        """Every request of that user, reads included: a service account of
+        AUDITED_NAMESPACE (``system:serviceaccount:NS:NAME``); others only write."""
+        return [e for e in self._audit_events()
+                if (e.get("user") or {}).get("username") == username]
 
     def _component_common(self, port_key: str) -> list[str]:
         return [

@@ -86,3 +86,15 @@ def container_env(deployment: dict[str, Any], pod_name: str) -> dict[str, str]:
         else:
             env[var["name"]] = fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
     return env
+
+
+def grants(rules: list[dict[str, Any]]) -> dict[tuple[str, str, tuple[str, ...]], set[str]]:
+    """(apiGroup, resource, resourceNames) -> verbs that RBAC rules grant."""
+    out: dict[tuple[str, str, tuple[str, ...]], set[str]] = {}
+    for rule in rules:
+        assert set(rule) <= {"apiGroups", "resources", "verbs", "resourceNames"}, rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                key = (group, resource, tuple(rule.get("resourceNames", ())))
+                out.setdefault(key, set()).update(rule["verbs"])
+    return out

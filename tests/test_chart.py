@@ -17,7 +17,8 @@ from kvpilot.api import crd
 from kvpilot.operator import objects as builders
 from kvpilot.operator.settings import Settings
 from tests.chart_helpers import (
-    ALL_FEATURES, CHART, NAMESPACE, container_env, helm, kinds, one, render, template,
+    ALL_FEATURES, CHART, NAMESPACE, container_env, grants, helm, kinds, one, render,
+    template,
 )
 
 OPERATOR = "kvpilot-operator"
@@ -82,30 +83,18 @@ def test_the_chart_carries_no_crds_directory_that_helm_would_install_but_never_u
 
 # -- RBAC ---------------------------------------------------------------------------------
 
-READ = {"get", "list", "watch"}
+WATCH = {"list", "watch"}
 CLUSTER_RULES = {  # (group, resource) -> verbs: exactly the operator's calls
-    ("kvpilot.dev", "models"): READ | {"patch", "update"},
-    ("kvpilot.dev", "models/status"): {"get", "patch", "update"},
-    ("kvpilot.dev", "models/scale"): {"get", "patch", "update"},
-    ("", "pods"): READ | {"create", "delete", "patch"},
-    ("resource.k8s.io", "resourceclaims"): READ | {"create", "delete"},
-    ("resource.k8s.io", "resourceslices"): READ,
-    ("resource.k8s.io", "deviceclasses"): READ,
-    ("", "nodes"): READ,
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
+    ("kvpilot.dev", "models"): WATCH | {"patch"},
+    ("kvpilot.dev", "models/status"): {"patch"},
+    ("kvpilot.dev", "models/scale"): {"patch"},
+    ("", "pods"): WATCH | {"create", "patch", "delete"},
+    ("resource.k8s.io", "resourceclaims"): WATCH | {"create", "delete"},
+    ("resource.k8s.io", "resourceslices"): WATCH,
+    ("", "nodes"): WATCH,
+    ("", "events"): {"create"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): WATCH,
 }
-
-
-def grants(rules: list[dict[str, Any]]) -> dict[tuple[str, str, tuple[str, ...]], set[str]]:
-    out: dict[tuple[str, str, tuple[str, ...]], set[str]] = {}
-    for rule in rules:
-        assert set(rule) <= {"apiGroups", "resources", "verbs", "resourceNames"}, rule
-        for group in rule["apiGroups"]:
-            for resource in rule["resources"]:
-                key = (group, resource, tuple(rule.get("resourceNames", ())))
-                out.setdefault(key, set()).update(rule["verbs"])
-    return out
 
 
 def test_the_operator_gets_exactly_the_calls_it_makes():
@@ -146,7 +135,7 @@ def test_namespace_users_get_models_through_the_default_roles():
         "rbac.authorization.k8s.io/aggregate-to-edit",
         "rbac.authorization.k8s.io/aggregate-to-admin"}
     assert "rbac.authorization.k8s.io/aggregate-to-view" not in edit["metadata"]["labels"]
-    assert grants(view["rules"]) == {("kvpilot.dev", r, ()): READ
+    assert grants(view["rules"]) == {("kvpilot.dev", r, ()): {"get", "list", "watch"}
                                      for r in ("models", "models/status", "models/scale")}
     assert "ClusterRole" not in {o["kind"] for o in render(
         {"rbac": {"aggregateToDefaultRoles": False}}) if o["metadata"]["name"].endswith(
@@ -165,6 +154,9 @@ def test_the_operator_runs_locked_down():
                                     "readOnlyRootFilesystem": True, "runAsNonRoot": True,
                                     "capabilities": {"drop": ["ALL"]}}
     assert c["args"] == ["operator"]
+    strategy = one(render(), "Deployment")["spec"]["strategy"]
+    assert strategy == {"type": "RollingUpdate",
+                        "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
     assert c["image"] == "kvpilot/operator:0.1.0"
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 8080,
                                                                    "health": 8081}
