@@ -12,6 +12,7 @@ One control plane for the module, without kvpilot's CRD: the chart installs it.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 from collections import Counter
@@ -282,3 +283,29 @@ def test_uninstall_keeps_the_crd_and_models_and_a_reinstall_adopts_them(cluster,
     version = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
     labels = cluster.get("crd", "models.kvpilot.dev")["metadata"]["labels"]
     assert labels["helm.sh/chart"] == f"kvpilot-{version}"
+
+
+def documented_adoption() -> list[list[str]]:
+    """The kubectl commands docs/install.md gives for handing a CRD to the release."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "install.md").read_text()
+    block = text.split("hand it to the release first:", 1)[1].split("```sh", 1)[1]
+    block = block.split("```", 1)[0].replace("\\\n", " ")
+    return [shlex.split(line)[1:] for line in block.splitlines() if line.strip()]
+
+
+def test_a_crd_applied_with_kubectl_is_adopted_as_the_docs_say(cluster, home):
+    kube_helm(cluster, home, "uninstall", RELEASE, "-n", NAMESPACE, "--wait")
+    # as `kubectl apply -f crds/` leaves it: no Helm ownership
+    cluster.kubectl("label", "crd", "models.kvpilot.dev", "app.kubernetes.io/managed-by-")
+    cluster.kubectl("annotate", "crd", "models.kvpilot.dev", "meta.helm.sh/release-name-",
+                    "meta.helm.sh/release-namespace-")
+    args = ("install", RELEASE, str(CHART), "-n", NAMESPACE, "--wait", "--timeout=120s")
+    refused = kube_helm(cluster, home, *args, check=False)
+    assert refused.returncode != 0 and "invalid ownership metadata" in refused.stderr
+    commands = documented_adoption()
+    assert [c[:2] for c in commands] == [["label", "crd"], ["annotate", "crd"]]
+    for command in commands:
+        cluster.kubectl(*command)
+    kube_helm(cluster, home, *args)
+    assert cluster.get("model", "grow")["metadata"]["name"] == "grow"
+
