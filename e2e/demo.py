@@ -1,24 +1,47 @@
-"""The main job on an embedded default: a local cluster with a mixed GPU fleet, the example
-Models applied through the real API server, and kvpilot's placement plan for them.
+"""kvpilot live, on a machine with no GPU and no cluster.
 
-The plan is computed from what the API server holds (nodes with their GPU Feature
-Discovery labels, Models after server-side defaulting), not from the local files.
+What runs, all of it real except the GPUs:
+
+- a Kubernetes control plane on 127.0.0.1 (etcd, kube-apiserver, kube-scheduler,
+  kube-controller-manager) and KWOK, which plays the kubelet for a mixed fleet of fake
+  GPU nodes; their GPUs are published as DRA ResourceSlices with memory as consumable
+  capacity, so the real kube-scheduler allocates GPU memory to each replica's claim;
+- kvpilot's Helm chart (CRD, RBAC, the operator's Deployment), and the operator itself,
+  run here with the token of the chart's ServiceAccount;
+- the example Models (Llama-3-8B, Llama-3.1-70B, Mistral-7B, Qwen2.5-0.5B), placed by HBM;
+  their pods are KWOK's (nothing serves them);
+- one Model, ``tiny-chat``, served by real kvpilot workers on CPU (a tiny random Llama):
+  a load ramp fills their KV caches, the operator scales them up on KV pressure, and
+  when the load stops it drains a replica and scales back down.
+
+``--plan-only`` keeps the older, offline demo: the same cluster and Models, and
+``kvpilot plan`` on what the API server holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import yaml
+
+from kvpilot.api.quantity import format_bytes, parse_bytes
 
 from e2e.cluster import Cluster, default_state, install_crds, log
 from e2e.fleet import create_fleet
 
 ROOT = Path(__file__).resolve().parents[1]
+FLEET = ROOT / "examples" / "fleets" / "mixed.yaml"
 GPU_COLUMNS = "-Lnvidia.com/gpu.product,nvidia.com/gpu.count,nvidia.com/gpu.memory"
+LIVE_MODEL = "tiny-chat"
 
+
+# -- the offline planner demo -----------------------------------------------------------
 
 def fleet_from_cluster(cluster: Cluster) -> dict:
     """The cluster's GPU nodes as a fleet description (labels -> product, count, MiB)."""
@@ -46,52 +69,238 @@ def models_from_cluster(cluster: Cluster) -> list[dict]:
              "spec": m["spec"]} for m in items]
 
 
-def run(fleet: Path, models: list[Path], keep: bool) -> int:
+def plan_only(cluster: Cluster, models: list[Path]) -> int:
     from kvpilot import cli
 
-    cluster = Cluster(default_state("demo"))
-    if cluster.running():
-        log("a demo cluster is still running; stopping it first")
-        cluster.down()
-    cluster.up()
-    try:
-        install_crds(cluster, ROOT / "crds")
-        nodes = create_fleet(cluster, fleet)
-        log(f"created {len(nodes)} fake GPU nodes from {fleet}")
-        for path in models:
-            print(cluster.kubectl("apply", "-f", str(path)).stdout, end="")
-        print()
-        print(cluster.kubectl("get", "nodes", GPU_COLUMNS).stdout)
-        print(cluster.kubectl("get", "models").stdout)
-        workdir = cluster.state / "plan"
-        workdir.mkdir(exist_ok=True)
-        (workdir / "fleet.yaml").write_text(yaml.safe_dump(fleet_from_cluster(cluster)))
-        (workdir / "models.yaml").write_text(yaml.safe_dump_all(models_from_cluster(cluster)))
-        print("Placement plan for the Models and nodes in the cluster:\n")
-        code = cli.main(["plan", str(workdir / "fleet.yaml"), str(workdir / "models.yaml")])
-    finally:
-        if keep:
-            log(f"cluster left running; export KUBECONFIG={cluster.kubeconfig}; "
-                "stop it with: python -m e2e.cluster --name demo down")
+    install_crds(cluster, ROOT / "crds")
+    nodes = create_fleet(cluster, FLEET)
+    log(f"created {len(nodes)} fake GPU nodes from {FLEET}")
+    for path in models:
+        print(cluster.kubectl("apply", "-f", str(path)).stdout, end="")
+    print()
+    print(cluster.kubectl("get", "nodes", GPU_COLUMNS).stdout)
+    print(cluster.kubectl("get", "models").stdout)
+    workdir = cluster.state / "plan"
+    workdir.mkdir(exist_ok=True)
+    (workdir / "fleet.yaml").write_text(yaml.safe_dump(fleet_from_cluster(cluster)))
+    (workdir / "models.yaml").write_text(yaml.safe_dump_all(models_from_cluster(cluster)))
+    print("Placement plan for the Models and nodes in the cluster:\n")
+    return cli.main(["plan", str(workdir / "fleet.yaml"), str(workdir / "models.yaml")])
+
+
+# -- the live demo ----------------------------------------------------------------------
+
+class Screen:
+    """A refreshing view on a terminal; on a pipe, a snapshot now and then."""
+
+    def __init__(self, every: float) -> None:
+        self.tty = sys.stdout.isatty()
+        self.every = every if self.tty else max(every, 15.0)
+        self.last = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= self.every
+
+    def show(self, text: str) -> None:
+        self.last = time.monotonic()
+        if self.tty:
+            sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
         else:
-            cluster.down()
-            log("cluster stopped")
-    return code
+            sys.stdout.write(text + "\n\n")
+        sys.stdout.flush()
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def view(cluster: Cluster, load, workers, started: float, phase: str) -> str:
+    models = cluster.get("models")["items"]
+    pods = cluster.get("pods", "-l", "app.kubernetes.io/managed-by=kvpilot")["items"]
+    slices = cluster.get("resourceslices")["items"]
+    claims = cluster.get("resourceclaims")["items"]
+    lines = [f"kvpilot demo  {time.monotonic() - started:5.0f}s  load: {phase}",
+             "Models (kubectl get models, plus where their replicas run):", ""]
+    lines.append(f"{'MODEL':<15}{'READY':>7}{'TP':>4}{'HBM/GPU':>11}{'KV%':>5}  PLACEMENT / STATE")
+    for m in models:
+        st, name = m.get("status") or {}, m["metadata"]["name"]
+        desired = m["spec"].get("replicas", 0)
+        where = " ".join(f"{p['node']}:{','.join(map(str, p['gpus']))}"
+                         + ("*" if p.get("shared") else "") for p in st.get("placements") or [])
+        bad = [c for c in st.get("conditions") or [] if c["status"] == "True"
+               and c["type"] in ("Unschedulable", "Degraded")]
+        state = f"{bad[0]['type']}: {bad[0]['message']}" if bad else where
+        kv = st.get("kvPressurePercent")
+        lines.append(f"{name:<15}{st.get('readyReplicas', 0):>3}/{desired:<3}"
+                     f"{st.get('tensorParallel') or '-':>4}{st.get('hbmPerGpu') or '-':>11}"
+                     f"{'-' if kv is None else kv:>5}  {_short(state, 70)}")
+    lines += ["", "  * = GPU shared with other replicas (by HBM budget, enforced by the "
+              "kube-scheduler's DRA allocation)", "", "GPU memory allocated by the kube-scheduler:"]
+    capacity = {}
+    for s in slices:
+        for d in s["spec"]["devices"]:
+            capacity[(s["spec"]["nodeName"], d["name"])] = d["capacity"]["memory"]["value"]
+    used: dict = {}
+    holders: dict = {}
+    for c in claims:
+        for r in ((c.get("status") or {}).get("allocation") or {}).get("devices", {}).get(
+                "results", []):
+            key = (r["pool"], r["device"])
+            used[key] = used.get(key, 0) + parse_bytes(r["consumedCapacity"]["memory"])
+            holders.setdefault(key, Counter())[c["metadata"]["labels"].get(
+                "kvpilot.dev/model", "?")] += 1
+    for key in sorted(used):
+        cap = parse_bytes(capacity.get(key, "0"))
+        who = ", ".join(f"{n} x{k}" if k > 1 else n for n, k in sorted(holders[key].items()))
+        lines.append(f"  {key[0]:>7} {key[1]:<6} {format_bytes(used[key]):>9} of "
+                     f"{format_bytes(cap):>9}  {_short(who, 60)}")
+    running = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    whole = sum(int(p["metadata"]["annotations"].get("kvpilot.dev/tensor-parallel", 1))
+                for p in running)
+    lines.append(f"  {len(used)} GPUs hold {len(running)} replicas; as whole nvidia.com/gpu "
+                 f"they would take {whole}")
+    events = [e for e in cluster.get("events")["items"]
+              if e["involvedObject"].get("kind") == "Model"]
+    events.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+    lines += ["", "Recent decisions (kubectl get events):"]
+    for e in events[-7:]:
+        lines.append(f"  {e['involvedObject']['name']:<14} {e['reason']:<14} "
+                     f"{_short(e['message'], 80)}")
+    c = load.counts
+    lines += ["", f"Load on {LIVE_MODEL}: {load.clients} clients; requests complete "
+              f"{c['complete']}, rejected 429 {c['rejected_429']}, 503 {c['rejected_503']}, "
+              f"truncated {c['truncated']}, failed {c['failed']}; real workers running "
+              f"{len(workers.processes)}", "Ctrl-C to stop."]
+    return "\n".join(lines)
+
+
+def live(cluster: Cluster, models: list[Path], duration: float, refresh: float) -> int:
+    import threading
+
+    from e2e.fleet import create_nodes
+    from e2e.load import Load
+    from e2e.operator import OperatorProcess
+    from e2e.test_end_to_end import LoadThread, tiny_checkpoint, tiny_model
+    from e2e.test_helm import chart_settings, kube_helm, service_account_kubeconfig
+    from e2e.workers import Workers
+    from kvpilot.api.fleet import load_fleet
+    from tests.chart_helpers import CHART, NAMESPACE, RELEASE
+
+    nodes = load_fleet(FLEET).expand()
+    log(f"creating {len(nodes)} fake GPU nodes from {FLEET.name}, GPUs published as DRA "
+        "ResourceSlices")
+    create_nodes(cluster, nodes, dra=True)
+    home = cluster.state / "helm"
+    log("helm install kvpilot (CRD, RBAC, operator Deployment)")
+    kube_helm(cluster, home, "install", RELEASE, str(CHART), "-n", NAMESPACE,
+              "--create-namespace", "--wait=false")
+    cluster.kubectl("wait", "--for=condition=Established", "crd/models.kvpilot.dev",
+                    "--timeout=60s", timeout=70)
+    settings = chart_settings(cluster)
+    settings.pop("identity", None)
+    settings.update(reconcile_seconds="2", scrape_seconds="1", lease_seconds="3",
+                    drain_timeout_seconds="60", metrics_port="0", health_port="0")
+    op = OperatorProcess(cluster, cluster.state / "operator.log", identity="demo",
+                         kubeconfig=service_account_kubeconfig(cluster, cluster.state / "sa"),
+                         **settings)
+    log("starting the operator with the chart's ServiceAccount")
+    op.start()
+    workers = Workers(cluster, cluster.state / "workers").start()
+    load = Load(lambda: [p.url for p in workers.ready(LIVE_MODEL)], LIVE_MODEL,
+                prompt_tokens=300, max_tokens=48)
+    driver = LoadThread(load)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    started = time.monotonic()
+    try:
+        for path in models:
+            cluster.kubectl("apply", "-f", str(path))
+        tiny = tiny_checkpoint(cluster.state / "tiny-chat")
+        cluster.apply([tiny_model(LIVE_MODEL, tiny)])
+        log(f"applied {len(models)} example Models and {LIVE_MODEL}; "
+            f"showing it live for {duration:.0f}s")
+        driver.start()
+        screen = Screen(refresh)
+        ramp_end, drop_at = 0.35 * duration, 0.6 * duration
+        while not stop.is_set():
+            t = time.monotonic() - started
+            if t >= duration:
+                break
+            if t < ramp_end:
+                load.clients, phase = 1 + int(7 * t / ramp_end), "ramping up"
+            elif t < drop_at:
+                load.clients, phase = 8, "holding"
+            else:
+                load.clients, phase = 0, "stopped (watch the scale-down drain)"
+            if screen.due():
+                try:
+                    screen.show(view(cluster, load, workers, started, phase))
+                except RuntimeError as err:  # the API server busy: next time
+                    log(f"view: {err}")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        driver.finish()
+        summary = summarize(cluster, load)
+        workers.stop()
+        op.stop()
+    print(summary)
+    return 0
+
+
+def summarize(cluster: Cluster, load) -> str:
+    events = [e for e in cluster.get("events")["items"]
+              if e["involvedObject"].get("kind") == "Model"]
+    reasons = Counter(e["reason"] for e in events)
+    c = load.counts
+    placed = {m["metadata"]["name"]: (m.get("status") or {}).get("replicas", 0)
+              for m in cluster.get("models")["items"]}
+    return "\n".join([
+        "Summary",
+        f"  replicas now: {', '.join(f'{k} {v}' for k, v in sorted(placed.items()))}",
+        f"  operator decisions: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))}",
+        f"  requests to {LIVE_MODEL}: complete {c['complete']}, rejected 429 "
+        f"{c['rejected_429']}, 503 {c['rejected_503']}, truncated {c['truncated']}, failed "
+        f"{c['failed']}",
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--fleet", type=Path, default=ROOT / "examples" / "fleets" / "mixed.yaml")
     parser.add_argument("models", nargs="*", type=Path,
                         default=sorted((ROOT / "examples").glob("*.yaml")))
+    parser.add_argument("--duration", type=float, default=240,
+                        help="seconds to run the live demo (default 240; Ctrl-C stops it)")
+    parser.add_argument("--refresh", type=float, default=2.0, help="seconds between redraws")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="no operator: apply the Models and print kvpilot plan")
     parser.add_argument("--keep", action="store_true", help="leave the cluster running")
     args = parser.parse_args(argv)
+    cluster = Cluster(default_state("demo"))
+    if cluster.running():
+        log("a demo cluster is still running; stopping it first")
+        cluster.down()
     try:
-        return run(args.fleet, args.models, args.keep)
+        log("starting the local control plane (the first run builds it: see "
+            "docs/local-cluster.md)")
+        cluster.up()
+        try:
+            if args.plan_only:
+                return plan_only(cluster, args.models)
+            return live(cluster, args.models, args.duration, args.refresh)
+        finally:
+            if args.keep:
+                log(f"cluster left running; export KUBECONFIG={cluster.kubeconfig}; "
+                    "stop it with: python -m e2e.cluster --name demo down")
+            else:
+                cluster.down()
+                log("cluster stopped")
     except (RuntimeError, TimeoutError, ValueError, FileNotFoundError) as err:
         log(f"error: {err}")
         return 1
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())

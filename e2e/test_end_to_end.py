@@ -1,0 +1,158 @@
+"""The mission in one scenario, with real worker processes: `helm install`, a Model, load
+until its KV pressure passes the target, a scale-up that new workers absorb, then the
+load gone and a scale-down that drains. Every request ends complete or with an explicit
+429/503: none lost, none truncated.
+
+Workers are the real engine (``python -m kvpilot.worker``, CPU, a tiny random Llama
+checkpoint) started on each KWOK pod's loopback IP with the environment the operator put
+in the pod. The operator runs out of cluster with the token of the chart's
+ServiceAccount and the settings of the chart's Deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from e2e.cluster import Cluster
+from e2e.conftest import ROOT
+from e2e.fleet import create_nodes
+from e2e.load import Load
+from e2e.operator import OperatorProcess, wait_for
+from e2e.test_helm import chart_settings, kube_helm, service_account_kubeconfig
+from e2e.test_operator import FLEET, events, model_status
+from e2e.workers import Workers
+from tests.chart_helpers import CHART, NAMESPACE, RELEASE
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "kvpilot.worker.tiny", str(path)], check=True,
+                   cwd=ROOT, capture_output=True, timeout=120)
+    return path
+
+
+def tiny_model(name: str, checkpoint: Path, *, context: int = 512, seqs: int = 4) -> dict:
+    """A Model that describes the checkpoint truthfully; its KV pool is context x seqs."""
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    weights = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+    return {
+        "apiVersion": "kvpilot.dev/v1alpha1", "kind": "Model",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "source": str(checkpoint),
+            "weights": {"bytes": weights, "dtype": "fp32"},
+            "architecture": {
+                "layers": cfg["num_hidden_layers"],
+                "attentionHeads": cfg["num_attention_heads"],
+                "kvHeads": cfg["num_key_value_heads"],
+                "headDim": cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+                "maxContextTokens": cfg["max_position_embeddings"]},
+            "sla": {"contextTokens": context, "concurrentSequences": seqs},
+            "replicas": 1, "minReplicas": 1, "maxReplicas": 3,
+            "autoscaling": {"enabled": True, "targetKvPressurePercent": 50,
+                            "scaleUpStabilizationSeconds": 3,
+                            "scaleDownStabilizationSeconds": 6, "cooldownSeconds": 3},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("e2e-cluster"), tie_to_parent=True)
+    c.up()
+    try:
+        create_nodes(c, FLEET, dra=True)
+        yield c
+    finally:
+        c.down()
+
+
+class LoadThread:
+    """The async load generator on a thread of its own, driven from the test."""
+
+    def __init__(self, load: Load) -> None:
+        self.load = load
+        self.loop = asyncio.new_event_loop()
+        self.stop = asyncio.Event()
+        self.thread = threading.Thread(target=self.loop.run_until_complete,
+                                       args=(self._main(),), daemon=True)
+
+    async def _main(self) -> None:
+        self.stop = asyncio.Event()
+        await self.load.run(self.stop)
+
+    def start(self) -> "LoadThread":
+        self.thread.start()
+        return self
+
+    def finish(self) -> None:
+        self.load.clients = 0
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(timeout=120)
+
+
+def test_kv_pressure_scales_real_workers_up_and_a_drained_scale_down_loses_nothing(
+        cluster, tmp_path):
+    home = tmp_path / "helm-home"
+    kube_helm(cluster, home, "install", RELEASE, str(CHART), "-n", NAMESPACE,
+              "--create-namespace", "--wait=false")
+    wait_for("the Model CRD served", lambda: cluster.kubectl(
+        "get", "crd", "models.kvpilot.dev", check=False).returncode == 0, 60)
+    cluster.kubectl("wait", "--for=condition=Established", "crd/models.kvpilot.dev",
+                    "--timeout=60s", timeout=70)
+    settings = chart_settings(cluster)
+    settings.pop("identity")
+    settings.update(reconcile_seconds="2", lease_seconds="3", scrape_seconds="1",
+                    drain_timeout_seconds="60", metrics_port="0", health_port="0")
+    kubeconfig = service_account_kubeconfig(cluster, tmp_path / "sa-kubeconfig")
+    op = OperatorProcess(cluster, tmp_path / "operator.log", identity="e2e",
+                         kubeconfig=kubeconfig, **settings)
+    workers = Workers(cluster, tmp_path / "workers")
+    load = Load(lambda: [p.url for p in workers.ready("tiny")], "tiny", prompt_tokens=300,
+                max_tokens=48)
+    driver = LoadThread(load)
+    op.start()
+    workers.start()
+    logs = lambda: op.log()[-4000:] + "\n" + workers.tails(1500)  # noqa: E731
+    try:
+        cluster.apply([tiny_model("tiny", tiny_checkpoint(tmp_path / "tiny"))])
+        wait_for("the first worker ready", lambda: workers.ready("tiny"), 120, log=logs)
+        driver.start()
+        for clients in (2, 4, 8):  # the ramp
+            load.clients = clients
+            time.sleep(4)
+        wait_for("a scale-up", lambda: any(e["reason"] == "ScaledUp"
+                                           for e in events(cluster, "tiny")), 120, log=logs)
+        wait_for("a second worker serving", lambda: len(workers.ready("tiny")) >= 2, 120,
+                 log=logs)
+        wait_for("two workers answering", lambda: len(load.served) >= 2, 120, log=logs)
+
+        load.clients = 0  # the load goes
+        wait_for("a scale-down", lambda: any(e["reason"] == "ScaledDown"
+                                             for e in events(cluster, "tiny")), 120, log=logs)
+        wait_for("back to one replica", lambda: model_status(cluster, "tiny").get(
+            "replicas") == 1 and len(workers.processes) == 1, 150, log=logs)
+    finally:
+        driver.finish()
+        workers.stop()
+        op.stop()
+
+    reasons = [e["reason"] for e in events(cluster, "tiny")]
+    assert "Draining" in reasons
+    removed = [e["message"] for e in events(cluster, "tiny") if e["reason"] == "ReplicaRemoved"]
+    assert removed and all("drained" in m for m in removed), removed
+    assert "DrainTimeout" not in reasons
+    counts = dict(load.counts)
+    print(f"requests: {counts}; worker processes started: {workers.started}")
+    assert counts.get("complete", 0) > 0
+    assert counts.get("truncated", 0) == 0 and counts.get("failed", 0) == 0, (
+        counts, load.errors[:10])
+    assert workers.started >= 2 and len(load.served) >= 2  # new workers took load
+    kube_helm(cluster, home, "uninstall", RELEASE, "-n", NAMESPACE)
