@@ -153,7 +153,7 @@ def smallest_tp(
 BANDWIDTH_EFFICIENCY = 0.85
 """Fraction of the datasheet HBM bandwidth a decode step streams at. A plain read reaches
 93.5-95% of the datasheet on an H100 and an H200 (3135 of 3350 GB/s, 4560 of 4800), and
-the project's decode kernel 90-96% of that read ceiling (docs/decode-kernel.md): 0.84-0.91."""
+the project's decode kernel 90-96% of that read ceiling (docs/worker.md): 0.84-0.91."""
 
 PREFILL_EFFICIENCY = 0.5
 """Fraction of the datasheet dense bf16 FLOP/s a prefill reaches (model FLOP utilization

@@ -15,7 +15,7 @@ Pages
       which is what the decode kernel reads: one program handles one KV head, so every
       page it touches is one unbroken stretch of memory instead of ``page_size`` rows
       spread ``kv_heads x head_dim`` elements apart. Measured on an H200 the two orders
-      decode within 2% of each other (docs/decode-kernel.md); head-major stays the
+      decode within 2% of each other (benchmarks/decode_kernel.py); head-major stays the
       default because what one program reads of a page is then one contiguous run.
 
     ``page_size`` is 1..128 tokens (16 by default); any value works, powers of two are

@@ -111,6 +111,19 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 # Rotary position embedding, in place
 # --------------------------------------------------------------------------------------
 @triton.jit
+def _rotate_heads(ptr, stride_h, heads, cos, sin, BLOCK_H: tl.constexpr, HALF: tl.constexpr):
+    """Rotate the first ``heads`` rows of ``head_dim`` elements at ``ptr``, in place."""
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, HALF)
+    mask = (h < heads)[:, None]
+    p1 = ptr + h[:, None] * stride_h + d[None, :]
+    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(p1, (x1 * cos - x2 * sin).to(ptr.dtype.element_ty), mask=mask)
+    tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
                  Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -118,23 +131,10 @@ def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF)
-    h = tl.arange(0, BLOCK_H)
     cos = tl.load(cos_ptr + pos * stride_cs + d)[None, :]
     sin = tl.load(sin_ptr + pos * stride_cs + d)[None, :]
-    # q heads
-    qm = (h < Q_HEADS)[:, None]
-    q1p = q_ptr + t * stride_qt + h[:, None] * stride_qh + d[None, :]
-    q1 = tl.load(q1p, mask=qm, other=0.0).to(tl.float32)
-    q2 = tl.load(q1p + HALF, mask=qm, other=0.0).to(tl.float32)
-    tl.store(q1p, (q1 * cos - q2 * sin).to(q_ptr.dtype.element_ty), mask=qm)
-    tl.store(q1p + HALF, (q2 * cos + q1 * sin).to(q_ptr.dtype.element_ty), mask=qm)
-    # k heads
-    km = (h < K_HEADS)[:, None]
-    k1p = k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :]
-    k1 = tl.load(k1p, mask=km, other=0.0).to(tl.float32)
-    k2 = tl.load(k1p + HALF, mask=km, other=0.0).to(tl.float32)
-    tl.store(k1p, (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty), mask=km)
-    tl.store(k1p + HALF, (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty), mask=km)
+    _rotate_heads(q_ptr + t * stride_qt, stride_qh, Q_HEADS, cos, sin, BLOCK_H, HALF)
+    _rotate_heads(k_ptr + t * stride_kt, stride_kh, K_HEADS, cos, sin, BLOCK_H, HALF)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

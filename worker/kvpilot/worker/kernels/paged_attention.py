@@ -4,7 +4,7 @@ Why this kernel looks the way it does
     A decode step reads every cached K and V byte of every sequence once and does two
     small matrix-vector products with them, so it is bound by memory bandwidth: the
     figure of merit is KV bytes read per second against what the GPU can read at all
-    (``benchmarks/decode_kernel.py``, ``docs/decode-kernel.md``). Everything below serves
+    (``benchmarks/decode_kernel.py``, ``docs/worker.md``). Everything below serves
     keeping enough bytes in flight and reading each one once.
 
 Layout (``kvpilot.worker.kernels.cache``)
@@ -360,7 +360,7 @@ FP8_MEMORY_BOUND_PER_SM = 30e9
 def default_config(kv_dtype: torch.dtype, head_dim: int, units: int, num_sms: int,
                    memory_per_sm: float | None = None,
                    capability: tuple[int, int] = (0, 0)) -> DecodeConfig:
-    """The launch shape measured best (docs/decode-kernel.md), by cache dtype, by how
+    """The launch shape measured best (benchmarks/decode_kernel.py), by cache dtype, by how
     many (sequence, KV head) units there are against the SMs, for FP8 by the GPU's peak
     DRAM bytes/s per SM (``memory_per_sm``, None where unknown), and for swapping the
     products by the compute capability (measured on Hopper, where they become warpgroup
