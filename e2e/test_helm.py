@@ -1,7 +1,7 @@
 """The chart on the real control plane: what it renders is accepted, `helm install` sets
 up the CRD and the operator, and the operator does a whole scenario with nothing but the
 chart's RBAC; `helm upgrade` carries a CRD change, `helm uninstall` keeps the CRD and the
-Models.
+Models, and a CRD applied with kubectl is adopted the way docs/install.md says.
 
 The operator runs out of cluster as a process (KWOK's pods run nothing), with the token
 of the chart's ServiceAccount and the env of the chart's Deployment. The API server
@@ -35,7 +35,7 @@ from tests.chart_helpers import (
 
 OPERATOR = "kvpilot-operator"
 SERVICE_ACCOUNT = f"system:serviceaccount:{NAMESPACE}:kvpilot"
-assert NAMESPACE == AUDITED_NAMESPACE
+assert NAMESPACE == AUDITED_NAMESPACE  # where the API server audits reads too
 
 
 # Named as the session's fixture, so that none of these tests starts that control plane too.
@@ -96,7 +96,7 @@ def dry_run(cluster: Cluster, manifest: str, check: bool = True):
                            "--field-manager=helm-e2e", "-f", "-", input=manifest, check=check)
 
 
-def test_what_the_chart_renders_is_accepted_by_the_api_server(cluster, tmp_path):
+def test_what_the_chart_renders_is_accepted_by_the_api_server(cluster):
     cluster.apply(MONITOR_CRDS)
     for crd in MONITOR_CRDS:
         cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd['metadata']['name']}")
@@ -133,6 +133,20 @@ def test_install_serves_the_crd_and_runs_the_operator(cluster, home):
     listed = json.loads(kube_helm(cluster, home, "list", "-n", NAMESPACE, "-o", "json").stdout)
     assert [(r["name"], r["status"], r["revision"]) for r in listed] == [
         (RELEASE, "deployed", "1")]
+    # namespace users manage Models through the cluster's edit and view roles
+    for user, role in (("alice", "edit"), ("bob", "view")):
+        cluster.kubectl("create", "rolebinding", f"{user}-{role}", f"--clusterrole={role}",
+                        f"--user={user}", "-n", "default")
+
+    def can(user: str, verb: str, what: str, *flags: str) -> bool:
+        return cluster.kubectl("auth", "can-i", verb, what, *flags, "-n", "default",
+                               f"--as={user}", check=False).stdout.strip() == "yes"
+
+    wait_for("edit and view aggregated", lambda: can("alice", "create", "models.kvpilot.dev")
+             and can("bob", "list", "models.kvpilot.dev"), 30)
+    assert can("alice", "patch", "models.kvpilot.dev", "--subresource=scale")
+    assert not can("alice", "patch", "models.kvpilot.dev", "--subresource=status")  # operator's
+    assert not can("bob", "delete", "models.kvpilot.dev")
 
 
 def service_account_kubeconfig(cluster: Cluster, path: Path) -> Path:

@@ -194,7 +194,7 @@ CHANGED = {
 }
 
 
-def test_values_flow_into_the_operators_settings(tmp_path):
+def test_values_flow_into_the_operators_settings():
     objs = render(CHANGED)
     deployment = one(objs, "Deployment")
     settings = Settings.from_env(container_env(deployment, POD))
@@ -213,9 +213,6 @@ def test_values_flow_into_the_operators_settings(tmp_path):
     service = one(objs, "Service")
     assert service["spec"]["ports"] == [{"name": "metrics", "port": 9090,
                                          "targetPort": "metrics", "protocol": "TCP"}]
-    # the settings this chart sets exist as flags or env of `kvpilot operator` only
-    env = container_env(deployment, POD)
-    assert env["KVPILOT_NAMESPACE"] == NAMESPACE and env["KVPILOT_LEASE_NAME"] == OPERATOR
 
 
 # Values that are the operator's settings, and the Settings field each one becomes.
