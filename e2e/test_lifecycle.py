@@ -49,12 +49,30 @@ def test_cli_up_status_down_leaves_no_process(tmp_path):
 
 
 def test_demo_plans_what_the_api_server_holds(tmp_path):
-    demo = subprocess.run([sys.executable, "-m", "e2e.demo"], cwd=ROOT, env=isolated_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    demo = subprocess.run([sys.executable, "-m", "e2e.demo", "--plan-only"], cwd=ROOT,
+                          env=isolated_env(tmp_path), capture_output=True, text=True,
+                          timeout=300)
     assert demo.returncode == 0, demo.stderr
     out = demo.stdout
     assert "model.kvpilot.dev/llama-3-8b created" in out
     assert "NVIDIA-H100-80GB-HBM3" in out and "81559" in out  # kubectl get nodes -L ...
     assert "replicas placed: 8 of 8" in out
+    assert "cluster stopped" in demo.stderr
+    assert not (tmp_path / "clusters" / "demo").exists()
+
+
+def test_the_live_demo_runs_the_operator_and_real_workers_and_cleans_up(tmp_path):
+    demo = subprocess.run([sys.executable, "-m", "e2e.demo", "--duration", "90"], cwd=ROOT,
+                          env=isolated_env(tmp_path), capture_output=True, text=True,
+                          timeout=500)
+    assert demo.returncode == 0, demo.stderr[-4000:]
+    out = demo.stdout
+    assert "Models (kubectl get models" in out  # the live view
+    assert "GPU memory allocated by the kube-scheduler:" in out
+    summary = out[out.index("Summary"):]
+    assert "Placed" in summary
+    complete = int(summary.split("complete ")[1].split(",")[0])
+    assert complete > 0
+    assert "truncated 0, failed 0" in summary
     assert "cluster stopped" in demo.stderr
     assert not (tmp_path / "clusters" / "demo").exists()

@@ -9,7 +9,6 @@ consumed capacity, Model status, Events, and the audit log of the operator's wri
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import time

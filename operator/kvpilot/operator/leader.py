@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime, timedelta, timezone
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from kvpilot.operator.kube import ApiError, Kube, path_of
 
@@ -118,6 +118,3 @@ class Lease:
         except (ApiError, OSError) as err:
             log.warning("could not release lease: %s", err)
 
-
-def holder(lease: Optional[Mapping[str, Any]]) -> Optional[str]:
-    return ((lease or {}).get("spec") or {}).get("holderIdentity")

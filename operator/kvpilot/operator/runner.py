@@ -31,7 +31,7 @@ from kvpilot.operator.placement import Policy
 from kvpilot.operator.reconcile import Actions, Config, Delete, reconcile
 from kvpilot.operator.scrape import drain
 from kvpilot.operator.settings import Settings
-from kvpilot.operator.view import ClusterView, cluster_view, dra_available, split_key
+from kvpilot.operator.view import ClusterView, cluster_view, dra_available
 
 log = logging.getLogger("kvpilot.fleet")
 EXPECTATION_SECONDS = 60.0  # after this, trust the indexes again
