@@ -21,7 +21,7 @@ PURE_MODULES = [
     "kvpilot.operator.placement.check", "kvpilot.cli",
     "kvpilot.operator.objects", "kvpilot.operator.view", "kvpilot.operator.reconcile",
     "kvpilot.operator.settings", "kvpilot.operator.leader", "kvpilot.operator.autoscale",
-    "kvpilot.worker.block_manager", "kvpilot.worker.scheduler",
+    "kvpilot.worker.block_manager", "kvpilot.worker.scheduler", "kvpilot.worker.stats",
 ]
 
 

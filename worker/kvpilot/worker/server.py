@@ -358,8 +358,6 @@ def create_app(state: WorkerState) -> FastAPI:
                                        type="server_error")
                     text += more.text
                     out = more
-                if not out.finished:  # pragma: no cover - the loop ends only when finished
-                    raise ApiError(500, "the sequence ended without finishing", type="server_error")
                 choice = {"index": 0, "finish_reason": out.finish_reason.value, "logprobs": None}
                 if chat:
                     choice["message"] = {"role": "assistant", "content": text}
