@@ -96,7 +96,15 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: An
     indexes = Indexes(models=kwargs["models"], nodes=kwargs["gpu_nodes"],
                       pods=kwargs["worker_pods"], claims=kwargs["resource_claims"],
                       slices=kwargs["resource_slices"])
-    fleet = Fleet(memo.kube, memo.settings, indexes, on_pass=memo.get("on_pass"))
+    health, on_pass = memo.get("health"), memo.get("on_pass")
+
+    def passed(result) -> None:
+        if health is not None:
+            health.passed()
+        if on_pass is not None:
+            on_pass(result)
+
+    fleet = Fleet(memo.kube, memo.settings, indexes, on_pass=passed)
     scaler = Scaler(memo.kube, memo.settings, indexes, fleet.ready, fleet.wake)
     memo.fleet, memo.scaler = fleet, scaler
     memo.tasks = [asyncio.create_task(fleet.run(), name="kvpilot fleet loop"),

@@ -45,6 +45,7 @@ async def run(settings: Settings, kubeconfig: str | None = None,
 
     import kvpilot.operator.handlers  # noqa: F401  (registers the handlers)
     from kvpilot.operator import metrics
+    from kvpilot.operator.health import Health
     from kvpilot.operator.kube import Kube, load_credentials
     from kvpilot.operator.leader import Lease
 
@@ -53,16 +54,18 @@ async def run(settings: Settings, kubeconfig: str | None = None,
                   settings.lease_seconds)
     lost = asyncio.Event()
     keeper = None
+    health = Health(stale_after=max(120.0, 4 * settings.reconcile_seconds))
+    server = health.serve(settings.health_port)
     try:
         await lease.acquire()
+        health.leading()
         metrics.serve(settings.metrics_port)
         keeper = asyncio.create_task(lease.keep(lost))
-        liveness = (f"http://0.0.0.0:{settings.health_port}/healthz"
-                    if settings.health_port else None)
-        memo = kopf.Memo(kube=kube, settings=settings, on_pass=on_pass)
-        await kopf.operator(clusterwide=True, standalone=True, memo=memo, stop_flag=lost,
-                            liveness_endpoint=liveness)
+        memo = kopf.Memo(kube=kube, settings=settings, health=health, on_pass=on_pass)
+        await kopf.operator(clusterwide=True, standalone=True, memo=memo, stop_flag=lost)
     finally:
+        if server is not None:
+            server.shutdown()
         if keeper is not None:
             keeper.cancel()
         if not lost.is_set():
