@@ -10,6 +10,7 @@ from kvpilot.api import contract
 from kvpilot.api.model import ModelSpec
 from kvpilot.operator.objects import (
     Device, Replica, claim_for, condition, event_for, owner_reference, pod_for, selector_string,
+    spec_hash,
 )
 
 SPEC_JSON = {
@@ -77,7 +78,8 @@ def test_dra_pod_uses_the_claim_of_its_name_and_gets_the_model_as_env():
     pod = _pod("dra")
     assert pod["metadata"]["name"] == "llama-1"
     assert pod["metadata"]["labels"] == LABELS
-    assert pod["metadata"]["annotations"] == ANNOTATIONS
+    assert pod["metadata"]["annotations"] == {**ANNOTATIONS,
+                                              "kvpilot.dev/spec-hash": spec_hash(SPEC_JSON)}
     spec = pod["spec"]
     assert spec["nodeSelector"] == {"kubernetes.io/hostname": "h100-0"}
     assert spec["resourceClaims"] == [{"name": "gpu", "resourceClaimName": "llama-1"}]
@@ -136,3 +138,14 @@ def test_event_points_at_the_model():
                                     "name": "llama", "namespace": "ml", "uid": "uid-1"}
     assert (ev["type"], ev["reason"], ev["metadata"]["generateName"]) == (
         "Warning", "Placed", "llama.")
+
+
+def test_spec_hash_ignores_how_many_replicas_run_but_not_what_they_run():
+    h = spec_hash(SPEC_JSON)
+    assert len(h) == 16
+    scaled = {**SPEC_JSON, "replicas": 5, "maxReplicas": 9,
+              "autoscaling": {"enabled": True}}
+    assert spec_hash(scaled) == h
+    assert spec_hash({**SPEC_JSON, "sla": {"contextTokens": 4096,
+                                           "concurrentSequences": 16}}) != h
+    assert spec_hash(dict(reversed(list(SPEC_JSON.items())))) == h  # key order

@@ -364,3 +364,33 @@ def test_tp_auto_never_resolves_wider_than_a_worker_drives():
     assert w.pods == {}
     u = cond(w.status("big"), "Unschedulable")
     assert u["status"] == "True" and "a worker drives 1 GPU" in u["message"]
+
+
+def test_a_spec_change_replaces_replicas_one_at_a_time_through_a_drain():
+    w = World([node("a", gpus=4)], [model("m", 2)])
+    w.settle()
+    w.models[0]["spec"]["worker"] = {"engineArgs": ["--max-num-seqs", "8"]}
+    actions = w.step()
+    assert actions.drains == [("default", "m-0")]
+    assert [e["reason"] for e in actions.events][:2] == ["Replacing", "Placed"]
+    assert [o["metadata"]["name"] for o in actions.creates] == ["m-2"]
+    assert w.pods[("default", "m-2")]["spec"]["containers"][0]["args"][-2:] == [
+        "--max-num-seqs", "8"]
+    assert w.step().drains == []  # one at a time: m-1 waits while m-0 drains
+    w.step(drained={"default/m-0": True})
+    actions = w.step()
+    assert actions.drains == [("default", "m-1")]
+    w.step(drained={"default/m-1": True})
+    w.settle()
+    assert list(w.placements()) == ["m-0", "m-2"]  # m-0's name was free again
+    assert all(p["spec"]["containers"][0]["args"][-2:] == ["--max-num-seqs", "8"]
+               for p in w.pods.values())
+
+
+def test_scaling_alone_replaces_nothing():
+    w = World([node("a", gpus=4)], [model("m", 2)])
+    w.settle()
+    w.models[0]["spec"]["replicas"] = 3
+    w.models[0]["spec"]["maxReplicas"] = 5
+    w.settle()
+    assert list(w.placements()) == ["m-0", "m-1", "m-2"]

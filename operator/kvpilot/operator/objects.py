@@ -27,6 +27,11 @@ ANN_GPUS = "kvpilot.dev/gpus"
 ANN_HBM = "kvpilot.dev/hbm-per-gpu"
 ANN_TP = "kvpilot.dev/tensor-parallel"
 ANN_KV_TOKENS = "kvpilot.dev/kv-capacity-tokens"
+# The part of the Model's spec a worker pod is built from, hashed: a pod whose hash is not
+# the Model's is replaced, one replica at a time (see ``reconcile``).
+ANN_SPEC_HASH = "kvpilot.dev/spec-hash"
+# Fields that change how many replicas run, not what one runs: no rollout for them.
+SCALING_FIELDS = ("replicas", "minReplicas", "maxReplicas", "autoscaling")
 # Set on a pod when its scale-down begins (an RFC 3339 time): the worker is asked to
 # drain, and the pod goes once the worker reports drained or the drain timeout passes.
 # On the pod, not in memory, so a restarted operator carries on with the same drain.
@@ -77,6 +82,15 @@ def selector_string(model: str) -> str:
 def owner_reference(model: str, uid: str) -> dict[str, Any]:
     return {"apiVersion": API_VERSION, "kind": KIND, "name": model, "uid": uid,
             "controller": True, "blockOwnerDeletion": True}
+
+
+def spec_hash(spec_json: Mapping[str, Any]) -> str:
+    """A stable hash of what a replica's pod is built from."""
+    import hashlib
+
+    body = {k: v for k, v in spec_json.items() if k not in SCALING_FIELDS}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _metadata(r: Replica) -> dict[str, Any]:
@@ -200,7 +214,9 @@ def pod_for(r: Replica, spec: ModelSpec, spec_json: Mapping[str, Any], *, mode: 
         pod_spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
             "nodeSelectorTerms": [{"matchExpressions": [
                 {"key": HOSTNAME_LABEL, "operator": "In", "values": [r.node]}]}]}}}
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": _metadata(r), "spec": pod_spec}
+    meta = _metadata(r)
+    meta["annotations"][ANN_SPEC_HASH] = spec_hash(spec_json)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
 
 
 def condition(type_: str, status: bool, reason: str, message: str, generation: int | None,

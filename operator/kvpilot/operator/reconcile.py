@@ -24,12 +24,14 @@ from kvpilot.api.model import MAX_MODEL_NAME, ModelSpec
 from kvpilot.api.support import worker_support_problem
 from kvpilot.api.quantity import format_bytes
 from kvpilot.operator.objects import (
-    Device, Replica, claim_for, condition, event_for, pod_for, selector_string,
+    Device, Replica, claim_for, condition, event_for, pod_for, selector_string, spec_hash,
 )
 from kvpilot.operator.placement import (
     Assignment, Demand, Plan, Policy, Snapshot, demand_for, place,
 )
-from kvpilot.operator.view import ClusterView, ReplicaObjects, model_key, split_key
+from kvpilot.operator.view import (
+    DRAINING, ClusterView, ReplicaObjects, model_key, split_key,
+)
 
 Obj = Mapping[str, Any]
 
@@ -161,9 +163,18 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
             m.problem, m.reason = f"cannot size a replica: {err}", "InvalidSpec"
             continue
         demands.append(_servable(d, m.spec))
+    rollout = _rollout(parsed, view)
+    snapshot = Snapshot(snapshot.nodes, tuple(
+        replace(e, model=DRAINING + e.model) if e.name in rollout else e
+        for e in snapshot.replicas))
     plan = place(snapshot, demands, policy)
 
     actions = Actions(plan=plan)
+    for key, why in rollout.items():
+        m, name = by_key[view.replicas[key].model], split_key(key)[1]
+        actions.drains.append(split_key(key))
+        actions.events.append(event_for(m.raw, "Replacing", f"replica {name}: {why}; "
+                                        "a new one is placed and this one drains", now))
     _remove(actions, parsed, by_key, view, snapshot, [*plan.removals, *lost], drained,
             config, now, now_s)
 
@@ -196,6 +207,29 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
             actions.statuses.append((m.namespace, m.name, status))
             actions.events.extend(_transition_events(m, old, status, now))
     return actions
+
+
+def _rollout(parsed: list[_Model], view: ClusterView) -> dict[str, str]:
+    """Replicas to replace now because their Model's spec changed: replica key -> why.
+
+    One per Model at a time, and only while every other replica of it is Ready and none
+    drains: the old replica drains (it serves what it has) while the plan places a new
+    one in its stead, so a Model never has fewer serving replicas than it wants because
+    of a rollout (when the fleet has room for one more).
+    """
+    out = {}
+    for m in parsed:
+        if m.spec is None or m.deleting or m.problem:
+            continue
+        current = spec_hash(m.raw["spec"])
+        mine = [r for r in view.replicas.values() if r.model == m.key and not r.terminating
+                and r.pod is not None]
+        if any(r.drain_started or not r.ready for r in mine):
+            continue
+        outdated = sorted(r.key for r in mine if r.spec_hash and r.spec_hash != current)
+        if outdated:
+            out[outdated[0]] = "the Model's spec changed"
+    return out
 
 
 def _remove(actions: Actions, parsed: list[_Model], by_key: dict[str, _Model],

@@ -28,7 +28,8 @@ from typing import Any, Iterable, Mapping
 from kvpilot.api.gpus import LABEL_MEMORY_MIB, LABEL_PRODUCT, RESOURCE_GPU
 from kvpilot.api.quantity import MiB, parse_bytes
 from kvpilot.operator.objects import (
-    ANN_DRAIN, ANN_GPUS, ANN_HBM, ANN_NODE, LABEL_MODEL, MANAGED_BY, MANAGER, Device,
+    ANN_DRAIN, ANN_GPUS, ANN_HBM, ANN_NODE, ANN_SPEC_HASH, LABEL_MODEL, MANAGED_BY, MANAGER,
+    Device,
 )
 from kvpilot.operator.placement import Existing, Node, Snapshot
 
@@ -69,6 +70,11 @@ class ReplicaObjects:
         if self.pod is None:
             return None
         return (self.pod["metadata"].get("annotations") or {}).get(ANN_DRAIN)
+
+    @property
+    def spec_hash(self) -> str | None:
+        return ((self.pod or {}).get("metadata", {}).get("annotations") or {}).get(
+            ANN_SPEC_HASH)
 
     @property
     def ip(self) -> str | None:
