@@ -178,13 +178,13 @@ def live(cluster: Cluster, models: list[Path], duration: float, refresh: float) 
     import threading
 
     from e2e.fleet import create_nodes
-    from e2e.load import Load
+    from e2e.chart import (
+        CHART, NAMESPACE, RELEASE, chart_settings, kube_helm, service_account_kubeconfig,
+    )
+    from e2e.load import Load, LoadThread
     from e2e.operator import OperatorProcess
-    from e2e.test_end_to_end import LoadThread, tiny_checkpoint, tiny_model
-    from e2e.test_helm import chart_settings, kube_helm, service_account_kubeconfig
-    from e2e.workers import Workers
+    from e2e.workers import Workers, tiny_checkpoint, tiny_model
     from kvpilot.api.fleet import load_fleet
-    from tests.chart_helpers import CHART, NAMESPACE, RELEASE
 
     nodes = load_fleet(FLEET).expand()
     log(f"creating {len(nodes)} fake GPU nodes from {FLEET.name}, GPUs published as DRA "

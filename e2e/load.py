@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -107,3 +108,27 @@ class Load:
             self.errors.append(f"{url}: {type(err).__name__}: {err}")
             return "truncated" if not done else "complete"
         return "complete" if finish and done else "truncated"
+
+
+class LoadThread:
+    """The async load generator on a thread of its own, driven from the test."""
+
+    def __init__(self, load: Load) -> None:
+        self.load = load
+        self.loop = asyncio.new_event_loop()
+        self.stop = asyncio.Event()
+        self.thread = threading.Thread(target=self.loop.run_until_complete,
+                                       args=(self._main(),), daemon=True)
+
+    async def _main(self) -> None:
+        self.stop = asyncio.Event()
+        await self.load.run(self.stop)
+
+    def start(self) -> "LoadThread":
+        self.thread.start()
+        return self
+
+    def finish(self) -> None:
+        self.load.clients = 0
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(timeout=120)

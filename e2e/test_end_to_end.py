@@ -11,56 +11,19 @@ ServiceAccount and the settings of the chart's Deployment.
 
 from __future__ import annotations
 
-import asyncio
-import json
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
+from e2e.chart import (
+    CHART, NAMESPACE, RELEASE, chart_settings, kube_helm, service_account_kubeconfig,
+)
 from e2e.cluster import Cluster
-from e2e.conftest import ROOT
 from e2e.fleet import create_nodes
-from e2e.load import Load
+from e2e.load import Load, LoadThread
 from e2e.operator import OperatorProcess, wait_for
-from e2e.test_helm import chart_settings, kube_helm, service_account_kubeconfig
 from e2e.test_operator import FLEET, events, model_status
-from e2e.workers import Workers
-from tests.chart_helpers import CHART, NAMESPACE, RELEASE
-
-
-def tiny_checkpoint(path: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "kvpilot.worker.tiny", str(path)], check=True,
-                   cwd=ROOT, capture_output=True, timeout=120)
-    return path
-
-
-def tiny_model(name: str, checkpoint: Path, *, context: int = 512, seqs: int = 4) -> dict:
-    """A Model that describes the checkpoint truthfully; its KV pool is context x seqs."""
-    cfg = json.loads((checkpoint / "config.json").read_text())
-    weights = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
-    return {
-        "apiVersion": "kvpilot.dev/v1alpha1", "kind": "Model",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "source": str(checkpoint),
-            "weights": {"bytes": weights, "dtype": "fp32"},
-            "architecture": {
-                "layers": cfg["num_hidden_layers"],
-                "attentionHeads": cfg["num_attention_heads"],
-                "kvHeads": cfg["num_key_value_heads"],
-                "headDim": cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
-                "maxContextTokens": cfg["max_position_embeddings"]},
-            "sla": {"contextTokens": context, "concurrentSequences": seqs},
-            "replicas": 1, "minReplicas": 1, "maxReplicas": 3,
-            "autoscaling": {"enabled": True, "targetKvPressurePercent": 50,
-                            "scaleUpStabilizationSeconds": 3,
-                            "scaleDownStabilizationSeconds": 6, "cooldownSeconds": 3},
-        },
-    }
+from e2e.workers import Workers, tiny_checkpoint, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -72,30 +35,6 @@ def cluster(tmp_path_factory):
         yield c
     finally:
         c.down()
-
-
-class LoadThread:
-    """The async load generator on a thread of its own, driven from the test."""
-
-    def __init__(self, load: Load) -> None:
-        self.load = load
-        self.loop = asyncio.new_event_loop()
-        self.stop = asyncio.Event()
-        self.thread = threading.Thread(target=self.loop.run_until_complete,
-                                       args=(self._main(),), daemon=True)
-
-    async def _main(self) -> None:
-        self.stop = asyncio.Event()
-        await self.load.run(self.stop)
-
-    def start(self) -> "LoadThread":
-        self.thread.start()
-        return self
-
-    def finish(self) -> None:
-        self.load.clients = 0
-        self.loop.call_soon_threadsafe(self.stop.set)
-        self.thread.join(timeout=120)
 
 
 def test_kv_pressure_scales_real_workers_up_and_a_drained_scale_down_loses_nothing(

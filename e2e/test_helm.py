@@ -29,11 +29,11 @@ from e2e.fleet import create_nodes
 from e2e.operator import OperatorProcess, wait_for
 from e2e.test_autoscaling import autoscaled, live
 from e2e.test_operator import FLEET, LLAMA, check_consistent, replicas, running
-from tests.chart_helpers import (
-    ALL_FEATURES, CHART, NAMESPACE, RELEASE, container_env, grants, helm, template,
+from e2e.chart import (
+    CHART, NAMESPACE, OPERATOR, RELEASE, chart_settings, kube_helm, service_account_kubeconfig,
 )
+from tests.chart_helpers import ALL_FEATURES, grants, template
 
-OPERATOR = "kvpilot-operator"
 SERVICE_ACCOUNT = f"system:serviceaccount:{NAMESPACE}:kvpilot"
 assert NAMESPACE == AUDITED_NAMESPACE  # where the API server audits reads too
 
@@ -53,11 +53,6 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("helm-home")
-
-
-def kube_helm(cluster: Cluster, home: Path, *args: str, check: bool = True):
-    return helm(*args, f"--kubeconfig={cluster.kubeconfig}", home=home, check=check,
-                timeout=300)
 
 
 def monitor_crd(kind: str, endpoints: str, endpoint: dict[str, Any],
@@ -147,27 +142,6 @@ def test_install_serves_the_crd_and_runs_the_operator(cluster, home):
     assert can("alice", "patch", "models.kvpilot.dev", "--subresource=scale")
     assert not can("alice", "patch", "models.kvpilot.dev", "--subresource=status")  # operator's
     assert not can("bob", "delete", "models.kvpilot.dev")
-
-
-def service_account_kubeconfig(cluster: Cluster, path: Path) -> Path:
-    token = cluster.kubectl("create", "token", "kvpilot", "-n", NAMESPACE,
-                            "--duration=1h").stdout.strip()
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [{"name": "local", "cluster": {
-            "server": cluster.server, "certificate-authority": str(cluster.pki.ca_cert)}}],
-        "users": [{"name": "kvpilot", "user": {"token": token}}],
-        "contexts": [{"name": "kvpilot", "context": {"cluster": "local", "user": "kvpilot"}}],
-        "current-context": "kvpilot",
-    }))
-    return path
-
-
-def chart_settings(cluster: Cluster) -> dict[str, str]:
-    """The settings the chart's Deployment gives the operator, as OperatorProcess takes them."""
-    deployment = cluster.get("deployment", "-n", NAMESPACE, OPERATOR)
-    env = container_env(deployment, "helm-e2e")
-    return {k.removeprefix("KVPILOT_").lower(): v for k, v in env.items()}
 
 
 def resource(event: dict[str, Any]) -> str:

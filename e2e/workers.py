@@ -10,6 +10,7 @@ log file, for whoever reads a failed test.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -151,3 +152,34 @@ class Workers:
     def tails(self, chars: int = 2000) -> str:
         return "\n".join(f"--- {f.name} ---\n{f.read_text(errors='replace')[-chars:]}"
                          for f in sorted(self.logs.glob("*.log")))
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "kvpilot.worker.tiny", str(path)], check=True,
+                   cwd=ROOT, capture_output=True, timeout=120)
+    return path
+
+
+def tiny_model(name: str, checkpoint: Path, *, context: int = 512, seqs: int = 4) -> dict:
+    """A Model that describes the checkpoint truthfully; its KV pool is context x seqs."""
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    weights = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+    return {
+        "apiVersion": "kvpilot.dev/v1alpha1", "kind": "Model",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "source": str(checkpoint),
+            "weights": {"bytes": weights, "dtype": "fp32"},
+            "architecture": {
+                "layers": cfg["num_hidden_layers"],
+                "attentionHeads": cfg["num_attention_heads"],
+                "kvHeads": cfg["num_key_value_heads"],
+                "headDim": cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+                "maxContextTokens": cfg["max_position_embeddings"]},
+            "sla": {"contextTokens": context, "concurrentSequences": seqs},
+            "replicas": 1, "minReplicas": 1, "maxReplicas": 3,
+            "autoscaling": {"enabled": True, "targetKvPressurePercent": 50,
+                            "scaleUpStabilizationSeconds": 3,
+                            "scaleDownStabilizationSeconds": 6, "cooldownSeconds": 3},
+        },
+    }

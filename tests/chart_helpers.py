@@ -10,11 +10,8 @@ from typing import Any
 import yaml
 
 from e2e import build
-from tests.conftest import ROOT
+from e2e.chart import CHART, NAMESPACE, RELEASE, container_env, helm  # noqa: F401 (shared)
 
-CHART = ROOT / "helm" / "kvpilot"
-RELEASE = "kvpilot"
-NAMESPACE = "kvpilot-system"
 KUBE_VERSION = build.KUBERNETES_VERSION.lstrip("v")
 
 # Every optional object on, each with a value that shows it reached its template.
@@ -27,18 +24,6 @@ ALL_FEATURES: dict[str, Any] = {
                       "metricsFrom": [{"namespaceSelector": {"matchLabels": {
                           "kubernetes.io/metadata.name": "monitoring"}}}]},
 }
-
-
-def helm(*args: str, home: Path | None = None, check: bool = True,
-         timeout: float = 120) -> subprocess.CompletedProcess:
-    """helm with its config and caches in a scratch HOME (never the user's)."""
-    with tempfile.TemporaryDirectory() as scratch:
-        env = {"HOME": str(home or scratch), "PATH": "/usr/bin:/bin"}
-        proc = subprocess.run([str(build.binary("helm")), *args], capture_output=True,
-                              text=True, timeout=timeout, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
-    return proc
 
 
 def values_args(values: dict[str, Any] | None, scratch: Path) -> list[str]:
@@ -72,20 +57,6 @@ def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> di
 
 def kinds(objects: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return sorted((o["kind"], o["metadata"]["name"]) for o in objects)
-
-
-def container_env(deployment: dict[str, Any], pod_name: str) -> dict[str, str]:
-    """The operator container's env, fieldRefs resolved as the kubelet would."""
-    pod = deployment["spec"]["template"]
-    fields = {"metadata.name": pod_name,
-              "metadata.namespace": deployment["metadata"]["namespace"]}
-    env = {}
-    for var in pod["spec"]["containers"][0]["env"]:
-        if "value" in var:
-            env[var["name"]] = var["value"]
-        else:
-            env[var["name"]] = fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
-    return env
 
 
 def grants(rules: list[dict[str, Any]]) -> dict[tuple[str, str, tuple[str, ...]], set[str]]:

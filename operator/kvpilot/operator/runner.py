@@ -101,10 +101,18 @@ class Fleet:
             except Exception:  # one bad pass must not end the loop; the next one retries
                 log.exception("fleet pass failed")
             try:
-                await asyncio.wait_for(self.woken.wait(), self.settings.reconcile_seconds)
+                await asyncio.wait_for(self.woken.wait(), self.interval())
                 await asyncio.sleep(self.settings.debounce_seconds)  # gather a burst
             except asyncio.TimeoutError:
                 pass
+
+    def interval(self) -> float:
+        """Seconds to the next pass unless something changes: while workers drain, their
+        progress is asked every scrape interval; otherwise every reconcile interval."""
+        s = self.settings
+        draining = self.last is not None and any(
+            r.drain_started and not r.terminating for r in self.last.view.replicas.values())
+        return min(s.scrape_seconds, s.reconcile_seconds) if draining else s.reconcile_seconds
 
     def mode(self, slices: list[Obj]) -> str:
         if self.settings.mode != "auto":
@@ -148,17 +156,22 @@ class Fleet:
         ix = self.indexes
         slices = ix.items(ix.slices)
         mode = self.mode(slices)
-        view = cluster_view(ix.items(ix.nodes), slices, self._overlay("Pod", ix.items(ix.pods)),
-                            self._overlay("ResourceClaim", ix.items(ix.claims)), mode,
-                            self.settings.dra_driver)
+        # The snapshot is taken here, on the event loop; the decision (placement can take a
+        # while on a large fleet) runs on a thread, so kopf keeps serving its watches.
+        nodes, models = ix.items(ix.nodes), ix.items(ix.models)
+        pods = self._overlay("Pod", ix.items(ix.pods))
+        claims = self._overlay("ResourceClaim", ix.items(ix.claims))
+        view = await asyncio.to_thread(cluster_view, nodes, slices, pods, claims, mode,
+                                       self.settings.dra_driver)
         drained = await self.drain_progress(view)
-        actions = reconcile(ix.items(ix.models), view, self.config(mode), utc_now(), drained)
+        actions = await asyncio.to_thread(reconcile, models, view, self.config(mode),
+                                          utc_now(), drained)
         writes = self.kube.writes
         await self.apply(actions, view)
         result = PassResult(actions, mode, time.monotonic() - started, view)
         self.passes += 1
         self.last = result
-        self.observe(result, ix.items(ix.models))
+        self.observe(result, models)
         metrics.API_WRITES.inc(self.kube.writes - writes)
         if actions.writes:
             log.info("pass %d (%s): %d created, %d deleted, %d statuses, %d events in %.2fs",
