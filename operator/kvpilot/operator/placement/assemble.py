@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+from kvpilot.api.gpus import GPUProduct
 from kvpilot.api.memory import (
     DECODE_STEP_FIXED_SECONDS, decode_fixed_seconds, decode_step_seconds,
 )
@@ -17,11 +18,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from kvpilot.operator.placement.engine import World
 
 
-def gpu_step_seconds(s: NodeState, g: int, fixed: float = DECODE_STEP_FIXED_SECONDS
-                     ) -> Optional[float]:
+def gpu_step_seconds(s: NodeState, g: int, fixed: float = DECODE_STEP_FIXED_SECONDS,
+                     gpu: Optional[GPUProduct] = None) -> Optional[float]:
     """A decode step on GPU ``g`` with every tenant busy; None when idle or the GPU's
     bandwidth is unknown."""
-    gpu = s.node.gpu
+    gpu = gpu or s.node.gpu
     if s.tenants[g] == 0 or gpu.hbm_bandwidth is None:
         return None
     return decode_step_seconds(s.streamed[g], gpu, fixed)
@@ -67,11 +68,13 @@ def assemble(world: "World", kept: list[Existing], removals: list[str],
     final = {s.node.name: s for s in world.states}
     model_rank = {d.model: i for i, d in enumerate(world.demands)}
     rows.sort(key=lambda r: (model_rank.get(r[1], len(model_rank)), r[1], natural(r[0])))
-    assignments = tuple(_assignment(world, final[r[2]], *r) for r in rows)
+    facts = {s.index: s.node.gpu for s in world.states}
+    assignments = tuple(_assignment(world, final[r[2]], facts[final[r[2]].index], *r)
+                        for r in rows)
     nodes = tuple(
         NodeUsage(s.node.name, s.node.product, s.cap, tuple(s.cap - f for f in s.free),
                   s.node.schedulable, tuple(s.streamed),
-                  tuple(gpu_step_seconds(s, g) for g in range(s.node.gpus)))
+                  tuple(gpu_step_seconds(s, g, gpu=facts[s.index]) for g in range(s.node.gpus)))
         for s in world.states
     )
     return Plan(assignments, tuple(_name_unplaced(world, unplaced)), tuple(removals),
@@ -97,7 +100,7 @@ def _step(world: "World", e: Existing) -> int:
     return existing_load(e, world.by_model.get(e.model), world.by_name[e.node].node.product)[0]
 
 
-def _assignment(world: "World", s: NodeState, name: str, model: str, node: str,
+def _assignment(world: "World", s: NodeState, gpu: GPUProduct, name: str, model: str, node: str,
                 gpus: tuple[int, ...], hbm: int, kv: int, per_token: int, existing: bool,
                 step: int) -> Assignment:
     """Spare HBM of a GPU (free after the plan) is split evenly among its tenants; a
@@ -108,7 +111,7 @@ def _assignment(world: "World", s: NodeState, name: str, model: str, node: str,
     d = world.by_model.get(model)
     fixed = (decode_fixed_seconds(d.spec, len(gpus)) if d is not None and d.spec is not None
              else DECODE_STEP_FIXED_SECONDS)
-    times = [gpu_step_seconds(s, g, fixed) for g in gpus]
+    times = [gpu_step_seconds(s, g, fixed, gpu) for g in gpus]
     seconds = None if any(t is None for t in times) else max(times)
     return Assignment(name, model, node, gpus, hbm, kv, existing,
                       shared=any(s.tenants[g] > 1 for g in gpus), step_bytes=step,

@@ -24,6 +24,7 @@ see ``place``.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Optional, Sequence
 
 from kvpilot.api.memory import usable_hbm
@@ -52,6 +53,7 @@ VARIANT_WORK = 100_000
 # all than this (work, not time: the result does not depend on the machine).
 PORTFOLIO_ORDERS = 8
 PORTFOLIO_MOVES = 12_000
+FILL_ITEMS = 24  # kinds of pending replica offered to complete one GPU, largest first
 
 __all__ = ["World", "place", "natural"]
 
@@ -168,6 +170,8 @@ class World:
         self.moves = 0  # replica moves consolidation spent
         self.pending: dict[str, int] = {}  # model -> replicas still to place
         self.placed: list[Placed] = []
+        # product -> single-GPU requirements, largest first (see ``fill_items``)
+        self.fill_index: dict[str, list[tuple]] = {}
 
     def load_existing(self):
         """Existing replicas first (``existing.resolve_existing``), then the indexes and
@@ -182,6 +186,12 @@ class World:
             self.pending[d.model] = max(0, d.replicas - sum(1 for e in kept if e.model == d.model))
         self.scarce = self.largest_is_scarce()
         self.work = sum(self.pending.values()) * sum(len(p.states) for p in self.pools)
+        for pool in self.pools:
+            items = [(-req.hbm_per_gpu, req.step_budget is not None, -(req.step_budget or 0),
+                      d.model, d, req)
+                     for d in self.demands if self.pending[d.model] > 0
+                     and (req := d.requirement(pool.product)) is not None and req.tp == 1]
+            self.fill_index[pool.product] = sorted(items, key=lambda x: x[:4])
         return kept, removals, previous
 
     # -- new replicas ------------------------------------------------------------------
@@ -260,16 +270,17 @@ class World:
         """Pending single-GPU replicas that could share a GPU of ``product``:
         (need, count, demand, requirement), largest first, of equal size the one with
         the loosest ITL budget first (a tight one caps the GPU for the rest)."""
+        index = self.fill_index.get(product, [])
         items = []
-        for d in self.demands:
-            count = self.pending.get(d.model, 0)
+        i = bisect_left(index, (-room,))
+        while i < len(index) and len(items) < FILL_ITEMS:
+            *_, d, req = index[i]
+            count = self.pending[d.model]
             if count <= 0:
+                del index[i]  # placed in full: pending never grows again in a pass
                 continue
-            req = d.requirement(product)
-            if req is not None and req.tp == 1 and req.hbm_per_gpu <= room:
-                items.append((req.hbm_per_gpu, count, d, req))
-        items.sort(key=lambda x: (-x[0], x[3].step_budget is not None,
-                                  -(x[3].step_budget or 0), x[2].model))
+            items.append((req.hbm_per_gpu, count, d, req))
+            i += 1
         return items
 
     def _fill(self, pool: Pool, s: NodeState, g: int) -> None:

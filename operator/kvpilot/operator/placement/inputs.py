@@ -33,15 +33,27 @@ def _slowest(a: Optional[int], b: Optional[int]) -> Optional[int]:
     return None if a is None or b is None else min(a, b)
 
 
+_KINDS: list = [None, None]  # (snapshot, its kinds): demands of many Models, one scan
+
+
 def gpu_kinds(snapshot: Snapshot) -> dict[str, tuple[int, int, GPUProduct]]:
     """Product -> (HBM per GPU, most GPUs on one node, the GPU's facts).
 
     Should two nodes report the same product with different memory, bandwidth or FLOP/s,
     the smaller is used (unknown on one: unknown): a requirement sized for it holds on
-    all of them.
+    all of them. The last snapshot's answer is kept (a snapshot is immutable), so the
+    demands of thousands of Models scan the nodes once.
     """
+    if _KINDS[0] is snapshot:
+        return _KINDS[1]
     kinds: dict[str, tuple[int, int, GPUProduct]] = {}
+    stated: dict[str, tuple] = {}
     for n in snapshot.nodes:
+        key = (n.bandwidth_gbps, n.bf16_tflops)
+        if n.product in kinds and stated[n.product] == key:
+            hbm, gpus, facts = kinds[n.product]
+            kinds[n.product] = (min(hbm, n.gpu_hbm), max(gpus, n.gpus), facts)
+            continue
         facts = n.gpu
         if n.product in kinds:
             hbm, gpus, seen = kinds[n.product]
@@ -51,6 +63,8 @@ def gpu_kinds(snapshot: Snapshot) -> dict[str, tuple[int, int, GPUProduct]]:
             kinds[n.product] = (min(hbm, n.gpu_hbm), max(gpus, n.gpus), facts)
         else:
             kinds[n.product] = (n.gpu_hbm, n.gpus, facts)
+        stated[n.product] = key
+    _KINDS[0], _KINDS[1] = snapshot, kinds
     return kinds
 
 
