@@ -89,10 +89,13 @@ def _structural(node: Any, defs: dict[str, Any], classes: dict[str, type[KubeMod
         out["additionalProperties"] = _structural(node["additionalProperties"], defs, classes)
     if out.get("type") == "object" and "properties" in out:
         # Optional nested objects default to {} so the API server applies their inner
-        # defaults (and CEL rules may read e.g. self.autoscaling.enabled unconditionally).
+        # defaults (and CEL rules may read e.g. self.autoscaling.enabled unconditionally);
+        # an object whose absence means something (a None default) stays absent.
         required = set(out.get("required", ()))
+        absent = {k for k, v in node["properties"].items() if v.get("default", ...) is None}
         for name, prop in out["properties"].items():
-            if prop.get("type") == "object" and "properties" in prop and name not in required:
+            if (prop.get("type") == "object" and "properties" in prop
+                    and name not in required | absent):
                 prop["default"] = {}
         cls = classes.get(title) if title else None
         if cls is not None and cls.RULES:

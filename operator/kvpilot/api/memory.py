@@ -6,18 +6,37 @@ with them, so a replica the planner thinks fits is one the engine can actually s
 Per GPU, one replica at tensor-parallel degree ``tp`` needs::
 
     weights / tp                                     (weights are sharded evenly)
-  + kv_bytes_per_token(tp) x contextTokens x concurrentSequences
+  + kv_bytes_per_sequence(tp, contextTokens) x concurrentSequences
   + runtimeOverhead                                  (CUDA context, activations, graphs)
 
-where ``kv_bytes_per_token(tp) = 2 (K and V) x layers x ceil(kvHeads / tp) x headDim x
-bytes(kvCacheDtype)``: each GPU holds its share of KV heads, and when ``tp`` exceeds
-``kvHeads`` every GPU keeps a full copy of one head (the heads are replicated, not split).
+A sequence of ``c`` tokens costs, per GPU, what each layer keeps of it::
+
+    kv_bytes_per_sequence(tp, c) = per_layer_token(tp) x (global_layers x c
+                                                          + local_layers x min(c, window))
+
+- ``per_layer_token`` for ``attention: gqa`` is ``2 (K and V) x ceil(kvHeads / tp) x
+  headDim x bytes(kvCacheDtype)``; for ``attention: mla`` it is ``(kvLoraRank +
+  qkRopeHeadDim) x bytes``: one latent and one RoPE key per token, shared by all heads.
+- Local (sliding-window) layers keep the last ``window`` tokens of a sequence; global
+  layers keep all of them. Without ``slidingWindow`` every layer is global, and the
+  formula is the plain ``2 x layers x kvHeads x headDim x bytes x c``.
+
+Tensor parallelism splits a layer's KV by head. GQA heads are split, and when ``tp``
+exceeds ``kvHeads`` every GPU keeps a full copy of one head (replicated, not split; vLLM's
+``ModelConfig.get_num_kv_heads`` is ``max(1, kvHeads // tp)``). A local layer splits as a
+global one does: its window bounds tokens, not heads (vLLM gives its ``SlidingWindowSpec``
+and ``FullAttentionSpec`` the same per-GPU KV heads). The MLA latent belongs to every
+head, so each GPU keeps all of it: TP shards an MLA model's weights, not its KV cache
+(vLLM counts one KV head per GPU for MLA at any TP, "when using MLA during decode it
+becomes MQA"; that copy on every GPU is why SGLang and vLLM offer data-parallel
+attention for DeepSeek models). Pages are not counted: an engine rounds each layer's
+tokens up to its page size.
 
 The step-time model (the second half of this module) says how fast a replica decodes and
 prefills on a GPU product. A decode step streams each GPU's weight shard and the KV cache
 of every sequence it holds from HBM, so it is bandwidth-bound::
 
-    decode_step_bytes   = weights / tp + kv_bytes_per_token(tp) x sequences x contextTokens
+    decode_step_bytes   = weights / tp + kv_bytes_per_sequence(tp, contextTokens) x sequences
     decode_step_seconds = bytes / (bandwidth x BANDWIDTH_EFFICIENCY) + fixed per-step cost
 
 GPUs that several replicas share time-slice: when all are busy, every step of one waits
@@ -47,10 +66,64 @@ DTYPE_BYTES: dict[str, float] = {
 TP_DEGREES = TENSOR_PARALLEL_DEGREES
 
 
+def kv_bytes_per_layer_token(arch: Architecture, kv_dtype: str, tp: int = 1) -> int:
+    """KV-cache bytes one layer keeps for one token on each GPU of a replica: K and V of
+    the GPU's share of KV heads, or (MLA) the whole latent and RoPE key."""
+    width = DTYPE_BYTES[kv_dtype]
+    if arch.mla is not None:
+        return int((arch.mla.kv_lora_rank + arch.mla.qk_rope_head_dim) * width)
+    return int(2 * math.ceil(arch.kv_heads / tp) * arch.head_dim * width)
+
+
+def local_layers(arch: Architecture) -> int:
+    """How many layers are local (sliding-window) ones: whole groups of the pattern,
+    then the local layers a last, partial group starts with."""
+    window = arch.sliding_window
+    if window is None:
+        return 0
+    groups, rest = divmod(arch.layers, window.local_layers + window.global_layers)
+    return groups * window.local_layers + min(rest, window.local_layers)
+
+
 def kv_bytes_per_token(arch: Architecture, kv_dtype: str, tp: int = 1) -> int:
-    """KV-cache bytes one token costs on each GPU of a replica (all layers, K and V)."""
-    heads_per_gpu = math.ceil(arch.kv_heads / tp)
-    return int(2 * arch.layers * heads_per_gpu * arch.head_dim * DTYPE_BYTES[kv_dtype])
+    """KV-cache bytes one token costs on each GPU of a replica while every layer keeps
+    it (all layers; within every window). A local layer drops tokens older than its
+    window, so a sequence costs ``kv_bytes_per_sequence``, not this times its length."""
+    return arch.layers * kv_bytes_per_layer_token(arch, kv_dtype, tp)
+
+
+def kv_bytes_per_sequence(arch: Architecture, kv_dtype: str, context_tokens: int,
+                          tp: int = 1) -> int:
+    """KV-cache bytes one sequence of ``context_tokens`` tokens holds on each GPU of a
+    replica: global layers keep every token, local ones the last ``window``."""
+    local = local_layers(arch)
+    kept = min(context_tokens, arch.sliding_window.tokens) if local else context_tokens
+    layer_tokens = (arch.layers - local) * context_tokens + local * kept
+    return kv_bytes_per_layer_token(arch, kv_dtype, tp) * layer_tokens
+
+
+def max_context_within(arch: Architecture, kv_dtype: str, bytes_per_sequence: int,
+                       tp: int = 1) -> int:
+    """The longest context, up to ``maxContextTokens``, whose sequence holds at most
+    ``bytes_per_sequence`` of KV on each GPU (the inverse of ``kv_bytes_per_sequence``);
+    0 when not even one token fits."""
+    layer_tokens = max(0, bytes_per_sequence) // kv_bytes_per_layer_token(arch, kv_dtype, tp)
+    context = layer_tokens // arch.layers
+    local = local_layers(arch)
+    if local and context >= arch.sliding_window.tokens:
+        # Past the window only the global layers grow; with none, no context is too long.
+        rest = arch.layers - local
+        context = (arch.max_context_tokens if rest == 0
+                   else (layer_tokens - local * arch.sliding_window.tokens) // rest)
+    return min(context, arch.max_context_tokens)
+
+
+def naive_kv_bytes_per_sequence(arch: Architecture, kv_dtype: str, context_tokens: int) -> int:
+    """What ``2 x layers x kvHeads x headDim x bytes x context`` says a sequence costs
+    (one GPU): every layer keeping K and V of every head for every token, blind to
+    windows and latents. Only for showing what the memory model saves against it."""
+    return int(2 * arch.layers * arch.kv_heads * arch.head_dim * DTYPE_BYTES[kv_dtype]
+               * context_tokens)
 
 
 def weight_bytes(spec: ModelSpec) -> int:
@@ -73,13 +146,20 @@ def tp_is_valid(spec: ModelSpec, tp: int) -> bool:
 
 @dataclass(frozen=True)
 class ReplicaBudget:
-    """HBM one replica needs on EACH of its ``tp`` GPUs, broken down."""
+    """HBM one replica needs on EACH of its ``tp`` GPUs, broken down.
+
+    ``kv_bytes_per_sequence`` is what one sequence of the SLA's ``contextTokens`` holds;
+    ``kv_bytes_per_token`` is that over ``contextTokens``, rounded up: the cost of a token
+    in sequences of that length, which turns spare HBM into KV tokens. Where every layer
+    keeps every token it is exactly ``kv_bytes_per_token(arch, dtype, tp)``.
+    """
 
     tp: int
     weights: int
     kv_cache: int
     overhead: int
     kv_bytes_per_token: int
+    kv_bytes_per_sequence: int
 
     @property
     def per_gpu(self) -> int:
@@ -98,13 +178,15 @@ def replica_budget(spec: ModelSpec, tp: int) -> ReplicaBudget:
             f"{spec.architecture.attention_heads}, or neither divides nor is a multiple "
             f"of kvHeads {spec.architecture.kv_heads}"
         )
-    per_token = kv_bytes_per_token(spec.architecture, spec.kv_cache_dtype, tp)
+    context = spec.sla.context_tokens
+    per_sequence = kv_bytes_per_sequence(spec.architecture, spec.kv_cache_dtype, context, tp)
     return ReplicaBudget(
         tp=tp,
         weights=weight_bytes_per_gpu(spec, tp),
-        kv_cache=per_token * spec.sla.context_tokens * spec.sla.concurrent_sequences,
+        kv_cache=per_sequence * spec.sla.concurrent_sequences,
         overhead=parse_bytes(spec.runtime_overhead),
-        kv_bytes_per_token=per_token,
+        kv_bytes_per_token=-(-per_sequence // context),
+        kv_bytes_per_sequence=per_sequence,
     )
 
 
@@ -121,7 +203,8 @@ def kv_capacity_tokens(
     """KV tokens one replica can hold when it has whole GPUs of ``gpu_hbm`` bytes.
 
     This is what the worker's block pool gets: everything on the GPU that weights and the
-    runtime overhead leave. Zero when the weights alone do not fit.
+    runtime overhead leave, counted in tokens of sequences of the SLA's context (see
+    ``ReplicaBudget``). Zero when the weights alone do not fit.
     """
     budget = replica_budget(spec, tp)
     free = usable_hbm(gpu_hbm, reserve_fraction) - budget.weights - budget.overhead
@@ -179,11 +262,13 @@ def decode_step_bytes(
 ) -> int:
     """HBM bytes ONE GPU of a replica reads in one decode step: its weight shard and the
     KV cache of ``sequences`` sequences of ``context_tokens`` tokens each (by default the
-    SLA's ``concurrentSequences`` and ``contextTokens``: the step at full load)."""
+    SLA's ``concurrentSequences`` and ``contextTokens``: the step at full load). A local
+    layer reads only its window, and an MLA layer its latent (absorbed into the query)."""
     sequences = spec.sla.concurrent_sequences if sequences is None else sequences
     context_tokens = spec.sla.context_tokens if context_tokens is None else context_tokens
-    per_token = kv_bytes_per_token(spec.architecture, spec.kv_cache_dtype, tp)
-    return weight_bytes_per_gpu(spec, tp) + per_token * sequences * context_tokens
+    per_sequence = kv_bytes_per_sequence(
+        spec.architecture, spec.kv_cache_dtype, context_tokens, tp)
+    return weight_bytes_per_gpu(spec, tp) + per_sequence * sequences
 
 
 def decode_fixed_seconds(spec: ModelSpec, tp: int) -> float:

@@ -182,6 +182,49 @@ class Weights(KubeModel):
     )
 
 
+AttentionKind = Literal["gqa", "mla"]
+
+
+class SlidingWindow(KubeModel):
+    """Local layers: each attends over its last ``tokens`` tokens only, so it keeps at
+    most that many tokens of KV per sequence, whatever the context.
+
+    Which layers are local repeats from layer 0: ``localLayers`` local layers, then
+    ``globalLayers`` global ones, again and again; a last, partial group starts with its
+    local layers. Mistral-7B v0.1 (every layer local): the defaults. Gemma 2 (local and
+    global alternate, layer 0 local): 1 and 1. Gemma 3 (every sixth layer global): 5
+    and 1.
+    """
+
+    tokens: int = Field(
+        ge=1, le=16_777_216,
+        description="The window: tokens of KV a local layer keeps per sequence "
+        "(sliding_window in the model's config.json).",
+    )
+    local_layers: int = Field(
+        1, ge=1, le=1024, description="Local layers at the start of each repeating group."
+    )
+    global_layers: int = Field(
+        0, ge=0, le=1024,
+        description="Global layers (attending over the whole context) that end each "
+        "group; 0: every layer is local.",
+    )
+
+
+class LatentAttention(KubeModel):
+    """Multi-head latent attention (DeepSeek-V2/V3, Kimi K2): per token, each layer
+    caches one compressed latent and one RoPE key shared by all heads, no per-head K/V."""
+
+    kv_lora_rank: int = Field(
+        ge=1, le=16_384,
+        description="Width of the cached KV latent (kv_lora_rank in config.json).",
+    )
+    qk_rope_head_dim: int = Field(
+        ge=1, le=1024,
+        description="Width of the cached RoPE key (qk_rope_head_dim in config.json).",
+    )
+
+
 class Architecture(KubeModel):
     """The transformer shape that sizes the KV cache."""
 
@@ -197,6 +240,18 @@ class Architecture(KubeModel):
     max_context_tokens: int = Field(
         ge=1, le=16_777_216, description="Longest context the model supports, in tokens."
     )
+    attention: AttentionKind = Field(
+        "gqa",
+        description="What a layer caches per token: gqa (K and V of every KV head; MHA "
+        "and MQA are gqa too) or mla (one latent shared by all heads; needs mla).",
+    )
+    mla: Optional[LatentAttention] = Field(
+        None, description="The latent's dimensions, for attention: mla only."
+    )
+    sliding_window: Optional[SlidingWindow] = Field(
+        None, description="Which layers attend over a window of recent tokens only; "
+        "absent: every layer attends over the whole context.",
+    )
 
     RULES = (
         Rule(
@@ -211,6 +266,52 @@ class Architecture(KubeModel):
             "headDim must be a multiple of 8 (as every model's is, e.g. 64, 96 or 128)",
             lambda a: a.head_dim % 8 == 0,
             ".headDim",
+        ),
+        Rule(
+            "self.attention != 'mla' || has(self.mla)",
+            "attention mla needs mla.kvLoraRank and mla.qkRopeHeadDim (kv_lora_rank and "
+            "qk_rope_head_dim in the model's config.json)",
+            lambda a: a.attention != "mla" or a.mla is not None,
+            ".attention",
+        ),
+        Rule(
+            "self.attention == 'mla' || !has(self.mla)",
+            "mla dimensions are for attention: mla; a gqa model caches K and V per KV "
+            "head (set attention: mla, or remove mla)",
+            lambda a: a.attention == "mla" or a.mla is None,
+            ".mla",
+        ),
+        Rule(
+            "self.attention != 'mla' || self.kvHeads == self.attentionHeads",
+            "attention mla needs kvHeads equal to attentionHeads (the latent expands to a "
+            "key and a value for every query head, as num_key_value_heads says in "
+            "DeepSeek's config.json)",
+            lambda a: a.attention != "mla" or a.kv_heads == a.attention_heads,
+            ".kvHeads",
+        ),
+        Rule(
+            "!has(self.mla) || self.mla.qkRopeHeadDim < self.headDim",
+            "mla.qkRopeHeadDim must be less than headDim (a query/key head is "
+            "qk_nope_head_dim + qk_rope_head_dim)",
+            lambda a: a.mla is None or a.mla.qk_rope_head_dim < a.head_dim,
+            ".mla.qkRopeHeadDim",
+        ),
+        Rule(
+            "!has(self.slidingWindow) || self.slidingWindow.tokens <= self.maxContextTokens",
+            "slidingWindow.tokens must be <= maxContextTokens (a window longer than the "
+            "longest context never slides: leave slidingWindow out)",
+            lambda a: a.sliding_window is None
+            or a.sliding_window.tokens <= a.max_context_tokens,
+            ".slidingWindow.tokens",
+        ),
+        Rule(
+            "!has(self.slidingWindow) || "
+            "self.slidingWindow.localLayers + self.slidingWindow.globalLayers <= self.layers",
+            "slidingWindow.localLayers + slidingWindow.globalLayers must be <= layers (one "
+            "group of the local/global pattern must fit in the model)",
+            lambda a: a.sliding_window is None
+            or a.sliding_window.local_layers + a.sliding_window.global_layers <= a.layers,
+            ".slidingWindow",
         ),
     )
 
