@@ -10,7 +10,10 @@ Documents are built on top of ``llama_spec()`` by ``document()``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
+
+import yaml
 
 ARCH = {"layers": 32, "attentionHeads": 32, "kvHeads": 8, "headDim": 128,
         "maxContextTokens": 8192}
@@ -19,6 +22,12 @@ QWEN_ARCH = {"layers": 24, "attentionHeads": 14, "kvHeads": 2, "headDim": 64,
 # Phi-3-mini: 32 heads of 96, no GQA. Planned; the worker's kernels do not take 96.
 PHI3_ARCH = {"layers": 32, "attentionHeads": 32, "kvHeads": 32, "headDim": 96,
              "maxContextTokens": 4096}
+# Sliding-window and latent attention, as the examples state them.
+ATTENTION_ARCH = {
+    p.stem: yaml.safe_load(p.read_text())["spec"]["architecture"]
+    for p in (Path(__file__).parent.parent / "examples" / "attention").glob("*.yaml")
+}
+MLA = {"attention": "mla", "mla": {"kvLoraRank": 512, "qkRopeHeadDim": 64}}
 LONGEST_NAME = "m" + "-0123456789abcdefghijklmnopqrstuvwxyz" + "x" * 12  # 50 characters
 BYTES = "must be a byte count: an integer or a quantity such as 16Gi, 500Mi or 8G, at most 1Pi"
 QUANTITY = "must be a non-negative quantity such as 500m, 2, 4Gi or 1e3"
@@ -142,6 +151,42 @@ INVALID: list[Case] = [
          "spec.architecture.headDim", "headDim must be a multiple of 8"),
     Case("head-dim-huge", {"architecture": {**ARCH, "headDim": 2048}},
          "spec.architecture.headDim", "less than or equal to 1024"),
+    # --- attention: facts that contradict each other -----------------------------------
+    Case("window-above-max-context",
+         {"architecture": {**ARCH, "slidingWindow": {"tokens": 8193}}},
+         "spec.architecture.slidingWindow.tokens",
+         "slidingWindow.tokens must be <= maxContextTokens"),
+    Case("window-pattern-longer-than-layers",
+         {"architecture": {**ARCH, "slidingWindow": {"tokens": 4096, "localLayers": 30,
+                                                     "globalLayers": 3}}},
+         "spec.architecture.slidingWindow",
+         "slidingWindow.localLayers + slidingWindow.globalLayers must be <= layers"),
+    Case("window-zero", {"architecture": {**ARCH, "slidingWindow": {"tokens": 0}}},
+         "spec.architecture.slidingWindow.tokens", "greater than or equal to 1"),
+    Case("window-no-local-layers",
+         {"architecture": {**ARCH, "slidingWindow": {"tokens": 4096, "localLayers": 0}}},
+         "spec.architecture.slidingWindow.localLayers", "greater than or equal to 1"),
+    Case("window-without-tokens", {"architecture": {**ARCH, "slidingWindow": {"globalLayers": 1}}},
+         "spec.architecture.slidingWindow.tokens", "Field required", server="Required value"),
+    Case("mla-dims-on-gqa", {"architecture": {**ARCH, "mla": MLA["mla"]}},
+         "spec.architecture.mla", "mla dimensions are for attention: mla"),
+    Case("mla-dims-on-explicit-gqa",
+         {"architecture": {**ARCH, "attention": "gqa", "mla": MLA["mla"]}},
+         "spec.architecture.mla", "mla dimensions are for attention: mla"),
+    Case("mla-without-dims", {"architecture": {**ARCH, "kvHeads": 32, "attention": "mla"}},
+         "spec.architecture.attention", "attention mla needs mla.kvLoraRank"),
+    Case("mla-grouped-kv-heads", {"architecture": {**ARCH, **MLA}},
+         "spec.architecture.kvHeads", "attention mla needs kvHeads equal to attentionHeads"),
+    Case("mla-rope-as-wide-as-head",
+         {"architecture": {**ARCH, **MLA, "kvHeads": 32,
+                           "mla": {"kvLoraRank": 512, "qkRopeHeadDim": 128}}},
+         "spec.architecture.mla.qkRopeHeadDim", "mla.qkRopeHeadDim must be less than headDim"),
+    Case("mla-rank-above-bound",
+         {"architecture": {**ARCH, **MLA, "kvHeads": 32,
+                           "mla": {"kvLoraRank": 20000, "qkRopeHeadDim": 64}}},
+         "spec.architecture.mla.kvLoraRank", "less than or equal to 16384"),
+    Case("attention-unknown", {"architecture": {**ARCH, "attention": "mha"}},
+         "spec.architecture.attention", "'gqa' or 'mla'", server='Unsupported value: "mha"'),
     # --- 4. the worker section, checked as a container is -----------------------------
     Case("image-empty", _worker(image=""), "spec.worker.image", IMAGE),
     Case("image-uppercase-path", _worker(image="Kvpilot/Worker:1"), "spec.worker.image", IMAGE),
@@ -258,6 +303,16 @@ VALID: list[Case] = [
         "maxReplicas": 10_000, "tensorParallel": 16}, "", ""),
     Case("gpu-products-label-values", {"gpuProducts": ["NVIDIA-H100-80GB-HBM3", "A_1.b"]},
          "", ""),
+    *[Case(f"attention-{name}".replace(".", "-"), {"architecture": a}, "", "")
+      for name, a in sorted(ATTENTION_ARCH.items())],
+    Case("window-as-long-as-max-context",
+         {"architecture": {**ARCH, "slidingWindow": {"tokens": 8192}}}, "", ""),
+    Case("window-pattern-as-long-as-layers",
+         {"architecture": {**ARCH, "slidingWindow": {"tokens": 1, "localLayers": 31,
+                                                     "globalLayers": 1}}}, "", ""),
+    Case("mla-with-window", {"architecture": {
+        **ARCH, **MLA, "kvHeads": 32, "headDim": 192,
+        "slidingWindow": {"tokens": 4096, "localLayers": 1, "globalLayers": 1}}}, "", ""),
 ]
 
 

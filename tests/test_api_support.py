@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from kvpilot.api import support
-from kvpilot.api.model import ModelSpec
+from kvpilot.api.model import Model, ModelSpec
 from kvpilot.api.support import worker_support_problem
-from tests.conftest import llama_spec
+from tests.conftest import EXAMPLES, llama_spec
 from tests.invalid_models import PHI3_ARCH
 
 
@@ -49,3 +50,23 @@ def test_replicas_wider_than_a_worker_are_flagged():
     arch = {**llama_spec()["architecture"], "headDim": 96}
     both = worker_support_problem(spec(architecture=arch, tensorParallel=2))
     assert "headDim 96" in both and "; tensorParallel 2:" in both
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("deepseek-v2-lite", "architecture.attention mla: the worker's engine runs Llama-style "
+                         "GQA attention only"),
+    ("mistral-7b-v0.1", "architecture.slidingWindow: the worker's engine has no "
+                        "sliding-window attention (every layer attends over the whole context)"),
+    ("gemma-3-27b", "architecture.slidingWindow: the worker's engine has no sliding-window"),
+])
+def test_latent_and_sliding_window_attention_are_planned_and_flagged(name, problem):
+    doc = yaml.safe_load((EXAMPLES / "attention" / f"{name}.yaml").read_text())
+    why = worker_support_problem(Model.model_validate(doc).spec, tp=1)
+    assert why.startswith(problem) and why.endswith("(the Model is planned, but no worker serves it)")
+
+
+def test_deepseek_names_every_problem():
+    doc = yaml.safe_load((EXAMPLES / "attention" / "deepseek-v2-lite.yaml").read_text())
+    why = worker_support_problem(Model.model_validate(doc).spec, tp=2)
+    assert [p.split(" ")[0] for p in why.split("; ")] == [
+        "architecture.attention", "architecture.headDim", "tensorParallel"]

@@ -357,6 +357,21 @@ def test_a_model_the_worker_cannot_serve_gets_a_condition_and_no_pods():
     assert "headDim 96" in c["message"]
 
 
+def test_latent_or_sliding_window_attention_gets_a_condition_and_no_pods():
+    window, latent = model("window", 1), model("latent", 1)
+    window["spec"]["architecture"]["slidingWindow"] = {"tokens": 4096}  # Mistral-7B v0.1
+    latent["spec"]["architecture"].update(  # DeepSeek-V2-Lite's latent on this shape
+        attention="mla", kvHeads=32, mla={"kvLoraRank": 512, "qkRopeHeadDim": 64})
+    w = World([node("a")], [window, latent, model("m", 1)])
+    w.settle()
+    assert list(w.placements()) == ["m-0"]
+    for name, why in [("window", "architecture.slidingWindow"),
+                      ("latent", "architecture.attention mla")]:
+        (c,) = w.status(name)["conditions"]
+        assert (c["type"], c["status"], c["reason"]) == ("Degraded", "True", "WorkerUnsupported")
+        assert why in c["message"]
+
+
 def test_tp_auto_never_resolves_wider_than_a_worker_drives():
     big = model("big", 1, seqs=16, context=65536)  # 15 + 128 GiB + 2: needs TP 2 on H100s
     w = World([node("a")], [big])

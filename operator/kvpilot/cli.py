@@ -3,8 +3,10 @@
 ``kvpilot plan FLEET.yaml MODEL.yaml...`` places the replicas of the Models on the fleet
 with the same ``place()`` the operator uses, without a cluster, and prints the plan: per
 node the GPUs and HBM in use and which replica holds what on each GPU; per model the
-replicas placed, what one needs on each product, its KV capacity; and for every replica
-that does not fit, why and what would make it fit.
+replicas placed, what one needs on each product, its KV capacity; for models with
+sliding-window layers or latent attention, their KV cache beside what the plain GQA
+formula would say; and for every replica that does not fit, why and what would make it
+fit.
 """
 
 from __future__ import annotations
@@ -127,8 +129,52 @@ def model_summary(plan, demands) -> list[dict[str, Any]]:
             },
             "unfit": dict(sorted(d.unfit.items())),
             "reasons": reasons,
+            **_kv_figures(d),
         })
     return out
+
+
+def _kv_figures(demand) -> dict[str, int]:
+    """KV bytes of one sequence at the SLA's context, whole replica (TP 1): the memory
+    model's and the plain GQA formula's."""
+    from kvpilot.api.memory import kv_bytes_per_sequence, naive_kv_bytes_per_sequence
+
+    spec = demand.spec
+    if spec is None:
+        return {}
+    arch, dtype, context = spec.architecture, spec.kv_cache_dtype, spec.sla.context_tokens
+    return {"kvBytesPerSequence": kv_bytes_per_sequence(arch, dtype, context),
+            "naiveKvBytesPerSequence": naive_kv_bytes_per_sequence(arch, dtype, context)}
+
+
+def _kv_against_naive(demands, model_w: int) -> list[str]:
+    """A line per model whose attention caches less than the plain GQA formula says."""
+    from kvpilot.api.memory import local_layers
+
+    rows = []
+    for d in demands:
+        figures = _kv_figures(d)
+        if not figures or figures["kvBytesPerSequence"] == figures["naiveKvBytesPerSequence"]:
+            continue
+        arch, sla = d.spec.architecture, d.spec.sla
+        why = []
+        if arch.mla is not None:
+            why.append(f"latent {arch.mla.kv_lora_rank} + RoPE key {arch.mla.qk_rope_head_dim}")
+        if arch.sliding_window is not None:
+            local = local_layers(arch)
+            which = "every layer" if local == arch.layers else f"{local} of {arch.layers} layers"
+            why.append(f"{which} local, window {arch.sliding_window.tokens:,}")
+        own, first = _first_cells([(d.model, model_w)])
+        rows.extend(own)
+        seqs = sla.concurrent_sequences
+        rows.extend(_wrap(
+            f"{first}  {seqs} x {sla.context_tokens:,} tokens: "
+            f"{_gib(figures['kvBytesPerSequence'] * seqs)} GiB vs "
+            f"{_gib(figures['naiveKvBytesPerSequence'] * seqs)} GiB ({'; '.join(why)})", 0))
+    if not rows:
+        return []
+    return ["", "KV CACHE OF ONE REPLICA AT TP 1: BY ITS ATTENTION vs 2 x LAYERS x KV HEADS x "
+            "HEAD DIM x TOKENS", *rows]
 
 
 def _gib(n: int) -> str:
@@ -216,6 +262,7 @@ def render_table(plan, demands) -> str:
         else:
             lines.append(head + body[0])
             lines.extend(" " * len(head) + b for b in body[1:])
+    lines.extend(_kv_against_naive(demands, model_w))
     if plan.assignments:
         lines.append("")
         replica_w = min(MODEL_COLUMN, max(len(a.replica) for a in plan.assignments))

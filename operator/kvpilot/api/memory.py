@@ -149,9 +149,10 @@ class ReplicaBudget:
     """HBM one replica needs on EACH of its ``tp`` GPUs, broken down.
 
     ``kv_bytes_per_sequence`` is what one sequence of the SLA's ``contextTokens`` holds;
-    ``kv_bytes_per_token`` is that over ``contextTokens``, rounded up: the cost of a token
-    in sequences of that length, which turns spare HBM into KV tokens. Where every layer
-    keeps every token it is exactly ``kv_bytes_per_token(arch, dtype, tp)``.
+    ``kv_bytes_per_token`` is that over ``contextTokens``, rounded down (so ``kv_cache``
+    counts at least the SLA's tokens): the cost of a token in sequences of that length,
+    which turns spare HBM into KV tokens. Where every layer keeps every token it is
+    exactly ``kv_bytes_per_token(arch, dtype, tp)``.
     """
 
     tp: int
@@ -185,7 +186,7 @@ def replica_budget(spec: ModelSpec, tp: int) -> ReplicaBudget:
         weights=weight_bytes_per_gpu(spec, tp),
         kv_cache=per_sequence * spec.sla.concurrent_sequences,
         overhead=parse_bytes(spec.runtime_overhead),
-        kv_bytes_per_token=-(-per_sequence // context),
+        kv_bytes_per_token=max(1, per_sequence // context),
         kv_bytes_per_sequence=per_sequence,
     )
 

@@ -2,10 +2,11 @@
 
 The API accepts every Model the memory model can plan: placement, ``kvpilot plan`` and
 the scale subresource work for it. The worker is narrower: Llama-style GQA on one GPU
-per process, with Triton kernels that take a head dimension that is a power of two from
-16 to 256. A Model outside that (Phi-3-mini's headDim of 96, say) is accepted and
-planned, and the operator marks it with a condition carrying the reason below instead
-of starting workers that would fail at load.
+per process, every layer attending over the whole context, with Triton kernels that take
+a head dimension that is a power of two from 16 to 256. A Model outside that
+(Phi-3-mini's headDim of 96, DeepSeek's latent attention, Mistral-7B v0.1's or Gemma's
+sliding windows) is accepted and planned, and the operator marks it with a condition
+carrying the reason below instead of starting workers that would fail at load.
 """
 
 from __future__ import annotations
@@ -27,7 +28,16 @@ def worker_support_problem(spec: ModelSpec, tp: Optional[int] = None) -> Optiona
     auto``); without it only a fixed degree in the spec is checked.
     """
     problems = []
-    head_dim = spec.architecture.head_dim
+    arch = spec.architecture
+    if arch.attention != "gqa":
+        problems.append(
+            f"architecture.attention {arch.attention}: the worker's engine runs "
+            "Llama-style GQA attention only")
+    if arch.sliding_window is not None:
+        problems.append(
+            "architecture.slidingWindow: the worker's engine has no sliding-window "
+            "attention (every layer attends over the whole context)")
+    head_dim = arch.head_dim
     if head_dim not in WORKER_HEAD_DIMS:
         problems.append(
             f"architecture.headDim {head_dim} is not one the worker's attention kernels "

@@ -17,7 +17,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Optional
 
-from kvpilot.api.memory import TP_DEGREES, replica_budget, tp_is_valid
+from kvpilot.api.memory import (
+    TP_DEGREES, kv_bytes_per_sequence, max_context_within, replica_budget, tp_is_valid,
+)
 from kvpilot.api.quantity import format_bytes
 from kvpilot.operator.placement.filters import first_failure, product_fits
 from kvpilot.operator.placement.model import Demand, Policy
@@ -139,7 +141,8 @@ def _bandwidth_reason(demand: Demand, states: list[NodeState], policy: Policy, p
     tries = []
     spec = demand.spec
     if spec is not None and best > 0:
-        per_sequence = req.kv_bytes_per_token * spec.sla.context_tokens
+        per_sequence = kv_bytes_per_sequence(spec.architecture, spec.kv_cache_dtype,
+                                             spec.sla.context_tokens, req.tp)
         kv = per_sequence * spec.sla.concurrent_sequences
         weights = req.step_bytes - kv
         if per_sequence and best > weights:
@@ -240,11 +243,11 @@ def _sla_fit(spec, tp: int, best_free: int) -> Optional[tuple[int, str, int]]:
     room = best_free - b.weights - b.overhead
     if room <= 0:
         return None
-    per_sequence = b.kv_bytes_per_token * spec.sla.context_tokens
-    sequences = room // per_sequence
+    sequences = room // b.kv_bytes_per_sequence
     if 1 <= sequences < spec.sla.concurrent_sequences:
         return (1, "concurrentSequences", sequences)
-    tokens = room // (b.kv_bytes_per_token * spec.sla.concurrent_sequences)
+    tokens = max_context_within(spec.architecture, spec.kv_cache_dtype,
+                                room // spec.sla.concurrent_sequences, tp)
     if 1 <= tokens < spec.sla.context_tokens:
         return (0, "contextTokens", tokens)
     return None
