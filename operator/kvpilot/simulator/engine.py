@@ -587,20 +587,21 @@ class Simulation:
     # --- the scrape round --------------------------------------------------------------
 
     def _scrape(self, now: float) -> None:
+        """One scrape round: a sample per Model, its scaler's decision, a fleet pass when
+        a count changed (or a desired replica is still missing), then the timeline point
+        (replicas after the pass, KV pressure as sampled)."""
         st, s = self.strategy, self.settings
         changed = False
-        point: dict[str, tuple[int, int, int, Optional[float]]] = {}
+        pressure: dict[str, Optional[float]] = {}
         for name, m in self.models.items():
             serving = [r for r in m.replicas if r.state == SERVING]
-            starting = sum(1 for r in m.replicas if r.state == STARTING)
             used = sum(self._used_now(r, now) * s.page_size * r.kv_token_bytes for r in serving)
             capacity = sum(r.pages * s.page_size * r.kv_token_bytes for r in serving)
             waiting = sum(len(r.waiting) for r in serving)
             sample = Sample(now, m.desired, len(serving), used, capacity, waiting,
                             m.preemptions)
             m.preemptions = 0
-            point[name] = (len(serving), starting, m.desired, sample.pressure)
-            self.peak_replicas[name] = max(self.peak_replicas[name], len(serving) + starting)
+            pressure[name] = sample.pressure
             want = m.desired
             if st.scaler == "kv" and m.spec.autoscaling.enabled:
                 policy = ScalePolicy.of(m.spec)
@@ -623,8 +624,13 @@ class Simulation:
         if changed or any(m.desired != sum(1 for r in m.replicas if r.state != DRAINING)
                           for m in self.models.values()):
             self._reconcile(now)
-        gpus = self._account(now)
-        self.timeline.append(Point(now, gpus, point))
+        point: dict[str, tuple[int, int, int, Optional[float]]] = {}
+        for name, m in self.models.items():
+            serving = sum(1 for r in m.replicas if r.state == SERVING)
+            starting = sum(1 for r in m.replicas if r.state == STARTING)
+            point[name] = (serving, starting, m.desired, pressure[name])
+            self.peak_replicas[name] = max(self.peak_replicas[name], serving + starting)
+        self.timeline.append(Point(now, self._account(now), point))
 
     def _count_policy(self, m: ModelRun) -> CountPolicy:
         st, spec = self.strategy, m.spec
