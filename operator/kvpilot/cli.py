@@ -64,7 +64,22 @@ def parser() -> argparse.ArgumentParser:
 
     add_arguments(operator)
     operator.set_defaults(run=_operator)
+    simulate = sub.add_parser(
+        "simulate", help="replay a request trace through placement and autoscaling offline",
+        description="Simulate the fleet serving a request trace with kvpilot's placement "
+                    "and autoscaling, count-based scheduling and a static fleet; print "
+                    "GPU-hours, SLA attainment and rejections.")
+    from kvpilot.simulator.cli import add_arguments as add_simulate_arguments
+
+    add_simulate_arguments(simulate)
+    simulate.set_defaults(run=_simulate)
     return top
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from kvpilot.simulator.cli import run
+
+    return run(args)
 
 
 def _operator(args: argparse.Namespace) -> int:

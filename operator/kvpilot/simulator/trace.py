@@ -241,3 +241,4 @@ def models_of(requests: Iterable[Request]) -> Iterator[str]:
         if r.model not in seen:
             seen.add(r.model)
             yield r.model
+
