@@ -38,6 +38,7 @@ MISTRAL = example("mistral-7b-v0.1")
 GEMMA2 = example("gemma-2-9b")
 GEMMA3 = example("gemma-3-27b")
 DEEPSEEK = example("deepseek-v2-lite")
+SPECS = {"mistral": MISTRAL, "gemma2": GEMMA2, "gemma3": GEMMA3, "deepseek": DEEPSEEK}
 
 
 def test_every_attention_example_is_here_and_loads():
@@ -47,18 +48,18 @@ def test_every_attention_example_is_here_and_loads():
 
 # --- per token ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec, per_layer, layers, local", [
+@pytest.mark.parametrize("name, per_layer, layers, local", [
     # Mistral-7B v0.1: 2 (K, V) x 8 heads x 128 x 2 bytes; every layer local
-    (MISTRAL, 4096, 32, 32),
+    ("mistral", 4096, 32, 32),
     # Gemma-2-9B: 2 x 8 x 256 x 2; layers 0, 2, .. 40 local: 21 of 42
-    (GEMMA2, 8192, 42, 21),
+    ("gemma2", 8192, 42, 21),
     # Gemma-3-27B: 2 x 16 x 128 x 2; 62 = 10 x (5 local + 1 global) + 2 local: 52 local
-    (GEMMA3, 8192, 62, 52),
+    ("gemma3", 8192, 62, 52),
     # DeepSeek-V2-Lite: (512 latent + 64 RoPE key) x 2 bytes, no K/V per head
-    (DEEPSEEK, 1152, 27, 0),
-], ids=["mistral-v0.1", "gemma-2", "gemma-3", "deepseek-v2-lite"])
-def test_bytes_per_layer_and_token(spec, per_layer, layers, local):
-    a = spec.architecture
+    ("deepseek", 1152, 27, 0),
+])
+def test_bytes_per_layer_and_token(name, per_layer, layers, local):
+    a = SPECS[name].architecture
     assert kv_bytes_per_layer_token(a, "bf16") == per_layer
     assert kv_bytes_per_layer_token(a, "fp8") == per_layer // 2
     assert a.layers == layers and local_layers(a) == local
@@ -76,34 +77,33 @@ def test_naive_formula_per_token_against_the_memory_model():
 
 # --- per sequence, below and above the window -------------------------------------------
 
-@pytest.mark.parametrize("spec, context, expected", [
+@pytest.mark.parametrize("name, context, expected", [
     # Mistral: every layer keeps min(context, 4096) tokens of 131072 bytes
-    (MISTRAL, 1000, 131072 * 1000),
-    (MISTRAL, 4096, 131072 * 4096),  # 512 MiB
-    (MISTRAL, 4097, 131072 * 4096),
-    (MISTRAL, 32768, 131072 * 4096),
+    ("mistral", 1000, 131072 * 1000),
+    ("mistral", 4096, 131072 * 4096),  # 512 MiB
+    ("mistral", 4097, 131072 * 4096),
+    ("mistral", 32768, 131072 * 4096),
     # Gemma 2 below the window: all 42 layers keep every token
-    (GEMMA2, 2048, 344064 * 2048),
-    (GEMMA2, 4096, 344064 * 4096),
+    ("gemma2", 2048, 344064 * 2048),
+    ("gemma2", 4096, 344064 * 4096),
     # above: 8192 x (21 global x 8192 + 21 local x 4096) = 8192 x 258048
-    (GEMMA2, 8192, 2113929216),
+    ("gemma2", 8192, 2113929216),
     # Gemma 3 at the window: 62 x 8192 x 1024; one past: 8192 x (10 x 1025 + 52 x 1024)
-    (GEMMA3, 1024, 520093696),
-    (GEMMA3, 1025, 8192 * 63498),
-    (GEMMA3, 32768, 8192 * (10 * 32768 + 52 * 1024)),  # 3120562176, 2.91 GiB
+    ("gemma3", 1024, 520093696),
+    ("gemma3", 1025, 8192 * 63498),
+    ("gemma3", 32768, 8192 * (10 * 32768 + 52 * 1024)),  # 3120562176, 2.91 GiB
     # DeepSeek: no window, 31104 bytes for every token
-    (DEEPSEEK, 32768, 31104 * 32768),  # 1019215872
-], ids=lambda v: str(v) if isinstance(v, int) else None)
-def test_bytes_per_sequence(spec, context, expected):
-    assert kv_bytes_per_sequence(spec.architecture, "bf16", context) == expected
+    ("deepseek", 32768, 31104 * 32768),  # 1019215872
+])
+def test_bytes_per_sequence(name, context, expected):
+    assert kv_bytes_per_sequence(SPECS[name].architecture, "bf16", context) == expected
 
 
 def test_the_naive_formula_overstates_the_sla_of_each_example():
     # per sequence at the SLA's context: the memory model, the naive formula
     figures = {name: (kv_bytes_per_sequence(s.architecture, "bf16", s.sla.context_tokens),
                       naive_kv_bytes_per_sequence(s.architecture, "bf16", s.sla.context_tokens))
-               for name, s in [("mistral", MISTRAL), ("gemma2", GEMMA2), ("gemma3", GEMMA3),
-                               ("deepseek", DEEPSEEK)]}
+               for name, s in SPECS.items()}
     assert figures == {
         "mistral": (512 * 2**20, 4 * GiB),  # 4096 vs 32768 tokens of 128 KiB
         "gemma2": (2113929216, 2818572288),  # 258048 vs 344064 layer-tokens of 8 KiB
