@@ -19,13 +19,15 @@ H100 = "NVIDIA-H100-80GB-HBM3"
 
 
 def node(name: str, gpus: int = 2, product: str = H100, mib: int = 81559, *,
-         ready: bool = True, cordoned: bool = False, taints: list | None = None) -> dict:
+         ready: bool = True, cordoned: bool = False, taints: list | None = None,
+         since: str = "2025-01-01T00:00:00Z") -> dict:
     return {
         "metadata": {"name": name, "labels": {"nvidia.com/gpu.product": product,
                                               "nvidia.com/gpu.memory": str(mib)}},
         "spec": {"unschedulable": cordoned, "taints": taints or []},
         "status": {"allocatable": {"nvidia.com/gpu": str(gpus)},
-                   "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+                   "conditions": [{"type": "Ready", "status": "True" if ready else "False",
+                                   "lastTransitionTime": since}]},
     }
 
 
@@ -69,12 +71,14 @@ class World:
     events: list[dict] = field(default_factory=list)
     mode: str = "devicePlugin"
 
-    def view(self):
+    def view(self, now_s: float | None = None):
         return cluster_view(self.nodes, self.slices, list(self.pods.values()),
-                            list(self.claims.values()) + self.foreign_claims, self.mode)
+                            list(self.claims.values()) + self.foreign_claims, self.mode,
+                            now_s=now_s, not_ready_grace=60)
 
     def step(self, drained: dict | None = None, now_s: float | None = None) -> Actions:
-        actions = reconcile(self.models, self.view(), Config(mode=self.mode, drain_seconds=60),
+        actions = reconcile(self.models, self.view(now_s), Config(mode=self.mode,
+                                                                  drain_seconds=60),
                             NOW, drained, now_s)
         for ns, name in actions.drains:
             self.pods[(ns, name)]["metadata"]["annotations"]["kvpilot.dev/drain-started"] = NOW
@@ -409,3 +413,18 @@ def test_scaling_alone_replaces_nothing():
     w.models[0]["spec"]["maxReplicas"] = 5
     w.settle()
     assert list(w.placements()) == ["m-0", "m-1", "m-2"]
+
+
+def test_a_node_notready_for_a_moment_keeps_its_replicas_and_takes_nothing_new():
+    w = World([node("a", gpus=2), node("b", gpus=2)], [model("m", 1)])
+    w.settle()
+    assert w.placements() == {"m-0": ("a", (0,))}
+    w.nodes[0] = node("a", gpus=2, ready=False, since=NOW,
+                      taints=[{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}])
+    w.models[0]["spec"]["replicas"] = 2
+    actions = w.step(now_s=_epoch(NOW) + 30)  # 30 s of the 60 s grace
+    assert actions.deletes == []
+    assert w.placements() == {"m-0": ("a", (0,)), "m-1": ("b", (0,))}
+    actions = w.step(now_s=_epoch(NOW) + 61)  # past the grace: placed elsewhere
+    assert [d.name for d in actions.deletes] == ["m-0"]
+    assert "node is NotReady" in actions.events[0]["message"]

@@ -105,7 +105,10 @@ class Kube:
         if body is not None:
             headers["Content-Type"] = content_type
         async with self.gate:
-            resp = await self.client.request(method, path, json=body, headers=headers)
+            try:
+                resp = await self.client.request(method, path, json=body, headers=headers)
+            except httpx.TransportError as err:  # unreachable or too slow: retried later
+                raise ApiError(0, f"{type(err).__name__}: {err}") from err
         if resp.status_code in ok:
             return resp.json() if resp.content else {}
         try:
@@ -129,6 +132,8 @@ class Kube:
             return await self.request("POST", path_of(obj["kind"], meta["namespace"]), obj)
         except ApiError as err:
             if err.status == 409:
+                log.info("%s %s/%s exists already (%s)", obj["kind"], meta["namespace"],
+                         meta.get("name") or meta.get("generateName"), err)
                 return None
             raise
 

@@ -162,7 +162,8 @@ class Fleet:
         pods = self._overlay("Pod", ix.items(ix.pods))
         claims = self._overlay("ResourceClaim", ix.items(ix.claims))
         view = await asyncio.to_thread(cluster_view, nodes, slices, pods, claims, mode,
-                                       self.settings.dra_driver)
+                                       self.settings.dra_driver, time.time(),
+                                       self.settings.not_ready_grace_seconds)
         drained = await self.drain_progress(view)
         actions = await asyncio.to_thread(reconcile, models, view, self.config(mode),
                                           utc_now(), drained)

@@ -28,7 +28,7 @@ from kvpilot.operator.kube import ApiError, Kube
 from kvpilot.operator.objects import event_for
 from kvpilot.operator.reconcile import parse_models
 from kvpilot.operator.runner import Indexes, utc_now
-from kvpilot.operator.scrape import WorkerMetrics, scrape_all
+from kvpilot.operator.scrape import CONCURRENCY, WorkerMetrics, scrape_all
 from kvpilot.operator.settings import Settings
 from kvpilot.operator.view import ReplicaObjects, model_key
 
@@ -66,7 +66,7 @@ class Scaler:
                  wake_fleet) -> None:
         self.kube, self.settings, self.indexes = kube, settings, indexes
         self.ready, self.wake_fleet = ready, wake_fleet
-        self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=256))
+        self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=CONCURRENCY))
         self.windows: dict[str, deque[Sample]] = {}
         self.states: dict[str, State] = {}
         self.counters: dict[str, int] = {}  # replica key -> preemption counter last seen

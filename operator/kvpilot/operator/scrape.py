@@ -64,12 +64,23 @@ async def scrape(client: httpx.AsyncClient, ip: str, port: int, model: str,
         return None, f"{type(err).__name__}: {err}"
 
 
+# Scrapes in flight at once. More only queue inside the HTTP client's connection pool,
+# whose bookkeeping grows with the square of the queue (thousands of workers would hold
+# the event loop for seconds).
+CONCURRENCY = 64
+
+
 async def scrape_all(client: httpx.AsyncClient, targets: Iterable[tuple[str, str, str]],
                      port: int, timeout: float) -> dict[str, tuple[Optional[WorkerMetrics], str]]:
-    """Scrape (key, ip, model) targets at once; key -> (metrics or None, error)."""
+    """Scrape (key, ip, model) targets, CONCURRENCY at a time; key -> (metrics, error)."""
     targets = list(targets)
-    results = await asyncio.gather(*(scrape(client, ip, port, model, timeout)
-                                     for _, ip, model in targets))
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(ip: str, model: str) -> tuple[Optional[WorkerMetrics], str]:
+        async with gate:
+            return await scrape(client, ip, port, model, timeout)
+
+    results = await asyncio.gather(*(one(ip, model) for _, ip, model in targets))
     return {key: r for (key, _, _), r in zip(targets, results)}
 
 

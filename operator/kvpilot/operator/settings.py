@@ -43,6 +43,9 @@ class Settings(BaseModel):
     scrape_timeout_seconds: float = Field(2.0, gt=0, le=60)
     drain_timeout_seconds: float = Field(120.0, ge=0, le=86400,
                                          description="Longest wait for a worker to drain.")
+    not_ready_grace_seconds: float = Field(
+        60.0, ge=0, le=3600, description="How long a NotReady node keeps its replicas "
+        "before they are placed elsewhere (it takes nothing new meanwhile).")
     reserve: float = Field(0.0, ge=0, lt=1, description="Fraction of every GPU's HBM kept free.")
     packing: float = Field(1.0, ge=0, le=1,
                            description="1 packs replicas onto few GPUs, 0 spreads them.")

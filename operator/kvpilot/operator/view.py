@@ -6,8 +6,9 @@ what realizing a plan needs: which DRA device is GPU ``i`` of a node, and which 
 claims make up each existing replica.
 
 Which nodes take replicas:
-- a node that is NotReady, cordoned, or tainted NoExecute (untolerated) loses its
-  replicas: they are re-placed elsewhere (``Node.ready`` is False);
+- a node that is cordoned, tainted NoExecute (untolerated), or NotReady for longer than
+  a grace period loses its replicas: they are re-placed elsewhere (``Node.ready`` is
+  False); within the grace it keeps them and takes nothing new;
 - a node tainted NoSchedule (untolerated) keeps what runs and takes nothing new;
 - GPUs come from NVIDIA GPU Feature Discovery labels and allocatable ``nvidia.com/gpu``
   (device-plugin mode) or from the DRA driver's ResourceSlices (DRA mode, where the GPU
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
 from kvpilot.api.gpus import LABEL_MEMORY_MIB, LABEL_PRODUCT, RESOURCE_GPU
@@ -102,17 +104,41 @@ def _taints(node: Obj) -> list[Obj]:
             if t.get("key") not in TOLERATED_TAINTS]
 
 
-def node_state(node: Obj) -> tuple[bool, bool, str]:
-    """(ready: keeps and takes replicas, cordoned: keeps only, why it is out)."""
+# Taints the node lifecycle controller derives from readiness and cordoning: handled
+# through the Ready condition (with its grace) and spec.unschedulable instead.
+DERIVED_TAINTS = {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable",
+                  "node.kubernetes.io/unschedulable"}
+
+
+def _since(ts: str | None) -> float | None:
+    try:
+        return datetime.strptime(ts or "", "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        return None
+
+
+def node_state(node: Obj, now_s: float | None = None,
+               grace: float = 0.0) -> tuple[bool, bool, str]:
+    """(ready: keeps and takes replicas, cordoned: keeps only, why it is out).
+
+    A node NotReady for less than ``grace`` seconds (by its Ready condition's transition
+    time, at ``now_s``) keeps its replicas and takes nothing new: heartbeats that are
+    late for a moment must not move every replica of a busy node. Past the grace its
+    replicas are placed elsewhere, as Kubernetes evicts pods from it after a while.
+    """
     conditions = (node.get("status") or {}).get("conditions") or []
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    cond = next((c for c in conditions if c.get("type") == "Ready"), {})
     if node["metadata"].get("deletionTimestamp"):
         return False, False, "node is being deleted"
-    if not ready:
+    if cond.get("status") != "True":
+        since = _since(cond.get("lastTransitionTime"))
+        if now_s is not None and since is not None and now_s - since < grace:
+            return True, True, f"node is NotReady for {now_s - since:.0f}s"
         return False, False, "node is NotReady"
     if (node.get("spec") or {}).get("unschedulable"):
         return False, False, "node is cordoned"
-    taints = _taints(node)
+    taints = [t for t in _taints(node) if t.get("key") not in DERIVED_TAINTS]
     if any(t.get("effect") == "NoExecute" for t in taints):
         return False, False, "node has a NoExecute taint"
     if any(t.get("effect") == "NoSchedule" for t in taints):
@@ -120,7 +146,7 @@ def node_state(node: Obj) -> tuple[bool, bool, str]:
     return True, False, ""
 
 
-def _gpu_node(node: Obj) -> Node | None:
+def _gpu_node(node: Obj, now_s: float | None, grace: float) -> Node | None:
     """A device-plugin GPU node from GFD labels and allocatable nvidia.com/gpu."""
     labels = node["metadata"].get("labels") or {}
     product = labels.get(LABEL_PRODUCT)
@@ -132,7 +158,7 @@ def _gpu_node(node: Obj) -> Node | None:
         return None
     if not product or count <= 0 or mib <= 0:
         return None
-    ready, cordoned, _ = node_state(node)
+    ready, cordoned, _ = node_state(node, now_s, grace)
     return Node(node["metadata"]["name"], product, count, mib * MiB, cordoned=cordoned,
                 ready=ready)
 
@@ -172,7 +198,8 @@ def dra_available(slices: Iterable[Obj], driver: str) -> bool:
 
 
 def _dra_nodes(nodes: Mapping[str, Obj], slices: Iterable[Obj], driver: str,
-               devices: dict[tuple[str, int], Device]) -> list[Node]:
+               devices: dict[tuple[str, int], Device], now_s: float | None,
+               grace: float) -> list[Node]:
     out = []
     for node_name, devs in sorted(slice_devices(slices, driver).items()):
         node = nodes.get(node_name)
@@ -187,7 +214,7 @@ def _dra_nodes(nodes: Mapping[str, Obj], slices: Iterable[Obj], driver: str,
             devices[(node_name, i)] = Device(d["name"], pool, uuid, name)
             products.add(dra_product(name) if name else "unknown")
             memories.append(parse_bytes(d["capacity"]["memory"]["value"]))
-        ready, cordoned, _ = node_state(node)
+        ready, cordoned, _ = node_state(node, now_s, grace)
         # All GPUs of a node are one product; should a driver say otherwise, the node is
         # described by the smallest GPU and its first product name.
         out.append(Node(node_name, sorted(products)[0], len(devs), min(memories),
@@ -228,16 +255,20 @@ def _allocated(claim: Obj, driver: str) -> list[tuple[str, str, int | None]]:
 
 
 def cluster_view(nodes: Iterable[Obj], slices: Iterable[Obj], pods: Iterable[Obj],
-                 claims: Iterable[Obj], mode: str, driver: str = "gpu.nvidia.com") -> ClusterView:
-    """The placement snapshot and the replica objects, from raw API objects."""
+                 claims: Iterable[Obj], mode: str, driver: str = "gpu.nvidia.com",
+                 now_s: float | None = None, not_ready_grace: float = 0.0) -> ClusterView:
+    """The placement snapshot and the replica objects, from raw API objects (``now_s``
+    and ``not_ready_grace``: see :func:`node_state`)."""
     by_name = {n["metadata"]["name"]: n for n in nodes}
     devices: dict[tuple[str, int], Device] = {}
     if mode == "dra":
-        gpu_nodes = _dra_nodes(by_name, slices, driver, devices)
+        gpu_nodes = _dra_nodes(by_name, slices, driver, devices, now_s, not_ready_grace)
     else:
-        gpu_nodes = [g for g in (_gpu_node(n) for n in by_name.values()) if g is not None]
+        gpu_nodes = [g for g in (_gpu_node(n, now_s, not_ready_grace) for n in by_name.values())
+                     if g is not None]
         gpu_nodes.sort(key=lambda n: n.name)
-    problems = {n: why for n, obj in by_name.items() for _, _, why in [node_state(obj)] if why}
+    problems = {n: why for n, obj in by_name.items()
+                for _, _, why in [node_state(obj, now_s, not_ready_grace)] if why}
     where = {(d.pool, d.name): (node, i) for (node, i), d in devices.items()}
     hbm_of = {n.name: n.gpu_hbm for n in gpu_nodes}
 
