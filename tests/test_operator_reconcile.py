@@ -428,3 +428,14 @@ def test_a_node_notready_for_a_moment_keeps_its_replicas_and_takes_nothing_new()
     actions = w.step(now_s=_epoch(NOW) + 61)  # past the grace: placed elsewhere
     assert [d.name for d in actions.deletes] == ["m-0"]
     assert "node is NotReady" in actions.events[0]["message"]
+
+
+def test_a_node_states_the_bandwidth_of_a_product_the_catalog_does_not_know():
+    acme = node("x", product="ACME-X1", mib=65536)
+    acme["metadata"]["labels"]["kvpilot.dev/gpu.bandwidth-gbps"] = "2000"
+    (n,) = World([acme], []).view().snapshot.nodes
+    assert (n.product, n.bandwidth_gbps, n.bf16_tflops) == ("ACME-X1", 2000, None)
+    s = gpu_slice("x", product="ACME X1")
+    w = World([acme], [], slices=[s], mode="dra")
+    (n,) = w.view().snapshot.nodes
+    assert (n.product, n.bandwidth_gbps) == ("ACME-X1", 2000)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
-from kvpilot.api.gpus import LABEL_MEMORY_MIB, LABEL_PRODUCT, RESOURCE_GPU
+from kvpilot.api.gpus import LABEL_MEMORY_MIB, LABEL_PRODUCT, RESOURCE_GPU, label_overrides
 from kvpilot.api.quantity import MiB, parse_bytes
 from kvpilot.operator.objects import (
     ANN_DRAIN, ANN_GPUS, ANN_HBM, ANN_NODE, ANN_SPEC_HASH, LABEL_MODEL, MANAGED_BY, MANAGER,
@@ -159,8 +159,9 @@ def _gpu_node(node: Obj, now_s: float | None, grace: float) -> Node | None:
     if not product or count <= 0 or mib <= 0:
         return None
     ready, cordoned, _ = node_state(node, now_s, grace)
+    bandwidth, tflops = label_overrides(labels)
     return Node(node["metadata"]["name"], product, count, mib * MiB, cordoned=cordoned,
-                ready=ready)
+                ready=ready, bandwidth_gbps=bandwidth, bf16_tflops=tflops)
 
 
 def dra_product(product_name: str) -> str:
@@ -217,8 +218,10 @@ def _dra_nodes(nodes: Mapping[str, Obj], slices: Iterable[Obj], driver: str,
         ready, cordoned, _ = node_state(node, now_s, grace)
         # All GPUs of a node are one product; should a driver say otherwise, the node is
         # described by the smallest GPU and its first product name.
+        bandwidth, tflops = label_overrides(node["metadata"].get("labels") or {})
         out.append(Node(node_name, sorted(products)[0], len(devs), min(memories),
-                        cordoned=cordoned, ready=ready))
+                        cordoned=cordoned, ready=ready, bandwidth_gbps=bandwidth,
+                        bf16_tflops=tflops))
     return out
 
 
