@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from kvpilot.api.fleet import FleetNode, load_fleet
 from kvpilot.api.gpus import RESOURCE_GPU
 
-from e2e.cluster import KWOK_NODE_ANNOTATION, Cluster
+from e2e.cluster import KWOK_NODE_ANNOTATION, Cluster, install_crds
 
 # Node i gets 127.(64 + i // 256).(i % 256).0/24: up to 16,384 nodes of 254 pods each,
 # clear of 127.0.0.0/16 where the control plane listens.
@@ -160,3 +161,19 @@ def wait_nodes_ready(cluster: Cluster, names: list[str], timeout: float) -> None
             time.sleep(0.5)
     if pending:
         raise TimeoutError(f"nodes not Ready after {timeout}s: {sorted(pending)}")
+
+
+@contextmanager
+def fleet_cluster(state: Path, nodes: list[FleetNode], *, dra: bool = False,
+                  crds: Path | None = None):
+    """A control plane of its own (dies with this process) with these fake GPU nodes,
+    and the CRDs of ``crds`` installed; stopped on exit."""
+    cluster = Cluster(state, tie_to_parent=True)
+    cluster.up()
+    try:
+        if crds is not None:
+            install_crds(cluster, crds)
+        create_nodes(cluster, nodes, dra=dra)
+        yield cluster
+    finally:
+        cluster.down()

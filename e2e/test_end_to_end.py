@@ -18,8 +18,7 @@ import pytest
 from e2e.chart import (
     CHART, NAMESPACE, RELEASE, chart_settings, kube_helm, service_account_kubeconfig,
 )
-from e2e.cluster import Cluster
-from e2e.fleet import create_nodes
+from e2e.fleet import fleet_cluster
 from e2e.load import Load, LoadThread
 from e2e.operator import OperatorProcess, wait_for
 from e2e.test_operator import FLEET, events, model_status
@@ -28,13 +27,8 @@ from e2e.workers import Workers, tiny_checkpoint, tiny_model
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("e2e-cluster"), tie_to_parent=True)
-    c.up()
-    try:
-        create_nodes(c, FLEET, dra=True)
+    with fleet_cluster(tmp_path_factory.mktemp("e2e-cluster"), FLEET, dra=True) as c:
         yield c
-    finally:
-        c.down()
 
 
 def test_kv_pressure_scales_real_workers_up_and_a_drained_scale_down_loses_nothing(

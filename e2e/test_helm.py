@@ -25,7 +25,7 @@ import yaml
 from e2e import build
 from e2e.cluster import AUDITED_NAMESPACE, Cluster
 from e2e.fake_workers import FakeWorkers
-from e2e.fleet import create_nodes
+from e2e.fleet import fleet_cluster
 from e2e.operator import OperatorProcess, wait_for
 from e2e.test_autoscaling import autoscaled, live
 from e2e.test_operator import FLEET, LLAMA, check_consistent, replicas, running
@@ -41,13 +41,8 @@ assert NAMESPACE == AUDITED_NAMESPACE  # where the API server audits reads too
 # Named as the session's fixture, so that none of these tests starts that control plane too.
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("helm-cluster"), tie_to_parent=True)
-    c.up()
-    try:
-        create_nodes(c, FLEET, dra=True)
+    with fleet_cluster(tmp_path_factory.mktemp("helm-cluster"), FLEET, dra=True) as c:
         yield c
-    finally:
-        c.down()
 
 
 @pytest.fixture(scope="module")

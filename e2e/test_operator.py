@@ -19,9 +19,9 @@ import pytest
 from kvpilot.api.fleet import FleetNode
 from kvpilot.api.quantity import parse_bytes
 
-from e2e.cluster import Cluster, install_crds
+from e2e.cluster import Cluster
 from e2e.conftest import ROOT
-from e2e.fleet import create_nodes
+from e2e.fleet import fleet_cluster
 from e2e.operator import OperatorProcess, wait_for
 
 H100 = "NVIDIA-H100-80GB-HBM3"
@@ -53,14 +53,8 @@ HUGE = model("huge", 1, context=131072, seqs=64)  # 1 TiB of KV: fits nowhere
 
 @pytest.fixture(scope="module")
 def dra_cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("dra-cluster"), tie_to_parent=True)
-    c.up()
-    try:
-        install_crds(c, ROOT / "crds")
-        create_nodes(c, FLEET, dra=True)
+    with fleet_cluster(tmp_path_factory.mktemp("dra-cluster"), FLEET, dra=True, crds=ROOT / "crds") as c:
         yield c
-    finally:
-        c.down()
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,8 @@ import pytest
 
 from kvpilot.api.fleet import FleetNode
 
-from e2e.cluster import Cluster, install_crds
 from e2e.conftest import ROOT
-from e2e.fleet import create_nodes
+from e2e.fleet import fleet_cluster
 from e2e.operator import OperatorProcess, wait_for
 from e2e.test_operator import LLAMA, MISTRAL, QWEN, SELECTOR, condition, model, model_status
 
@@ -22,14 +21,8 @@ FLEET = [FleetNode(name="h100-0", product="NVIDIA-H100-80GB-HBM3", gpus=4,
 
 @pytest.fixture(scope="module")
 def dp_cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("dp-cluster"), tie_to_parent=True)
-    c.up()
-    try:
-        install_crds(c, ROOT / "crds")
-        create_nodes(c, FLEET)
+    with fleet_cluster(tmp_path_factory.mktemp("dp-cluster"), FLEET, crds=ROOT / "crds") as c:
         yield c
-    finally:
-        c.down()
 
 
 def test_whole_gpus_on_the_planned_nodes_and_nothing_shared(dp_cluster, tmp_path):
