@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
@@ -163,11 +164,11 @@ def main() -> int:
     for name, idx in per_model.items():
         cells = []
         for r in results:
-            sub = summarize(type(r)(**{**r.__dict__, "requests": [r.requests[i] for i in idx],
-                                       "first_token": [r.first_token[i] for i in idx],
-                                       "finish": [r.finish[i] for i in idx],
-                                       "rejected": [r.rejected[i] for i in idx],
-                                       "preempted": [r.preempted[i] for i in idx]}))
+            sub = summarize(replace(r, requests=[r.requests[i] for i in idx],
+                                    first_token=[r.first_token[i] for i in idx],
+                                    finish=[r.finish[i] for i in idx],
+                                    rejected=[r.rejected[i] for i in idx],
+                                    preempted=[r.preempted[i] for i in idx]))
             cells.append(f"{100 * sub.attainment:>16.2f}%")
         print(f"{name:<12} " + " ".join(cells))
     if args.plots:

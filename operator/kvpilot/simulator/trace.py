@@ -31,7 +31,7 @@ import random
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 
 @dataclass(frozen=True)
@@ -233,12 +233,4 @@ def generate(workloads: Sequence[Workload], duration: float, shape: Shape = Shap
             out.append(Request(t, w.model, prompt, output))
     out.sort(key=lambda r: r.t)
     return out
-
-
-def models_of(requests: Iterable[Request]) -> Iterator[str]:
-    seen: set[str] = set()
-    for r in requests:
-        if r.model not in seen:
-            seen.add(r.model)
-            yield r.model
 
