@@ -10,10 +10,10 @@ P = Policy(target=0.75, min_replicas=1, max_replicas=6, up_window=30, down_windo
 
 
 def s(at: float, pressure: float, replicas: int = 2, answered: int | None = None,
-      waiting: int = 0, preemptions: int = 0) -> Sample:
+      waiting: int = 0, preemptions: int = 0, running: int = 8) -> Sample:
     answered = replicas if answered is None else answered
     return Sample(at, replicas, answered, int(pressure * 100 * GiB), 100 * GiB, waiting,
-                  preemptions)
+                  preemptions, running)
 
 
 def window(pressures: list[float], step: float = 10, **kw) -> list[Sample]:
@@ -26,8 +26,12 @@ def test_recommendation_follows_the_hpa_ratio_with_a_tolerance():
     assert recommend(s(0, 0.90), 0.75) == 3  # ceil(2 x 1.2)
     assert recommend(s(0, 0.30), 0.75) == 1
     assert recommend(s(0, 0.0), 0.75) == 1  # never zero
-    assert recommend(s(0, 0.76, waiting=3), 0.75) == 3  # queueing at target: one more
-    assert recommend(s(0, 0.30, waiting=3), 0.75) == 1  # queueing below target: not the cache
+    # queueing: enough replicas to run what runs and what waits, whatever the pressure
+    assert recommend(s(0, 0.76, waiting=3), 0.75) == 3  # ceil(2 x 11 / 8)
+    assert recommend(s(0, 0.30, waiting=8), 0.75) == 4  # batch slots full, pages not
+    assert recommend(s(0, 0.30, waiting=1, running=0), 0.75) == 2  # nothing runs: no ratio
+    assert recommend(s(0, 0.76, preemptions=2), 0.75) == 3  # the cache overflows: one more
+    assert recommend(s(0, 0.30, preemptions=2), 0.75) == 1
     assert recommend(s(0, 0.30, answered=1), 0.75) == 2  # a silent worker is not idle
     assert recommend(Sample(0, 2, 0), 0.75) is None
 

@@ -8,9 +8,12 @@ The rule, in the spirit of the HorizontalPodAutoscaler:
 
 * Each sample recommends ``ceil(replicas x pressure / target)``, where pressure is KV in
   use over KV capacity across the replicas that answered. Within 10% of the target it
-  recommends the current count (no churn for noise). Waiting requests or preemptions
-  while at or above the target recommend at least one more replica: the cache is the
-  bottleneck and admission is already queuing.
+  recommends the current count (no churn for noise).
+* Requests waiting for admission mean the workers take no more, whatever the pressure:
+  their pages or their batch slots are full (short requests fill a batch long before
+  its pages). Such a sample recommends at least ``ceil(replicas x (running + waiting) /
+  running)``, the replicas that would run every request now in the workers. Preemptions
+  at or above the target recommend at least one more replica.
 * Scale up once every sample of the last ``scaleUpStabilizationSeconds`` recommends
   more, to the smallest of those recommendations; scale down once every sample of the
   last ``scaleDownStabilizationSeconds`` recommends fewer, to the largest. A single spike
@@ -42,6 +45,7 @@ class Sample:
     kv_capacity: int = 0  # bytes of KV capacity, summed likewise
     waiting: int = 0  # requests queued for admission
     preemptions: int = 0  # preemptions since the previous sample
+    running: int = 0  # requests being served
 
     @property
     def pressure(self) -> Optional[float]:
@@ -99,7 +103,9 @@ def recommend(s: Sample, target: float) -> Optional[int]:
     up = p if s.complete else s.kv_used / (s.kv_capacity / max(1, s.answered) * s.replicas)
     ratio = up / target
     want = s.replicas if abs(ratio - 1) <= TOLERANCE else math.ceil(s.replicas * ratio)
-    if (s.waiting > 0 or s.preemptions > 0) and p >= target:
+    if s.waiting > 0:
+        want = max(want, math.ceil(s.replicas * (s.running + s.waiting) / max(1, s.running)))
+    if s.preemptions > 0 and p >= target:
         want = max(want, s.replicas + 1)
     if not s.complete:
         want = max(want, s.replicas)  # a silent worker is not an idle one

@@ -58,7 +58,8 @@ def sample(at: float, replicas: int, read: list[WorkerMetrics],
     preempted = sum(max(0, n - previous.get(k, n)) if n >= previous.get(k, 0) else n
                     for k, n in current.items())
     return Sample(at, replicas, len(read), sum(m.kv_used for m in read),
-                  sum(m.kv_capacity for m in read), sum(m.waiting for m in read), preempted)
+                  sum(m.kv_capacity for m in read), sum(m.waiting for m in read), preempted,
+                  sum(m.running for m in read))
 
 
 class Scaler:

@@ -599,7 +599,7 @@ class Simulation:
             capacity = sum(r.pages * s.page_size * r.kv_token_bytes for r in serving)
             waiting = sum(len(r.waiting) for r in serving)
             sample = Sample(now, m.desired, len(serving), used, capacity, waiting,
-                            m.preemptions)
+                            m.preemptions, sum(len(r.running) for r in serving))
             m.preemptions = 0
             pressure[name] = sample.pressure
             want = m.desired
