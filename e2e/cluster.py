@@ -71,11 +71,15 @@ class Cluster:
 
     ``tie_to_parent`` makes every component die with the current process: tests use it
     so a crashed or killed test run leaves no control plane behind.
+    ``node_monitor_grace`` (e.g. "10m") lets fake nodes' heartbeats be late that long
+    before the node controller marks them Unknown: KWOK heartbeating for a thousand
+    nodes on a small, busy machine falls behind Kubernetes' default of 50 s.
     """
 
     state: Path
     tie_to_parent: bool = False
     ports: dict[str, int] = field(default_factory=dict)
+    node_monitor_grace: str | None = None
 
     @property
     def kubeconfig(self) -> Path:
@@ -356,6 +360,8 @@ class Cluster:
             f"--cluster-signing-key-file={pki.ca_key}",
             "--use-service-account-credentials=true",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
+            *([f"--node-monitor-grace-period={self.node_monitor_grace}"]
+              if self.node_monitor_grace else []),
         ]
 
     def _scheduler_args(self, binary: Path) -> list[str]:
