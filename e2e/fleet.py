@@ -126,9 +126,11 @@ def create_nodes(cluster: Cluster, nodes: list[FleetNode], timeout: float = 60,
     existing = _node_names(cluster)
     objects = [node_object(n, len(existing) + i) for i, n in enumerate(nodes)]
     extra = [device_class()] + [gpu_slice(n) for n in nodes if n.gpus] if dra else []
-    cluster.kubectl("apply", "--server-side", "--field-manager=kvpilot-e2e", "-f", "-",
-                    input=json.dumps({"apiVersion": "v1", "kind": "List",
-                                      "items": objects + extra}))
+    items = objects + extra
+    for i in range(0, len(items), 200):  # a thousand nodes in one request time out
+        cluster.kubectl("apply", "--server-side", "--field-manager=kvpilot-e2e", "-f", "-",
+                        input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                          "items": items[i:i + 200]}), timeout=300)
     # A Node's status is not taken from a create request; set capacity on the status
     # subresource, as a kubelet would report it.
     with cluster.http() as client:
