@@ -439,3 +439,24 @@ def test_a_node_states_the_bandwidth_of_a_product_the_catalog_does_not_know():
     w = World([acme], [], slices=[s], mode="dra")
     (n,) = w.view().snapshot.nodes
     assert (n.product, n.bandwidth_gbps) == ("ACME-X1", 2000)
+
+
+def test_only_changes_placement_reads_change_a_signature():
+    from kvpilot.operator.view import signature
+
+    n = node("a")
+    beat = copy.deepcopy(n)
+    beat["status"]["conditions"][0]["lastHeartbeatTime"] = NOW
+    beat["metadata"]["resourceVersion"] = "2"
+    assert signature("Node", beat) == signature("Node", n)
+    for changed in (node("a", ready=False), node("a", cordoned=True), node("a", gpus=1),
+                    node("a", taints=[{"key": "x", "effect": "NoSchedule"}])):
+        assert signature("Node", changed) != signature("Node", n)
+    w = World([node("a")], [model("m", 1)])
+    w.settle()
+    pod = w.pods[("default", "m-0")]
+    later = copy.deepcopy(pod)
+    later["status"]["conditions"][0]["lastProbeTime"] = NOW
+    assert signature("Pod", later) == signature("Pod", pod)
+    later["metadata"]["annotations"]["kvpilot.dev/drain-started"] = NOW
+    assert signature("Pod", later) != signature("Pod", pod)

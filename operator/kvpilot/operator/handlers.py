@@ -1,7 +1,8 @@
 """The kopf handlers: thin. They keep indexes, wake the fleet loop and guard deletion.
 
 - ``@kopf.index`` keeps in-memory copies of GPU nodes, worker pods, ResourceSlices,
-  ResourceClaims and Models; the fleet loop's snapshot is built from them. Kopf calls
+  ResourceClaims and Models; the fleet loop's snapshot is built from them. Events wake
+  the loop only when they change what placement reads (``view.signature``). Kopf calls
   no other handler before every indexed kind has been listed once, so the first Model
   handler to run opens the loop (it never plans from half a cluster).
 - Model create/update/resume: check the stored spec (a bad one is reported, never
@@ -25,6 +26,7 @@ from kvpilot.api.model import GROUP, PLURAL, VERSION, ModelSpec
 from kvpilot.operator.objects import LABEL_MODEL, MANAGED_BY, MANAGER
 from kvpilot.operator.runner import Fleet, Indexes
 from kvpilot.operator.scaling import Scaler
+from kvpilot.operator.view import signature
 
 log = logging.getLogger("kvpilot.operator")
 FINALIZER = "kvpilot.dev/finalizer"
@@ -52,33 +54,72 @@ def _wake(memo: kopf.Memo) -> None:
 # Each returns {key: object}; a DELETED event removes the object from the index.
 
 @kopf.index("nodes")
-def gpu_nodes(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict:
-    _wake(memo)
+def gpu_nodes(body: kopf.Body, **_: Any) -> dict:
     return {_key(body): _raw(body)}
 
 
 @kopf.index("pods", labels=WORKERS)
-def worker_pods(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict:
-    _wake(memo)
+def worker_pods(body: kopf.Body, **_: Any) -> dict:
     return {_key(body): _raw(body)}
 
 
 @kopf.index(*RESOURCE, "resourceslices")
-def resource_slices(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict:
-    _wake(memo)
+def resource_slices(body: kopf.Body, **_: Any) -> dict:
     return {_key(body): _raw(body)}
 
 
 @kopf.index(*RESOURCE, "resourceclaims")
-def resource_claims(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict:
-    _wake(memo)
+def resource_claims(body: kopf.Body, **_: Any) -> dict:
     return {_key(body): _raw(body)}
 
 
 @kopf.index(*MODELS)
-def models(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict:
-    _wake(memo)
+def models(body: kopf.Body, **_: Any) -> dict:
     return {_key(body): _raw(body)}
+
+
+# -- waking the fleet loop --------------------------------------------------------------
+# Only a change placement could act on wakes it: a node's heartbeat rewrites its status
+# every few seconds, and a pass per heartbeat of a thousand nodes would never stop.
+
+_seen: dict[tuple[str, Any], tuple] = {}
+
+
+def _changed(kind: str, event: str, body: kopf.Body, memo: kopf.Memo) -> None:
+    key = (kind, _key(body))
+    if event == "DELETED":
+        _seen.pop(key, None)
+        _wake(memo)
+        return
+    sig = signature(kind, _raw(body))
+    if _seen.get(key) != sig:
+        _seen[key] = sig
+        _wake(memo)
+
+
+@kopf.on.event("nodes")
+def node_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _changed("Node", type, body, memo)
+
+
+@kopf.on.event("pods", labels=WORKERS)
+def pod_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _changed("Pod", type, body, memo)
+
+
+@kopf.on.event(*RESOURCE, "resourceslices")
+def slice_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _changed("ResourceSlice", type, body, memo)
+
+
+@kopf.on.event(*RESOURCE, "resourceclaims")
+def claim_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _changed("ResourceClaim", type, body, memo)
+
+
+@kopf.on.event(*MODELS)
+def model_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _changed("Model", type, body, memo)
 
 
 # -- lifecycle --------------------------------------------------------------------------

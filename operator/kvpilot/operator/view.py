@@ -334,3 +334,29 @@ def _existing(r: ReplicaObjects, where: Mapping[tuple[str, str], tuple[str, int]
     if not node or not gpus or hbm <= 0:
         return None
     return Existing(r.key, DRAINING + r.model if r.drain_started else r.model, node, gpus, hbm)
+
+
+def signature(kind: str, obj: Obj) -> tuple:
+    """What a fleet pass reads of an object: two objects of equal signature plan alike,
+    so a change that keeps it (a node's heartbeat, a pod's status timestamps) need not
+    wake the fleet loop."""
+    meta = obj.get("metadata") or {}
+    status = obj.get("status") or {}
+    spec = obj.get("spec") or {}
+    gone = bool(meta.get("deletionTimestamp"))
+    if kind == "Node":
+        ready = next((c.get("status") for c in status.get("conditions") or []
+                      if c.get("type") == "Ready"), None)
+        return (gone, ready, bool(spec.get("unschedulable")), repr(spec.get("taints")),
+                repr(sorted((meta.get("labels") or {}).items())),
+                (status.get("allocatable") or {}).get(RESOURCE_GPU))
+    if kind == "Pod":
+        ready = next((c.get("status") for c in status.get("conditions") or []
+                      if c.get("type") == "Ready"), None)
+        return (gone, status.get("phase"), ready, status.get("podIP"), spec.get("nodeName"),
+                repr(sorted((meta.get("annotations") or {}).items())))
+    if kind == "ResourceClaim":
+        return (gone, repr(status.get("allocation")), repr(meta.get("labels")))
+    if kind == "Model":
+        return (gone, meta.get("generation"))
+    return (gone, meta.get("resourceVersion"))  # ResourceSlices: rare, always read
