@@ -460,3 +460,28 @@ def test_only_changes_placement_reads_change_a_signature():
     assert signature("Pod", later) == signature("Pod", pod)
     later["metadata"]["annotations"]["kvpilot.dev/drain-started"] = NOW
     assert signature("Pod", later) != signature("Pod", pod)
+
+
+def test_the_indexes_keep_enough_of_each_object_to_plan_alike():
+    from kvpilot.operator.view import cluster_view, trimmed
+
+    other = {"metadata": {"name": "train", "namespace": "x"}, "status": {"allocation": {
+        "devices": {"results": [{"driver": "gpu.nvidia.com", "pool": "a", "device": "gpu-1",
+                                 "request": "r", "consumedCapacity": {"memory": "10Gi"}}]}}}}
+    w = World([node("a", taints=[{"key": "x", "effect": "NoSchedule"}]), node("b")],
+              [model("m", 3)], slices=[gpu_slice("a"), gpu_slice("b")], mode="dra",
+              foreign_claims=[other])
+    w.settle()
+    w.models[0]["spec"]["replicas"] = 2
+    w.step()  # one replica drains
+    full = w.view()
+    small = cluster_view([trimmed("Node", n) for n in w.nodes], w.slices,
+                         [trimmed("Pod", p) for p in w.pods.values()],
+                         [trimmed("ResourceClaim", c) for c in [*w.claims.values(), other]],
+                         "dra")
+    assert small.snapshot == full.snapshot
+    assert small.devices == full.devices
+    assert {k: (r.ready, r.ip, r.drain_started, r.spec_hash) for k, r in small.replicas.items()} \
+        == {k: (r.ready, r.ip, r.drain_started, r.spec_hash) for k, r in full.replicas.items()}
+    pod = next(iter(w.pods.values()))
+    assert "containers" not in trimmed("Pod", pod)["spec"]  # the env with the Model spec

@@ -26,7 +26,7 @@ from kvpilot.api.model import GROUP, PLURAL, VERSION, ModelSpec
 from kvpilot.operator.objects import LABEL_MODEL, MANAGED_BY, MANAGER
 from kvpilot.operator.runner import Fleet, Indexes
 from kvpilot.operator.scaling import Scaler
-from kvpilot.operator.view import signature
+from kvpilot.operator.view import signature, trimmed
 
 log = logging.getLogger("kvpilot.operator")
 FINALIZER = "kvpilot.dev/finalizer"
@@ -55,12 +55,12 @@ def _wake(memo: kopf.Memo) -> None:
 
 @kopf.index("nodes")
 def gpu_nodes(body: kopf.Body, **_: Any) -> dict:
-    return {_key(body): _raw(body)}
+    return {_key(body): trimmed("Node", _raw(body))}
 
 
 @kopf.index("pods", labels=WORKERS)
 def worker_pods(body: kopf.Body, **_: Any) -> dict:
-    return {_key(body): _raw(body)}
+    return {_key(body): trimmed("Pod", _raw(body))}
 
 
 @kopf.index(*RESOURCE, "resourceslices")
@@ -70,7 +70,7 @@ def resource_slices(body: kopf.Body, **_: Any) -> dict:
 
 @kopf.index(*RESOURCE, "resourceclaims")
 def resource_claims(body: kopf.Body, **_: Any) -> dict:
-    return {_key(body): _raw(body)}
+    return {_key(body): trimmed("ResourceClaim", _raw(body))}
 
 
 @kopf.index(*MODELS)

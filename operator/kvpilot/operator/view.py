@@ -360,3 +360,35 @@ def signature(kind: str, obj: Obj) -> tuple:
     if kind == "Model":
         return (gone, meta.get("generation"))
     return (gone, meta.get("resourceVersion"))  # ResourceSlices: rare, always read
+
+
+def _pick(d: Obj | None, *keys: str) -> dict:
+    return {k: d[k] for k in keys if d and k in d}
+
+
+def trimmed(kind: str, obj: Obj) -> dict:
+    """The parts of an object the operator reads, for its indexes: a worker pod carries
+    its Model's spec in its env, a node its images and heartbeat times, and thousands of
+    them are held in memory. Models and ResourceSlices are kept whole."""
+    meta = obj.get("metadata") or {}
+    if kind == "Node":
+        status = obj.get("status") or {}
+        return {"metadata": _pick(meta, "name", "labels", "deletionTimestamp"),
+                "spec": _pick(obj.get("spec"), "unschedulable", "taints"),
+                "status": {"allocatable": status.get("allocatable") or {},
+                           "conditions": [_pick(c, "type", "status", "lastTransitionTime")
+                                          for c in status.get("conditions") or []]}}
+    if kind in ("Pod", "ResourceClaim"):
+        status = obj.get("status") or {}
+        out = {"kind": kind,
+               "metadata": _pick(meta, "name", "namespace", "labels", "annotations",
+                                 "deletionTimestamp", "creationTimestamp")}
+        if kind == "Pod":
+            out["spec"] = _pick(obj.get("spec"), "nodeName")
+            out["status"] = {**_pick(status, "phase", "podIP"),
+                             "conditions": [_pick(c, "type", "status")
+                                            for c in status.get("conditions") or []]}
+        else:
+            out["status"] = _pick(status, "allocation")
+        return out
+    return dict(obj)
