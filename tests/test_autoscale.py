@@ -132,3 +132,17 @@ def test_policy_from_a_model_spec():
                         "scaleUpStabilizationSeconds": 15,
                         "scaleDownStabilizationSeconds": 45, "cooldownSeconds": 5}})
     assert Policy.of(spec) == Policy(0.8, 1, 5, 15, 45, 5)
+
+
+def test_a_sample_counts_preemptions_since_the_last_round_and_survives_restarts():
+    from kvpilot.operator.scaling import sample
+    from kvpilot.operator.scrape import WorkerMetrics
+
+    read = [WorkerMetrics(kv_used=30, kv_capacity=100, running=4, waiting=1, preemptions=9,
+                          draining=False),
+            WorkerMetrics(kv_used=50, kv_capacity=100, running=6, waiting=0, preemptions=2,
+                          draining=False)]
+    got = sample(10.0, 3, read, {"a": 5, "b": 7}, {"a": 9, "b": 2, "c": 4})
+    # a: 9 - 5; b restarted (2 < 7): its 2; c first seen: 0
+    assert got == Sample(10.0, 3, 2, 80, 200, 1, 6, 10)
+    assert not got.complete and got.pressure == 0.4

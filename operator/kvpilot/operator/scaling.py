@@ -25,7 +25,7 @@ import httpx
 from kvpilot.operator import metrics
 from kvpilot.operator.autoscale import Policy, Sample, State, autoscale
 from kvpilot.operator.kube import ApiError, Kube
-from kvpilot.operator.objects import event_for
+from kvpilot.operator.objects import LABEL_MODEL, event_for
 from kvpilot.operator.reconcile import parse_models
 from kvpilot.operator.runner import Indexes, utc_now
 from kvpilot.operator.scrape import CONCURRENCY, WorkerMetrics, scrape_all
@@ -41,7 +41,7 @@ def targets(pods: list[Obj]) -> dict[str, list[ReplicaObjects]]:
     out: dict[str, list[ReplicaObjects]] = {}
     for pod in pods:
         meta = pod["metadata"]
-        model = (meta.get("labels") or {}).get("kvpilot.dev/model")
+        model = (meta.get("labels") or {}).get(LABEL_MODEL)
         if not model:
             continue
         r = ReplicaObjects(model_key(meta["namespace"], meta["name"]),
@@ -55,8 +55,13 @@ def sample(at: float, replicas: int, read: list[WorkerMetrics],
            previous: Mapping[str, int], current: Mapping[str, int]) -> Sample:
     """One Model's sample from the workers that answered; preemptions as the counters'
     increase since the last round (a restarted worker's counter starts again at 0)."""
-    preempted = sum(max(0, n - previous.get(k, n)) if n >= previous.get(k, 0) else n
-                    for k, n in current.items())
+    def increase(key: str, now: int) -> int:
+        before = previous.get(key)
+        if before is None:
+            return 0  # first seen: its history is not this round's
+        return now - before if now >= before else now
+
+    preempted = sum(increase(k, n) for k, n in current.items())
     return Sample(at, replicas, len(read), sum(m.kv_used for m in read),
                   sum(m.kv_capacity for m in read), sum(m.waiting for m in read), preempted,
                   sum(m.running for m in read))
