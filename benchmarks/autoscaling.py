@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from e2e.cluster import Cluster, install_crds  # noqa: E402
 from e2e.fake_workers import FakeWorkers  # noqa: E402
 from e2e.fleet import create_nodes  # noqa: E402
 from e2e.operator import OperatorProcess, wait_for  # noqa: E402
+from machine import hardware  # noqa: E402  (beside this script)
 
 SMALL = {"weights": {"bytes": "1Gi"},
          "architecture": {"layers": 24, "attentionHeads": 32, "kvHeads": 2, "headDim": 64,
@@ -70,7 +70,7 @@ def main() -> int:
     ap.add_argument("--scrape", type=float, default=5.0, help="scrape interval, seconds")
     ap.add_argument("--window", type=int, default=15, help="scale-up window, seconds")
     args = ap.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; scrape every "
+    print(f"machine: {hardware()}; scrape every "
           f"{args.scrape:.0f}s, scale-up window {args.window}s", flush=True)
     state = Path(tempfile.mkdtemp(prefix="kvpilot-autoscale-"))
     cluster = Cluster(state / "cluster", tie_to_parent=True)

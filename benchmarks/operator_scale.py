@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from kvpilot.api.model import ModelSpec  # noqa: E402
 from e2e.cluster import Cluster, install_crds  # noqa: E402
 from e2e.fleet import create_nodes  # noqa: E402
 from e2e.operator import OperatorProcess, wait_for  # noqa: E402
+from machine import hardware  # noqa: E402  (beside this script)
 
 PRODUCTS = [("NVIDIA-H100-80GB-HBM3", 8, 0.35), ("NVIDIA-H200", 8, 0.15),
             ("NVIDIA-A100-SXM4-80GB", 8, 0.2), ("NVIDIA-L40S", 4, 0.15),
@@ -153,8 +153,7 @@ def main() -> int:
     # graces the node controller marks busy nodes Unknown and the operator (rightly)
     # moves their replicas, which would measure the machine, not the rollout.
     cluster = Cluster(state / "cluster", tie_to_parent=True, node_monitor_grace="10m")
-    print(f"machine: {platform.processor() or platform.machine()}, "
-          f"{__import__('os').cpu_count()} cores", flush=True)
+    print(f"machine: {hardware()}", flush=True)
     cluster.up()
     try:
         install_crds(cluster, ROOT / "crds")

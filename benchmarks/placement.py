@@ -17,9 +17,7 @@ one node, allowed products only) before it is counted.
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import replace
-import platform
 import random
 import statistics
 import sys
@@ -36,6 +34,7 @@ from kvpilot.operator.placement import (  # noqa: E402
 from kvpilot.operator.placement.check import violations  # noqa: E402
 from kvpilot.operator.placement.exact import lp_bound, solve  # noqa: E402
 
+from machine import hardware  # noqa: E402  (beside this script)
 from architectures import MODELS  # noqa: E402  (beside this script)
 SMALL = [m for m, p in MODELS.items() if p[0] < 9e9]
 SLAS = [(2048, 8), (4096, 16), (8192, 8), (8192, 16), (16384, 4), (32768, 4), (32768, 8)]
@@ -52,18 +51,6 @@ SHAPES = {
 SMALL_SHAPES = {"NVIDIA-L4": (1, 2), "NVIDIA-L40S": (1, 2, 4), "NVIDIA-A100-SXM4-40GB": (1, 2)}
 LARGE_SHAPES = {"NVIDIA-H100-80GB-HBM3": (8,), "NVIDIA-H200": (8,)}
 GiB = 2**30
-
-
-def hardware() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def spec(rng: random.Random, name: str, itl: bool = False) -> ModelSpec:

@@ -18,8 +18,6 @@ the most replicas the kvpilot run had at any time, from the start and never scal
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -36,6 +34,7 @@ from kvpilot.simulator.engine import (  # noqa: E402
 from kvpilot.simulator.report import plot, summarize, table  # noqa: E402
 from kvpilot.simulator.trace import Shape, Workload, generate  # noqa: E402
 
+from machine import hardware  # noqa: E402  (beside this script)
 from architectures import MODELS as ARCH  # noqa: E402  (beside this script)
 
 # Model name: (architecture, kv dtype, context, sequences, TTFT ms, ITL ms, maxReplicas,
@@ -57,18 +56,6 @@ MODELS = {
 
 FLEET = [("h100", "NVIDIA-H100-80GB-HBM3", 8, 6), ("h200", "NVIDIA-H200", 8, 2),
          ("a100", "NVIDIA-A100-SXM4-80GB", 8, 2), ("l40s", "NVIDIA-L40S", 4, 2)]
-
-
-def hardware() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def fleet() -> list[Node]:
