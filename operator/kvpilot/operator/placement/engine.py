@@ -31,6 +31,7 @@ from kvpilot.api.memory import usable_hbm
 from kvpilot.operator.placement.assemble import assemble
 from kvpilot.operator.placement.existing import resolve_existing
 from kvpilot.operator.placement.filters import first_failure
+from kvpilot.operator.placement.ilp import solve_world
 from kvpilot.operator.placement.model import Demand, Plan, Policy, Requirement, Snapshot, Unplaced
 from kvpilot.operator.placement.orders import alternative_orders, largest_first
 from kvpilot.operator.placement.packing import best_fill, consolidate, repair, stack_groups
@@ -53,6 +54,13 @@ VARIANT_WORK = 100_000
 # all than this (work, not time: the result does not depend on the machine).
 PORTFOLIO_ORDERS = 8
 PORTFOLIO_MOVES = 12_000
+# On small instances the ILP (``ilp``) is solved too, within this much work
+# (branch-and-bound nodes x variables: the plan stays a pure function of the input); EXACT_SECONDS only guards
+# the operator's loop against a solve far slower than the benchmark's, and a plan it cuts
+# short is dropped.
+EXACT_WORK = 200_000
+EXACT_REPLICAS = 300  # pending replicas beyond which it is not tried (its nodes get slow)
+EXACT_SECONDS = 20.0
 FILL_ITEMS = 24  # kinds of pending replica offered to complete one GPU, largest first
 
 __all__ = ["World", "place", "natural"]
@@ -83,6 +91,10 @@ def place(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
         if _better(other, plan):
             plan, best_mode = other, mode
     if world.small:
+        exact = _plan_exact(snapshot, demands, policy)
+        if exact is not None and _better(exact, plan):
+            plan = exact
+    if world.small:
         left = PORTFOLIO_MOVES
         for order in alternative_orders(world, not plan.complete)[:PORTFOLIO_ORDERS]:
             if left <= 0:
@@ -93,6 +105,45 @@ def place(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
             if _better(other, plan):
                 plan = other
     return plan
+
+
+def _plan_exact(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy
+                ) -> Optional[Plan]:
+    """The plan of the ILP (``ilp``) within ``EXACT_WORK``,
+    completed by the constructive pass and consolidation; None when more than
+    ``EXACT_REPLICAS`` are pending, or the solver found no plan or ran into the
+    ``EXACT_SECONDS`` guard (a plan that depends on the clock is not kept)."""
+    world = World(snapshot, demands, policy)
+    kept, removals, previous = world.load_existing()
+    if not 0 < sum(world.pending.values()) <= EXACT_REPLICAS:
+        return None
+    solution = solve_world(world, dict(world.pending), time_limit=EXACT_SECONDS,
+                           work=EXACT_WORK)
+    if solution.status in ("none", "time limit"):
+        return None
+    pools = {p.product: p for p in world.pools}
+    for demand, s, gpus, req in solution.new:
+        world.commit(demand, pools[s.node.product], s, gpus, req)
+    # Short of the optimum, the solver's plan may leave room that the constructive pass
+    # and consolidation still use.
+    for demand in largest_first(world):
+        if world.pending[demand.model] > 0:
+            world.place_demand(demand)
+    world.moves = consolidate(world, CONSOLIDATE_MOVES)
+    return assemble(world, kept, removals, previous, world.placed, _unplaced(world, policy))
+
+
+def _unplaced(world: "World", policy: Policy) -> list[Unplaced]:
+    """An entry per replica still pending. Free HBM only shrinks and streamed bytes only
+    grow: the reason holds for every replica of the model that is left, said once, on
+    the final state."""
+    unplaced: list[Unplaced] = []
+    for demand in largest_first(world):
+        count = world.pending[demand.model]
+        if count > 0:
+            reason = explain(demand, world.states, policy)
+            unplaced.extend(Unplaced("", demand.model, reason) for _ in range(count))
+    return unplaced
 
 
 def _better(a: Plan, b: Plan) -> bool:
@@ -115,14 +166,7 @@ def _plan_once(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
         if moves is None:
             moves = CONSOLIDATE_MOVES if world.small else CONSOLIDATE_MOVES_LARGE
         world.moves = consolidate(world, moves)
-    unplaced: list[Unplaced] = []
-    for demand in ranked:
-        count = world.pending[demand.model]
-        if count > 0:
-            # Free HBM only shrinks and streamed bytes only grow: the reason holds for
-            # every replica of the model that is left, said once, on the final state.
-            reason = explain(demand, world.states, policy)
-            unplaced.extend(Unplaced("", demand.model, reason) for _ in range(count))
+    unplaced = _unplaced(world, policy)
     return assemble(world, kept, removals, previous, world.placed, unplaced), world
 
 

@@ -1,52 +1,21 @@
 """An exact reference for small instances (ILP, HiGHS via scipy) and an LP lower bound.
 
-Not used by the operator: tests and the benchmark use it to measure how far ``place()``
-is from optimal. scipy is a development dependency, imported inside the functions.
-
-The objective is the one packing is judged on: GPUs that carry any load. First as many
-replicas as possible are placed, then, among those placements, the fewest GPUs are used
-(one objective, ``GPUs - BIG x placed`` with BIG above the GPU count).
-
-Replicas of one model are interchangeable, so the model counts them per node instead of
-naming each (far fewer variables and no symmetry between replicas):
-
-- ``v[m,n]`` integer: replicas of model m on node n;
-- ``w[m,n,g]`` integer: of those, how many have a shard on GPU g; ``sum_g w = tp v`` and
-  ``w <= v`` (a replica's shards are on distinct GPUs); any such counts can be dealt out
-  as whole replicas (McNaughton's wrap-around: walk the GPUs' shards in a row and give
-  the k-th shard to replica k mod v);
-- ``u[n,g]`` binary: GPU g carries load; ``sum_m need[m,n] w[m,n,g] <= free[n,g] u[n,g]``;
-- bandwidth, the second resource: ``y[m,n,g]`` binary, model m has a shard on GPU g
-  (``w <= r_m y``); for each model m with an ITL byte budget B_m, ``streamed[n,g] +
-  sum_m' step[m'] w[m',n,g] <= B_m + M (1 - y[m,n,g])``: the bytes of all tenants stay
-  within the budget of every tenant that has one (and within the budget of the replicas
-  already there, a plain row).
-
-Valid inequalities tighten the relaxation: at most j shards larger than 1/(j+1) of a
-GPU's free HBM fit on it (``sum w <= j u`` over those, j = 1..3). Symmetry breaking: of
-identical GPUs of a node the lower index is used first, and of identical empty nodes
-the earlier one carries at least as many used GPUs.
-
-The LP bound pools identical GPUs into classes (dropping "a TP group on one node" and
-bandwidth, which only relaxes it further) and solves the continuous relaxation with the same valid
-inequalities; its ceiling is a lower bound on GPUs used when every replica is placed,
-and it solves in milliseconds at fleet scale.
+Tests and the benchmark use it to measure how far ``place()`` is from optimal: the
+same ILP and LP bound as ``ilp``, solved without a work limit, from a snapshot.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 from kvpilot.operator.placement.engine import World
 from kvpilot.operator.placement.model import (
-    Assignment, Demand, NodeUsage, Plan, Policy, Requirement, Snapshot, Unplaced,
+    Assignment, Demand, NodeUsage, Plan, Policy, Snapshot, Unplaced,
 )
-from kvpilot.operator.placement.state import NodeState, existing_load
-
-CUTS = (1, 2, 3)
+from kvpilot.operator.placement.ilp import lp_bound_world, solve_world
+from kvpilot.operator.placement.state import existing_load
 
 
 @dataclass(frozen=True)
@@ -76,154 +45,17 @@ def _residual(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy):
 def solve(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy(),
           time_limit: float = 60.0) -> ExactResult:
     """The placement with the most replicas and then the fewest GPUs with load."""
-    import numpy as np
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import coo_matrix
-
     started = time.perf_counter()
     world, kept, residual = _residual(snapshot, demands, policy)
-    share = policy.share_gpus
-    nodes = [s for s in world.states if s.node.schedulable]
-    cols_lb: list[float] = []
-    cols_ub: list[float] = []
-    cost: list[float] = []
-    rows: list[tuple[dict[int, float], float, float]] = []
-
-    def var(lb: float, ub: float, c: float) -> int:
-        cols_lb.append(lb)
-        cols_ub.append(ub)
-        cost.append(c)
-        return len(cost) - 1
-
-    total_gpus = sum(s.node.gpus for s in world.states)
-    big = total_gpus + 1
-    u: dict[tuple[int, int], int] = {}
-    for s in nodes:
-        for g in range(s.node.gpus):
-            busy = s.tenants[g] > 0
-            u[(s.index, g)] = var(1.0 if busy else 0.0, 1.0, 1.0)
-    pairs: list[tuple[Demand, Requirement, NodeState, int, dict[int, int]]] = []
-    for d in demands:
-        r_m = residual[d.model]
-        if r_m <= 0:
-            continue
-        per_model = []
-        for s in nodes:
-            req = d.requirement(s.node.product)
-            if req is None or req.tp > s.node.gpus:
-                continue
-            gpus = s.fitting_gpus(req, share)
-            if len(gpus) < req.tp:
-                continue
-            v = var(0.0, float(r_m), -float(big))
-            w = {g: var(0.0, float(r_m), 0.0) for g in gpus}
-            pairs.append((d, req, s, v, w))
-            per_model.append(v)
-            rows.append(({**{w[g]: 1.0 for g in gpus}, v: -float(req.tp)}, 0.0, 0.0))
-            for g in gpus:
-                rows.append(({w[g]: 1.0, v: -1.0}, -math.inf, 0.0))
-        if per_model:
-            rows.append(({v: 1.0 for v in per_model}, -math.inf, float(r_m)))
-    # Capacity, valid inequalities, and no sharing, per GPU.
-    loads: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    streams: dict[tuple[int, int], list[tuple[int, Requirement, int]]] = {}
-    for d, req, s, v, w in pairs:
-        for g, col in w.items():
-            loads.setdefault((s.index, g), []).append((col, req.hbm_per_gpu))
-            streams.setdefault((s.index, g), []).append((col, req, residual[d.model]))
-    for (n, g), items in streams.items():
-        s = world.states[n]
-        scale = float(max([s.streamed[g], 1] + [r.step_bytes for _, r, _ in items]))
-        most = s.streamed[g] + sum(r.step_bytes * ub for _, r, ub in items)
-        limit = s.limit(g)
-        if limit is not None and most > limit:
-            rows.append(({col: r.step_bytes / scale for col, r, _ in items}, -math.inf,
-                         (limit - s.streamed[g]) / scale))
-        for col, r, ub in items:
-            if r.step_budget is None or most <= r.step_budget:
-                continue
-            y = var(0.0, 1.0, 0.0)
-            rows.append(({col: 1.0, y: -float(ub)}, -math.inf, 0.0))
-            big_m = (most - r.step_budget) / scale
-            row = {c: rr.step_bytes / scale for c, rr, _ in items}
-            row[y] = row.get(y, 0.0) + big_m
-            rows.append((row, -math.inf, (r.step_budget - s.streamed[g]) / scale + big_m))
-    for (n, g), items in loads.items():
-        s = world.states[n]
-        free = s.free[g]
-        row = {col: need / s.cap for col, need in items}
-        if s.tenants[g] == 0:
-            row[u[(n, g)]] = -free / s.cap
-            rows.append((row, -math.inf, 0.0))
-        else:
-            rows.append((row, -math.inf, free / s.cap))
-        for j in CUTS:
-            big_items = [col for col, need in items if need * (j + 1) > free]
-            if big_items:
-                rows.append(({**{c: 1.0 for c in big_items}, u[(n, g)]: -float(j)},
-                             -math.inf, 0.0))
-        if not share:
-            rows.append(({**{col: 1.0 for col, _ in items}, u[(n, g)]: -1.0}, -math.inf, 0.0))
-    # Symmetry breaking.
-    for s in nodes:
-        for g in range(1, s.node.gpus):
-            if (s.free[g], s.tenants[g]) == (s.free[g - 1], s.tenants[g - 1]) and s.tenants[g] == 0:
-                rows.append(({u[(s.index, g - 1)]: 1.0, u[(s.index, g)]: -1.0}, 0.0, math.inf))
-    groups: dict[tuple[str, int, int], list[NodeState]] = {}
-    for s in nodes:
-        if not any(s.tenants):
-            groups.setdefault((s.node.product, s.node.gpus, s.cap), []).append(s)
-    for same in groups.values():
-        for a, b in zip(same, same[1:]):
-            row = {u[(a.index, g)]: 1.0 for g in range(a.node.gpus)}
-            for g in range(b.node.gpus):
-                row[u[(b.index, g)]] = -1.0
-            rows.append((row, 0.0, math.inf))
-
     demanded = sum(max(0, r) for r in residual.values())
-    fixed_used = sum(1 for s in world.states if not s.node.schedulable
-                     for t in s.tenants if t > 0)
-    if not cost:
-        plan = _plan(world, kept, [], residual)
-        return ExactResult("optimal", 0, demanded, plan.gpus_used, float(plan.gpus_used),
-                           plan, time.perf_counter() - started)
-    n_vars = len(cost)
-    data, ri, ci, lo, hi = [], [], [], [], []
-    for i, (row, lb, ub) in enumerate(rows):
-        for col, val in row.items():
-            ri.append(i)
-            ci.append(col)
-            data.append(val)
-        lo.append(lb)
-        hi.append(ub)
-    constraints = []
-    if rows:
-        a = coo_matrix((data, (ri, ci)), shape=(len(rows), n_vars)).tocsr()
-        constraints.append(LinearConstraint(a, np.array(lo), np.array(hi)))
-    res = milp(
-        c=np.array(cost), integrality=np.ones(n_vars), bounds=Bounds(cols_lb, cols_ub),
-        constraints=constraints,
-        options={"time_limit": time_limit, "mip_rel_gap": 0.0, "disp": False},
-    )
+    sol = solve_world(world, residual, time_limit=time_limit)
     seconds = time.perf_counter() - started
-    if res.x is None:
+    if sol.status == "none":
         return ExactResult("no solution", 0, demanded, None, None, None, seconds)
-    x = np.round(res.x).astype(int)
-    new = []
-    for d, req, s, v, w in pairs:
-        count = int(x[v])
-        if count == 0:
-            continue
-        shards = [g for g in sorted(w) for _ in range(int(x[w[g]]))]
-        for k in range(count):
-            new.append((d, s, tuple(sorted(shards[k::count])), req))
-    plan = _plan(world, kept, new, residual)
-    placed = len(new)
-    bound = None
-    if placed == demanded and res.mip_dual_bound is not None:
-        bound = res.mip_dual_bound + big * placed + fixed_used
-    status = "optimal" if res.status == 0 else "time limit"
-    return ExactResult(status, placed, demanded, plan.gpus_used, bound, plan, seconds)
+    plan = _plan(world, kept, sol.new, residual)
+    status = "optimal" if sol.status == "optimal" else "time limit"
+    bound = sol.bound if sol.new or demanded else float(plan.gpus_used)
+    return ExactResult(status, len(sol.new), demanded, plan.gpus_used, bound, plan, seconds)
 
 
 def _plan(world: World, kept, new, residual: dict[str, int]) -> Plan:
@@ -256,90 +88,6 @@ def _plan(world: World, kept, new, residual: dict[str, int]) -> Plan:
 def lp_bound(snapshot: Snapshot, demands: Sequence[Demand],
              policy: Policy = Policy()) -> Optional[float]:
     """A lower bound on GPUs used by any plan that places every demanded replica, or
-    None when not even the relaxation can place them all."""
-    import numpy as np
-    from scipy.optimize import linprog
-
+    None when not even the relaxation can place them all (``ilp.lp_bound_world``)."""
     world, _, residual = _residual(snapshot, demands, policy)
-    share = policy.share_gpus
-    # GPU classes: (product, GPUs on its node, free bytes, in use) -> count.
-    classes: dict[tuple[str, int, int, bool], int] = {}
-    fixed_used = 0
-    for s in world.states:
-        for g in range(s.node.gpus):
-            in_use = s.tenants[g] > 0
-            if not s.node.schedulable:
-                fixed_used += in_use
-                continue
-            key = (s.node.product, s.node.gpus, s.free[g], in_use)
-            classes[key] = classes.get(key, 0) + 1
-    keys = sorted(classes)
-    n_u = len(keys)
-    cost = [0.0 if k[3] else 1.0 for k in keys]  # GPUs in use count as a constant
-    fixed_used += sum(classes[k] for k in keys if k[3])
-    bounds = [(0.0, float(classes[k])) for k in keys]
-    s_cols: list[tuple[Demand, Requirement, int]] = []
-    for d in demands:
-        if residual[d.model] <= 0:
-            continue
-        for ci, (product, gpus, free, in_use) in enumerate(keys):
-            req = d.requirement(product)
-            if req is None or req.tp > gpus or req.hbm_per_gpu > free or (in_use and not share):
-                continue
-            s_cols.append((d, req, ci))
-            cost.append(0.0)
-            bounds.append((0.0, None))
-    a_ub, b_ub, a_eq, b_eq = [], [], [], []
-    width = len(cost)
-    for d in demands:
-        r_m = residual[d.model]
-        if r_m <= 0:
-            continue
-        row = [0.0] * width
-        for j, (dd, req, _) in enumerate(s_cols):
-            if dd is d:
-                row[n_u + j] = 1.0 / req.tp
-        if not any(row):
-            return None
-        a_eq.append(row)
-        b_eq.append(float(r_m))
-    for ci, (product, gpus, free, in_use) in enumerate(keys):
-        mine = [(n_u + j, req) for j, (_, req, c) in enumerate(s_cols) if c == ci]
-        if not mine:
-            continue
-        scale = max(free, 1)
-        row = [0.0] * width
-        for col, req in mine:
-            row[col] = req.hbm_per_gpu / scale
-        row[ci] = -free / scale
-        a_ub.append(row)
-        b_ub.append(0.0)
-        for j in CUTS:
-            row = [0.0] * width
-            for col, req in mine:
-                if req.hbm_per_gpu * (j + 1) > free:
-                    row[col] = 1.0
-            if any(row):
-                row[ci] = -float(j)
-                a_ub.append(row)
-                b_ub.append(0.0)
-        if not share:
-            row = [0.0] * width
-            for col, _ in mine:
-                row[col] = 1.0
-            row[ci] = -1.0
-            a_ub.append(row)
-            b_ub.append(0.0)
-    if not a_eq:
-        return float(fixed_used)
-    for ci, k in enumerate(keys):
-        if k[3]:
-            bounds[ci] = (float(classes[k]), float(classes[k]))
-    res = linprog(
-        np.array(cost), A_ub=np.array(a_ub) if a_ub else None,
-        b_ub=np.array(b_ub) if b_ub else None, A_eq=np.array(a_eq), b_eq=np.array(b_eq),
-        bounds=bounds, method="highs",
-    )
-    if res.status != 0:
-        return None
-    return float(res.fun) + fixed_used
+    return lp_bound_world(world, residual)

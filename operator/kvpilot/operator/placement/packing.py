@@ -35,7 +35,6 @@ so a plan is still a pure function of it.
 from __future__ import annotations
 
 import random
-from bisect import bisect_left
 from typing import TYPE_CHECKING, Optional
 
 from kvpilot.operator.placement.model import Requirement
@@ -185,20 +184,35 @@ def best_fill(room: int, items: list[tuple[int, int]], budget: int = FILL_BUDGET
 def consolidate(world: "World", budget: int) -> int:
     """Ruin-and-recreate rounds over ``world.placed`` (in place) until a pass over the
     GPUs improves nothing, ``PATIENCE`` rounds in a row improve nothing, or ``budget``
-    replica moves are spent; returns the moves spent. The budget counts
-    work, not time, so the result does not depend on the machine."""
+    replica moves are spent; returns the moves spent. The budget counts work, not time,
+    so the result does not depend on the machine.
+
+    A round takes every replica of this run off a lightly loaded GPU and ``RUIN - 1``
+    others (a TP group leaves all its GPUs), and puts them back largest first wherever
+    the engine's own choice (``World.best_node``: tightest GPU in use that fits, else
+    the fresh GPU of the largest product) sends them. It is kept when the GPUs it
+    touched end with (fewer in use, then more HBM in those in use, then load more
+    concentrated) than before, in that order: the second lets replicas leave small
+    GPUs for a large one at no cost in GPUs, after which the large one absorbs the
+    next small GPU's replicas and frees it.
+    """
     pools = {p.product: p for p in world.pools}
+    fresh = {p.product: p.states[0].cap / world.max_cap for p in world.pools}
     on_gpu: dict[tuple[int, int], list[int]] = {}
     for i, p in enumerate(world.placed):
-        if len(p.gpus) == 1 and p.state is not None:
-            on_gpu.setdefault((p.state.index, p.gpus[0]), []).append(i)
+        if p.state is not None:
+            for g in p.gpus:
+                on_gpu.setdefault((p.state.index, g), []).append(i)
     rng = random.Random(len(world.placed) * 7919 + len(on_gpu))
     spent = [0]
     idle = 0
     while spent[0] < budget:
+        # GPUs that only this run's replicas use (those alone can be emptied), least
+        # loaded first.
         keys = sorted(
-            (k for k, items in on_gpu.items() if items),
-            key=lambda k: (world.states[k[0]].cap - world.states[k[0]].free[k[1]], k),
+            (k for k, items in on_gpu.items()
+             if items and len(items) == world.states[k[0]].tenants[k[1]]),
+            key=lambda k: (_load(world.states[k[0]], k[1]), k),
         )
         if len(keys) < 2:
             return spent[0]
@@ -210,7 +224,7 @@ def consolidate(world: "World", budget: int) -> int:
                 continue
             others = [k for k in rng.sample(keys, min(len(keys), RUIN)) if k != target]
             ruined = [target] + others[: RUIN - 1]
-            if _round(world, pools, on_gpu, ruined, spent):
+            if _round(world, pools, fresh, on_gpu, ruined, spent):
                 improved = True
                 idle = 0
             else:
@@ -226,92 +240,78 @@ def _load(s: NodeState, g: int) -> float:
     return (s.cap - s.free[g]) / s.cap
 
 
-def _round(world: "World", pools: dict[str, Pool], on_gpu: dict, ruined: list,
-           spent: list[int]) -> bool:
+def _gpu_value(s: NodeState, g: int) -> tuple[int, int, float]:
+    """(-1 if in use else 0, its HBM if in use, squared load): summed over GPUs, larger
+    is better (see ``consolidate``)."""
+    if s.tenants[g] == 0:
+        return 0, 0, 0.0
+    return -1, s.cap, _load(s, g) ** 2
+
+
+def _total(values) -> tuple[int, int, float]:
+    values = list(values)
+    return (sum(v[0] for v in values), sum(v[1] for v in values),
+            sum(v[2] for v in values))
+
+
+def _round(world: "World", pools: dict[str, Pool], fresh: dict[str, float], on_gpu: dict,
+           ruined: list, spent: list[int]) -> bool:
+    victims = sorted({i for k in ruined for i in on_gpu.get(k, ())})
+    if not victims:
+        return False
+    placed = world.placed
     states = world.states
-    before = {k: _load(states[k[0]], k[1]) for k in ruined}
-    moved: list[tuple[int, tuple[int, int]]] = []  # (item, where it was)
-    for key in ruined:
-        for i in list(on_gpu.get(key, ())):
-            _take(world, pools, on_gpu, i)
-            moved.append((i, key))
-    spent[0] += len(moved)
-    emptied = [k for k in ruined if states[k[0]].tenants[k[1]] == 0]
-    order = sorted(moved, key=lambda m: (-world.placed[m[0]].req.hbm_per_gpu, m[0]))
+    # Each GPU the round touches, as it was before the round.
+    before: dict[tuple[int, int], tuple[int, int, float]] = {}
+    for i in victims:
+        s = placed[i].state
+        for g in placed[i].gpus:
+            before.setdefault((s.index, g), _gpu_value(s, g))
+    home = {i: (placed[i].state, placed[i].gpus, placed[i].req) for i in victims}
+    for i in victims:
+        _take(pools, on_gpu, placed, i)
+    spent[0] += len(victims)
+    # Largest first: a large replica put back late finds only fragments.
+    order = sorted(victims, key=lambda i: (-home[i][2].total, -home[i][2].hbm_per_gpu, i))
     ok = True
-    for i, _ in order:
-        where = _best_home(world, pools, i, emptied)
-        if where is None:
+    for i in order:
+        p = placed[i]
+        found = world.best_node(p.demand, world.options(p.demand), fresh)
+        if found is None:
             ok = False
             break
-        key = (where[0].index, where[1])
-        if key not in before:
-            before[key] = _load(where[0], where[1])
-        _put(world, pools, on_gpu, i, *where)
+        s, gpus, _, req = found
+        for g in gpus:  # not touched yet this round: as it was before
+            before.setdefault((s.index, g), _gpu_value(s, g))
+        _put(pools, on_gpu, placed, i, s, gpus, req)
     if ok:
-        still_empty = sum(1 for n, g in emptied if states[n].tenants[g] == 0)
-        gain = sum(_load(states[n], g) ** 2 - b * b for (n, g), b in before.items())
-        if still_empty > 0 or gain > 1e-9:
+        was = _total(before.values())
+        now = _total(_gpu_value(states[n], g) for n, g in before)
+        if now[:2] > was[:2] or (now[:2] == was[:2] and now[2] > was[2] + 1e-9):
             return True
     # Undo: everything that moved goes back where it was.
-    for i, _ in moved:
-        if world.placed[i].state is not None:
-            _take(world, pools, on_gpu, i)
-    for i, (n, g) in moved:
-        s = states[n]
-        req = world.placed[i].demand.requirement(s.node.product)
-        _put(world, pools, on_gpu, i, s, g, req)
+    for i in victims:
+        if placed[i].state is not None:
+            _take(pools, on_gpu, placed, i)
+    for i in victims:
+        s, gpus, req = home[i]
+        _put(pools, on_gpu, placed, i, s, gpus, req)
     return False
 
 
-def _take(world: "World", pools: dict[str, Pool], on_gpu: dict, i: int) -> None:
-    p = world.placed[i]
+def _take(pools: dict[str, Pool], on_gpu: dict, placed: list[Placed], i: int) -> None:
+    p = placed[i]
     assert p.state is not None
     pools[p.state.node.product].release(p.state, p.demand.model, p.gpus, p.req)
-    on_gpu[(p.state.index, p.gpus[0])].remove(i)
+    for g in p.gpus:
+        on_gpu[(p.state.index, g)].remove(i)
     p.state, p.gpus = None, ()
 
 
-def _put(world: "World", pools: dict[str, Pool], on_gpu: dict, i: int, s: NodeState, g: int,
-         req: Requirement) -> None:
-    p = world.placed[i]
-    pools[s.node.product].update(s, p.demand.model, (g,), req)
-    on_gpu.setdefault((s.index, g), []).append(i)
-    p.state, p.gpus, p.req = s, (g,), req
-
-
-def _best_home(world: "World", pools: dict[str, Pool], i: int, emptied: list
-               ) -> Optional[tuple[NodeState, int, Requirement]]:
-    """The tightest in-use GPU that holds item ``i`` (on any product where it needs one
-    GPU), else the just-emptied GPU it fills most: a replica that takes 99% of an H100
-    goes there rather than leaving 40% of an H200 to fragments. The index finds the
-    tightest GPU by HBM; where the bandwidth filter refuses it, the next ones are
-    looked at."""
-    demand = world.placed[i].demand
-    share = world.policy.share_gpus
-    best: Optional[tuple] = None
-    for pool in world.pools:
-        req = demand.requirement(pool.product)
-        if req is None or req.tp != 1:
-            continue
-        lst = pool.open_gpus
-        for j in range(bisect_left(lst, (req.hbm_per_gpu,)), len(lst)):
-            free, n, g = lst[j]
-            s = world.states[n]
-            if not s.fits(g, req, share):
-                continue
-            fill = (s.cap - free + req.hbm_per_gpu) / s.cap
-            if best is None or (fill, -n, -g) > best[0]:
-                best = ((fill, -n, -g), s, g, req)
-            break
-    if best is not None:
-        return best[1], best[2], best[3]
-    fresh: Optional[tuple] = None
-    for n, g in emptied:
-        s = world.states[n]
-        req = demand.requirement(s.node.product)
-        if s.tenants[g] == 0 and req is not None and req.tp == 1 and s.fits(g, req, share):
-            key = (req.hbm_per_gpu / s.cap, -n, -g)
-            if fresh is None or key > fresh[0]:
-                fresh = (key, s, g, req)
-    return None if fresh is None else (fresh[1], fresh[2], fresh[3])
+def _put(pools: dict[str, Pool], on_gpu: dict, placed: list[Placed], i: int, s: NodeState,
+         gpus: tuple[int, ...], req: Requirement) -> None:
+    p = placed[i]
+    pools[s.node.product].update(s, p.demand.model, gpus, req)
+    for g in gpus:
+        on_gpu.setdefault((s.index, g), []).append(i)
+    p.state, p.gpus, p.req = s, gpus, req
