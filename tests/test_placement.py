@@ -365,6 +365,80 @@ def test_consolidation_empties_a_gpu_by_moving_single_gpu_replicas():
     assert sorted(s.free) == [0, 0, 10 * GiB, 10 * GiB]
 
 
+def hand_made(snap, demands, layout):
+    """A World with this run's replicas placed by hand: ``layout`` lists (demand index,
+    node index, GPUs), each committed with the demand's requirement on that node."""
+    from kvpilot.operator.placement.engine import World
+
+    world = World(snap, demands, Policy())
+    world.load_existing()
+    pools = {p.product: p for p in world.pools}
+    for d, n, gpus in layout:
+        s = world.states[n]
+        world.commit(demands[d], pools[s.node.product], s, gpus,
+                     demands[d].requirement(s.node.product))
+    return world
+
+
+def in_use(world):
+    return {(s.node.name, g) for s in world.states for g, t in enumerate(s.tenants) if t}
+
+
+def test_consolidation_moves_a_tp_group_onto_one_fresh_larger_gpu():
+    from kvpilot.operator.placement.packing import consolidate
+
+    # "m" needs two 24 GiB GPUs of "small" at TP 2, or one GPU of "big" at TP 1; placed by
+    # hand on the small node, it holds two GPUs where one suffices. Consolidation moves
+    # the whole TP group, opening the fresh big GPU.
+    snap = Snapshot(nodes=(node("small", gpus=2, hbm=24, product="S"),
+                           node("big", gpus=1, hbm=100, product="B")))
+    demands = [demand("m", 1, S=(2, 20), B=(1, 38)), demand("x", 1, S=(1, 3), B=(1, 3))]
+    world = hand_made(snap, demands, [(0, 0, (0, 1)), (1, 0, (0,))])
+    assert in_use(world) == {("small", 0), ("small", 1)}
+    consolidate(world, budget=1000)
+    assert in_use(world) == {("big", 0)}
+    assert [(p.state.node.name, p.gpus, p.req.tp) for p in world.placed] == [
+        ("big", (0,), 1), ("big", (0,), 1)]
+
+
+def test_consolidation_leaves_small_gpus_for_a_fresh_large_one():
+    from kvpilot.operator.placement.packing import consolidate
+
+    # Three 30 GiB replicas, one on each 40 GiB GPU: no GPU in use holds a second, so
+    # single moves between them gain nothing. One fresh 100 GiB GPU holds all three.
+    snap = Snapshot(nodes=(node("s", gpus=3, hbm=40, product="S"),
+                           node("b", gpus=1, hbm=100, product="B")))
+    demands = [demand("m", 3, gib=30)]
+    world = hand_made(snap, demands, [(0, 0, (0,)), (0, 0, (1,)), (0, 0, (2,))])
+    consolidate(world, budget=1000)
+    assert in_use(world) == {("b", 0)}
+    assert world.states[1].free == [10 * GiB]
+
+
+def test_when_not_all_fit_the_plan_places_the_most_replicas():
+    # One 50 GiB GPU; three replicas of 11 GiB and one of 39 GiB. Largest first (and
+    # completing the GPU it opens) places 39 + 11: two replicas. The exact step places
+    # the three small ones, the most that fit.
+    snap = Snapshot(nodes=(node("n", gpus=1, hbm=50),))
+    demands = [demand("small", 3, gib=11), demand("big", 1, gib=39)]
+    plan = sound(snap, demands, Policy(), place(snap, demands))
+    assert where(plan) == {"small-0": ("n", (0,)), "small-1": ("n", (0,)),
+                           "small-2": ("n", (0,))}
+    assert [u.model for u in plan.unplaced] == ["big"]
+    assert plan.assignments[0].kv_capacity >= plan.assignments[0].kv_tokens
+
+
+def test_the_exact_step_is_skipped_beyond_its_replica_limit(monkeypatch):
+    from kvpilot.operator.placement import engine
+
+    # The same instance with the exact step off: the constructive plan, two replicas.
+    monkeypatch.setattr(engine, "EXACT_REPLICAS", 3)
+    snap = Snapshot(nodes=(node("n", gpus=1, hbm=50),))
+    demands = [demand("small", 3, gib=11), demand("big", 1, gib=39)]
+    plan = sound(snap, demands, Policy(), place(snap, demands))
+    assert sorted(where(plan)) == ["big-0", "small-0"]
+
+
 def one_large_gpu_and_four_80(other: Demand) -> tuple[Snapshot, list[Demand]]:
     """One 140 GiB GPU (h) and four 80 GiB GPUs (a); "large" needs 127 GiB at TP 1 on
     the 140 GiB GPU or 64.5 GiB per GPU at TP 2 on the 80 GiB ones; then ``other``."""
