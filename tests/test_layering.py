@@ -1,6 +1,6 @@
 """Pure layers stay pure: the API contract and the placement engine import no kopf,
-kubernetes, torch or triton, nor scipy/numpy (the exact placement reference imports
-scipy only when called); and plans do not depend on the interpreter's hash seed."""
+kubernetes, torch or triton, nor HiGHS/numpy (placement imports its ILP solver only
+when it solves); and plans do not depend on the interpreter's hash seed."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import EXAMPLES, ROOT
 
-HEAVY = ("kopf", "kubernetes", "torch", "triton", "scipy", "numpy")
+HEAVY = ("kopf", "kubernetes", "torch", "triton", "highspy", "numpy")
 PURE_MODULES = [
     "kvpilot.api.model", "kvpilot.api.memory", "kvpilot.api.quantity", "kvpilot.api.gpus",
     "kvpilot.api.fleet", "kvpilot.api.files", "kvpilot.api.crd",
@@ -46,7 +46,7 @@ def test_pure_module_imports_nothing_heavy(module):
 
 
 def test_the_check_detects_a_heavy_import():
-    assert "scipy" in imported_heavy("scipy.optimize")
+    assert "highspy" in imported_heavy("highspy")
 
 
 def test_plans_do_not_depend_on_the_hash_seed():

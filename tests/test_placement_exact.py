@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from kvpilot.operator.placement import Demand, Existing, Node, Policy, Requirement, Snapshot, place
 from kvpilot.operator.placement.check import violations
 
-pytest.importorskip("scipy")
 from kvpilot.operator.placement.exact import lp_bound, solve  # noqa: E402
 
 GiB = 2**30

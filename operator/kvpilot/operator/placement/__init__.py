@@ -1,7 +1,7 @@
 """Placement: which GPUs of which node each LLM replica gets, decided by HBM.
 
 ``place(snapshot, demands, policy) -> Plan`` is a pure function (no kopf, kubernetes or
-torch; ``exact`` imports scipy lazily and only for tests and benchmarks). The operator
+torch; ``ilp`` imports the HiGHS solver only when it solves). The operator
 builds the snapshot from its node and pod indexes, the planner CLI from a fleet file;
 both build demands from Model objects with :func:`demands_from_models`, which sizes a
 replica with the memory model of ``kvpilot.api.memory``.

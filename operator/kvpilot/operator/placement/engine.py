@@ -91,7 +91,7 @@ def place(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
         if _better(other, plan):
             plan, best_mode = other, mode
     if world.small:
-        exact = _plan_exact(snapshot, demands, policy)
+        exact = _plan_exact(snapshot, demands, policy, plan)
         if exact is not None and _better(exact, plan):
             plan = exact
     if world.small:
@@ -107,8 +107,8 @@ def place(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
     return plan
 
 
-def _plan_exact(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy
-                ) -> Optional[Plan]:
+def _plan_exact(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
+                start: Plan) -> Optional[Plan]:
     """The plan of the ILP (``ilp``) within ``EXACT_WORK``,
     completed by the constructive pass and consolidation; None when more than
     ``EXACT_REPLICAS`` are pending, or the solver found no plan or ran into the
@@ -117,8 +117,10 @@ def _plan_exact(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy
     kept, removals, previous = world.load_existing()
     if not 0 < sum(world.pending.values()) <= EXACT_REPLICAS:
         return None
+    begun = [(world.by_model[a.model], world.by_name[a.node], a.gpus)
+             for a in start.assignments if not a.existing]
     solution = solve_world(world, dict(world.pending), time_limit=EXACT_SECONDS,
-                           work=EXACT_WORK)
+                           work=EXACT_WORK, start=begun)
     if solution.status in ("none", "time limit"):
         return None
     pools = {p.product: p for p in world.pools}

@@ -1,4 +1,4 @@
-"""An exact reference for small instances (ILP, HiGHS via scipy) and an LP lower bound.
+"""An exact reference for small instances (ILP, HiGHS) and an LP lower bound.
 
 Tests and the benchmark use it to measure how far ``place()`` is from optimal: the
 same ILP and LP bound as ``ilp``, solved without a work limit, from a snapshot.

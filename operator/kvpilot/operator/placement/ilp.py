@@ -3,7 +3,7 @@
 ``place()`` runs it on small fleets as its last improvement step (within a work limit
 counted in branch-and-bound nodes, so the plan stays a pure function of the input); the
 exact reference (``exact``) runs it without a limit to measure the engine. HiGHS solves
-it, through scipy, imported only when a model is solved.
+it (highspy, imported only when a model is solved).
 
 The objective is the one packing is judged on: GPUs that carry any load. First as many
 replicas as possible are placed, then, among those placements, the fewest GPUs are used
@@ -33,8 +33,10 @@ the earlier one carries at least as many used GPUs.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from kvpilot.operator.placement.model import Demand, Requirement
 from kvpilot.operator.placement.state import NodeState
@@ -43,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from kvpilot.operator.placement.engine import World
 
 CUTS = (1, 2, 3)
+Start = tuple[Demand, NodeState, tuple[int, ...]]  # a replica of a start: demand, node, GPUs
 NODES = (50, 1000)  # the fewest and the most branch-and-bound nodes a ``work`` limit gives
 
 
@@ -59,15 +62,13 @@ class Solution:
 
 
 def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[float] = None,
-                work: Optional[int] = None) -> Solution:
+                work: Optional[int] = None, start: Sequence[Start] = ()) -> Solution:
     """Solve for ``residual`` replicas per model on ``world``'s states (read, not
     changed), within the limits given. ``work`` bounds branch-and-bound nodes x
     variables (the nodes allowed, ``work`` / variables, kept within ``NODES``): a
-    bound on work, so the answer does not depend on the machine, unlike a time limit."""
-    import numpy as np
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import coo_matrix
-
+    bound on work, so the answer does not depend on the machine, unlike a time limit.
+    ``start``, a feasible placement of (some of) the replicas (demand, node, GPUs),
+    is the incumbent the search starts from: the answer is never worse than it."""
     share = world.policy.share_gpus
     nodes = [s for s in world.states if s.node.schedulable]
     cols_lb: list[float] = []
@@ -111,6 +112,7 @@ def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[f
         if per_model:
             rows.append(({v: 1.0 for v in per_model}, -math.inf, float(r_m)))
     # Capacity, valid inequalities, and no sharing, per GPU.
+    present: list[tuple[int, int]] = []  # (w, y): y = 1 when w > 0
     loads: dict[tuple[int, int], list[tuple[int, int]]] = {}
     streams: dict[tuple[int, int], list[tuple[int, Requirement, int]]] = {}
     for d, req, s, v, w in pairs:
@@ -129,6 +131,7 @@ def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[f
             if r.step_budget is None or most <= r.step_budget:
                 continue
             y = var(0.0, 1.0, 0.0)
+            present.append((col, y))
             rows.append(({col: 1.0, y: -float(ub)}, -math.inf, 0.0))
             big_m = (most - r.step_budget) / scale
             row = {c: rr.step_bytes / scale for c, rr, _ in items}
@@ -150,8 +153,8 @@ def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[f
                              -math.inf, 0.0))
         if not share:
             rows.append(({**{col: 1.0 for col, _ in items}, u[(n, g)]: -1.0}, -math.inf, 0.0))
-    # Symmetry breaking.
-    for s in nodes:
+    # Symmetry breaking (not with a start, which need not be in the chosen order).
+    for s in nodes if not start else ():
         for g in range(1, s.node.gpus):
             if (s.free[g], s.tenants[g]) == (s.free[g - 1], s.tenants[g - 1]) and s.tenants[g] == 0:
                 rows.append(({u[(s.index, g - 1)]: 1.0, u[(s.index, g)]: -1.0}, 0.0, math.inf))
@@ -159,7 +162,7 @@ def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[f
     for s in nodes:
         if not any(s.tenants):
             groups.setdefault((s.node.product, s.node.gpus, s.cap), []).append(s)
-    for same in groups.values():
+    for same in groups.values() if not start else ():
         for a, b in zip(same, same[1:]):
             row = {u[(a.index, g)]: 1.0 for g in range(a.node.gpus)}
             for g in range(b.node.gpus):
@@ -170,45 +173,125 @@ def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[f
                      for t in s.tenants if t > 0)
     if not cost:
         return Solution("optimal", [], None)
-    n_vars = len(cost)
-    data, ri, ci, lo, hi = [], [], [], [], []
-    for i, (row, lb, ub) in enumerate(rows):
-        for col, val in row.items():
-            ri.append(i)
-            ci.append(col)
-            data.append(val)
-        lo.append(lb)
-        hi.append(ub)
-    constraints = []
-    if rows:
-        a = coo_matrix((data, (ri, ci)), shape=(len(rows), n_vars)).tocsr()
-        constraints.append(LinearConstraint(a, np.array(lo), np.array(hi)))
-    options: dict = {"mip_rel_gap": 0.0, "disp": False}
-    if time_limit is not None:
-        options["time_limit"] = time_limit
-    if work is not None:
-        options["node_limit"] = min(NODES[1], max(NODES[0], work // n_vars))
-    res = milp(c=np.array(cost), integrality=np.ones(n_vars),
-               bounds=Bounds(cols_lb, cols_ub), constraints=constraints, options=options)
-    if res.x is None:
+    x0 = _start_values(cols_lb, u, pairs, present, start) if start else None
+    x, status, dual = _run(cost, cols_lb, cols_ub, rows, x0, time_limit, work)
+    if x is None:
         return Solution("none", [], None)
-    x = np.round(res.x).astype(int)
     new = []
     for d, req, s, v, w in pairs:
-        count = int(x[v])
+        count = int(round(x[v]))
         if count == 0:
             continue
-        shards = [g for g in sorted(w) for _ in range(int(x[w[g]]))]
+        shards = [g for g in sorted(w) for _ in range(int(round(x[w[g]])))]
         for k in range(count):
             new.append((d, s, tuple(sorted(shards[k::count])), req))
     bound = None
-    if len(new) == sum(max(0, r) for r in residual.values()) and res.mip_dual_bound is not None:
-        bound = res.mip_dual_bound + big * len(new) + fixed_used
-    if res.status == 0:
-        status = "optimal"
-    else:  # HiGHS stopped early: at the node limit (work), or on the clock
-        status = "time limit" if "time limit" in str(res.message).lower() else "work limit"
+    if len(new) == sum(max(0, r) for r in residual.values()) and dual is not None:
+        bound = dual + big * len(new) + fixed_used
     return Solution(status, new, bound)
+
+
+def _start_values(lower: list[float], u: dict, pairs: list, present: list[tuple[int, int]],
+                  start: Sequence[Start]) -> list[float]:
+    """The variables' values for the placement ``start`` (GPUs in use before it are in
+    use: their lower bound is 1)."""
+    x = list(lower)
+    col = {(d.model, s.index): (v, w) for d, _, s, v, w in pairs}
+    for d, s, gpus in start:
+        v, w = col[(d.model, s.index)]
+        x[v] += 1
+        for g in gpus:
+            x[w[g]] += 1
+            x[u[(s.index, g)]] = 1.0
+    for w_col, y_col in present:
+        x[y_col] = 1.0 if x[w_col] > 0 else 0.0
+    return x
+
+
+def _run(cost: list[float], lb: list[float], ub: list[float],
+         rows: list[tuple[dict[int, float], float, float]], x0: Optional[list[float]],
+         time_limit: Optional[float], work: Optional[int]
+         ) -> tuple[Optional[list[float]], str, Optional[float]]:
+    """(values, status, dual bound) of the ILP; values None when no solution was found."""
+    import highspy
+
+    h = _highs(cost, lb, ub, rows, integer=True)
+    if time_limit is not None:
+        h.setOptionValue("time_limit", float(time_limit))
+    if work is not None:
+        h.setOptionValue("mip_max_nodes", min(NODES[1], max(NODES[0], work // len(cost))))
+    if x0 is not None:
+        sol = highspy.HighsSolution()
+        sol.col_value = x0
+        sol.value_valid = True
+        h.setSolution(sol)
+    h.run()
+    model_status = h.getModelStatus()
+    info = h.getInfo()
+    if info.primal_solution_status != 2:  # no feasible solution
+        return None, "none", None
+    if model_status == highspy.HighsModelStatus.kOptimal:
+        status = "optimal"
+    elif model_status == highspy.HighsModelStatus.kTimeLimit:
+        status = "time limit"
+    else:  # the node limit: work
+        status = "work limit"
+    dual = info.mip_dual_bound
+    return list(h.getSolution().col_value), status, (None if math.isinf(dual) else dual)
+
+
+_banner_shown = False
+
+
+def _highs(cost: list[float], lower: list[float], upper: list[float],
+           rows: list[tuple[dict[int, float], float, float]], integer: bool):
+    """A silent HiGHS instance holding the model: minimise cost x subject to
+    lower <= x <= upper and, per row (coefficients by column, low, high), low <= a x <=
+    high; x integer when ``integer``."""
+    import highspy
+    import numpy as np
+
+    global _banner_shown
+    if _banner_shown:
+        h = highspy.Highs()
+    else:
+        # HiGHS prints a banner to standard output when the first instance of a process
+        # is made, before any option can turn it off; ``kvpilot plan -o json`` writes
+        # its plan there. Standard output is pointed at /dev/null for that moment.
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 1)
+                h = highspy.Highs()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        _banner_shown = True
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("mip_rel_gap", 0.0)
+    lp = highspy.HighsLp()
+    lp.num_col_ = len(cost)
+    lp.num_row_ = len(rows)
+    lp.col_cost_ = np.array(cost, dtype=float)
+    lp.col_lower_ = np.array(lower, dtype=float)
+    lp.col_upper_ = np.array(upper, dtype=float)
+    lp.row_lower_ = np.array([r[1] for r in rows], dtype=float)
+    lp.row_upper_ = np.array([r[2] for r in rows], dtype=float)
+    starts, index, value = [0], [], []
+    for row, _, _ in rows:
+        for c in sorted(row):
+            index.append(c)
+            value.append(row[c])
+        starts.append(len(index))
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+    lp.a_matrix_.start_ = np.array(starts, dtype=np.int32)
+    lp.a_matrix_.index_ = np.array(index, dtype=np.int32)
+    lp.a_matrix_.value_ = np.array(value, dtype=float)
+    if integer:
+        lp.integrality_ = [highspy.HighsVarType.kInteger] * len(cost)
+    h.passModel(lp)
+    return h
 
 
 def lp_bound_world(world: "World", residual: dict[str, int]) -> Optional[float]:
@@ -219,8 +302,7 @@ def lp_bound_world(world: "World", residual: dict[str, int]) -> Optional[float]:
     bandwidth, which only relaxes it further) and the continuous relaxation is solved
     with the same valid inequalities; it solves in milliseconds at fleet scale.
     """
-    import numpy as np
-    from scipy.optimize import linprog
+    import highspy
 
     share = world.policy.share_gpus
     # GPU classes: (product, GPUs on its node, free bytes, in use) -> count.
@@ -235,11 +317,13 @@ def lp_bound_world(world: "World", residual: dict[str, int]) -> Optional[float]:
             key = (s.node.product, s.node.gpus, s.free[g], in_use)
             classes[key] = classes.get(key, 0) + 1
     keys = sorted(classes)
-    n_u = len(keys)
-    cost = [0.0 if k[3] else 1.0 for k in keys]  # GPUs in use count as a constant
+    # One column per class (GPUs of it in use; those in use already are a constant),
+    # then one per (model, class): shards of the model there.
+    cost = [0.0 if k[3] else 1.0 for k in keys]
+    lower = [float(classes[k]) if k[3] else 0.0 for k in keys]
+    upper = [float(classes[k]) for k in keys]
     fixed_used += sum(classes[k] for k in keys if k[3])
-    bounds = [(0.0, float(classes[k])) for k in keys]
-    s_cols: list[tuple[Demand, Requirement, int]] = []
+    cols: list[tuple[Demand, Requirement, int, int]] = []  # (demand, req, class, column)
     for d in world.demands:
         if residual[d.model] <= 0:
             continue
@@ -247,60 +331,37 @@ def lp_bound_world(world: "World", residual: dict[str, int]) -> Optional[float]:
             req = d.requirement(product)
             if req is None or req.tp > gpus or req.hbm_per_gpu > free or (in_use and not share):
                 continue
-            s_cols.append((d, req, ci))
+            cols.append((d, req, ci, len(cost)))
             cost.append(0.0)
-            bounds.append((0.0, None))
-    a_ub, b_ub, a_eq, b_eq = [], [], [], []
-    width = len(cost)
+            lower.append(0.0)
+            upper.append(math.inf)
+    rows: list[tuple[dict[int, float], float, float]] = []
     for d in world.demands:
         r_m = residual[d.model]
         if r_m <= 0:
             continue
-        row = [0.0] * width
-        for j, (dd, req, _) in enumerate(s_cols):
-            if dd is d:
-                row[n_u + j] = 1.0 / req.tp
-        if not any(row):
+        row = {col: 1.0 / req.tp for dd, req, _, col in cols if dd is d}
+        if not row:
             return None
-        a_eq.append(row)
-        b_eq.append(float(r_m))
+        rows.append((row, float(r_m), float(r_m)))
     for ci, (product, gpus, free, in_use) in enumerate(keys):
-        mine = [(n_u + j, req) for j, (_, req, c) in enumerate(s_cols) if c == ci]
+        mine = [(col, req) for _, req, c, col in cols if c == ci]
         if not mine:
             continue
         scale = max(free, 1)
-        row = [0.0] * width
-        for col, req in mine:
-            row[col] = req.hbm_per_gpu / scale
-        row[ci] = -free / scale
-        a_ub.append(row)
-        b_ub.append(0.0)
+        rows.append(({**{col: req.hbm_per_gpu / scale for col, req in mine}, ci: -free / scale},
+                     -math.inf, 0.0))
         for j in CUTS:
-            row = [0.0] * width
-            for col, req in mine:
-                if req.hbm_per_gpu * (j + 1) > free:
-                    row[col] = 1.0
-            if any(row):
-                row[ci] = -float(j)
-                a_ub.append(row)
-                b_ub.append(0.0)
+            big_items = [col for col, req in mine if req.hbm_per_gpu * (j + 1) > free]
+            if big_items:
+                rows.append(({**{col: 1.0 for col in big_items}, ci: -float(j)},
+                             -math.inf, 0.0))
         if not share:
-            row = [0.0] * width
-            for col, _ in mine:
-                row[col] = 1.0
-            row[ci] = -1.0
-            a_ub.append(row)
-            b_ub.append(0.0)
-    if not a_eq:
+            rows.append(({**{col: 1.0 for col, _ in mine}, ci: -1.0}, -math.inf, 0.0))
+    if not rows:
         return float(fixed_used)
-    for ci, k in enumerate(keys):
-        if k[3]:
-            bounds[ci] = (float(classes[k]), float(classes[k]))
-    res = linprog(
-        np.array(cost), A_ub=np.array(a_ub) if a_ub else None,
-        b_ub=np.array(b_ub) if b_ub else None, A_eq=np.array(a_eq), b_eq=np.array(b_eq),
-        bounds=bounds, method="highs",
-    )
-    if res.status != 0:
+    h = _highs(cost, lower, upper, rows, integer=False)
+    h.run()
+    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
         return None
-    return float(res.fun) + fixed_used
+    return float(h.getInfo().objective_function_value) + fixed_used
