@@ -35,6 +35,7 @@ so a plan is still a pure function of it.
 from __future__ import annotations
 
 import random
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Optional
 
 from kvpilot.operator.placement.model import Requirement
@@ -46,7 +47,8 @@ if TYPE_CHECKING:  # pragma: no cover
 FILL_BUDGET = 400  # search nodes per GPU filled
 RUIN = 4  # GPUs emptied per round
 PATIENCE = 300  # rounds in a row without improvement before giving up
-REPAIR_MOVES = 5_000  # replicas moved, at most, while repairing one plan
+REPAIR_MOVES = 5_000
+HOME_LOOKS = 16  # GPUs in use looked at, tightest first, for a replica that moves  # replicas moved, at most, while repairing one plan
 
 
 def stack_groups(s: NodeState, req: Requirement, count: int, share: bool
@@ -223,8 +225,11 @@ def consolidate(world: "World", budget: int) -> int:
             if not on_gpu.get(target):
                 continue
             others = [k for k in rng.sample(keys, min(len(keys), RUIN)) if k != target]
-            ruined = [target] + others[: RUIN - 1]
-            if _round(world, pools, fresh, on_gpu, ruined, spent):
+            # The GPU alone first (its replicas onto GPUs in use, or onto one larger
+            # fresh GPU), then with others.
+            if (_round(world, pools, fresh, on_gpu, [target], spent)
+                    or _round(world, pools, fresh, on_gpu, [target] + others[: RUIN - 1],
+                              spent)):
                 improved = True
                 idle = 0
             else:
@@ -275,12 +280,11 @@ def _round(world: "World", pools: dict[str, Pool], fresh: dict[str, float], on_g
     order = sorted(victims, key=lambda i: (-home[i][2].total, -home[i][2].hbm_per_gpu, i))
     ok = True
     for i in order:
-        p = placed[i]
-        found = world.best_node(p.demand, world.options(p.demand), fresh)
+        found = _home(world, placed[i], fresh)
         if found is None:
             ok = False
             break
-        s, gpus, _, req = found
+        s, gpus, req = found
         for g in gpus:  # not touched yet this round: as it was before
             before.setdefault((s.index, g), _gpu_value(s, g))
         _put(pools, on_gpu, placed, i, s, gpus, req)
@@ -297,6 +301,34 @@ def _round(world: "World", pools: dict[str, Pool], fresh: dict[str, float], on_g
         s, gpus, req = home[i]
         _put(pools, on_gpu, placed, i, s, gpus, req)
     return False
+
+
+def _home(world: "World", p: Placed, fresh: dict[str, float]
+          ) -> Optional[tuple[NodeState, tuple[int, ...], Requirement]]:
+    """Where a replica taken off goes back: where it needs one GPU, the tightest GPU in
+    use that holds it (on any allowed product, the fullest after it wins; the index
+    finds the tightest by HBM, and where the bandwidth filter refuses it the next few
+    are looked at); otherwise, and for TP groups, the engine's own choice
+    (``World.best_node``), which opens the fresh GPU of the largest product."""
+    share = world.policy.share_gpus
+    best: Optional[tuple] = None
+    options = world.options(p.demand)
+    for pool, req in options:
+        if req.tp != 1:
+            continue
+        lst = pool.open_gpus
+        start = bisect_left(lst, (req.hbm_per_gpu,))
+        for free, n, g in lst[start:start + HOME_LOOKS]:
+            s = world.states[n]
+            if s.fits(g, req, share):
+                key = ((s.cap - free + req.hbm_per_gpu) / s.cap, -n, -g)
+                if best is None or key > best[0]:
+                    best = (key, s, (g,), req)
+                break
+    if best is not None:
+        return best[1], best[2], best[3]
+    found = world.best_node(p.demand, options, fresh)
+    return None if found is None else (found[0], found[1], found[3])
 
 
 def _take(pools: dict[str, Pool], on_gpu: dict, placed: list[Placed], i: int) -> None:

@@ -264,6 +264,11 @@ class Pool:
         i = bisect_left(lst, (need,))
         for j in range(i, min(len(lst), i + k)):
             yield lst[j][1]
+        # And the node at the other end, with the most free: where a fresh GPU is.
+        # Packing values a fresh GPU by its product, so when the tightest nodes of a
+        # small product offer one, a large product's fresh GPU must be in the running.
+        if len(lst) > i + k:
+            yield lst[-1][1]
         if spread:
             for _, n in self.by_total[-k:]:
                 yield n
