@@ -54,12 +54,14 @@ VARIANT_WORK = 100_000
 # all than this (work, not time: the result does not depend on the machine).
 PORTFOLIO_ORDERS = 8
 PORTFOLIO_MOVES = 12_000
-# On small instances the ILP (``ilp``) is solved too, within this much work
-# (branch-and-bound nodes x variables: the plan stays a pure function of the input); EXACT_SECONDS only guards
-# the operator's loop against a solve far slower than the benchmark's, and a plan it cuts
-# short is dropped.
+# Last, on small instances, the ILP (``ilp``), started from the best plan so far, within
+# this much work (branch-and-bound nodes x variables: the plan stays a pure function of
+# the input), and not beyond this many pending replicas or variables, where its nodes
+# take seconds each. EXACT_SECONDS only guards the operator's loop against a solve far
+# slower than on the benchmark's machine; a plan it cuts short is dropped.
 EXACT_WORK = 200_000
-EXACT_REPLICAS = 300  # pending replicas beyond which it is not tried (its nodes get slow)
+EXACT_REPLICAS = 300
+EXACT_VARIABLES = 2_000
 EXACT_SECONDS = 20.0
 FILL_ITEMS = 24  # kinds of pending replica offered to complete one GPU, largest first
 
@@ -74,8 +76,9 @@ def place(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
     hold the whole demand, once sending replicas that fill a smaller GPU tightly there;
     on a small instance, once opening the product whose GPU the replica and the pending
     replicas fill most, and then, in the way that won, with other model orders while a
-    budget of consolidation moves lasts. The plan that places more, then uses fewer
-    GPUs, wins (ties to the first, so the result is still a pure function of the input).
+    budget of consolidation moves lasts; last, the ILP started from the best of those
+    (``_plan_exact``). The plan that places more, then uses fewer GPUs, wins (ties to
+    the first, so the result is still a pure function of the input).
     """
     plan, world = _plan_once(snapshot, demands, policy, "largest")
     if not world.optimizes:
@@ -91,10 +94,6 @@ def place(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
         if _better(other, plan):
             plan, best_mode = other, mode
     if world.small:
-        exact = _plan_exact(snapshot, demands, policy, plan)
-        if exact is not None and _better(exact, plan):
-            plan = exact
-    if world.small:
         left = PORTFOLIO_MOVES
         for order in alternative_orders(world, not plan.complete)[:PORTFOLIO_ORDERS]:
             if left <= 0:
@@ -104,15 +103,19 @@ def place(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
             left -= alt.moves
             if _better(other, plan):
                 plan = other
+        exact = _plan_exact(snapshot, demands, policy, plan)
+        if exact is not None and _better(exact, plan):
+            plan = exact
     return plan
 
 
 def _plan_exact(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
                 start: Plan) -> Optional[Plan]:
-    """The plan of the ILP (``ilp``) within ``EXACT_WORK``,
-    completed by the constructive pass and consolidation; None when more than
-    ``EXACT_REPLICAS`` are pending, or the solver found no plan or ran into the
-    ``EXACT_SECONDS`` guard (a plan that depends on the clock is not kept)."""
+    """The plan of the ILP (``ilp``) started from ``start``'s new replicas, within
+    ``EXACT_WORK``, completed by the constructive pass and consolidation; None when more
+    than ``EXACT_REPLICAS`` are pending or the model has more than ``EXACT_VARIABLES``,
+    or the solver found no plan or ran into the ``EXACT_SECONDS`` guard (a plan that
+    depends on the clock is not kept)."""
     world = World(snapshot, demands, policy)
     kept, removals, previous = world.load_existing()
     if not 0 < sum(world.pending.values()) <= EXACT_REPLICAS:
@@ -120,8 +123,8 @@ def _plan_exact(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
     begun = [(world.by_model[a.model], world.by_name[a.node], a.gpus)
              for a in start.assignments if not a.existing]
     solution = solve_world(world, dict(world.pending), time_limit=EXACT_SECONDS,
-                           work=EXACT_WORK, start=begun)
-    if solution.status in ("none", "time limit"):
+                           work=EXACT_WORK, start=begun, max_variables=EXACT_VARIABLES)
+    if solution.status in ("none", "too large", "time limit"):
         return None
     pools = {p.product: p for p in world.pools}
     for demand, s, gpus, req in solution.new:

@@ -52,7 +52,7 @@ NODES = (50, 1000)  # the fewest and the most branch-and-bound nodes a ``work`` 
 @dataclass(frozen=True)
 class Solution:
     """``status``: "optimal", "work limit" or "time limit" (the best found within the
-    node or time limit) or "none" (no solution found). ``new``: (demand, node, GPUs,
+    node or time limit), "none" (no solution found) or "too large" (not solved). ``new``: (demand, node, GPUs,
     requirement) of each replica placed. ``bound``: a lower bound on GPUs used when
     every replica is placed, else None."""
 
@@ -62,13 +62,15 @@ class Solution:
 
 
 def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[float] = None,
-                work: Optional[int] = None, start: Sequence[Start] = ()) -> Solution:
+                work: Optional[int] = None, start: Sequence[Start] = (),
+                max_variables: Optional[int] = None) -> Solution:
     """Solve for ``residual`` replicas per model on ``world``'s states (read, not
     changed), within the limits given. ``work`` bounds branch-and-bound nodes x
     variables (the nodes allowed, ``work`` / variables, kept within ``NODES``): a
     bound on work, so the answer does not depend on the machine, unlike a time limit.
     ``start``, a feasible placement of (some of) the replicas (demand, node, GPUs),
-    is the incumbent the search starts from: the answer is never worse than it."""
+    is the incumbent the search starts from: the answer is never worse than it. A model
+    of more than ``max_variables`` is not solved (status "too large")."""
     share = world.policy.share_gpus
     nodes = [s for s in world.states if s.node.schedulable]
     cols_lb: list[float] = []
@@ -173,6 +175,8 @@ def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[f
                      for t in s.tenants if t > 0)
     if not cost:
         return Solution("optimal", [], None)
+    if max_variables is not None and len(cost) > max_variables:
+        return Solution("too large", [], None)
     x0 = _start_values(cols_lb, u, pairs, present, start) if start else None
     x, status, dual = _run(cost, cols_lb, cols_ub, rows, x0, time_limit, work)
     if x is None:
