@@ -41,7 +41,8 @@ def pod_cidr(index: int) -> str:
 
 
 def node_object(node: FleetNode, index: int) -> dict[str, Any]:
-    capacity = {"cpu": "128", "memory": "1Ti", "pods": "110", "ephemeral-storage": "1Ti"}
+    capacity = {"cpu": "128", "memory": "1Ti", "pods": str(node.max_pods or 110),
+                "ephemeral-storage": "1Ti"}
     if node.gpus:
         capacity[RESOURCE_GPU] = str(node.gpus)
     return {

@@ -174,7 +174,7 @@ def test_the_default_env_is_valid_settings_and_sets_every_one():
     assert {k.removeprefix("KVPILOT_").lower() for k in env} == set(Settings.model_fields)
     assert settings == Settings(
         mode="auto", dra_driver="gpu.nvidia.com", device_class="gpu.nvidia.com",
-        reserve=0, packing=1, not_ready_grace_seconds=60,
+        reserve=0, packing=1, not_ready_grace_seconds=60, reserved_pods_per_node=10,
         worker_image="kvpilot/worker:0.1.0", worker_port=8000,
         worker_command=("python", "-m", "kvpilot.worker"), scrape_seconds=15,
         scrape_timeout_seconds=2, drain_timeout_seconds=120, reconcile_seconds=30,
@@ -186,7 +186,7 @@ def test_the_default_env_is_valid_settings_and_sets_every_one():
 CHANGED = {
     "placement": {"mode": "devicePlugin", "draDriver": "gpu.example.com",
                   "deviceClass": "h100.example.com", "reserve": 0.1, "packing": 0,
-                  "notReadyGraceSeconds": 300},
+                  "notReadyGraceSeconds": 300, "reservedPodsPerNode": 4},
     "worker": {"image": {"repository": "registry.example.com/ml/kvpilot-worker",
                          "tag": "0.1.0-cu13", "digest": "sha256:" + "ab" * 32},
                "port": 9000, "command": ["/opt/kvpilot/bin/python", "-m", "kvpilot.worker"],
@@ -202,7 +202,7 @@ def test_values_flow_into_the_operators_settings():
     settings = Settings.from_env(container_env(deployment, POD))
     assert settings.model_dump(exclude={"namespace", "lease_name", "identity"}) == dict(
         mode="devicePlugin", dra_driver="gpu.example.com", device_class="h100.example.com",
-        reserve=0.1, packing=0, not_ready_grace_seconds=300,
+        reserve=0.1, packing=0, not_ready_grace_seconds=300, reserved_pods_per_node=4,
         worker_image="registry.example.com/ml/kvpilot-worker:0.1.0-cu13@sha256:" + "ab" * 32,
         worker_port=9000, worker_command=("/opt/kvpilot/bin/python", "-m", "kvpilot.worker"),
         scrape_seconds=5, scrape_timeout_seconds=1.5, drain_timeout_seconds=600,
@@ -223,6 +223,7 @@ SETTINGS_OF_VALUES = {
     ("placement", "deviceClass"): "device_class", ("placement", "reserve"): "reserve",
     ("placement", "packing"): "packing",
     ("placement", "notReadyGraceSeconds"): "not_ready_grace_seconds",
+    ("placement", "reservedPodsPerNode"): "reserved_pods_per_node",
     ("worker", "port"): "worker_port",
     ("worker", "command"): "worker_command", ("worker", "scrapeSeconds"): "scrape_seconds",
     ("worker", "scrapeTimeoutSeconds"): "scrape_timeout_seconds",

@@ -142,3 +142,21 @@ def test_bad_flags_exit_2(capsys):
         main(["plan", str(FLEET), str(MODELS[0]), "--reserve", "1.5"])
     assert exit_.value.code == 2
     assert "must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_a_fleet_node_states_its_pods_and_the_plan_keeps_room_for_other_pods(
+        capsys, tmp_path):
+    # Four 3 GiB Qwen replicas share one GPU of a 1-GPU node; with maxPods 12 and 10 pods
+    # kept for other workloads each node takes two of them.
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("nodes:\n"
+                     "  - {name: n, product: NVIDIA-L4, gpus: 1, maxPods: 12, count: 2}\n")
+    qwen = EXAMPLES / "qwen2.5-0.5b.yaml"
+    code, out, _ = run(capsys, fleet, qwen, "-o", "json")
+    nodes = sorted(a["node"] for a in json.loads(out)["assignments"])
+    assert code == 0 and nodes == ["n-0", "n-0", "n-1", "n-1"]
+    code, out, _ = run(capsys, fleet, qwen, "-o", "json", "--reserved-pods", "0")
+    assert code == 0 and sorted(a["node"] for a in json.loads(out)["assignments"]) == ["n-0"] * 4
+    with pytest.raises(SystemExit):
+        main(["plan", str(fleet), str(qwen), "--reserved-pods", "-1"])
+    assert "must be >= 0" in capsys.readouterr().err

@@ -441,6 +441,21 @@ def test_a_node_states_the_bandwidth_of_a_product_the_catalog_does_not_know():
     assert (n.product, n.bandwidth_gbps) == ("ACME-X1", 2000)
 
 
+def test_a_node_takes_its_allocatable_pods_less_the_reserve_in_replicas():
+    # 17 GiB replicas, four to a GPU: a's two GPUs would hold all six. a allows 12 pods,
+    # 10 of them kept for other workloads: two replicas go there, the rest to b.
+    a, b = node("a"), node("b")
+    a["status"]["allocatable"]["pods"] = "12"
+    w = World([a, b], [model("m", 6, seqs=1, context=1024)],
+              slices=[gpu_slice("a"), gpu_slice("b")], mode="dra")
+    w.view = lambda now_s=None: cluster_view(w.nodes, w.slices, list(w.pods.values()),
+                                             list(w.claims.values()), w.mode,
+                                             reserved_pods=10)
+    assert [n.max_pods for n in w.view().snapshot.nodes] == [2, None]
+    w.settle()
+    assert sorted(n for n, _ in w.placements().values()) == ["a", "a", "b", "b", "b", "b"]
+
+
 def test_only_changes_placement_reads_change_a_signature():
     from kvpilot.operator.view import signature
 
@@ -449,8 +464,10 @@ def test_only_changes_placement_reads_change_a_signature():
     beat["status"]["conditions"][0]["lastHeartbeatTime"] = NOW
     beat["metadata"]["resourceVersion"] = "2"
     assert signature("Node", beat) == signature("Node", n)
+    fewer_pods = node("a")
+    fewer_pods["status"]["allocatable"]["pods"] = "20"
     for changed in (node("a", ready=False), node("a", cordoned=True), node("a", gpus=1),
-                    node("a", taints=[{"key": "x", "effect": "NoSchedule"}])):
+                    node("a", taints=[{"key": "x", "effect": "NoSchedule"}]), fewer_pods):
         assert signature("Node", changed) != signature("Node", n)
     w = World([node("a")], [model("m", 1)])
     w.settle()

@@ -474,3 +474,43 @@ def test_other_model_orders_decide_who_gets_the_scarce_gpu():
     assert plan.gpus_used == 3
     assert where(plan) == {"large-0": ("a", (0, 1)), "mid-0": ("h", (0,)),
                            "mid-1": ("h", (0,)), "mid-2": ("h", (0,))}
+
+
+def test_a_node_takes_no_more_replicas_than_its_pod_limit():
+    # a's two GPUs would hold all four 30 GiB replicas; a takes two pods, so two go to b.
+    snap = Snapshot(nodes=(node("a", gpus=2, max_pods=2), node("b", gpus=1)))
+    demands = [demand("m", 4, gib=30)]
+    plan = sound(snap, demands, Policy(), place(snap, demands))
+    assert sorted(a.node for a in plan.assignments) == ["a", "a", "b", "b"]
+    assert plan.gpus_used == 2
+
+
+def test_the_pod_limit_counts_replicas_already_there_and_stacked_tp_groups():
+    # a has one pod left (an existing replica holds the other): of two TP-2 replicas
+    # that would stack on its GPUs, one goes there and one to b (which holds one).
+    snap = Snapshot(nodes=(node("a", gpus=2, max_pods=2), node("b", gpus=2, hbm=30)),
+                    replicas=(Existing("x-0", "x", "a", (0,), 10 * GiB),))
+    demands = [demand("x", 1, gib=10), demand("m", 2, tp=2, gib=20)]
+    plan = sound(snap, demands, Policy(), place(snap, demands))
+    assert sorted((a.replica, a.node) for a in plan.assignments) == [
+        ("m-0", "a"), ("m-1", "b"), ("x-0", "a")]
+
+
+def test_a_replica_blocked_by_pod_limits_says_so():
+    snap = Snapshot(nodes=(node("a", gpus=1, max_pods=1), node("b", gpus=1, max_pods=1)))
+    demands = [demand("m", 3, gib=20)]
+    plan = sound(snap, demands, Policy(), place(snap, demands))
+    assert plan.placed("m") == 2
+    assert plan.unplaced[0].reason == (
+        "every node it fits is at its pod limit (a, b): add nodes or raise maxPods "
+        "(0/2 nodes fit: 2 pod limit reached (1 pods))")
+
+
+def test_the_check_counts_pods_per_node():
+    from kvpilot.operator.placement.model import Assignment, Plan
+
+    snap = Snapshot(nodes=(node("a", gpus=1, max_pods=1),))
+    demands = [demand("m", 2, gib=20)]
+    plan = Plan(assignments=tuple(Assignment(f"m-{i}", "m", "a", (0,), 20 * GiB, shared=True)
+                                  for i in range(2)))
+    assert "a: 2 replicas on a node of 1 pods" in violations(snap, demands, Policy(), plan)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -113,11 +115,13 @@ def test_exact_reference_respects_bandwidth():
 
 @st.composite
 def small_instances(draw):
-    """Fleets of up to three nodes; models sized as the memory model sizes them: one
-    total size, split over the smallest TP degree whose shard fits each product."""
+    """Fleets of up to three nodes, some with a pod limit; models sized as the memory
+    model sizes them: one total size, split over the smallest TP degree whose shard fits
+    each product."""
     products = {"P80": 80, "P40": 40}
     nodes = tuple(
-        node(f"n{i}", gpus=draw(st.sampled_from([1, 2, 4, 8])), hbm=products[p], product=p)
+        replace(node(f"n{i}", gpus=draw(st.sampled_from([1, 2, 4, 8])), hbm=products[p],
+                     product=p), max_pods=draw(st.sampled_from([None, None, 2, 5])))
         for i, p in enumerate(draw(st.lists(st.sampled_from(sorted(products)),
                                             min_size=1, max_size=3))))
     demands = []

@@ -36,6 +36,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="kvpilot", description="Memory-aware placement of LLM replicas on GPU nodes.")
@@ -56,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
                       help="prefer nodes with fewer replicas of the same model")
     plan.add_argument("--no-share", action="store_true",
                       help="never put two replicas on one GPU")
+    plan.add_argument("--reserved-pods", type=_count, default=10, metavar="N",
+                      help="pods a node with maxPods keeps for other workloads, as the "
+                           "operator's reservedPodsPerNode (default 10)")
     plan.set_defaults(run=_plan)
     operator = sub.add_parser(
         "operator", help="run the operator (out of cluster with a kubeconfig, or in a pod)",
@@ -111,7 +124,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.spread_replicas:
         options["spread_replicas"] = True
     policy = kind(**options)
-    snapshot = snapshot_from_fleet(fleet.expand())
+    snapshot = snapshot_from_fleet(fleet.expand(), args.reserved_pods)
     demands = demands_from_models(models, snapshot, policy)
     plan = place(snapshot, demands, policy)
     if args.output == "table":

@@ -17,6 +17,7 @@ the local test cluster, which creates one fake GPU node per entry::
         bandwidthGBps: 2000   # HBM bandwidth; without it (and not in the catalog) the
         bf16TFLOPS: 400       # planner cannot check latency targets on this node
         gpus: 4
+        maxPods: 110          # allocatable pods (on the local cluster: 110 when not given)
         unschedulable: true   # cordoned
 
 Node objects get the labels NVIDIA GPU Feature Discovery sets on real nodes, and the
@@ -53,6 +54,7 @@ class NodeGroup(_Base):
     bandwidth_gbps: Optional[int] = Field(None, alias="bandwidthGBps", ge=1, le=1_000_000)
     bf16_tflops: Optional[int] = Field(None, alias="bf16TFLOPS", ge=1, le=1_000_000)
     count: int = Field(1, ge=1, le=100_000)
+    max_pods: Optional[int] = Field(None, ge=1, le=100_000)
     unschedulable: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
 
@@ -84,6 +86,7 @@ class FleetNode(_Base):
     gpu_memory_mib: int
     bandwidth_gbps: Optional[int] = None  # stated by the fleet file; None: the catalog's
     bf16_tflops: Optional[int] = None
+    max_pods: Optional[int] = None  # allocatable pods; None: not stated
     unschedulable: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
 
@@ -128,7 +131,7 @@ class Fleet(_Base):
             FleetNode(
                 name=name, product=g.product, gpus=g.gpus, gpu_memory_mib=g.gpu_memory_mib,
                 bandwidth_gbps=g.bandwidth_gbps, bf16_tflops=g.bf16_tflops,
-                unschedulable=g.unschedulable, labels=g.labels,
+                max_pods=g.max_pods, unschedulable=g.unschedulable, labels=g.labels,
             )
             for g in self.nodes
             for name in g.node_names()

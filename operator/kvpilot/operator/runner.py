@@ -163,7 +163,8 @@ class Fleet:
         claims = self._overlay("ResourceClaim", ix.items(ix.claims))
         view = await asyncio.to_thread(cluster_view, nodes, slices, pods, claims, mode,
                                        self.settings.dra_driver, time.time(),
-                                       self.settings.not_ready_grace_seconds)
+                                       self.settings.not_ready_grace_seconds,
+                                       self.settings.reserved_pods_per_node)
         drained = await self.drain_progress(view)
         actions = await asyncio.to_thread(reconcile, models, view, self.config(mode),
                                           utc_now(), drained)

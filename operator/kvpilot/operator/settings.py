@@ -46,6 +46,9 @@ class Settings(BaseModel):
     not_ready_grace_seconds: float = Field(
         60.0, ge=0, le=3600, description="How long a NotReady node keeps its replicas "
         "before they are placed elsewhere (it takes nothing new meanwhile).")
+    reserved_pods_per_node: int = Field(
+        10, ge=0, le=1000, description="Pods of other workloads (daemon sets) a GPU node's "
+        "allocatable pods keep room for; the rest bound its replicas.")
     reserve: float = Field(0.0, ge=0, lt=1, description="Fraction of every GPU's HBM kept free.")
     packing: float = Field(1.0, ge=0, le=1,
                            description="1 packs replicas onto few GPUs, 0 spreads them.")

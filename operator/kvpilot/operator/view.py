@@ -146,7 +146,17 @@ def node_state(node: Obj, now_s: float | None = None,
     return True, False, ""
 
 
-def _gpu_node(node: Obj, now_s: float | None, grace: float) -> Node | None:
+def max_pods(node: Obj, reserved: int) -> int | None:
+    """The replicas a node may hold: its allocatable pods less ``reserved`` for other
+    workloads' pods (which the operator does not watch); None when it does not say."""
+    raw = ((node.get("status") or {}).get("allocatable") or {}).get("pods")
+    try:
+        return max(0, int(raw) - reserved) if raw is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _gpu_node(node: Obj, now_s: float | None, grace: float, reserved: int) -> Node | None:
     """A device-plugin GPU node from GFD labels and allocatable nvidia.com/gpu."""
     labels = node["metadata"].get("labels") or {}
     product = labels.get(LABEL_PRODUCT)
@@ -161,7 +171,8 @@ def _gpu_node(node: Obj, now_s: float | None, grace: float) -> Node | None:
     ready, cordoned, _ = node_state(node, now_s, grace)
     bandwidth, tflops = label_overrides(labels)
     return Node(node["metadata"]["name"], product, count, mib * MiB, cordoned=cordoned,
-                ready=ready, bandwidth_gbps=bandwidth, bf16_tflops=tflops)
+                ready=ready, bandwidth_gbps=bandwidth, bf16_tflops=tflops,
+                max_pods=max_pods(node, reserved))
 
 
 def dra_product(product_name: str) -> str:
@@ -200,7 +211,7 @@ def dra_available(slices: Iterable[Obj], driver: str) -> bool:
 
 def _dra_nodes(nodes: Mapping[str, Obj], slices: Iterable[Obj], driver: str,
                devices: dict[tuple[str, int], Device], now_s: float | None,
-               grace: float) -> list[Node]:
+               grace: float, reserved: int) -> list[Node]:
     out = []
     for node_name, devs in sorted(slice_devices(slices, driver).items()):
         node = nodes.get(node_name)
@@ -221,7 +232,7 @@ def _dra_nodes(nodes: Mapping[str, Obj], slices: Iterable[Obj], driver: str,
         bandwidth, tflops = label_overrides(node["metadata"].get("labels") or {})
         out.append(Node(node_name, sorted(products)[0], len(devs), min(memories),
                         cordoned=cordoned, ready=ready, bandwidth_gbps=bandwidth,
-                        bf16_tflops=tflops))
+                        bf16_tflops=tflops, max_pods=max_pods(node, reserved)))
     return out
 
 
@@ -259,16 +270,19 @@ def _allocated(claim: Obj, driver: str) -> list[tuple[str, str, int | None]]:
 
 def cluster_view(nodes: Iterable[Obj], slices: Iterable[Obj], pods: Iterable[Obj],
                  claims: Iterable[Obj], mode: str, driver: str = "gpu.nvidia.com",
-                 now_s: float | None = None, not_ready_grace: float = 0.0) -> ClusterView:
+                 now_s: float | None = None, not_ready_grace: float = 0.0,
+                 reserved_pods: int = 0) -> ClusterView:
     """The placement snapshot and the replica objects, from raw API objects (``now_s``
-    and ``not_ready_grace``: see :func:`node_state`)."""
+    and ``not_ready_grace``: see :func:`node_state`; ``reserved_pods``: see
+    :func:`max_pods`)."""
     by_name = {n["metadata"]["name"]: n for n in nodes}
     devices: dict[tuple[str, int], Device] = {}
     if mode == "dra":
-        gpu_nodes = _dra_nodes(by_name, slices, driver, devices, now_s, not_ready_grace)
+        gpu_nodes = _dra_nodes(by_name, slices, driver, devices, now_s, not_ready_grace,
+                               reserved_pods)
     else:
-        gpu_nodes = [g for g in (_gpu_node(n, now_s, not_ready_grace) for n in by_name.values())
-                     if g is not None]
+        gpu_nodes = [g for g in (_gpu_node(n, now_s, not_ready_grace, reserved_pods)
+                                 for n in by_name.values()) if g is not None]
         gpu_nodes.sort(key=lambda n: n.name)
     problems = {n: why for n, obj in by_name.items()
                 for _, _, why in [node_state(obj, now_s, not_ready_grace)] if why}
@@ -349,7 +363,8 @@ def signature(kind: str, obj: Obj) -> tuple:
                       if c.get("type") == "Ready"), None)
         return (gone, ready, bool(spec.get("unschedulable")), repr(spec.get("taints")),
                 repr(sorted((meta.get("labels") or {}).items())),
-                (status.get("allocatable") or {}).get(RESOURCE_GPU))
+                (status.get("allocatable") or {}).get(RESOURCE_GPU),
+                (status.get("allocatable") or {}).get("pods"))
     if kind == "Pod":
         ready = next((c.get("status") for c in status.get("conditions") or []
                       if c.get("type") == "Ready"), None)

@@ -3,8 +3,9 @@
 Recomputes every GPU's load from the snapshot and the plan's assignments: no GPU holds
 more than its usable HBM (unless existing replicas already did), no GPU's tenants
 stream more bytes per decode step than the tightest ITL budget among them allows (unless
-existing replicas already did), no TP group leaves its node, nothing new lands on a node that is cordoned or not Ready or on a product the
-model does not allow, and every demanded replica is either placed or has a reason. The
+existing replicas already did), no node holds more replicas than its pod limit (unless
+existing replicas already did), no TP group leaves its node, nothing new lands on a node
+that is cordoned or not Ready or on a product the model does not allow, and every demanded replica is either placed or has a reason. The
 benchmark and the tests run it on every plan, the engine's and the exact solver's.
 """
 
@@ -92,6 +93,14 @@ def violations(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
             if tenants[(node_name, g)] > sum(1 for e in snapshot.replicas
                                              if e.node == node_name and g in e.gpus):
                 out.append(f"{node_name} GPU {g}: shared although sharing is off")
+    pods: dict[str, int] = {}
+    for a in plan.assignments:
+        pods[a.node] = pods.get(a.node, 0) + 1
+    for name, count in sorted(pods.items()):
+        limit = nodes[name].max_pods
+        if limit is not None and count > max(limit, sum(1 for e in snapshot.replicas
+                                                        if e.node == name)):
+            out.append(f"{name}: {count} replicas on a node of {limit} pods")
     for a in plan.assignments:
         if a.shared != any(tenants[(a.node, g)] > 1 for g in a.gpus):
             out.append(f"{a.replica}: shared flag is wrong")

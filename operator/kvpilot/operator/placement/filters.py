@@ -40,6 +40,11 @@ def tp_on_one_node(s: NodeState, demand: Demand, req: Optional[Requirement],
     return None if s.node.gpus >= req.tp else f"fewer than {req.tp} GPUs"
 
 
+def pods_free(s: NodeState, demand: Demand, req: Optional[Requirement],
+              policy: Policy) -> Optional[str]:
+    return None if s.pods_left > 0 else f"pod limit reached ({s.node.max_pods} pods)"
+
+
 def fits_hbm(s: NodeState, demand: Demand, req: Optional[Requirement],
              policy: Policy) -> Optional[str]:
     assert req is not None
@@ -61,7 +66,7 @@ def fits_bandwidth(s: NodeState, demand: Demand, req: Optional[Requirement],
 
 
 FILTERS: tuple[Filter, ...] = (
-    node_schedulable, product_allowed, product_fits, tp_on_one_node, fits_hbm,
+    node_schedulable, product_allowed, product_fits, tp_on_one_node, pods_free, fits_hbm,
     fits_bandwidth,
 )
 

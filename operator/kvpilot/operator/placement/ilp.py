@@ -113,6 +113,10 @@ def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[f
                 rows.append(({w[g]: 1.0, v: -1.0}, -math.inf, 0.0))
         if per_model:
             rows.append(({v: 1.0 for v in per_model}, -math.inf, float(r_m)))
+    for s in nodes:  # the node's pod limit
+        mine = [v for _, _, t, v, _ in pairs if t is s]
+        if mine and s.node.max_pods is not None:
+            rows.append(({v: 1.0 for v in mine}, -math.inf, float(max(0, s.pods_left))))
     # Capacity, valid inequalities, and no sharing, per GPU.
     present: list[tuple[int, int]] = []  # (w, y): y = 1 when w > 0
     loads: dict[tuple[int, int], list[tuple[int, int]]] = {}

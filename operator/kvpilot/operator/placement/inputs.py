@@ -20,11 +20,13 @@ from kvpilot.api.quantity import format_bytes
 from kvpilot.operator.placement.model import Demand, Node, Policy, Requirement, Snapshot
 
 
-def snapshot_from_fleet(nodes: Iterable[FleetNode]) -> Snapshot:
-    """A snapshot of an empty fleet (what ``kvpilot plan`` plans onto)."""
+def snapshot_from_fleet(nodes: Iterable[FleetNode], reserved_pods: int = 0) -> Snapshot:
+    """A snapshot of an empty fleet (what ``kvpilot plan`` plans onto); a node that
+    states its pods takes that many replicas less ``reserved_pods``, as the operator's."""
     return Snapshot(nodes=tuple(
         Node(n.name, n.product, n.gpus, n.gpu_hbm_bytes, cordoned=n.unschedulable,
-             bandwidth_gbps=n.bandwidth_gbps, bf16_tflops=n.bf16_tflops)
+             bandwidth_gbps=n.bandwidth_gbps, bf16_tflops=n.bf16_tflops,
+             max_pods=None if n.max_pods is None else max(0, n.max_pods - reserved_pods))
         for n in nodes
     ))
 

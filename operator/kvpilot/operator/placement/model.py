@@ -27,6 +27,9 @@ class Node:
     ready: bool = True  # a node that is not Ready takes nothing, and its replicas are lost
     bandwidth_gbps: Optional[int] = None  # stated by the node; None: the catalog's
     bf16_tflops: Optional[int] = None
+    # Replicas the node holds at most, those already there included: its allocatable
+    # pods less what other workloads need there. None: no limit.
+    max_pods: Optional[int] = None
 
     @property
     def schedulable(self) -> bool:

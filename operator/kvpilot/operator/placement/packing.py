@@ -61,7 +61,7 @@ def stack_groups(s: NodeState, req: Requirement, count: int, share: bool
     caps = [(g, c) for g, c in caps if c > 0]
     if len(caps) < t:
         return []
-    k = min(count, sum(c for _, c in caps) // t)
+    k = min(count, s.pods_left, sum(c for _, c in caps) // t)
     while k > 0 and sum(min(c, k) for _, c in caps) < t * k:
         k -= 1
     if k == 0:

@@ -27,13 +27,14 @@ from kvpilot.operator.placement.state import NodeState, tighter
 
 
 class _Free:
-    """Free HBM of every schedulable node, by product: sorted eligible GPUs per node."""
+    """Free HBM of every schedulable node below its pod limit, by product: sorted
+    eligible GPUs per node."""
 
     def __init__(self, states: list[NodeState], share: bool) -> None:
         self.by_product: dict[str, list[tuple[list[int], NodeState]]] = {}
         self.loaded: set[str] = set()  # products where replicas hold HBM already
         for s in states:
-            if s.node.schedulable:
+            if s.node.schedulable and s.pods_left > 0:
                 self.by_product.setdefault(s.node.product, []).append(
                     (s.eligible_free(share), s))
                 if any(s.tenants):
@@ -78,6 +79,12 @@ def explain(demand: Demand, states: list[NodeState], policy: Policy) -> str:
     free = _Free(states, policy.share_gpus)
     products = sorted(free.by_product)
     allowed = [p for p in products if demand.allows(p)]
+    full = sorted(s.node.name for s in states if s.node.schedulable and s.pods_left <= 0
+                  and demand.requirement(s.node.product) is not None)
+    if not allowed and full:
+        return (f"every node it fits is at its pod limit ({', '.join(full[:3])}"
+                f"{', ...' if len(full) > 3 else ''}): add nodes or raise maxPods "
+                f"({summary})")
     if not allowed:
         wanted = ", ".join(demand.products)
         have = ", ".join(products) or "none"

@@ -77,7 +77,7 @@ class NodeState:
     """Free HBM, streamed bytes, budgets and tenants of each GPU of one node."""
 
     __slots__ = ("node", "index", "cap", "free", "tenants", "streamed", "budgets", "models",
-                 "version")
+                 "pods_left", "version")
 
     def __init__(self, node: Node, index: int, cap: int) -> None:
         self.node = node
@@ -88,6 +88,8 @@ class NodeState:
         self.streamed = [0] * node.gpus  # bytes per decode step, all tenants
         self.budgets: list[list[int]] = [[] for _ in range(node.gpus)]  # tenants' budgets
         self.models: dict[str, int] = {}  # model -> replicas on this node
+        # Replicas it may still take (the node's pod limit; negative when it holds more).
+        self.pods_left = node.max_pods if node.max_pods is not None else 1 << 30
         self.version = 0
 
     def limit(self, g: int) -> Optional[int]:
@@ -95,16 +97,19 @@ class NodeState:
         return min(self.budgets[g]) if self.budgets[g] else None
 
     def fits(self, g: int, req: Requirement, share: bool) -> bool:
-        return gpu_fits(self.free[g], self.tenants[g], self.streamed[g], self.limit(g),
-                        req, share)
+        """``gpu_fits`` on GPU ``g``, on a node whose pod limit takes one more replica."""
+        return self.pods_left > 0 and gpu_fits(self.free[g], self.tenants[g],
+                                               self.streamed[g], self.limit(g), req, share)
 
     def shards(self, g: int, req: Requirement, share: bool) -> int:
-        """How many shards of ``req`` GPU ``g`` holds at once (by both resources)."""
+        """How many shards of ``req`` GPU ``g`` holds at once (by both resources and the
+        node's pod limit)."""
         if not self.fits(g, req, share):
             return 0
         if not share:
             return 1
         k = self.free[g] // req.hbm_per_gpu if req.hbm_per_gpu else 1 << 20
+        k = min(k, self.pods_left)
         budget = tighter(self.limit(g), req.step_budget)
         if budget is not None and req.step_bytes:
             k = min(k, (budget - self.streamed[g]) // req.step_bytes)
@@ -129,6 +134,7 @@ class NodeState:
             if budget is not None:
                 self.budgets[g].append(budget)
         self.models[model] = self.models.get(model, 0) + 1
+        self.pods_left -= 1
         self.version += 1
 
     def remove(self, model: str, gpus: tuple[int, ...], hbm: int, step: int = 0,
@@ -140,6 +146,7 @@ class NodeState:
             if budget is not None:
                 self.budgets[g].remove(budget)
         self.models[model] -= 1
+        self.pods_left += 1
         self.version += 1
 
 
