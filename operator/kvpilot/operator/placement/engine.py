@@ -16,10 +16,11 @@ serve the objective itself, the number of GPUs with load, run too (``packing``):
 replicas of a TP model go onto a node together, stacked and staggered over the fewest
 GPUs; a GPU that a replica opens is completed at once with the pending replicas that
 fill it best; replicas left unplaced get room made for them by moving others; and at the
-end a bounded ruin-and-recreate search moves single-GPU replicas to empty GPUs. All only
-ever choose among placements the filters allow. The plan may also be made other ways
-(fresh GPUs valued otherwise, other model orders on small instances) and the best kept:
-see ``place``.
+end a bounded ruin-and-recreate search moves replicas, TP groups included, to empty GPUs.
+All only ever choose among placements the filters allow. The plan may also be made
+other ways (fresh GPUs valued otherwise, other model orders on small instances) and the
+best kept; on small instances the ILP (``ilp``), started from that plan, improves it
+within a work limit: see ``place``.
 """
 
 from __future__ import annotations

@@ -13,23 +13,19 @@ before anything else tops those GPUs up.
 pending single-GPU replicas that leave the least HBM unused (minimum bin slack, Gupta
 and Ho): placing largest-first and best-fit alone leaves holes no later replica fits.
 
-``consolidate``: the constructive pass is within a few percent of optimal; the rest is
-lost in GPUs whose leftovers no single replica fits. A small ruin-and-recreate search
-(Schrimpf et al.) recovers much of it: take the replicas off a lightly loaded GPU and
-three others, put them back largest first into the tightest GPU in use that holds them
-(any allowed product), opening the just-emptied GPU they fill most only when nothing in
-use fits, and keep the result when it leaves fewer GPUs in use, or as many with load
-more concentrated (a larger sum of squared loads over every GPU the round touched, the
-ruined ones and those that took their replicas: the next GPU is easier to empty);
+``consolidate``: the constructive pass loses GPUs in leftovers no single replica fits,
+and in small GPUs holding what one large GPU could. A ruin-and-recreate search
+(Schrimpf et al.) recovers much of it: take this run's replicas off a lightly loaded GPU
+(then, if that gains nothing, off it and three others), put them back largest first,
+and keep the result when the GPUs it touched end better off (see ``consolidate``);
 otherwise undo it.
 
 ``repair``: a replica left unplaced although its model fits the fleet is given room by
 taking the replicas placed in this run off one node, putting it there, and putting them
 back anywhere (any node, any product); kept only when every one of them finds a place.
 
-Only replicas placed in this run move: existing replicas stay put. Consolidation moves
-single-GPU replicas; repair moves TP groups too. The search is seeded from the input,
-so a plan is still a pure function of it.
+Only replicas placed in this run move: existing replicas stay put; TP groups move whole.
+The search is seeded from the input, so a plan is still a pure function of it.
 """
 
 from __future__ import annotations
@@ -189,14 +185,15 @@ def consolidate(world: "World", budget: int) -> int:
     replica moves are spent; returns the moves spent. The budget counts work, not time,
     so the result does not depend on the machine.
 
-    A round takes every replica of this run off a lightly loaded GPU and ``RUIN - 1``
-    others (a TP group leaves all its GPUs), and puts them back largest first wherever
-    the engine's own choice (``World.best_node``: tightest GPU in use that fits, else
-    the fresh GPU of the largest product) sends them. It is kept when the GPUs it
-    touched end with (fewer in use, then more HBM in those in use, then load more
-    concentrated) than before, in that order: the second lets replicas leave small
-    GPUs for a large one at no cost in GPUs, after which the large one absorbs the
-    next small GPU's replicas and frees it.
+    A round takes every replica of this run off a lightly loaded GPU, or off it and
+    ``RUIN - 1`` others when that alone gains nothing (a TP group leaves all its GPUs),
+    and puts them back largest first (``_home``: the tightest GPU in use that holds a
+    single-GPU replica, else the engine's own choice, which opens the fresh GPU of the
+    largest product). It is kept when the GPUs it touched end with fewer in use, or as
+    many holding more HBM, or as many with load more concentrated (a larger sum of
+    squared loads: the next GPU is easier to empty), in that order. The second lets
+    replicas leave small GPUs for a large one at no cost in GPUs, after which the large
+    one absorbs the next small GPU's replicas and frees it.
     """
     pools = {p.product: p for p in world.pools}
     fresh = {p.product: p.states[0].cap / world.max_cap for p in world.pools}
