@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 from kvpilot.api.memory import usable_hbm
 from kvpilot.operator.placement.assemble import assemble
 from kvpilot.operator.placement.existing import resolve_existing
-from kvpilot.operator.placement.filters import first_failure
+from kvpilot.operator.placement.filters import FILTERS, first_failure
 from kvpilot.operator.placement.ilp import solve_world
 from kvpilot.operator.placement.model import Demand, Plan, Policy, Requirement, Snapshot, Unplaced
 from kvpilot.operator.placement.orders import alternative_orders, largest_first
@@ -46,7 +46,7 @@ from kvpilot.operator.placement.state import NodeState, Placed, Pool, natural
 WINDOW = 3
 TIGHT_FIT = 0.95  # a replica that fills this much of a GPU "fits it tightly"
 CONSOLIDATE_MOVES = 10_000  # replicas moved, at most, by consolidation
-CONSOLIDATE_MOVES_LARGE = 3_000  # the same beyond VARIANT_WORK (planning time at scale)
+CONSOLIDATE_MOVES_LARGE = 1_000  # the same beyond VARIANT_WORK (planning time at scale)
 # Pending replicas x schedulable nodes up to which a plan is also made other ways and
 # unplaced replicas are repaired: small instances, where it costs little.
 VARIANT_WORK = 100_000
@@ -286,11 +286,14 @@ class World:
             s = self.states[idx]
             hit = cache.get(idx)
             if hit is None or hit[0] != s.version:
-                if first_failure(s, demand, self.policy) is None:
+                score, gpus = None, ()  # the spreading window may hold nodes that do not fit
+                # The last filter (the fit predicate on each GPU) is what scoring asks of
+                # every GPU anyway: a node where fewer than TP GPUs fit scores none.
+                if first_failure(s, demand, self.policy, FILTERS[:-1]) is None:
                     score, gpus = score_node(s, demand, req, self.weights, self.max_cap,
                                              self.policy.share_gpus, fresh.get(pool.product, 1.0))
-                else:  # the spreading window may hold nodes that do not fit
-                    score, gpus = None, ()
+                    if len(gpus) < req.tp:
+                        score, gpus = None, ()
                 hit = cache[idx] = (s.version, score, gpus, pool, req)
             if hit[1] is None:
                 return

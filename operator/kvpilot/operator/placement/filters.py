@@ -71,10 +71,12 @@ FILTERS: tuple[Filter, ...] = (
 )
 
 
-def first_failure(s: NodeState, demand: Demand, policy: Policy) -> Optional[str]:
-    """The reason of the first filter that rejects ``s``, or None when it is feasible."""
+def first_failure(s: NodeState, demand: Demand, policy: Policy,
+                  filters: tuple[Filter, ...] = FILTERS) -> Optional[str]:
+    """The reason of the first of ``filters`` that rejects ``s``, or None when it is
+    feasible."""
     req = demand.requirement(s.node.product)
-    for f in FILTERS:
+    for f in filters:
         reason = f(s, demand, req, policy)
         if reason is not None:
             return reason

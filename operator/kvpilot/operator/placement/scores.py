@@ -60,7 +60,8 @@ def score_node(
     max_cap: int, share: bool, fresh: float,
 ) -> tuple[float, tuple[int, ...]]:
     """(score, chosen GPUs) of a node that passed the filters; ``fresh`` is the value of
-    opening a fresh GPU on it (see ``gpu_most_allocated``)."""
+    opening a fresh GPU on it (see ``gpu_most_allocated``). Fewer GPUs than the TP
+    degree (and score 0) where fewer fit (``NodeState.fits``)."""
     need, cap = req.hbm_per_gpu, s.cap
     w_pack, w_head = weights["most_allocated"], weights["kv_headroom"]
     node_used = 1.0 - sum(s.free) / (cap * s.node.gpus)
@@ -72,6 +73,8 @@ def score_node(
         pack = gpu_most_allocated(free, tenants, cap, need, fresh, node_used, fill)
         head = gpu_kv_headroom(free, need, max_cap, fill)
         ranked.append((-(w_pack * pack + w_head * head), g, pack, head))
+    if len(ranked) < req.tp:
+        return 0.0, ()
     ranked.sort()
     chosen = ranked[: req.tp]
     tp = len(chosen)
