@@ -58,12 +58,16 @@ PORTFOLIO_MOVES = 12_000
 # Last, on small instances, the ILP (``ilp``), started from the best plan so far, within
 # this much work (branch-and-bound nodes x variables: the plan stays a pure function of
 # the input), and not beyond this many pending replicas or variables, where its nodes
-# take seconds each. EXACT_SECONDS only guards the operator's loop against a solve far
-# slower than on the benchmark's machine; a plan it cuts short is dropped.
+# take seconds each. When that plan leaves replicas unplaced, one more placed is worth a
+# larger solve (the _INCOMPLETE limits). EXACT_SECONDS only guards the operator's loop
+# against a solve far slower than on the benchmark's machine; a plan it cuts short is
+# dropped.
 EXACT_WORK = 200_000
-EXACT_REPLICAS = 300
 EXACT_VARIABLES = 2_000
-EXACT_SECONDS = 20.0
+EXACT_WORK_INCOMPLETE = 1_000_000
+EXACT_VARIABLES_INCOMPLETE = 4_000
+EXACT_REPLICAS = 300
+EXACT_SECONDS = 60.0
 FILL_ITEMS = 24  # kinds of pending replica offered to complete one GPU, largest first
 
 __all__ = ["World", "place", "natural"]
@@ -113,18 +117,21 @@ def place(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy
 def _plan_exact(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
                 start: Plan) -> Optional[Plan]:
     """The plan of the ILP (``ilp``) started from ``start``'s new replicas, within
-    ``EXACT_WORK``, completed by the constructive pass and consolidation; None when more
-    than ``EXACT_REPLICAS`` are pending or the model has more than ``EXACT_VARIABLES``,
-    or the solver found no plan or ran into the ``EXACT_SECONDS`` guard (a plan that
-    depends on the clock is not kept)."""
+    ``EXACT_WORK`` (``EXACT_WORK_INCOMPLETE`` when ``start`` leaves replicas unplaced),
+    completed by the constructive pass and consolidation; None when more than
+    ``EXACT_REPLICAS`` are pending or the model has more variables than allowed, or the
+    solver found no plan or ran into the ``EXACT_SECONDS`` guard (a plan that depends on
+    the clock is not kept)."""
     world = World(snapshot, demands, policy)
     kept, removals, previous = world.load_existing()
     if not 0 < sum(world.pending.values()) <= EXACT_REPLICAS:
         return None
     begun = [(world.by_model[a.model], world.by_name[a.node], a.gpus)
              for a in start.assignments if not a.existing]
+    work, variables = ((EXACT_WORK, EXACT_VARIABLES) if start.complete
+                       else (EXACT_WORK_INCOMPLETE, EXACT_VARIABLES_INCOMPLETE))
     solution = solve_world(world, dict(world.pending), time_limit=EXACT_SECONDS,
-                           work=EXACT_WORK, start=begun, max_variables=EXACT_VARIABLES)
+                           work=work, start=begun, max_variables=variables)
     if solution.status in ("none", "too large", "time limit"):
         return None
     pools = {p.product: p for p in world.pools}
