@@ -27,7 +27,8 @@ naming each (far fewer variables and no symmetry between replicas):
 Valid inequalities tighten the relaxation: at most j shards larger than 1/(j+1) of a
 GPU's free HBM fit on it (``sum w <= j u`` over those, j = 1..3). Symmetry breaking: of
 identical GPUs of a node the lower index is used first, and of identical empty nodes
-the earlier one carries at least as many used GPUs.
+the earlier one carries at least as many used GPUs. A node's pod limit is a row over
+its ``v``.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ NODES = (50, 1000)  # the fewest and the most branch-and-bound nodes a ``work`` 
 @dataclass(frozen=True)
 class Solution:
     """``status``: "optimal", "work limit" or "time limit" (the best found within the
-    node or time limit), "none" (no solution found) or "too large" (not solved). ``new``: (demand, node, GPUs,
-    requirement) of each replica placed. ``bound``: a lower bound on GPUs used when
-    every replica is placed, else None."""
+    node or time limit), "none" (no solution found) or "too large" (not solved).
+    ``new``: (demand, node, GPUs, requirement) of each replica placed. ``bound``: a lower
+    bound on GPUs used when every replica is placed, else None."""
 
     status: str
     new: list[tuple[Demand, NodeState, tuple[int, ...], Requirement]]
