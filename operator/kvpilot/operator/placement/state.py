@@ -247,12 +247,6 @@ class Pool:
         for j in range(bisect_left(lst, (need,)), len(lst)):
             yield lst[j][1]
 
-    def best_open_gpu(self, need: int) -> Optional[tuple[int, int, int]]:
-        """(free, node, gpu) of the in-use GPU with the least free HBM >= ``need``."""
-        lst = self.open_gpus
-        i = bisect_left(lst, (need,))
-        return lst[i] if i < len(lst) else None
-
     def candidates(self, tp: int, need: int, k: int, spread: bool) -> Iterator[int]:
         """A bounded set of nodes to score (node indices, may repeat).
 
