@@ -11,6 +11,7 @@ benchmark and the tests run it on every plan, the engine's and the exact solver'
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Sequence
 
 from kvpilot.api.memory import usable_hbm
@@ -93,13 +94,11 @@ def violations(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
             if tenants[(node_name, g)] > sum(1 for e in snapshot.replicas
                                              if e.node == node_name and g in e.gpus):
                 out.append(f"{node_name} GPU {g}: shared although sharing is off")
-    pods: dict[str, int] = {}
-    for a in plan.assignments:
-        pods[a.node] = pods.get(a.node, 0) + 1
+    pods = Counter(a.node for a in plan.assignments)
+    pods_before = Counter(e.node for e in snapshot.replicas)
     for name, count in sorted(pods.items()):
         limit = nodes[name].max_pods
-        if limit is not None and count > max(limit, sum(1 for e in snapshot.replicas
-                                                        if e.node == name)):
+        if limit is not None and count > max(limit, pods_before[name]):
             out.append(f"{name}: {count} replicas on a node of {limit} pods")
     for a in plan.assignments:
         if a.shared != any(tenants[(a.node, g)] > 1 for g in a.gpus):

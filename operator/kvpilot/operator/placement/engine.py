@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 from kvpilot.api.memory import usable_hbm
 from kvpilot.operator.placement.assemble import assemble
 from kvpilot.operator.placement.existing import resolve_existing
-from kvpilot.operator.placement.filters import FILTERS, first_failure
+from kvpilot.operator.placement.filters import BEFORE_SCORING, first_failure
 from kvpilot.operator.placement.ilp import solve_world
 from kvpilot.operator.placement.model import Demand, Plan, Policy, Requirement, Snapshot, Unplaced
 from kvpilot.operator.placement.orders import alternative_orders, largest_first
@@ -294,9 +294,7 @@ class World:
             hit = cache.get(idx)
             if hit is None or hit[0] != s.version:
                 score, gpus = None, ()  # the spreading window may hold nodes that do not fit
-                # The last filter (the fit predicate on each GPU) is what scoring asks of
-                # every GPU anyway: a node where fewer than TP GPUs fit scores none.
-                if first_failure(s, demand, self.policy, FILTERS[:-1]) is None:
+                if first_failure(s, demand, self.policy, BEFORE_SCORING) is None:
                     score, gpus = score_node(s, demand, req, self.weights, self.max_cap,
                                              self.policy.share_gpus, fresh.get(pool.product, 1.0))
                     if len(gpus) < req.tp:

@@ -69,6 +69,9 @@ FILTERS: tuple[Filter, ...] = (
     node_schedulable, product_allowed, product_fits, tp_on_one_node, pods_free, fits_hbm,
     fits_bandwidth,
 )
+# All but the last, the fit predicate on each GPU: scoring asks that of every GPU anyway
+# (``scores.score_node`` chooses no GPUs where fewer than TP fit), so it need not run twice.
+BEFORE_SCORING: tuple[Filter, ...] = FILTERS[:-1]
 
 
 def first_failure(s: NodeState, demand: Demand, policy: Policy,
