@@ -93,6 +93,7 @@ def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[f
             busy = s.tenants[g] > 0
             u[(s.index, g)] = var(1.0 if busy else 0.0, 1.0, 1.0)
     pairs: list[tuple[Demand, Requirement, NodeState, int, dict[int, int]]] = []
+    on_node: dict[int, list[int]] = {}  # node -> its v columns
     for d in world.demands:
         r_m = residual[d.model]
         if r_m <= 0:
@@ -109,14 +110,15 @@ def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[f
             w = {g: var(0.0, float(r_m), 0.0) for g in gpus}
             pairs.append((d, req, s, v, w))
             per_model.append(v)
+            on_node.setdefault(s.index, []).append(v)
             rows.append(({**{w[g]: 1.0 for g in gpus}, v: -float(req.tp)}, 0.0, 0.0))
             for g in gpus:
                 rows.append(({w[g]: 1.0, v: -1.0}, -math.inf, 0.0))
         if per_model:
             rows.append(({v: 1.0 for v in per_model}, -math.inf, float(r_m)))
-    for s in nodes:  # the node's pod limit
-        mine = [v for _, _, t, v, _ in pairs if t is s]
-        if mine and s.node.max_pods is not None:
+    for n, mine in on_node.items():  # the node's pod limit
+        s = world.states[n]
+        if s.node.max_pods is not None:
             rows.append(({v: 1.0 for v in mine}, -math.inf, float(max(0, s.pods_left))))
     # Capacity, valid inequalities, and no sharing, per GPU.
     present: list[tuple[int, int]] = []  # (w, y): y = 1 when w > 0
@@ -160,21 +162,8 @@ def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[f
                              -math.inf, 0.0))
         if not share:
             rows.append(({**{col: 1.0 for col, _ in items}, u[(n, g)]: -1.0}, -math.inf, 0.0))
-    # Symmetry breaking (not with a start, which need not be in the chosen order).
-    for s in nodes if not start else ():
-        for g in range(1, s.node.gpus):
-            if (s.free[g], s.tenants[g]) == (s.free[g - 1], s.tenants[g - 1]) and s.tenants[g] == 0:
-                rows.append(({u[(s.index, g - 1)]: 1.0, u[(s.index, g)]: -1.0}, 0.0, math.inf))
-    groups: dict[tuple[str, int, int], list[NodeState]] = {}
-    for s in nodes:
-        if not any(s.tenants):
-            groups.setdefault((s.node.product, s.node.gpus, s.cap), []).append(s)
-    for same in groups.values() if not start else ():
-        for a, b in zip(same, same[1:]):
-            row = {u[(a.index, g)]: 1.0 for g in range(a.node.gpus)}
-            for g in range(b.node.gpus):
-                row[u[(b.index, g)]] = -1.0
-            rows.append((row, 0.0, math.inf))
+    if not start:  # symmetry breaking: a start need not be in the chosen order
+        rows.extend(_symmetry_rows(nodes, u))
 
     fixed_used = sum(1 for s in world.states if not s.node.schedulable
                      for t in s.tenants if t > 0)
@@ -198,6 +187,28 @@ def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[f
     if len(new) == sum(max(0, r) for r in residual.values()) and dual is not None:
         bound = dual + big * len(new) + fixed_used
     return Solution(status, new, bound)
+
+
+def _symmetry_rows(nodes: list[NodeState], u: dict[tuple[int, int], int]
+                   ) -> list[tuple[dict[int, float], float, float]]:
+    """Of identical fresh GPUs of a node the lower index is used first; of identical
+    empty nodes the earlier one carries at least as many used GPUs."""
+    rows = []
+    for s in nodes:
+        for g in range(1, s.node.gpus):
+            if (s.free[g], s.tenants[g]) == (s.free[g - 1], s.tenants[g - 1]) and s.tenants[g] == 0:
+                rows.append(({u[(s.index, g - 1)]: 1.0, u[(s.index, g)]: -1.0}, 0.0, math.inf))
+    groups: dict[tuple[str, int, int], list[NodeState]] = {}
+    for s in nodes:
+        if not any(s.tenants):
+            groups.setdefault((s.node.product, s.node.gpus, s.cap), []).append(s)
+    for same in groups.values():
+        for a, b in zip(same, same[1:]):
+            row = {u[(a.index, g)]: 1.0 for g in range(a.node.gpus)}
+            for g in range(b.node.gpus):
+                row[u[(b.index, g)]] = -1.0
+            rows.append((row, 0.0, math.inf))
+    return rows
 
 
 def _start_values(lower: list[float], u: dict, pairs: list, present: list[tuple[int, int]],
