@@ -34,12 +34,11 @@ class ExactResult:
 
 
 def _residual(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy):
-    """The engine's own view of the world after existing replicas: states and counts."""
+    """The engine's own view of the world after existing replicas: states and the
+    replicas still to place per model (the engine's ``pending``)."""
     world = World(snapshot, demands, policy)
     kept, _, _ = world.load_existing()
-    residual = {d.model: d.replicas - sum(1 for e in kept if e.model == d.model)
-                for d in demands}
-    return world, kept, residual
+    return world, kept, dict(world.pending)
 
 
 def solve(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy = Policy(),
