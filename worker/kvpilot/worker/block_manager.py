@@ -142,7 +142,10 @@ class BlockManager:
 
     # ---- allocate ---------------------------------------------------------------------
     def can_allocate(self, tokens: Sequence[int]) -> bool:
-        hits, _ = self._lookup(tokens)
+        return self._fits(tokens, self._lookup(tokens)[0])
+
+    def _fits(self, tokens: Sequence[int], hits: list[int]) -> bool:
+        """Whether ``tokens`` fit, reusing the cached pages ``hits``."""
         revived = sum(1 for p in hits if self._pages[p].ref_count == 0)
         fresh = self.pages_for(len(tokens)) - len(hits)
         return fresh + revived <= self.num_free
@@ -154,9 +157,9 @@ class BlockManager:
             raise ValueError(f"sequence {seq_id} already has pages")
         if not tokens:
             raise ValueError("a sequence needs at least one token")
-        if not self.can_allocate(tokens):
-            return None
         hits, hashes = self._lookup(tokens)
+        if not self._fits(tokens, hits):
+            return None
         for page_id in hits:
             page = self._pages[page_id]
             if page.ref_count == 0:
