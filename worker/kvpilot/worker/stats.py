@@ -26,10 +26,6 @@ class Histogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
 
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
     def cumulative(self) -> list[tuple[float, int]]:
         """(upper bound, observations <= it) pairs, ending with +Inf."""
         out, running = [], 0
@@ -81,8 +77,3 @@ class EngineStats:
     @property
     def usage_ratio(self) -> float:
         return self.pages_used / self.pages_total if self.pages_total else 0.0
-
-    @property
-    def prefix_hit_ratio(self) -> float:
-        q = self.prefix_queried_tokens
-        return self.prefix_hit_tokens / q if q else 0.0

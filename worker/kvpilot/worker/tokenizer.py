@@ -33,10 +33,6 @@ class Tokenizer:
         self.eos_token = _token_text(config.get("eos_token"))
         self._template = None
 
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
-
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
 
