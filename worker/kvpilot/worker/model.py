@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,7 +41,6 @@ class LlamaConfig:
     rope_scaling: dict = field(default_factory=dict)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
     @classmethod
@@ -60,8 +59,6 @@ class LlamaConfig:
             raise ValueError(f"rope_type {rope_type!r} is not supported ({SUPPORTED_ROPE})")
         rope["rope_type"] = rope_type
         heads = int(d["num_attention_heads"])
-        eos = d.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         return cls(
             vocab_size=int(d["vocab_size"]),
             hidden_size=int(d["hidden_size"]),
@@ -75,8 +72,7 @@ class LlamaConfig:
             rope_scaling=rope,
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_ids=eos_ids,
+            eos_token_ids=_eos_ids(d.get("eos_token_id")),
         )
 
     @property
@@ -198,9 +194,15 @@ def load_config(model_dir: str | Path) -> LlamaConfig:
     if gen.exists():
         eos = json.loads(gen.read_text()).get("eos_token_id")
         if eos is not None:
-            ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
-            cfg = LlamaConfig(**{**cfg.__dict__, "eos_token_ids": ids})
+            cfg = replace(cfg, eos_token_ids=_eos_ids(eos))
     return cfg
+
+
+def _eos_ids(value) -> tuple[int, ...]:
+    """``eos_token_id`` of a Hugging Face config: one id, a list of them, or none."""
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (int(value),)
 
 
 def load_weights(model_dir: str | Path, cfg: LlamaConfig, device, dtype: torch.dtype) -> LlamaWeights:
