@@ -55,6 +55,27 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
+def _loading(retry: bool = False) -> ApiError:
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if retry else None
+    return ApiError(503, "the model is still loading", type="service_unavailable",
+                    headers=headers)
+
+
+def _draining() -> ApiError:
+    return ApiError(503, "this worker is draining and takes no new requests",
+                    type="service_unavailable", code="draining")
+
+
+def _queue_full() -> ApiError:
+    return ApiError(429, "too many requests are waiting; retry later",
+                    type="rate_limit_error", code="queue_full",
+                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def _engine_failed(error: str | None) -> ApiError:
+    return ApiError(500, f"the engine failed on this request: {error}", type="server_error")
+
+
 # ---- request bodies ---------------------------------------------------------------------
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -187,11 +208,9 @@ def create_app(state: WorkerState) -> FastAPI:
 
     def engine_loop() -> EngineLoop:
         if state.loop is None:
-            raise ApiError(503, "the model is still loading", type="service_unavailable",
-                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+            raise _loading(retry=True)
         if state.loop.draining:
-            raise ApiError(503, "this worker is draining and takes no new requests",
-                           type="service_unavailable", code="draining")
+            raise _draining()
         return state.loop
 
     def check_model(name: str) -> None:
@@ -210,7 +229,7 @@ def create_app(state: WorkerState) -> FastAPI:
     @app.get(contract.PATH_READY)
     async def ready():
         if state.loop is None:
-            raise ApiError(503, "the model is still loading", type="service_unavailable")
+            raise _loading()
         if state.loop.draining:
             raise ApiError(503, "draining", type="service_unavailable", code="draining")
         return {"status": "ready"}
@@ -218,7 +237,7 @@ def create_app(state: WorkerState) -> FastAPI:
     @app.get(contract.PATH_METRICS)
     async def metrics():
         if state.loop is None:
-            raise ApiError(503, "the model is still loading", type="service_unavailable")
+            raise _loading()
         if "r" not in registry:
             registry["r"] = registry_for(state.loop.engine.snapshot)
         return Response(render(registry["r"]),
@@ -235,7 +254,7 @@ def create_app(state: WorkerState) -> FastAPI:
     @app.post(contract.PATH_DRAIN)
     async def drain():
         if state.loop is None:
-            raise ApiError(503, "the model is still loading", type="service_unavailable")
+            raise _loading()
         state.loop.drain()
         return drain_status()
 
@@ -289,12 +308,9 @@ def create_app(state: WorkerState) -> FastAPI:
         try:
             engine_loop().submit(seq, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
         except QueueFull:
-            raise ApiError(429, "too many requests are waiting; retry later",
-                           type="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+            raise _queue_full() from None
         except Draining:
-            raise ApiError(503, "this worker is draining and takes no new requests",
-                           type="service_unavailable", code="draining") from None
+            raise _draining() from None
         finished = False
         try:
             while not finished:
@@ -311,11 +327,8 @@ def create_app(state: WorkerState) -> FastAPI:
         if out.finish_reason is FinishReason.ERROR:
             await gen.aclose()
             if out.error == QUEUE_FULL:
-                raise ApiError(429, "too many requests are waiting; retry later",
-                               type="rate_limit_error", code="queue_full",
-                               headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-            raise ApiError(500, f"the engine failed on this request: {out.error}",
-                           type="server_error")
+                raise _queue_full()
+            raise _engine_failed(out.error)
         return out
 
     async def unless_disconnected(request: Request, work) -> Any:
@@ -339,8 +352,9 @@ def create_app(state: WorkerState) -> FastAPI:
                 "total_tokens": out.prompt_tokens + out.completion_tokens}
 
     def error_event(out: Output) -> bytes:
-        return sse({"error": {"message": f"the engine failed on this request: {out.error}",
-                              "type": "server_error", "param": None, "code": None}})
+        err = _engine_failed(out.error)
+        return sse({"error": {"message": err.message, "type": err.type, "param": None,
+                              "code": None}})
 
     async def respond(request: Request, body: _Body, seq: Sequence, *, chat: bool):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -354,8 +368,7 @@ def create_app(state: WorkerState) -> FastAPI:
                 text = out.text
                 async for more in gen:
                     if more.finish_reason is FinishReason.ERROR:
-                        raise ApiError(500, f"the engine failed on this request: {more.error}",
-                                       type="server_error")
+                        raise _engine_failed(more.error)
                     text += more.text
                     out = more
                 choice = {"index": 0, "finish_reason": out.finish_reason.value, "logprobs": None}
@@ -387,25 +400,22 @@ def create_app(state: WorkerState) -> FastAPI:
                         "model": state.name, "choices": [choice]})
 
         async def stream():
-            last = head
             try:
                 if chat:
                     yield chunk(None, None, role=True)
-                pending = [head]
+                out = head
                 while True:
-                    for out in pending:
-                        if out.finish_reason is FinishReason.ERROR:
-                            yield error_event(out)
-                            return
-                        if out.text or out.finished:
-                            yield chunk(out.text, out.finish_reason)
-                        last = out
-                    if last.finished:
+                    if out.finish_reason is FinishReason.ERROR:
+                        yield error_event(out)
+                        return
+                    if out.text or out.finished:
+                        yield chunk(out.text, out.finish_reason)
+                    if out.finished:
                         break
-                    pending = [await gen.__anext__()]
+                    out = await gen.__anext__()
                 if include_usage:
                     yield sse({"id": rid, "object": chunk_obj, "created": created,
-                               "model": state.name, "choices": [], "usage": usage(last)})
+                               "model": state.name, "choices": [], "usage": usage(out)})
                 yield b"data: [DONE]\n\n"
             finally:
                 await gen.aclose()
