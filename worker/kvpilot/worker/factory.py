@@ -59,8 +59,9 @@ def create_engine(s: WorkerSettings, *, cfg: LlamaConfig | None = None,
                         kv_bytes_per_token=runner.kv_bytes_per_token,
                         pages_total=pool.num_pages, kv_budget_bytes=pool.budget_bytes)
     eos = set(cfg.eos_token_ids)
-    if tokenizer is not None and tokenizer.token_id(tokenizer.eos_token) is not None:
-        eos.add(tokenizer.token_id(tokenizer.eos_token))
+    tokenizer_eos = tokenizer.token_id(tokenizer.eos_token) if tokenizer is not None else None
+    if tokenizer_eos is not None:
+        eos.add(tokenizer_eos)
     log.info("KV cache: %d pages of %d tokens = %d tokens, %d bytes (%s); placement's KV "
              "budget %d bytes", pool.num_pages, s.page_size, pool.num_pages * s.page_size,
              runner.kv_capacity_bytes, pool.source, pool.budget_bytes)

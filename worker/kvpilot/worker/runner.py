@@ -99,7 +99,7 @@ class ModelRunner:
         self.kv_bytes_per_token = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
                                    * self.layers[0].key.element_size())
         self._graphs: dict[int, _Graph] = {}
-        self._splits: dict[int, int] = {}
+        self._buckets: list[int] = []  # batch sizes with a graph, ascending
         # Decode inputs, int32, in one buffer: ids, positions, slots, lengths (one per row
         # each), then the block table. The host fills a pinned copy and one transfer moves
         # it; CUDA graphs read the device copy, whose address never changes.
@@ -234,7 +234,7 @@ class ModelRunner:
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """Compute the last token of each sequence; float32 logits ``[len(seqs), vocab]``."""
         n = len(seqs)
-        bucket = next((b for b in sorted(self._graphs) if b >= n), None)
+        bucket = next((b for b in self._buckets if b >= n), None)
         rows = bucket or n
         self._decode_inputs(seqs, rows)
         if self.on_gpu:
@@ -269,5 +269,5 @@ class ModelRunner:
                 with torch.cuda.graph(graph, pool=pool):
                     logits = self._decode_forward(*args, splits)
                 self._graphs[b] = _Graph(graph, logits)
-                self._splits[b] = splits
+        self._buckets = sorted(self._graphs)
         torch.cuda.synchronize()
