@@ -11,8 +11,10 @@ import copy
 from dataclasses import dataclass, field
 
 from kvpilot.api.quantity import GiB
-from kvpilot.operator.reconcile import Actions, Config, _epoch, reconcile
-from kvpilot.operator.view import FOREIGN, cluster_view, dra_available, dra_product
+from kvpilot.operator.reconcile import Actions, Config, reconcile
+from kvpilot.operator.view import (
+    FOREIGN, cluster_view, dra_available, dra_product, epoch,
+)
 
 NOW = "2026-01-01T00:00:00Z"
 H100 = "NVIDIA-H100-80GB-HBM3"
@@ -176,7 +178,7 @@ def test_scale_down_drains_the_surplus_then_deletes_it_once_drained():
     assert [(d.kind, d.name) for d in actions.deletes] == [("Pod", "m-1")]
     assert [(e["reason"], e["message"]) for e in actions.events] == [
         ("ReplicaRemoved", "removed replica m-1: drained")]
-    actions = w.step(now_s=_epoch(NOW) + 60)  # m-2 never drained: the timeout takes it
+    actions = w.step(now_s=epoch(NOW) + 60)  # m-2 never drained: the timeout takes it
     assert [(d.kind, d.name) for d in actions.deletes] == [("Pod", "m-2")]
     assert actions.events[0]["reason"] == "DrainTimeout"
     assert actions.events[0]["type"] == "Warning"
@@ -422,10 +424,10 @@ def test_a_node_notready_for_a_moment_keeps_its_replicas_and_takes_nothing_new()
     w.nodes[0] = node("a", gpus=2, ready=False, since=NOW,
                       taints=[{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}])
     w.models[0]["spec"]["replicas"] = 2
-    actions = w.step(now_s=_epoch(NOW) + 30)  # 30 s of the 60 s grace
+    actions = w.step(now_s=epoch(NOW) + 30)  # 30 s of the 60 s grace
     assert actions.deletes == []
     assert w.placements() == {"m-0": ("a", (0,)), "m-1": ("b", (0,))}
-    actions = w.step(now_s=_epoch(NOW) + 61)  # past the grace: placed elsewhere
+    actions = w.step(now_s=epoch(NOW) + 61)  # past the grace: placed elsewhere
     assert [d.name for d in actions.deletes] == ["m-0"]
     assert "node is NotReady" in actions.events[0]["message"]
 

@@ -14,7 +14,6 @@ after a crash creates what is missing and nothing twice.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
 from pydantic import ValidationError
@@ -30,7 +29,7 @@ from kvpilot.operator.placement import (
     Assignment, Demand, Plan, Policy, Snapshot, demand_for, place,
 )
 from kvpilot.operator.view import (
-    DRAINING, ClusterView, ReplicaObjects, model_key, split_key,
+    DRAINING, ClusterView, ReplicaObjects, epoch, model_key, split_key,
 )
 
 Obj = Mapping[str, Any]
@@ -175,8 +174,8 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
         actions.drains.append(split_key(key))
         actions.events.append(event_for(m.raw, "Replacing", f"replica {name}: {why}; "
                                         "a new one is placed and this one drains", now))
-    _remove(actions, parsed, by_key, view, snapshot, [*plan.removals, *lost], drained,
-            config, now, now_s)
+    _remove(actions, by_key, view, snapshot, set(plan.removals), set(lost), drained, config,
+            now, now_s)
 
     placed_by_model: dict[str, list[Assignment]] = {}
     for a in plan.assignments:
@@ -232,22 +231,21 @@ def _rollout(parsed: list[_Model], view: ClusterView) -> dict[str, str]:
     return out
 
 
-def _remove(actions: Actions, parsed: list[_Model], by_key: dict[str, _Model],
-            view: ClusterView, snapshot: Snapshot, removals: list[str],
+def _remove(actions: Actions, by_key: dict[str, _Model], view: ClusterView,
+            snapshot: Snapshot, removals: set[str], lost: set[str],
             drained: Mapping[str, bool] | None, config: Config, now: str,
             now_s: float | None) -> None:
     """Deletes, drains and their events.
 
     A replica beyond the desired count that is Ready is drained first (its worker stops
     admitting and finishes what it serves) and deleted once drained or after the drain
-    timeout. Replicas lost with their node, of a deleted Model, or not serving are
-    deleted at once.
+    timeout. Replicas lost with their node (``lost``), of a deleted Model, or not
+    serving are deleted at once; ``removals`` are the plan's.
     """
     drained = drained or {}
-    now_s = _epoch(now) if now_s is None else now_s
+    now_s = epoch(now) if now_s is None else now_s
     nodes = {n.name for n in snapshot.nodes}
     where = {e.name: e.node for e in snapshot.replicas}
-    lost = set(removals) - set(actions.plan.removals if actions.plan else ())
 
     def delete(key: str, r: ReplicaObjects) -> None:
         ns, name = split_key(key)
@@ -272,7 +270,7 @@ def _remove(actions: Actions, parsed: list[_Model], by_key: dict[str, _Model],
                                             f"{node}: {why or 'its GPUs are gone'}; placing "
                                             "it again elsewhere", now, warning=True))
         elif r.drain_started:
-            elapsed = now_s - _epoch(r.drain_started)
+            elapsed = now_s - epoch(r.drain_started)
             if drained.get(key):
                 delete(key, r)
                 actions.events.append(event_for(m.raw, "ReplicaRemoved",
@@ -294,11 +292,6 @@ def _remove(actions: Actions, parsed: list[_Model], by_key: dict[str, _Model],
                 actions.events.append(event_for(m.raw, "ReplicaRemoved",
                                                 f"removed replica {name} (not serving; "
                                                 f"beyond the {m.desired()} desired)", now))
-
-
-def _epoch(ts: str) -> float:
-    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(
-        tzinfo=timezone.utc).timestamp()
 
 
 def _realize(a: Assignment, m: _Model, view: ClusterView, config: Config) -> list[dict]:

@@ -110,10 +110,15 @@ DERIVED_TAINTS = {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachabl
                   "node.kubernetes.io/unschedulable"}
 
 
+def epoch(ts: str) -> float:
+    """Seconds since the epoch of an API server timestamp (``2026-01-01T00:00:00Z``)."""
+    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=timezone.utc).timestamp()
+
+
 def _since(ts: str | None) -> float | None:
     try:
-        return datetime.strptime(ts or "", "%Y-%m-%dT%H:%M:%SZ").replace(
-            tzinfo=timezone.utc).timestamp()
+        return epoch(ts or "")
     except ValueError:
         return None
 
