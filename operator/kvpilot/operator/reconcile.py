@@ -174,8 +174,9 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
         actions.drains.append(split_key(key))
         actions.events.append(event_for(m.raw, "Replacing", f"replica {name}: {why}; "
                                         "a new one is placed and this one drains", now))
-    _remove(actions, by_key, view, snapshot, set(plan.removals), set(lost), drained, config,
-            now, now_s)
+    # The view's own snapshot: a lost replica's node is named in its event.
+    _remove(actions, by_key, view, view.snapshot, set(plan.removals), set(lost), drained,
+            config, now, now_s)
 
     placed_by_model: dict[str, list[Assignment]] = {}
     for a in plan.assignments:
