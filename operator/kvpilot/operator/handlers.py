@@ -137,13 +137,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: An
     indexes = Indexes(models=kwargs["models"], nodes=kwargs["gpu_nodes"],
                       pods=kwargs["worker_pods"], claims=kwargs["resource_claims"],
                       slices=kwargs["resource_slices"])
-    health, on_pass = memo.get("health"), memo.get("on_pass")
+    health = memo.get("health")
 
-    def passed(result) -> None:
+    def passed(_) -> None:
         if health is not None:
             health.passed()
-        if on_pass is not None:
-            on_pass(result)
 
     fleet = Fleet(memo.kube, memo.settings, indexes, on_pass=passed)
     scaler = Scaler(memo.kube, memo.settings, indexes, fleet.ready, fleet.wake)

@@ -97,8 +97,7 @@ class Kube:
         await self.client.aclose()
 
     async def request(self, method: str, path: str, body: Any = None,
-                      content_type: str = "application/json",
-                      ok: tuple[int, ...] = (200, 201, 202)) -> Optional[dict]:
+                      content_type: str = "application/json") -> Optional[dict]:
         if method != "GET":
             self.writes += 1
         headers = self.creds.headers()
@@ -109,7 +108,7 @@ class Kube:
                 resp = await self.client.request(method, path, json=body, headers=headers)
             except httpx.TransportError as err:  # unreachable or too slow: retried later
                 raise ApiError(0, f"{type(err).__name__}: {err}") from err
-        if resp.status_code in ok:
+        if resp.status_code in (200, 201, 202):
             return resp.json() if resp.content else {}
         try:
             message = resp.json().get("message", resp.text)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from typing import Any, Callable
 
 from kvpilot.operator.settings import Settings
 
@@ -38,8 +37,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         health_port=args.health_port)
 
 
-async def run(settings: Settings, kubeconfig: str | None = None,
-              on_pass: Callable[[Any], None] | None = None) -> int:
+async def run(settings: Settings, kubeconfig: str | None = None) -> int:
     """Run until stopped (0) or until the Lease is lost (1)."""
     import kopf
 
@@ -61,7 +59,7 @@ async def run(settings: Settings, kubeconfig: str | None = None,
         health.leading()
         metrics.serve(settings.metrics_port)
         keeper = asyncio.create_task(lease.keep(lost))
-        memo = kopf.Memo(kube=kube, settings=settings, health=health, on_pass=on_pass)
+        memo = kopf.Memo(kube=kube, settings=settings, health=health)
         await kopf.operator(clusterwide=True, standalone=True, memo=memo, stop_flag=lost)
     finally:
         if server is not None:

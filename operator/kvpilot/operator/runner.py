@@ -211,7 +211,7 @@ class Fleet:
                     if r.drain_started and r.ip and not r.terminating]
         answers = await asyncio.gather(*(
             drain(self.client, r.ip, self.settings.worker_port,
-                  self.settings.scrape_timeout_seconds, start=True) for r in draining))
+                  self.settings.scrape_timeout_seconds) for r in draining))
         return {r.key: bool(a) for r, a in zip(draining, answers)}
 
     async def apply(self, actions: Actions, view: ClusterView | None = None) -> None:
@@ -250,7 +250,7 @@ class Fleet:
         r = view.replicas.get(f"{namespace}/{name}") if view else None
         if r is not None and r.ip:
             await drain(self.client, r.ip, self.settings.worker_port,
-                        self.settings.scrape_timeout_seconds, start=True)
+                        self.settings.scrape_timeout_seconds)
 
     async def _delete(self, d: Delete) -> None:
         try:

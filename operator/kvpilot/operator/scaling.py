@@ -30,7 +30,7 @@ from kvpilot.operator.reconcile import parse_models
 from kvpilot.operator.runner import Indexes, utc_now
 from kvpilot.operator.scrape import CONCURRENCY, WorkerMetrics, scrape_all
 from kvpilot.operator.settings import Settings
-from kvpilot.operator.view import ReplicaObjects, model_key
+from kvpilot.operator.view import ReplicaObjects, model_key, split_key
 
 log = logging.getLogger("kvpilot.scaling")
 Obj = Mapping[str, Any]
@@ -78,7 +78,6 @@ class Scaler:
         self.counters: dict[str, int] = {}  # replica key -> preemption counter last seen
         self.written: dict[str, int] = {}  # model key -> replicas this operator last set
         self.observed: dict[str, int] = {}  # model key -> spec.replicas seen last round
-        self.rounds = 0
 
     async def run(self) -> None:
         await self.ready.wait()
@@ -101,11 +100,10 @@ class Scaler:
         now = time.time()
         ix = self.indexes
         by_model = targets(ix.items(ix.pods))
-        jobs = [(r.key, r.ip, r.model.split("/", 1)[1]) for rs in by_model.values() for r in rs]
+        jobs = [(r.key, r.ip, split_key(r.model)[1]) for rs in by_model.values() for r in rs]
         results = await scrape_all(self.client, jobs, self.settings.worker_port,
                                    self.settings.scrape_timeout_seconds)
         metrics.SCRAPE_SECONDS.observe(time.monotonic() - started)
-        self.rounds += 1
         writes = []
         for m in parse_models(ix.items(ix.models)):
             if m.spec is None or m.deleting:

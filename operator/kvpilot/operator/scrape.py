@@ -84,13 +84,12 @@ async def scrape_all(client: httpx.AsyncClient, targets: Iterable[tuple[str, str
     return {key: r for (key, _, _), r in zip(targets, results)}
 
 
-async def drain(client: httpx.AsyncClient, ip: str, port: int, timeout: float,
-                start: bool) -> Optional[bool]:
-    """Ask a worker to drain (``start``) or how it is going: drained? None: no answer."""
+async def drain(client: httpx.AsyncClient, ip: str, port: int, timeout: float
+                ) -> Optional[bool]:
+    """Ask a worker to drain (again: it is idempotent): drained? None: no answer."""
     url = worker_url(ip, port, contract.PATH_DRAIN)
     try:
-        resp = await (client.post(url, timeout=timeout) if start
-                      else client.get(url, timeout=timeout))
+        resp = await client.post(url, timeout=timeout)
         resp.raise_for_status()
         return bool(resp.json().get("drained"))
     except (httpx.HTTPError, ValueError):

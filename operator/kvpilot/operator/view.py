@@ -95,7 +95,6 @@ class ClusterView:
     snapshot: Snapshot
     devices: dict[tuple[str, int], Device] = field(default_factory=dict)
     replicas: dict[str, ReplicaObjects] = field(default_factory=dict)
-    foreign_claims: int = 0
     node_problems: dict[str, str] = field(default_factory=dict)  # node -> why it is out
 
 
@@ -324,7 +323,7 @@ def cluster_view(nodes: Iterable[Obj], slices: Iterable[Obj], pods: Iterable[Obj
 
     existing = [e for r in replicas.values() if (e := _existing(r, where, driver))]
     return ClusterView(Snapshot(tuple(gpu_nodes), tuple(existing + foreign)), devices,
-                       replicas, len(foreign), problems)
+                       replicas, problems)
 
 
 def _existing(r: ReplicaObjects, where: Mapping[tuple[str, str], tuple[str, int]],
