@@ -18,6 +18,8 @@ import textwrap
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from kvpilot.operator.settings import Settings
+
 WIDTH = 100
 # Widest first columns of the tables; a longer name gets a line of its own above its row,
 # so no name (Kubernetes allows 253 characters for a node) widens the table.
@@ -66,9 +68,10 @@ def parser() -> argparse.ArgumentParser:
                       help="prefer nodes with fewer replicas of the same model")
     plan.add_argument("--no-share", action="store_true",
                       help="never put two replicas on one GPU")
-    plan.add_argument("--reserved-pods", type=_count, default=10, metavar="N",
+    reserved = Settings.model_fields["reserved_pods_per_node"].default
+    plan.add_argument("--reserved-pods", type=_count, default=reserved, metavar="N",
                       help="pods a node with maxPods keeps for other workloads, as the "
-                           "operator's reservedPodsPerNode (default 10)")
+                           f"operator's reservedPodsPerNode (default {reserved})")
     plan.set_defaults(run=_plan)
     operator = sub.add_parser(
         "operator", help="run the operator (out of cluster with a kubeconfig, or in a pod)",
