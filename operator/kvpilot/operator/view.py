@@ -160,8 +160,9 @@ def max_pods(node: Obj, reserved: int) -> int | None:
         return None
 
 
-def _gpu_node(node: Obj, now_s: float | None, grace: float, reserved: int) -> Node | None:
-    """A device-plugin GPU node from GFD labels and allocatable nvidia.com/gpu."""
+def _gpu_node(node: Obj, state: tuple[bool, bool, str], reserved: int) -> Node | None:
+    """A device-plugin GPU node from GFD labels and allocatable nvidia.com/gpu (``state``:
+    its ``node_state``)."""
     labels = node["metadata"].get("labels") or {}
     product = labels.get(LABEL_PRODUCT)
     gpus = (node.get("status") or {}).get("allocatable", {}).get(RESOURCE_GPU)
@@ -172,7 +173,7 @@ def _gpu_node(node: Obj, now_s: float | None, grace: float, reserved: int) -> No
         return None
     if not product or count <= 0 or mib <= 0:
         return None
-    ready, cordoned, _ = node_state(node, now_s, grace)
+    ready, cordoned, _ = state
     bandwidth, tflops = label_overrides(labels)
     return Node(node["metadata"]["name"], product, count, mib * MiB, cordoned=cordoned,
                 ready=ready, bandwidth_gbps=bandwidth, bf16_tflops=tflops,
@@ -214,8 +215,8 @@ def dra_available(slices: Iterable[Obj], driver: str) -> bool:
 
 
 def _dra_nodes(nodes: Mapping[str, Obj], slices: Iterable[Obj], driver: str,
-               devices: dict[tuple[str, int], Device], now_s: float | None,
-               grace: float, reserved: int) -> list[Node]:
+               devices: dict[tuple[str, int], Device],
+               states: Mapping[str, tuple[bool, bool, str]], reserved: int) -> list[Node]:
     out = []
     for node_name, devs in sorted(slice_devices(slices, driver).items()):
         node = nodes.get(node_name)
@@ -230,7 +231,7 @@ def _dra_nodes(nodes: Mapping[str, Obj], slices: Iterable[Obj], driver: str,
             devices[(node_name, i)] = Device(d["name"], pool, uuid, name)
             products.add(dra_product(name) if name else "unknown")
             memories.append(parse_bytes(d["capacity"]["memory"]["value"]))
-        ready, cordoned, _ = node_state(node, now_s, grace)
+        ready, cordoned, _ = states[node_name]
         # All GPUs of a node are one product; should a driver say otherwise, the node is
         # described by the smallest GPU and its first product name.
         bandwidth, tflops = label_overrides(node["metadata"].get("labels") or {})
@@ -280,16 +281,15 @@ def cluster_view(nodes: Iterable[Obj], slices: Iterable[Obj], pods: Iterable[Obj
     and ``not_ready_grace``: see :func:`node_state`; ``reserved_pods``: see
     :func:`max_pods`)."""
     by_name = {n["metadata"]["name"]: n for n in nodes}
+    states = {name: node_state(obj, now_s, not_ready_grace) for name, obj in by_name.items()}
     devices: dict[tuple[str, int], Device] = {}
     if mode == "dra":
-        gpu_nodes = _dra_nodes(by_name, slices, driver, devices, now_s, not_ready_grace,
-                               reserved_pods)
+        gpu_nodes = _dra_nodes(by_name, slices, driver, devices, states, reserved_pods)
     else:
-        gpu_nodes = [g for g in (_gpu_node(n, now_s, not_ready_grace, reserved_pods)
-                                 for n in by_name.values()) if g is not None]
+        gpu_nodes = [g for g in (_gpu_node(obj, states[name], reserved_pods)
+                                 for name, obj in by_name.items()) if g is not None]
         gpu_nodes.sort(key=lambda n: n.name)
-    problems = {n: why for n, obj in by_name.items()
-                for _, _, why in [node_state(obj, now_s, not_ready_grace)] if why}
+    problems = {name: why for name, (_, _, why) in states.items() if why}
     where = {(d.pool, d.name): (node, i) for (node, i), d in devices.items()}
     hbm_of = {n.name: n.gpu_hbm for n in gpu_nodes}
 
