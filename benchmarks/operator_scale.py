@@ -35,7 +35,7 @@ from kvpilot.api.model import ModelSpec  # noqa: E402
 
 from e2e.cluster import Cluster, install_crds  # noqa: E402
 from e2e.fleet import create_nodes  # noqa: E402
-from e2e.operator import OperatorProcess, wait_for  # noqa: E402
+from e2e.operator import OperatorProcess, operator_writes, wait_for  # noqa: E402
 from machine import hardware  # noqa: E402  (beside this script)
 
 PRODUCTS = [("NVIDIA-H100-80GB-HBM3", 8, 0.35), ("NVIDIA-H200", 8, 0.15),
@@ -187,10 +187,10 @@ def main() -> int:
             wait_for(f"{total} pods Running", progress, 3600, interval=5, log=op.log)
             rollout = time.monotonic() - started
             time.sleep(15)  # let status catch up
-            before = len(_writes(cluster))
+            before = len(operator_writes(cluster))
             idle = 30.0
             time.sleep(idle)
-            writes = len(_writes(cluster)) - before
+            writes = len(operator_writes(cluster)) - before
             rss = peak_rss_mib(op.proc.pid)
             kv_gpus = gpus_with_claims(cluster)
         finally:
@@ -213,11 +213,6 @@ def main() -> int:
           f"{count_gpus} for {bound} of {total} replicas ({pending} left Pending); "
           f"ratio {kv_gpus / max(1, count_gpus):.2f}")
     return 0
-
-
-def _writes(cluster: Cluster) -> list[dict]:
-    return [e for e in cluster.audit_writes("kvpilot-operator") + cluster.audit_writes("kopf")
-            if e.get("objectRef", {}).get("resource") != "leases"]
 
 
 if __name__ == "__main__":

@@ -329,8 +329,9 @@ class Cluster:
                 continue
         return out
 
-    def audit_writes(self, user_agent_prefix: str) -> list[dict[str, Any]]:
-        """Write requests the API server completed for clients of that user agent."""
+    def audit_writes(self, user_agent_prefix: str | tuple[str, ...]) -> list[dict[str, Any]]:
+        """Write requests the API server completed for clients of that user agent (or
+        of any of several)."""
         return [e for e in self._audit_events() if e.get("verb") in WRITE_VERBS
                 and e.get("userAgent", "").startswith(user_agent_prefix)]
 

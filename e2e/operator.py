@@ -16,6 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "kvpilot-system"
 
 
+def operator_writes(cluster: Cluster) -> list[dict]:
+    """The operator's writes (its own client's and kopf's), except its Lease renewals
+    (leader election, not reconcile); the audit log read once."""
+    return [e for e in cluster.audit_writes(("kvpilot-operator", "kopf"))
+            if e.get("objectRef", {}).get("resource") != "leases"]
+
+
 def ensure_namespace(cluster: Cluster, name: str = NAMESPACE) -> None:
     cluster.kubectl("create", "namespace", name, check=False)
 
@@ -61,9 +68,6 @@ class OperatorProcess:
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -22,7 +22,7 @@ from kvpilot.api.quantity import parse_bytes
 from e2e.cluster import Cluster
 from e2e.conftest import ROOT
 from e2e.fleet import fleet_cluster
-from e2e.operator import OperatorProcess, wait_for
+from e2e.operator import OperatorProcess, operator_writes, wait_for
 
 H100 = "NVIDIA-H100-80GB-HBM3"
 FLEET = [FleetNode(name=f"h100-{i}", product=H100, gpus=2, gpu_memory_mib=81559)
@@ -171,12 +171,6 @@ def test_models_become_claims_and_pods_where_the_plan_says(dra_cluster, operator
     assert any(e["reason"] == "DoesNotFit" for e in events(dra_cluster, "huge"))
     table = dra_cluster.kubectl("get", "models").stdout
     assert "21.0 GiB" in table
-
-
-def operator_writes(cluster: Cluster) -> list[dict]:
-    """The operator's writes, except its Lease renewals (leader election, not reconcile)."""
-    return [e for e in cluster.audit_writes("kvpilot-operator") + cluster.audit_writes("kopf")
-            if e.get("objectRef", {}).get("resource") != "leases"]
 
 
 def test_an_idle_reconcile_makes_no_writes(dra_cluster, operator):
