@@ -140,12 +140,11 @@ class Replica:
     """One simulated worker: where it runs, its pages, its batch, its segment."""
 
     def __init__(self, name: str, model: "ModelRun", node: Node, gpus: tuple[int, ...],
-                 hbm_per_gpu: int, pages: int, created: float, settings: Settings) -> None:
+                 hbm_per_gpu: int, pages: int, settings: Settings) -> None:
         spec = model.spec
         tp = len(gpus)
         self.name, self.model, self.node, self.gpus = name, model, node, gpus
         self.tp, self.hbm_per_gpu, self.pages = tp, hbm_per_gpu, pages
-        self.created = created
         self.state = STARTING
         self.product = node.gpu
         self.weights = decode_step_bytes(spec, tp, 0, 0)
@@ -164,7 +163,6 @@ class Replica:
         self.n = 0  # decode steps the segment runs
         self.version = 0  # bumps when a scheduled segment end is superseded
         self.bytes_now = 0  # bytes per step it streams on each of its GPUs while busy
-        self.drain_deadline = math.inf
 
     @property
     def outstanding(self) -> int:
@@ -537,11 +535,10 @@ class Simulation:
             self._remove(r, now)
             return
         r.state = DRAINING
-        r.drain_deadline = now + self.settings.drain_timeout_seconds
         if not r.busy and not r.waiting:
             self._remove(r, now)
         else:
-            self._push(r.drain_deadline, "drain", r)
+            self._push(now + self.settings.drain_timeout_seconds, "drain", r)
 
     def _drain_timeout(self, r: Replica, now: float) -> None:
         for q in [*r.running, *r.waiting]:
@@ -581,7 +578,7 @@ class Simulation:
             m = self.models[a.model]
             node = by_node[a.node]
             pages = self._pool_pages(m.spec, node, len(a.gpus), a.hbm_per_gpu)
-            r = Replica(a.replica, m, node, a.gpus, a.hbm_per_gpu, pages, now, self.settings)
+            r = Replica(a.replica, m, node, a.gpus, a.hbm_per_gpu, pages, self.settings)
             self._add(r, now, now if warm else now + self.settings.startup_seconds)
 
     # --- the scrape round --------------------------------------------------------------
