@@ -19,7 +19,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import httpx
 
@@ -45,8 +44,9 @@ class Process:
         return f"http://{self.ip}:{self.port}"
 
 
-def _command_env(pod: dict) -> tuple[list[str], dict[str, str], str] | None:
-    """The worker's argv and env for a pod, or None when it has no local checkpoint."""
+def _command_env(pod: dict) -> tuple[list[str], dict[str, str], str, int] | None:
+    """The worker's argv, env, IP and port for a pod, or None when it has no local
+    checkpoint."""
     (c,) = pod["spec"]["containers"]
     env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
     args = c.get("args", [])
@@ -58,7 +58,7 @@ def _command_env(pod: dict) -> tuple[list[str], dict[str, str], str] | None:
     ip = pod["status"]["podIP"]
     argv = [sys.executable, "-m", "kvpilot.worker", "--model", model_dir, "--host", ip,
             "--port", str(port), "--device", "cpu", "--log-level", "warning"]
-    return argv, env, ip
+    return argv, env, ip, port
 
 
 @dataclass
@@ -69,7 +69,6 @@ class Workers:
     logs: Path
     processes: dict[str, Process] = field(default_factory=dict)
     started: int = 0
-    on_change: Callable[[], None] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -121,7 +120,7 @@ class Workers:
         found = _command_env(pod)
         if found is None:
             return
-        argv, env, ip = found
+        argv, env, ip, port = found
         log = self.logs / f"{name}.log"
         out = open(log, "ab")
         proc = subprocess.Popen(
@@ -130,12 +129,9 @@ class Workers:
                 str(ROOT / p) for p in ("operator", "worker"))},
             preexec_fn=_die_with_parent)
         out.close()
-        port = int(argv[argv.index("--port") + 1])
         self.processes[name] = Process(name, pod["metadata"]["labels"]["kvpilot.dev/model"],
                                        ip, port, proc, log)
         self.started += 1
-        if self.on_change:
-            self.on_change()
 
     def _end(self, name: str) -> None:
         p = self.processes.pop(name)
@@ -146,8 +142,6 @@ class Workers:
             except subprocess.TimeoutExpired:
                 os.killpg(p.proc.pid, signal.SIGKILL)
                 p.proc.wait()
-        if self.on_change:
-            self.on_change()
 
     def tails(self, chars: int = 2000) -> str:
         return "\n".join(f"--- {f.name} ---\n{f.read_text(errors='replace')[-chars:]}"
