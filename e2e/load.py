@@ -121,7 +121,6 @@ class LoadThread:
                                        args=(self._main(),), daemon=True)
 
     async def _main(self) -> None:
-        self.stop = asyncio.Event()
         await self.load.run(self.stop)
 
     def start(self) -> "LoadThread":
