@@ -106,8 +106,9 @@ def gpus_with_claims(cluster: Cluster) -> int:
                     "devices", {}).get("results", [])})
 
 
-def baseline(cluster: Cluster, objs: list[dict], replicas: int) -> tuple[int, int, int]:
-    """Whole-GPU pods, one per replica, on products that hold it: (bound, pending, GPUs)."""
+def baseline(cluster: Cluster, objs: list[dict], replicas: int) -> tuple[int, int]:
+    """Whole-GPU pods, one per replica, on products that hold it: (bound, pending); each
+    bound pod holds one GPU."""
     cluster.kubectl("create", "namespace", "baseline", check=False)
     pods = []
     for m in objs:
@@ -137,7 +138,7 @@ def baseline(cluster: Cluster, objs: list[dict], replicas: int) -> tuple[int, in
         last = p
         time.sleep(5)
     bound = last.get("Running", 0)
-    return bound, len(pods) - bound, bound
+    return bound, len(pods) - bound
 
 
 def main() -> int:
@@ -195,7 +196,8 @@ def main() -> int:
             kv_gpus = gpus_with_claims(cluster)
         finally:
             op.stop()
-        bound, pending, count_gpus = baseline(cluster, objs, args.replicas)
+        bound, pending = baseline(cluster, objs, args.replicas)
+        count_gpus = bound  # one whole GPU per bound pod
     finally:
         cluster.down()
     passes = idle / 10
