@@ -619,6 +619,16 @@ class ModelSpec(KubeModel):
         ),
     )
 
+    @property
+    def replica_ceiling(self) -> int:
+        """The most replicas: ``maxReplicas``, else ``replicas``."""
+        return self.max_replicas if self.max_replicas is not None else self.replicas
+
+    @property
+    def desired_replicas(self) -> int:
+        """``replicas`` within ``minReplicas`` and the ceiling: what the operator runs."""
+        return max(self.min_replicas, min(self.replicas, self.replica_ceiling))
+
     @field_validator("gpu_products")
     @classmethod
     def _no_repeats(cls, products: list[str]) -> list[str]:

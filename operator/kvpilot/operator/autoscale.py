@@ -71,9 +71,16 @@ class Policy:
         """The policy of a ``kvpilot.api.model.ModelSpec``."""
         a = spec.autoscaling
         return cls(target=a.target_kv_pressure_percent / 100, min_replicas=spec.min_replicas,
-                   max_replicas=spec.max_replicas if spec.max_replicas is not None
-                   else spec.replicas, up_window=a.scale_up_stabilization_seconds,
+                   max_replicas=spec.replica_ceiling, up_window=a.scale_up_stabilization_seconds,
                    down_window=a.scale_down_stabilization_seconds, cooldown=a.cooldown_seconds)
+
+
+def trim_window(window, policy: Policy, now: float, scrape_seconds: float) -> None:
+    """Drop the samples (oldest first in ``window``, a deque) that no decision reads any
+    more: older than the longest stabilization window and two scrape rounds."""
+    keep = max(policy.up_window, policy.down_window) + 2 * scrape_seconds
+    while window and window[0].at < now - keep:
+        window.popleft()
 
 
 @dataclass(frozen=True)

@@ -94,9 +94,7 @@ class _Model:
     def desired(self) -> int:
         if self.deleting or self.spec is None:
             return 0
-        s = self.spec
-        hi = s.max_replicas if s.max_replicas is not None else s.replicas
-        return max(s.min_replicas, min(s.replicas, hi))
+        return self.spec.desired_replicas
 
 
 def parse_models(raws: Sequence[Obj]) -> list[_Model]:

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import httpx
 
 from kvpilot.operator import metrics
-from kvpilot.operator.autoscale import Policy, Sample, State, autoscale
+from kvpilot.operator.autoscale import Policy, Sample, State, autoscale, trim_window
 from kvpilot.operator.kube import ApiError, Kube
 from kvpilot.operator.objects import LABEL_MODEL, event_for
 from kvpilot.operator.reconcile import parse_models
@@ -138,9 +138,7 @@ class Scaler:
         policy = Policy.of(m.spec)
         window = self.windows.setdefault(m.key, deque())
         window.append(s)
-        keep = max(policy.up_window, policy.down_window) + 2 * self.settings.scrape_seconds
-        while window and window[0].at < now - keep:
-            window.popleft()
+        trim_window(window, policy, now, self.settings.scrape_seconds)
         current = m.spec.replicas
         seen = self.observed.get(m.key)
         self.observed[m.key] = current

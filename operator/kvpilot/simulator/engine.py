@@ -46,7 +46,7 @@ from kvpilot.api.memory import (
 )
 from kvpilot.api.model import Model, ModelSpec
 from kvpilot.operator.autoscale import Policy as ScalePolicy
-from kvpilot.operator.autoscale import Sample, State, autoscale
+from kvpilot.operator.autoscale import Sample, State, autoscale, trim_window
 from kvpilot.operator.placement import Existing, Node, Snapshot, demand_for, place
 from kvpilot.operator.placement import Policy as PlacementPolicy
 from kvpilot.simulator.baseline import CountPolicy, CountState, count_autoscale
@@ -246,8 +246,7 @@ class Simulation:
         self.models: dict[str, ModelRun] = {}
         for m in models:
             spec = m.spec
-            hi = spec.max_replicas if spec.max_replicas is not None else spec.replicas
-            start = max(spec.min_replicas, min(spec.replicas, hi))  # as the operator's
+            start = spec.desired_replicas  # as the operator's
             if strategy.replicas is not None and m.metadata.name in strategy.replicas:
                 start = strategy.replicas[m.metadata.name]
             self.models[m.metadata.name] = ModelRun(m, start)
@@ -603,11 +602,7 @@ class Simulation:
             if st.scaler == "kv" and m.spec.autoscaling.enabled:
                 policy = ScalePolicy.of(m.spec)
                 m.window.append(sample)
-                # The scrape loop's retention (kvpilot.operator.scaling): the longest
-                # stabilization window and two rounds more.
-                keep = max(policy.up_window, policy.down_window) + 2 * s.scrape_seconds
-                while m.window and m.window[0].at < now - keep:
-                    m.window.popleft()
+                trim_window(m.window, policy, now, s.scrape_seconds)  # as the scrape loop
                 decision = autoscale(list(m.window), policy, m.desired, m.state, now)
                 m.state = decision.state
                 want = decision.replicas
@@ -635,10 +630,9 @@ class Simulation:
         if target is None:
             target = (spec.sla.concurrent_sequences
                       * spec.autoscaling.target_kv_pressure_percent / 100)
-        hi = spec.max_replicas if spec.max_replicas is not None else spec.replicas
         rounds = max(1, round(st.window_seconds / self.settings.scrape_seconds))
         downs = max(1, math.ceil(st.scale_down_delay_seconds / self.settings.scrape_seconds))
-        return CountPolicy(target, spec.min_replicas, hi, rounds, downs)
+        return CountPolicy(target, spec.min_replicas, spec.replica_ceiling, rounds, downs)
 
 
 def simulate(nodes: Sequence[Node], models: Sequence[Model], requests: Sequence[Request],
