@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "operator"), str(ROOT / "worker")]
 
 from kvpilot.api.fleet import FleetNode  # noqa: E402
+from kvpilot.operator.objects import LABEL_MODEL, SELECTOR  # noqa: E402
 
 from e2e.cluster import Cluster, install_crds  # noqa: E402
 from e2e.fake_workers import FakeWorkers  # noqa: E402
@@ -100,10 +101,10 @@ def main() -> int:
                 fakes.set(n, pressure=0.95)
 
             def second_pods():
-                pods = cluster.get("pods", "-l", "app.kubernetes.io/managed-by=kvpilot")["items"]
+                pods = cluster.get("pods", "-l", SELECTOR)["items"]
                 by = {}
                 for p in pods:
-                    by.setdefault(p["metadata"]["labels"]["kvpilot.dev/model"], []).append(p)
+                    by.setdefault(p["metadata"]["labels"][LABEL_MODEL], []).append(p)
                 return by if all(len(by.get(n, [])) >= 2 for n in names) else None
 
             by = wait_for("a second pod for every Model", second_pods, 600, interval=1,

@@ -32,6 +32,7 @@ from kvpilot.api.fleet import FleetNode  # noqa: E402
 from kvpilot.api.gpus import CATALOG  # noqa: E402
 from kvpilot.api.memory import replica_budget  # noqa: E402
 from kvpilot.api.model import ModelSpec  # noqa: E402
+from kvpilot.operator.objects import SELECTOR  # noqa: E402
 
 from e2e.cluster import Cluster, install_crds  # noqa: E402
 from e2e.fleet import create_nodes  # noqa: E402
@@ -45,7 +46,6 @@ PRODUCTS = [("NVIDIA-H100-80GB-HBM3", 8, 0.35), ("NVIDIA-H200", 8, 0.15),
 SHAPES = [("1Gi", 24, 2, 64, 4096, 8), ("3Gi", 28, 4, 128, 8192, 4),
           ("15Gi", 32, 8, 128, 8192, 4), ("15Gi", 32, 8, 128, 16384, 8),
           ("28Gi", 40, 8, 128, 8192, 8), ("40Gi", 48, 8, 128, 8192, 8)]
-SELECTOR = "app.kubernetes.io/managed-by=kvpilot"
 
 
 def fleet(n: int, rng: random.Random) -> list[FleetNode]:

@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from kvpilot.api.quantity import format_bytes, parse_bytes
+from kvpilot.operator.objects import ANN_TP, LABEL_MODEL, SELECTOR
 
 from e2e.cluster import Cluster, default_state, install_crds, log
 from e2e.fleet import create_fleet
@@ -116,7 +117,7 @@ def _short(text: str, width: int) -> str:
 
 def view(cluster: Cluster, load, workers, started: float, phase: str) -> str:
     models = cluster.get("models")["items"]
-    pods = cluster.get("pods", "-l", "app.kubernetes.io/managed-by=kvpilot")["items"]
+    pods = cluster.get("pods", "-l", SELECTOR)["items"]
     slices = cluster.get("resourceslices")["items"]
     claims = cluster.get("resourceclaims")["items"]
     lines = [f"kvpilot demo  {time.monotonic() - started:5.0f}s  load: {phase}",
@@ -148,14 +149,14 @@ def view(cluster: Cluster, load, workers, started: float, phase: str) -> str:
             key = (r["pool"], r["device"])
             used[key] = used.get(key, 0) + parse_bytes(r["consumedCapacity"]["memory"])
             holders.setdefault(key, Counter())[c["metadata"]["labels"].get(
-                "kvpilot.dev/model", "?")] += 1
+                LABEL_MODEL, "?")] += 1
     for key in sorted(used):
         cap = parse_bytes(capacity.get(key, "0"))
         who = ", ".join(f"{n} x{k}" if k > 1 else n for n, k in sorted(holders[key].items()))
         lines.append(f"  {key[0]:>7} {key[1]:<6} {format_bytes(used[key]):>9} of "
                      f"{format_bytes(cap):>9}  {_short(who, 60)}")
     running = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-    whole = sum(int(p["metadata"]["annotations"].get("kvpilot.dev/tensor-parallel", 1))
+    whole = sum(int(p["metadata"]["annotations"].get(ANN_TP, 1))
                 for p in running)
     lines.append(f"  {len(used)} GPUs hold {len(running)} replicas; as whole nvidia.com/gpu "
                  f"they would take {whole}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from kvpilot.api import contract
+from kvpilot.operator.objects import LABEL_MODEL, SELECTOR
 
 from e2e.cluster import Cluster
 
@@ -65,7 +66,7 @@ class FakeWorkers:
     def _follow(self) -> None:
         while not self._stop.is_set():
             try:
-                pods = self.cluster.get("pods", "-l", "app.kubernetes.io/managed-by=kvpilot")
+                pods = self.cluster.get("pods", "-l", SELECTOR)
             except Exception:  # the cluster may be busy; try again
                 time.sleep(0.5)
                 continue
@@ -78,7 +79,7 @@ class FakeWorkers:
                     continue
                 live.add(name)
                 if name not in self.workers:
-                    model = p["metadata"]["labels"]["kvpilot.dev/model"]
+                    model = p["metadata"]["labels"][LABEL_MODEL]
                     self.workers[name] = self._serve(name, model, ip)
             for name in set(self.workers) - live:
                 w = self.workers.pop(name)

@@ -23,11 +23,11 @@ from pathlib import Path
 import httpx
 
 from kvpilot.api import contract
+from kvpilot.operator.objects import LABEL_MODEL, SELECTOR
 
 from e2e.cluster import Cluster, _die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
-SELECTOR = "app.kubernetes.io/managed-by=kvpilot"
 
 
 @dataclass
@@ -129,7 +129,7 @@ class Workers:
                 str(ROOT / p) for p in ("operator", "worker"))},
             preexec_fn=_die_with_parent)
         out.close()
-        self.processes[name] = Process(name, pod["metadata"]["labels"]["kvpilot.dev/model"],
+        self.processes[name] = Process(name, pod["metadata"]["labels"][LABEL_MODEL],
                                        ip, port, proc, log)
         self.started += 1
 

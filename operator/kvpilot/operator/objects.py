@@ -18,6 +18,7 @@ from kvpilot.api.model import API_VERSION, KIND, ModelSpec
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "kvpilot"
+SELECTOR = f"{MANAGED_BY}={MANAGER}"  # every pod and claim the operator makes
 LABEL_COMPONENT = "app.kubernetes.io/component"
 COMPONENT_WORKER = "worker"
 LABEL_MODEL = "kvpilot.dev/model"
