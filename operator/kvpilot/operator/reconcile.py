@@ -26,10 +26,10 @@ from kvpilot.operator.objects import (
     Device, Replica, claim_for, condition, event_for, pod_for, selector_string, spec_hash,
 )
 from kvpilot.operator.placement import (
-    Assignment, Demand, Plan, Policy, Snapshot, demand_for, place,
+    Assignment, Demand, Plan, Policy, Snapshot, Unplaced, demand_for, place,
 )
 from kvpilot.operator.view import (
-    DRAINING, ClusterView, ReplicaObjects, epoch, model_key, split_key,
+    DRAINING, ClusterView, ReplicaObjects, epoch, live_by_model, model_key, split_key,
 )
 
 Obj = Mapping[str, Any]
@@ -160,7 +160,8 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
             m.problem, m.reason = f"cannot size a replica: {err}", "InvalidSpec"
             continue
         demands.append(_servable(d, m.spec))
-    rollout = _rollout(parsed, view)
+    live = live_by_model(view)
+    rollout = _rollout(parsed, live)
     snapshot = Snapshot(snapshot.nodes, tuple(
         replace(e, model=DRAINING + e.model) if e.name in rollout else e
         for e in snapshot.replicas))
@@ -196,10 +197,14 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
                 m.raw, "Placed", f"placed {len(created)} replica(s) at "
                 f"{format_bytes(created[0].hbm_per_gpu)} per GPU: {where}", now))
 
+    unplaced_by_model: dict[str, list[Unplaced]] = {}
+    for u in plan.unplaced:
+        unplaced_by_model.setdefault(u.model, []).append(u)
     for m in parsed:
         if m.deleting:
             continue
-        status = status_for(m, plan, view, now)
+        status = status_for(m, live.get(m.key, []), placed_by_model.get(m.key, []),
+                            unplaced_by_model.get(m.key, []), now)
         old = m.raw.get("status") or {}
         if _comparable(status) != _comparable({k: old.get(k) for k in status}):
             actions.statuses.append((m.namespace, m.name, status))
@@ -207,7 +212,8 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
     return actions
 
 
-def _rollout(parsed: list[_Model], view: ClusterView) -> dict[str, str]:
+def _rollout(parsed: list[_Model], live: Mapping[str, list[ReplicaObjects]]
+             ) -> dict[str, str]:
     """Replicas to replace now because their Model's spec changed: replica key -> why.
 
     One per Model at a time, and only while every other replica of it is Ready and none
@@ -220,8 +226,7 @@ def _rollout(parsed: list[_Model], view: ClusterView) -> dict[str, str]:
         if m.spec is None or m.deleting or m.problem:
             continue
         current = spec_hash(m.raw["spec"])
-        mine = [r for r in view.replicas.values() if r.model == m.key and not r.terminating
-                and r.pod is not None]
+        mine = live.get(m.key, [])
         if any(r.drain_started or not r.ready for r in mine):
             continue
         outdated = sorted(r.key for r in mine if r.spec_hash and r.spec_hash != current)
@@ -316,13 +321,15 @@ def _realize(a: Assignment, m: _Model, view: ClusterView, config: Config) -> lis
     return out
 
 
-def status_for(m: _Model, plan: Plan, view: ClusterView, now: str) -> dict:
-    """The Model's status after this pass: what runs, where, and the conditions."""
+def status_for(m: _Model, live: list[ReplicaObjects], placed: list[Assignment],
+               unplaced: list[Unplaced], now: str) -> dict:
+    """The Model's status after this pass (``live``: its replicas with a pod not being
+    deleted; ``placed``, ``unplaced``: the plan's for it): what runs, where, and the
+    conditions."""
     old = m.raw.get("status") or {}
     conditions = old.get("conditions") or []
     gen = m.raw["metadata"].get("generation")
-    mine = [r for r in view.replicas.values() if r.model == m.key and not r.terminating
-            and r.pod is not None and not r.drain_started]
+    mine = [r for r in live if not r.drain_started]
     ready = sum(1 for r in mine if r.ready)
     # Every key this pass owns is present; None deletes it in the merge patch.
     status: dict[str, Any] = {
@@ -337,8 +344,6 @@ def status_for(m: _Model, plan: Plan, view: ClusterView, now: str) -> dict:
         status["conditions"] = [condition("Degraded", True, m.reason, m.problem, gen,
                                           conditions, now)]
         return status
-    placed = [a for a in plan.assignments if a.model == m.key]
-    unplaced = [u for u in plan.unplaced if u.model == m.key]
     if placed:
         first = placed[0]
         status.update(tensorParallel=first.tp, hbmPerGpu=format_bytes(first.hbm_per_gpu),

@@ -18,6 +18,7 @@ import asyncio
 import copy
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
@@ -31,7 +32,7 @@ from kvpilot.operator.placement import Policy
 from kvpilot.operator.reconcile import Actions, Config, Delete, reconcile
 from kvpilot.operator.scrape import drain
 from kvpilot.operator.settings import Settings
-from kvpilot.operator.view import ClusterView, cluster_view, dra_available
+from kvpilot.operator.view import ClusterView, cluster_view, dra_available, live_by_model
 
 log = logging.getLogger("kvpilot.fleet")
 EXPECTATION_SECONDS = 60.0  # after this, trust the indexes again
@@ -186,19 +187,20 @@ class Fleet:
     def observe(self, result: PassResult, models: list[Obj]) -> None:
         metrics.RECONCILE_SECONDS.observe(result.seconds)
         plan = result.actions.plan
+        live = live_by_model(result.view)
+        placed = Counter(a.model for a in plan.assignments) if plan else Counter()
+        not_placed = Counter(u.model for u in plan.unplaced) if plan else Counter()
         for raw in models:
             ns, name = raw["metadata"]["namespace"], raw["metadata"]["name"]
             key = f"{ns}/{name}"
             if raw["metadata"].get("deletionTimestamp"):
                 metrics.forget(ns, name)
                 continue
-            reps = [r for r in result.view.replicas.values() if r.model == key
-                    and not r.terminating and r.pod is not None and not r.drain_started]
-            unplaced = sum(1 for u in plan.unplaced if u.model == key) if plan else 0
+            reps = [r for r in live.get(key, []) if not r.drain_started]
+            unplaced = not_placed[key]
             metrics.ACTUAL.labels(ns, name).set(len(reps))
             metrics.READY.labels(ns, name).set(sum(1 for r in reps if r.ready))
-            metrics.DESIRED.labels(ns, name).set(
-                (plan.placed(key) if plan else 0) + unplaced)
+            metrics.DESIRED.labels(ns, name).set(placed[key] + unplaced)
             metrics.UNPLACED.labels(ns, name).set(unplaced)
             if unplaced:
                 metrics.PLACEMENT_FAILURES.labels(ns, name).inc()

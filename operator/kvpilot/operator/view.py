@@ -241,6 +241,16 @@ def _dra_nodes(nodes: Mapping[str, Obj], slices: Iterable[Obj], driver: str,
     return out
 
 
+def live_by_model(view: ClusterView) -> dict[str, list[ReplicaObjects]]:
+    """Model key -> its replicas that have a pod not being deleted (draining included),
+    grouped once for the per-Model work of a pass."""
+    out: dict[str, list[ReplicaObjects]] = {}
+    for r in view.replicas.values():
+        if not r.terminating and r.pod is not None:
+            out.setdefault(r.model, []).append(r)
+    return out
+
+
 def _replica_key(obj: Obj) -> str:
     meta = obj["metadata"]
     return model_key(meta["namespace"], meta["name"])
