@@ -59,3 +59,15 @@ ENV_MODEL_NAME = "KVPILOT_MODEL_NAME"
 # The HBM budget placement reserved per GPU and the resolved TP degree.
 ENV_HBM_PER_GPU = "KVPILOT_HBM_PER_GPU_BYTES"
 ENV_TENSOR_PARALLEL = "KVPILOT_TENSOR_PARALLEL"
+
+# --- why a worker or its weights fetch stopped ------------------------------------------
+# A worker container (or the init container that fetches weights) that cannot go on
+# writes one line, "<Reason>: <message>", to its termination message file before it
+# exits non-zero; the kubelet puts it in the container's status and the operator turns
+# it into the Model's Degraded condition and an Event with that reason. The path is the
+# Kubernetes default; the env var moves it (for tests that run workers outside a pod).
+ENV_TERMINATION_LOG = "KVPILOT_TERMINATION_LOG"
+TERMINATION_LOG = "/dev/termination-log"
+REASON_WEIGHTS_UNAVAILABLE = "WeightsUnavailable"  # the checkpoint could not be fetched or opened
+REASON_WEIGHTS_MISMATCH = "WeightsMismatch"  # the checkpoint disagrees with the Model's facts
+REASON_LOAD_FAILED = "LoadFailed"  # anything else that stopped the model from loading

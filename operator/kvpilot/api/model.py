@@ -20,6 +20,10 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from kvpilot.api.source import (
+    IMAGE_REFERENCE, MESSAGES as SOURCE_MESSAGES, PATTERNS as SOURCE_PATTERNS, SCHEMES,
+    UNKNOWN_SCHEME, scheme_of,
+)
 from kvpilot.api.quantity import (
     BYTES_HINT, MAX_BYTES, QUANTITY_PATTERN, RESOURCE_QUANTITY_PATTERN, parse_bytes,
     parse_quantity,
@@ -460,16 +464,8 @@ class Resources(KubeModel):
     )
 
 
-# An image reference as container runtimes parse it (the distribution reference
-# grammar): [registry[:port]/]path[:tag][@digest], the path in lowercase.
-_DOMAIN_PART = r"([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]{0,61}[a-zA-Z0-9])"
-_PATH_PART = r"[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*"
-IMAGE_PATTERN = (
-    rf"^({_DOMAIN_PART}(\.{_DOMAIN_PART})*(:[0-9]{{1,5}})?/)?"
-    rf"{_PATH_PART}(/{_PATH_PART})*"
-    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
-    r"(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,128})?$"
-)
+# An image reference as container runtimes parse it: [registry[:port]/]path[:tag][@digest].
+IMAGE_PATTERN = rf"^{IMAGE_REFERENCE}$"
 
 EngineArg = Annotated[
     str,
@@ -536,11 +532,46 @@ def _tp_fits_attention_heads(spec: "ModelSpec") -> bool:
     return tp == "auto" or spec.architecture.attention_heads % tp == 0
 
 
+def _source_rule(scheme: str) -> Rule:
+    pattern = re.compile(SOURCE_PATTERNS[scheme])
+    return Rule(
+        f"!self.startsWith('{scheme}://') || self.matches(r'{SOURCE_PATTERNS[scheme]}')",
+        SOURCE_MESSAGES[scheme],
+        lambda s: not s.startswith(f"{scheme}://") or pattern.fullmatch(s) is not None,
+    )
+
+
+Source = Annotated[
+    str,
+    Field(max_length=2048),
+    *checked(
+        Rule(
+            " || ".join(f"self.startsWith('{s}://')" for s in SCHEMES),
+            UNKNOWN_SCHEME,
+            lambda s: scheme_of(s) is not None,
+        ),
+        *(_source_rule(s) for s in SCHEMES),
+    ),
+]
+# A Secret name (a DNS subdomain).
+SECRET_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
 class ModelSpec(KubeModel):
     """A model to serve, the context it must serve, and how many replicas."""
 
-    source: Optional[str] = Field(
-        None, max_length=2048, description="Where the weights come from (directory or URI)."
+    source: Optional[Source] = Field(
+        None,
+        description="Where the weights come from: hf://ORG/NAME[@REVISION] (downloaded into "
+        "a node-local cache), pvc://CLAIM[/SUBPATH], oci://IMAGE[:TAG|@DIGEST] (an image "
+        "volume), host:///PATH (a directory on every GPU node) or file:///PATH (inside the "
+        "worker image). Mounted read-only; the worker checks the checkpoint against "
+        "weights and architecture before it serves.",
+    )
+    source_secret: Optional[str] = Field(
+        None, max_length=253, pattern=SECRET_NAME,
+        description="For hf:// sources: a Secret in the Model's namespace whose HF_TOKEN "
+        "key is the hub token (gated or private repositories).",
     )
     weights: Weights
     architecture: Architecture
@@ -610,6 +641,12 @@ class ModelSpec(KubeModel):
             "equal share of the query heads); use 'auto' to let kvpilot choose",
             _tp_fits_attention_heads,
             ".tensorParallel",
+        ),
+        Rule(
+            "!has(self.sourceSecret) || (has(self.source) && self.source.startsWith('hf://'))",
+            "sourceSecret holds a hub token (HF_TOKEN): it is for hf:// sources only",
+            lambda s: s.source_secret is None or (s.source or "").startswith("hf://"),
+            ".sourceSecret",
         ),
         Rule(
             "!self.autoscaling.enabled || has(self.maxReplicas)",
