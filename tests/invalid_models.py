@@ -38,6 +38,12 @@ GPUS = "must not name nvidia.com/gpu or nvidia.com/mig-* resources"
 ENGINE_ARGS = "engineArgs entries must be non-empty and hold no NUL character"
 PRODUCTS = "gpuProducts entries are nvidia.com/gpu.product label values"
 DNS = "metadata.name must be a DNS label"
+UNKNOWN_SCHEME = "source must start with hf://, pvc://, oci://, host:// or file://"
+HF = "source hf:// must be hf://ORG/NAME or hf://ORG/NAME@REVISION"
+PVC = "source pvc:// must be pvc://CLAIM or pvc://CLAIM/SUBPATH"
+OCI = "source oci:// must be oci://IMAGE[:TAG][@DIGEST]"
+HOST = "source host:// must be host:///PATH"
+FILE = "source file:// must be file:///PATH"
 
 
 @dataclass(frozen=True)
@@ -274,6 +280,28 @@ INVALID: list[Case] = [
          server='unknown field "specs"', extra={"specs": {}}),
     Case("source-not-string", {"source": ["a"]}, "spec.source", "Input should be a valid string",
          server="must be of type string"),
+    Case("source-bare-path", {"source": "/models/llama"}, "spec.source", UNKNOWN_SCHEME),
+    Case("source-unknown-scheme", {"source": "s3://bucket/llama"}, "spec.source",
+         UNKNOWN_SCHEME),
+    Case("source-hf-no-org", {"source": "hf://llama"}, "spec.source", HF),
+    Case("source-hf-double-dash", {"source": "hf://meta--llama/x"}, "spec.source", HF),
+    Case("source-hf-three-parts", {"source": "hf://a/b/c"}, "spec.source", HF),
+    Case("source-hf-empty-revision", {"source": "hf://a/b@"}, "spec.source", HF),
+    Case("source-hf-revision-slash", {"source": "hf://a/b@refs/pr/1"}, "spec.source", HF),
+    Case("source-pvc-uppercase", {"source": "pvc://Models/x"}, "spec.source", PVC),
+    Case("source-pvc-dotdot", {"source": "pvc://models/../etc"}, "spec.source", PVC),
+    Case("source-oci-space", {"source": "oci://registry.example.com/llama 3:v1"},
+         "spec.source", OCI),
+    Case("source-oci-uppercase-path", {"source": "oci://registry.example.com/Llama:v1"},
+         "spec.source", OCI),
+    Case("source-host-relative", {"source": "host://models/llama"}, "spec.source", HOST),
+    Case("source-host-dotdot", {"source": "host:///models/../etc"}, "spec.source", HOST),
+    Case("source-file-empty", {"source": "file://"}, "spec.source", FILE),
+    Case("source-secret-not-hf", {"source": "pvc://models", "sourceSecret": "hub"},
+         "spec.sourceSecret", "sourceSecret holds a hub token (HF_TOKEN): it is for hf:// "
+         "sources only"),
+    Case("source-secret-bad-name", {"source": "hf://a/b", "sourceSecret": "Hub_Token"},
+         "spec.sourceSecret", "String should match pattern", server="should match"),
 ]
 
 VALID: list[Case] = [
@@ -310,6 +338,13 @@ VALID: list[Case] = [
     Case("window-pattern-as-long-as-layers",
          {"architecture": {**ARCH, "slidingWindow": {"tokens": 1, "localLayers": 31,
                                                      "globalLayers": 1}}}, "", ""),
+    *[Case(f"source-{i}", {"source": src}, "", "") for i, src in enumerate((
+        "hf://meta-llama/Llama-3.1-8B-Instruct", "hf://Qwen/Qwen2.5-0.5B-Instruct@main",
+        "hf://google/gemma-2-9b-it@" + "0" * 40, "pvc://models", "pvc://models.v1/a/b.c",
+        "oci://registry.example.com:5000/models/llama-3-8b:v1@sha256:" + "a" * 64,
+        "oci://llama", "host:///var/lib/models/llama", "file:///weights"))],
+    Case("source-secret", {"source": "hf://meta-llama/Llama-3.1-8B", "sourceSecret": "hub"},
+         "", ""),
     Case("mla-with-window", {"architecture": {
         **ARCH, **MLA, "kvHeads": 32, "headDim": 192,
         "slidingWindow": {"tokens": 4096, "localLayers": 1, "globalLayers": 1}}}, "", ""),

@@ -69,6 +69,7 @@ class World:
     slices: list[dict] = field(default_factory=list)
     pods: dict = field(default_factory=dict)
     claims: dict = field(default_factory=dict)
+    services: dict = field(default_factory=dict)
     foreign_claims: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
     mode: str = "devicePlugin"
@@ -76,20 +77,24 @@ class World:
     def view(self, now_s: float | None = None):
         return cluster_view(self.nodes, self.slices, list(self.pods.values()),
                             list(self.claims.values()) + self.foreign_claims, self.mode,
-                            now_s=now_s, not_ready_grace=60)
+                            now_s=now_s, not_ready_grace=60,
+                            services=list(self.services.values()))
 
     def step(self, drained: dict | None = None, now_s: float | None = None) -> Actions:
         actions = reconcile(self.models, self.view(now_s), Config(mode=self.mode,
                                                                   drain_seconds=60),
                             NOW, drained, now_s)
-        for ns, name in actions.drains:
+        for ns, name in actions.drains:  # as the fleet loop patches a pod it drains
             self.pods[(ns, name)]["metadata"]["annotations"]["kvpilot.dev/drain-started"] = NOW
+            self.pods[(ns, name)]["metadata"]["labels"]["kvpilot.dev/serving"] = "false"
         for d in actions.deletes:
             (self.pods if d.kind == "Pod" else self.claims).pop((d.namespace, d.name))
         for obj in actions.creates:
             obj = copy.deepcopy(obj)
             key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
-            if obj["kind"] == "Pod":
+            if obj["kind"] == "Service":
+                self.services[key] = obj
+            elif obj["kind"] == "Pod":
                 obj["spec"]["nodeName"] = obj["spec"]["nodeSelector"]["kubernetes.io/hostname"]
                 obj["status"] = {"phase": "Running", "podIP": f"127.64.0.{len(self.pods) + 1}",
                                  "conditions": [{"type": "Ready", "status": "True"}]}
@@ -119,6 +124,11 @@ class World:
         return next(m for m in self.models if m["metadata"]["name"] == name)["status"]
 
 
+def replicas_made(actions: Actions) -> list[str]:
+    """Names of the pods and claims a pass creates (not the Models' Services)."""
+    return [o["metadata"]["name"] for o in actions.creates if o["kind"] != "Service"]
+
+
 def cond(status: dict, type_: str) -> dict:
     return next(c for c in status["conditions"] if c["type"] == type_)
 
@@ -126,7 +136,8 @@ def cond(status: dict, type_: str) -> dict:
 def test_first_pass_creates_the_pods_and_the_second_writes_nothing():
     w = World([node("a"), node("b")], [model("m", 3)])
     first = w.step()
-    assert [o["metadata"]["name"] for o in first.creates] == ["m-0", "m-1", "m-2"]
+    assert [(o["kind"], o["metadata"]["name"]) for o in first.creates] == [
+        ("Service", "m"), ("Pod", "m-0"), ("Pod", "m-1"), ("Pod", "m-2")]
     assert [e["reason"] for e in first.events] == ["Placed"]
     assert w.placements() == {"m-0": ("a", (0,)), "m-1": ("a", (1,)), "m-2": ("b", (0,))}
     second = w.step()  # status catches up with the pods that now exist
@@ -256,7 +267,7 @@ def test_an_unplaceable_model_gets_the_reason_and_no_pods_and_others_carry_on():
     huge = model("huge", 1, seqs=64, context=131072)  # 1 TiB of KV: fits nowhere
     w = World([node("a")], [huge, model("m", 1)])
     actions = w.step()
-    assert [o["metadata"]["name"] for o in actions.creates] == ["m-0"]
+    assert replicas_made(actions) == ["m-0"]
     s = w.status("huge")
     u = cond(s, "Unschedulable")
     assert u["status"] == "True" and u["reason"] == "DoesNotFit"
@@ -394,7 +405,7 @@ def test_a_spec_change_replaces_replicas_one_at_a_time_through_a_drain():
     actions = w.step()
     assert actions.drains == [("default", "m-0")]
     assert [e["reason"] for e in actions.events][:2] == ["Replacing", "Placed"]
-    assert [o["metadata"]["name"] for o in actions.creates] == ["m-2"]
+    assert replicas_made(actions) == ["m-2"]
     assert w.pods[("default", "m-2")]["spec"]["containers"][0]["args"][-2:] == [
         "--max-num-seqs", "8"]
     assert w.step().drains == []  # one at a time: m-1 waits while m-0 drains
@@ -406,6 +417,86 @@ def test_a_spec_change_replaces_replicas_one_at_a_time_through_a_drain():
     assert list(w.placements()) == ["m-0", "m-2"]  # m-0's name was free again
     assert all(p["spec"]["containers"][0]["args"][-2:] == ["--max-num-seqs", "8"]
                for p in w.pods.values())
+
+
+MISMATCH = ("WeightsMismatch: the checkpoint at /weights disagrees with Model m: "
+            "architecture.layers: the Model says 32, config.json says 2")
+
+
+def crash_loop(pod: dict, message: str = MISMATCH, container: str = "worker") -> None:
+    """What the kubelet reports of a container that exits at start, again and again."""
+    pod["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    key = "initContainerStatuses" if container == "fetch-weights" else "containerStatuses"
+    pod["status"][key] = [{"name": container, "restartCount": 4,
+                           "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                           "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
+                                                        "message": message}}}]
+
+
+def test_every_model_gets_one_service_and_its_endpoint_once_the_service_exists():
+    w = World([node("a")], [model("m", 1), model("n", 1, ns="other")])
+    first = w.step()
+    services = [o for o in first.creates if o["kind"] == "Service"]
+    assert [(o["metadata"]["namespace"], o["metadata"]["name"]) for o in services] == [
+        ("default", "m"), ("other", "n")]
+    assert "endpoint" not in w.status("m")  # the Service is not there yet
+    w.settle()
+    assert w.status("m")["endpoint"] == "http://m.default.svc/v1"
+    assert w.status("n")["endpoint"] == "http://n.other.svc/v1"
+    assert w.step().writes == 0
+
+
+def test_a_crash_looping_replica_shows_its_reason_on_the_model_with_one_event():
+    w = World([node("a")], [model("m", 2)])
+    w.settle()
+    crash_loop(w.pods[("default", "m-1")])
+    actions = w.step()
+    degraded = cond(w.status("m"), "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "WeightsMismatch")
+    assert degraded["message"] == (
+        "replica m-1: the checkpoint at /weights disagrees with Model m: architecture.layers: "
+        "the Model says 32, config.json says 2")
+    assert cond(w.status("m"), "Ready")["message"] == "1 of 2 replicas ready"
+    assert [(e["reason"], e["type"]) for e in actions.events] == [
+        ("WeightsMismatch", "Warning")]
+    assert w.step().writes == 0  # the same failure: no second event
+    crash_loop(w.pods[("default", "m-0")], "WeightsUnavailable: hub refused access (401)",
+               "fetch-weights")
+    w.step()
+    degraded = cond(w.status("m"), "Degraded")
+    assert (degraded["reason"], degraded["message"]) == (
+        "WeightsUnavailable", "replica m-0: hub refused access (401) (and 1 more replica(s) "
+        "failing)")
+
+
+def test_a_fixed_spec_replaces_every_failing_replica_at_once():
+    w = World([node("a", gpus=4)], [model("m", 2)])
+    w.settle()
+    for key in (("default", "m-0"), ("default", "m-1")):
+        crash_loop(w.pods[key])
+    w.step()
+    w.models[0]["spec"]["weights"] = {"bytes": "14Gi"}  # the user fixes the Model
+    actions = w.step()
+    assert actions.drains == []
+    assert [(d.kind, d.name) for d in actions.deletes] == [("Pod", "m-0"), ("Pod", "m-1")]
+    assert replicas_made(actions) == ["m-2", "m-3"]
+    assert [e["reason"] for e in actions.events].count("Replacing") == 2
+    w.settle()
+    assert list(w.placements()) == ["m-2", "m-3"]
+    assert cond(w.status("m"), "Degraded")["status"] == "False"
+
+
+def test_fetching_weights_is_said_while_replicas_are_not_ready():
+    w = World([node("a")], [model("m", 1, source="hf://org/tiny")])
+    w.settle()
+    pod = w.pods[("default", "m-0")]
+    assert pod["spec"]["initContainers"][0]["args"][:1] == ["hf://org/tiny"]
+    pod["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    pod["status"]["initContainerStatuses"] = [{"name": "fetch-weights", "restartCount": 0,
+                                               "state": {"running": {"startedAt": NOW}}}]
+    w.step()
+    assert cond(w.status("m"), "Ready")["message"] == "0 of 1 replicas ready (1 fetching weights)"
+    assert cond(w.status("m"), "Degraded")["status"] == "False"
 
 
 def test_scaling_alone_replaces_nothing():
@@ -452,7 +543,8 @@ def test_a_node_takes_its_allocatable_pods_less_the_reserve_in_replicas():
               slices=[gpu_slice("a"), gpu_slice("b")], mode="dra")
     w.view = lambda now_s=None: cluster_view(w.nodes, w.slices, list(w.pods.values()),
                                              list(w.claims.values()), w.mode,
-                                             reserved_pods=10)
+                                             reserved_pods=10,
+                                             services=list(w.services.values()))
     assert [n.max_pods for n in w.view().snapshot.nodes] == [2, None]
     w.settle()
     assert sorted(n for n, _ in w.placements().values()) == ["a", "a", "b", "b", "b", "b"]

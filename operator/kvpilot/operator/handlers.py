@@ -1,7 +1,7 @@
 """The kopf handlers: thin. They keep indexes, wake the fleet loop and guard deletion.
 
-- ``@kopf.index`` keeps in-memory copies of GPU nodes, worker pods, ResourceSlices,
-  ResourceClaims and Models; the fleet loop's snapshot is built from them. Events wake
+- ``@kopf.index`` keeps in-memory copies of GPU nodes, worker pods, the Models'
+  Services, ResourceSlices, ResourceClaims and Models; the fleet loop's snapshot is built from them. Events wake
   the loop only when they change what placement reads (``view.signature``). Kopf calls
   no other handler before every indexed kind has been listed once, so the first Model
   handler to run opens the loop (it never plans from half a cluster).
@@ -63,6 +63,11 @@ def worker_pods(body: kopf.Body, **_: Any) -> dict:
     return {_key(body): trimmed("Pod", _raw(body))}
 
 
+@kopf.index("services", labels=WORKERS)
+def model_services(body: kopf.Body, **_: Any) -> dict:
+    return {_key(body): trimmed("Service", _raw(body))}
+
+
 @kopf.index(*RESOURCE, "resourceslices")
 def resource_slices(body: kopf.Body, **_: Any) -> dict:
     return {_key(body): _raw(body)}
@@ -107,6 +112,11 @@ def pod_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _changed("Pod", type, body, memo)
 
 
+@kopf.on.event("services", labels=WORKERS)
+def service_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _changed("Service", type, body, memo)
+
+
 @kopf.on.event(*RESOURCE, "resourceslices")
 def slice_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _changed("ResourceSlice", type, body, memo)
@@ -136,7 +146,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: An
     settings.networking.request_timeout = 60
     indexes = Indexes(models=kwargs["models"], nodes=kwargs["gpu_nodes"],
                       pods=kwargs["worker_pods"], claims=kwargs["resource_claims"],
-                      slices=kwargs["resource_slices"])
+                      slices=kwargs["resource_slices"], services=kwargs["model_services"])
     health = memo.get("health")
 
     def passed(_) -> None:

@@ -23,6 +23,7 @@ USER_AGENT = "kvpilot-operator"
 PATHS = {
     "Pod": ("/api/v1", "pods"),
     "Event": ("/api/v1", "events"),
+    "Service": ("/api/v1", "services"),
     "ResourceClaim": ("/apis/resource.k8s.io/v1", "resourceclaims"),
     "Model": ("/apis/kvpilot.dev/v1alpha1", "models"),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),

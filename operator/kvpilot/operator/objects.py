@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 from kvpilot.api import contract
 from kvpilot.api.gpus import RESOURCE_GPU
 from kvpilot.api.model import API_VERSION, KIND, ModelSpec
+from kvpilot.api.source import hf_cache_path, parse_source
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "kvpilot"
@@ -23,6 +24,10 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 COMPONENT_WORKER = "worker"
 LABEL_MODEL = "kvpilot.dev/model"
 LABEL_REPLICA = "kvpilot.dev/replica"
+# On worker pods: "true" while the replica takes new requests, "false" from the moment its
+# drain starts. The Model's Service selects "true", so a draining worker leaves the
+# endpoints at once, not after its readiness probe has failed enough times.
+LABEL_SERVING = "kvpilot.dev/serving"
 ANN_NODE = "kvpilot.dev/node"
 ANN_GPUS = "kvpilot.dev/gpus"
 ANN_HBM = "kvpilot.dev/hbm-per-gpu"
@@ -41,6 +46,13 @@ CLAIM_REQUEST = "gpu"
 WORKER_CONTAINER = "worker"
 DEFAULT_WORKER_IMAGE = "kvpilot/worker:0.1.0"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
+# Where a replica's weights are mounted in its containers, and the init container that
+# fetches hf:// sources into the weights cache.
+WEIGHTS_VOLUME = "weights"
+WEIGHTS_MOUNT = "/weights"
+FETCH_CONTAINER = "fetch-weights"
+HUB_TOKEN_KEY = "HF_TOKEN"  # the key of spec.sourceSecret that holds the hub token
+SERVICE_PORT = 80
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,88 @@ class Replica:
         return len(self.gpus)
 
 
+@dataclass(frozen=True)
+class WeightsCache:
+    """Where hf:// checkpoints are fetched to (the operator's settings).
+
+    ``host_path``: a directory on each node that every replica there shares (one
+    download per node and revision); empty: an emptyDir per pod (a download per
+    replica start). ``hub_endpoint``: another hub or a mirror (``HF_ENDPOINT``).
+    """
+
+    host_path: str = "/var/cache/kvpilot/models"
+    hub_endpoint: str = ""
+    fetch_command: tuple[str, ...] = ("python", "-m", "kvpilot.worker.fetch")
+
+
+@dataclass(frozen=True)
+class WeightsMount:
+    """What a pod needs to reach its weights: the checkpoint directory the worker opens,
+    the volume holding it, and the init containers that fill it."""
+
+    model_path: str
+    volumes: list[dict[str, Any]]
+    mounts: list[dict[str, Any]]  # the worker container's (always read-only)
+    init_containers: list[dict[str, Any]]
+
+
+_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+             "runAsNonRoot": True}
+
+
+def weights_for(spec: ModelSpec, image: str, cache: WeightsCache) -> WeightsMount | None:
+    """How a worker pod gets the Model's ``source`` (None: the Model names none).
+
+    Everything the worker reads is mounted read-only. hf:// is fetched by an init
+    container of the worker image into the weights cache, under
+    ``hf/ORG/NAME/REVISION``; it alone mounts the cache writable. A hostPath cache
+    directory that the node creates belongs to root, so the fetch runs as UID 0 there,
+    with every capability dropped (it can write where the owner may, nothing more);
+    with an emptyDir (writable by all) it runs as the worker's non-root user.
+    """
+    if spec.source is None:
+        return None
+    src = parse_source(spec.source)
+    read_only = [{"name": WEIGHTS_VOLUME, "mountPath": WEIGHTS_MOUNT, "readOnly": True}]
+    if src.scheme == "file":
+        return WeightsMount(src.location, [], [], [])
+    if src.scheme == "host":
+        volume = {"hostPath": {"path": src.location, "type": "Directory"}}
+        return WeightsMount(WEIGHTS_MOUNT, [{"name": WEIGHTS_VOLUME, **volume}], read_only, [])
+    if src.scheme == "pvc":
+        volume = {"persistentVolumeClaim": {"claimName": src.location, "readOnly": True}}
+        path = f"{WEIGHTS_MOUNT}/{src.subpath}" if src.subpath else WEIGHTS_MOUNT
+        return WeightsMount(path, [{"name": WEIGHTS_VOLUME, **volume}], read_only, [])
+    if src.scheme == "oci":
+        volume = {"image": {"reference": src.location, "pullPolicy": "IfNotPresent"}}
+        return WeightsMount(WEIGHTS_MOUNT, [{"name": WEIGHTS_VOLUME, **volume}], read_only, [])
+    path = f"{WEIGHTS_MOUNT}/{hf_cache_path(src)}"
+    if cache.host_path:
+        volume: dict[str, Any] = {"hostPath": {"path": cache.host_path,
+                                               "type": "DirectoryOrCreate"}}
+        security = {**_SECURITY, "runAsNonRoot": False, "runAsUser": 0}
+    else:
+        volume, security = {"emptyDir": {}}, dict(_SECURITY)
+    env: list[dict[str, Any]] = [{"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+                                 {"name": "HF_HOME", "value": "/tmp/huggingface"}]
+    if cache.hub_endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": cache.hub_endpoint})
+    if spec.source_secret:
+        env.append({"name": HUB_TOKEN_KEY, "valueFrom": {"secretKeyRef": {
+            "name": spec.source_secret, "key": HUB_TOKEN_KEY}}})
+    fetch = {
+        "name": FETCH_CONTAINER,
+        "image": image,
+        "command": list(cache.fetch_command),
+        "args": [str(src), "--dest", path],
+        "env": env,
+        "volumeMounts": [{"name": WEIGHTS_VOLUME, "mountPath": WEIGHTS_MOUNT}],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": security,
+    }
+    return WeightsMount(path, [{"name": WEIGHTS_VOLUME, **volume}], read_only, [fetch])
+
+
 def selector_labels(model: str) -> dict[str, str]:
     """Labels that select a Model's worker pods (``status.selector``)."""
     return {MANAGED_BY: MANAGER, LABEL_MODEL: model}
@@ -83,6 +177,29 @@ def selector_string(model: str) -> str:
 def owner_reference(model: str, uid: str) -> dict[str, Any]:
     return {"apiVersion": API_VERSION, "kind": KIND, "name": model, "uid": uid,
             "controller": True, "blockOwnerDeletion": True}
+
+
+def endpoint(model: str, namespace: str) -> str:
+    """The OpenAI base URL of a Model's Service, inside the cluster."""
+    return f"http://{model}.{namespace}.svc/v1"
+
+
+def service_for(model: str, namespace: str, uid: str) -> dict[str, Any]:
+    """The Model's Service: port 80 to the workers' ``http`` port, selecting its worker
+    pods that take requests (ready and not draining), owned by the Model."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": model, "namespace": namespace, "labels": selector_labels(model),
+                     "ownerReferences": [owner_reference(model, uid)]},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {**selector_labels(model), LABEL_COMPONENT: COMPONENT_WORKER,
+                         LABEL_SERVING: "true"},
+            "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http",
+                       "protocol": "TCP"}],
+        },
+    }
 
 
 def spec_hash(spec_json: Mapping[str, Any]) -> str:
@@ -160,20 +277,21 @@ def _resources(spec: ModelSpec, gpus: int) -> dict[str, Any]:
 
 def pod_for(r: Replica, spec: ModelSpec, spec_json: Mapping[str, Any], *, mode: str,
             worker_port: int, command: Sequence[str], default_image: str | None = None,
-            drain_seconds: float = 120) -> dict[str, Any]:
+            drain_seconds: float = 120, cache: WeightsCache = WeightsCache()) -> dict[str, Any]:
     """The worker pod of one replica, pinned to its planned node.
 
     ``mode`` is ``dra`` (the pod uses the replica's claim of the same name) or
     ``devicePlugin`` (whole ``nvidia.com/gpu`` units and required node affinity). The
     worker gets its Model as env vars (``kvpilot.api.contract``) and sizes its KV pool
-    from them.
+    from them; its weights come from the Model's ``source`` (:func:`weights_for`).
     """
     image = spec.worker.image
     if default_image and image == DEFAULT_WORKER_IMAGE:
         image = default_image
+    weights = weights_for(spec, image, cache)
     args = ["--host", "$(POD_IP)", "--port", str(worker_port)]
-    if spec.source:
-        args += ["--model", spec.source]
+    if weights is not None:
+        args += ["--model", weights.model_path]
     args += list(spec.worker.engine_args)
     resources = _resources(spec, r.tp if mode == "devicePlugin" else 0)
     container: dict[str, Any] = {
@@ -194,11 +312,13 @@ def pod_for(r: Replica, spec: ModelSpec, spec_json: Mapping[str, Any], *, mode: 
                            "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": contract.PATH_HEALTH, "port": "http"},
                           "periodSeconds": 10, "failureThreshold": 6},
-        "securityContext": {"allowPrivilegeEscalation": False,
-                            "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True},
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": dict(_SECURITY),
     }
     if resources:
         container["resources"] = resources
+    if weights is not None and weights.mounts:
+        container["volumeMounts"] = weights.mounts
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "nodeSelector": {HOSTNAME_LABEL: r.node},
@@ -207,6 +327,10 @@ def pod_for(r: Replica, spec: ModelSpec, spec_json: Mapping[str, Any], *, mode: 
         "terminationGracePeriodSeconds": int(drain_seconds) + 30,
         "enableServiceLinks": False,
     }
+    if weights is not None and weights.volumes:
+        pod_spec["volumes"] = weights.volumes
+    if weights is not None and weights.init_containers:
+        pod_spec["initContainers"] = weights.init_containers
     if mode == "dra":
         pod_spec["resourceClaims"] = [{"name": CLAIM_REQUEST, "resourceClaimName": r.name}]
         container["resources"] = {**container.get("resources", {}),
@@ -216,6 +340,7 @@ def pod_for(r: Replica, spec: ModelSpec, spec_json: Mapping[str, Any], *, mode: 
             "nodeSelectorTerms": [{"matchExpressions": [
                 {"key": HOSTNAME_LABEL, "operator": "In", "values": [r.node]}]}]}}}
     meta = _metadata(r)
+    meta["labels"][LABEL_SERVING] = "true"
     meta["annotations"][ANN_SPEC_HASH] = spec_hash(spec_json)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
 

@@ -23,7 +23,8 @@ from kvpilot.api.model import MAX_MODEL_NAME, ModelSpec
 from kvpilot.api.support import worker_support_problem
 from kvpilot.api.quantity import format_bytes
 from kvpilot.operator.objects import (
-    Device, Replica, claim_for, condition, event_for, pod_for, selector_string, spec_hash,
+    Device, Replica, WeightsCache, claim_for, condition, endpoint, event_for, pod_for,
+    selector_string, service_for, spec_hash,
 )
 from kvpilot.operator.placement import (
     Assignment, Demand, Plan, Policy, Snapshot, Unplaced, demand_for, place,
@@ -47,6 +48,7 @@ class Config:
     worker_command: tuple[str, ...] = ("python", "-m", "kvpilot.worker")
     worker_image: str | None = None
     drain_seconds: float = 120
+    cache: WeightsCache = WeightsCache()
 
 
 @dataclass(frozen=True)
@@ -161,10 +163,10 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
             continue
         demands.append(_servable(d, m.spec))
     live = live_by_model(view)
-    rollout = _rollout(parsed, live)
+    rollout, replace_now = _rollout(parsed, live)
     snapshot = Snapshot(snapshot.nodes, tuple(
-        replace(e, model=DRAINING + e.model) if e.name in rollout else e
-        for e in snapshot.replicas))
+        replace(e, model=DRAINING + e.model) if e.name in rollout or e.name in replace_now
+        else e for e in snapshot.replicas))
     plan = place(snapshot, demands, policy)
 
     actions = Actions(plan=plan)
@@ -173,6 +175,12 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
         actions.drains.append(split_key(key))
         actions.events.append(event_for(m.raw, "Replacing", f"replica {name}: {why}; "
                                         "a new one is placed and this one drains", now))
+    for key, why in replace_now.items():
+        r = view.replicas[key]
+        m, name = by_key[r.model], split_key(key)[1]
+        actions.deletes.extend(_deletes(key, r))
+        actions.events.append(event_for(m.raw, "Replacing", f"replica {name}: {why}; "
+                                        "a new one is placed and this one is removed", now))
     # The view's own snapshot: a lost replica's node is named in its event.
     _remove(actions, by_key, view, view.snapshot, set(plan.removals), set(lost), drained,
             config, now, now_s)
@@ -181,6 +189,9 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
     for a in plan.assignments:
         placed_by_model.setdefault(a.model, []).append(a)
     for m in parsed:
+        if not m.deleting and m.key not in view.services:
+            actions.creates.append(service_for(m.name, m.namespace,
+                                               m.raw["metadata"].get("uid", "")))
         if m.spec is None or m.deleting or m.problem:
             continue
         created = []
@@ -204,7 +215,8 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
         if m.deleting:
             continue
         status = status_for(m, live.get(m.key, []), placed_by_model.get(m.key, []),
-                            unplaced_by_model.get(m.key, []), now)
+                            unplaced_by_model.get(m.key, []), now,
+                            served=m.key in view.services)
         old = m.raw.get("status") or {}
         if _comparable(status) != _comparable({k: old.get(k) for k in status}):
             actions.statuses.append((m.namespace, m.name, status))
@@ -213,26 +225,33 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
 
 
 def _rollout(parsed: list[_Model], live: Mapping[str, list[ReplicaObjects]]
-             ) -> dict[str, str]:
-    """Replicas to replace now because their Model's spec changed: replica key -> why.
+             ) -> tuple[dict[str, str], dict[str, str]]:
+    """Replicas to replace now because their Model's spec changed, as two maps of
+    replica key -> why: those to drain, and those to delete at once.
 
-    One per Model at a time, and only while every other replica of it is Ready and none
-    drains: the old replica drains (it serves what it has) while the plan places a new
-    one in its stead, so a Model never has fewer serving replicas than it wants because
-    of a rollout (when the fleet has room for one more).
+    A replica that fails (its weights or worker, :attr:`ReplicaObjects.failure`) serves
+    nothing, so every outdated one that fails is deleted at once: a fixed spec reaches a
+    Model whose replicas all crash. Otherwise one per Model at a time, and only while
+    every other replica of it is Ready and none drains: the old replica drains (it serves
+    what it has) while the plan places a new one in its stead, so a Model never has fewer
+    serving replicas than it wants because of a rollout (when the fleet has room for one
+    more).
     """
-    out = {}
+    drain, now = {}, {}
     for m in parsed:
         if m.spec is None or m.deleting or m.problem:
             continue
         current = spec_hash(m.raw["spec"])
         mine = live.get(m.key, [])
-        if any(r.drain_started or not r.ready for r in mine):
-            continue
         outdated = sorted(r.key for r in mine if r.spec_hash and r.spec_hash != current)
+        failing = {r.key: f for r in mine if r.key in outdated and (f := r.failure)}
+        for key, f in failing.items():
+            now[key] = f"the Model's spec changed and it fails ({f.reason})"
+        if failing or any(r.drain_started or not r.ready for r in mine):
+            continue
         if outdated:
-            out[outdated[0]] = "the Model's spec changed"
-    return out
+            drain[outdated[0]] = "the Model's spec changed"
+    return drain, now
 
 
 def _remove(actions: Actions, by_key: dict[str, _Model], view: ClusterView,
@@ -252,14 +271,11 @@ def _remove(actions: Actions, by_key: dict[str, _Model], view: ClusterView,
     where = {e.name: e.node for e in snapshot.replicas}
 
     def delete(key: str, r: ReplicaObjects) -> None:
-        ns, name = split_key(key)
-        if r.pod is not None:
-            actions.deletes.append(Delete("Pod", ns, name))  # pods first: they hold claims
-        if r.claim is not None:
-            actions.deletes.append(Delete("ResourceClaim", ns, name))
+        actions.deletes.extend(_deletes(key, r))
 
+    deleted = {(d.namespace, d.name) for d in actions.deletes}
     for key, r in view.replicas.items():
-        if r.terminating:
+        if r.terminating or split_key(key) in deleted:
             continue
         m = by_key.get(r.model)
         name = split_key(key)[1]
@@ -298,6 +314,14 @@ def _remove(actions: Actions, by_key: dict[str, _Model], view: ClusterView,
                                                 f"beyond the {m.desired()} desired)", now))
 
 
+def _deletes(key: str, r: ReplicaObjects) -> list[Delete]:
+    """The deletes that remove a replica: its pod first (it holds the claim), then its
+    claim."""
+    ns, name = split_key(key)
+    return ([Delete("Pod", ns, name)] if r.pod is not None else []) + (
+        [Delete("ResourceClaim", ns, name)] if r.claim is not None else [])
+
+
 def _realize(a: Assignment, m: _Model, view: ClusterView, config: Config) -> list[dict]:
     """The claim and pod of an assignment that do not exist yet."""
     ns, name = split_key(a.replica)
@@ -317,15 +341,19 @@ def _realize(a: Assignment, m: _Model, view: ClusterView, config: Config) -> lis
         out.append(pod_for(replica, m.spec, m.raw["spec"], mode=config.mode,
                            worker_port=config.worker_port, command=config.worker_command,
                            default_image=config.worker_image,
-                           drain_seconds=config.drain_seconds))
+                           drain_seconds=config.drain_seconds, cache=config.cache))
     return out
 
 
 def status_for(m: _Model, live: list[ReplicaObjects], placed: list[Assignment],
-               unplaced: list[Unplaced], now: str) -> dict:
+               unplaced: list[Unplaced], now: str, served: bool = False) -> dict:
     """The Model's status after this pass (``live``: its replicas with a pod not being
-    deleted; ``placed``, ``unplaced``: the plan's for it): what runs, where, and the
-    conditions."""
+    deleted; ``placed``, ``unplaced``: the plan's for it; ``served``: its Service
+    exists): what runs, where, and the conditions.
+
+    ``Degraded`` says the first thing wrong, most fundamental first: a spec that cannot
+    be served, then replicas whose weights or worker fail (a crash loop is never hidden
+    behind ``Ready=False``), then replicas that could not be placed."""
     old = m.raw.get("status") or {}
     conditions = old.get("conditions") or []
     gen = m.raw["metadata"].get("generation")
@@ -338,7 +366,7 @@ def status_for(m: _Model, live: list[ReplicaObjects], placed: list[Assignment],
         "selector": selector_string(m.name),
         "observedGeneration": gen,
         "tensorParallel": None, "hbmPerGpu": None, "kvCapacityTokens": None,
-        "placements": None,
+        "placements": None, "endpoint": endpoint(m.name, m.namespace) if served else None,
     }
     if m.spec is None or m.problem:
         status["conditions"] = [condition("Degraded", True, m.reason, m.problem, gen,
@@ -351,19 +379,30 @@ def status_for(m: _Model, live: list[ReplicaObjects], placed: list[Assignment],
     status["placements"] = [{"replica": split_key(a.replica)[1], "node": a.node,
                              "gpus": list(a.gpus), "shared": a.shared} for a in placed]
     desired = m.desired()
+    failed = sorted((r.key, f) for r in mine if (f := r.failure) is not None)
+    fetching = sum(1 for r in mine if r.fetching)
+    ready_message = f"{ready} of {desired} replicas ready"
+    if fetching:
+        ready_message += f" ({fetching} fetching weights)"
+    if failed:
+        (key, first), more = failed[0], len(failed) - 1
+        degraded = (first.reason, f"replica {split_key(key)[1]}: {first.message}"
+                    + (f" (and {more} more replica(s) failing)" if more else ""))
+    elif unplaced and placed:
+        degraded = ("PartlyPlaced", f"{len(unplaced)} replica(s) could not be placed; the "
+                    "placed ones keep serving")
+    else:
+        degraded = ("AsSpecified", "")
     cond = [
         condition("Placed", not unplaced, "AllPlaced" if not unplaced else "NotAllPlaced",
                   f"{len(placed)} of {desired} replicas placed", gen, conditions, now),
         condition("Ready", ready >= desired,
                   "ReplicasReady" if ready >= desired else "ReplicasNotReady",
-                  f"{ready} of {desired} replicas ready", gen, conditions, now),
+                  ready_message, gen, conditions, now),
         condition("Unschedulable", bool(unplaced), "DoesNotFit" if unplaced else "Fits",
                   unplaced[0].reason if unplaced else "every desired replica has GPUs",
                   gen, conditions, now),
-        condition("Degraded", bool(unplaced and placed), "PartlyPlaced" if unplaced and placed
-                  else "AsSpecified", f"{len(unplaced)} replica(s) could not be placed; "
-                  "the placed ones keep serving" if unplaced and placed else "", gen,
-                  conditions, now),
+        condition("Degraded", degraded[0] != "AsSpecified", *degraded, gen, conditions, now),
     ]
     status["conditions"] = cond
     return status

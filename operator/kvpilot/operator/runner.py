@@ -27,7 +27,7 @@ import httpx
 
 from kvpilot.operator import metrics
 from kvpilot.operator.kube import ApiError, Kube
-from kvpilot.operator.objects import ANN_DRAIN
+from kvpilot.operator.objects import ANN_DRAIN, LABEL_SERVING, WeightsCache
 from kvpilot.operator.placement import Policy
 from kvpilot.operator.reconcile import Actions, Config, Delete, reconcile
 from kvpilot.operator.scrape import drain
@@ -53,6 +53,7 @@ class Indexes:
     pods: Mapping[Any, Iterable[Obj]] = field(default_factory=dict)
     claims: Mapping[Any, Iterable[Obj]] = field(default_factory=dict)
     slices: Mapping[Any, Iterable[Obj]] = field(default_factory=dict)
+    services: Mapping[Any, Iterable[Obj]] = field(default_factory=dict)
 
     @staticmethod
     def items(index: Mapping[Any, Iterable[Obj]]) -> list[Obj]:
@@ -125,7 +126,9 @@ class Fleet:
         return Config(mode=mode, policy=Policy(packing=s.packing, reserve=s.reserve),
                       device_class=s.device_class, driver=s.dra_driver,
                       worker_port=s.worker_port, worker_command=s.worker_command,
-                      worker_image=s.worker_image, drain_seconds=s.drain_timeout_seconds)
+                      worker_image=s.worker_image, drain_seconds=s.drain_timeout_seconds,
+                      cache=WeightsCache(host_path=s.weights_cache_dir,
+                                         hub_endpoint=s.hub_endpoint))
 
     def _overlay(self, kind: str, objects: list[Obj]) -> list[Obj]:
         """The index's objects with this loop's recent writes laid over them."""
@@ -162,10 +165,11 @@ class Fleet:
         nodes, models = ix.items(ix.nodes), ix.items(ix.models)
         pods = self._overlay("Pod", ix.items(ix.pods))
         claims = self._overlay("ResourceClaim", ix.items(ix.claims))
+        services = self._overlay("Service", ix.items(ix.services))
         view = await asyncio.to_thread(cluster_view, nodes, slices, pods, claims, mode,
                                        self.settings.dra_driver, time.time(),
                                        self.settings.not_ready_grace_seconds,
-                                       self.settings.reserved_pods_per_node)
+                                       self.settings.reserved_pods_per_node, services)
         drained = await self.drain_progress(view)
         actions = await asyncio.to_thread(reconcile, models, view, self.config(mode),
                                           utc_now(), drained)
@@ -220,10 +224,10 @@ class Fleet:
         # Deletes first: they free HBM the creates may be planned into (DRA: the scheduler
         # holds a new claim Pending until the old one is gone, never overcommitting).
         await asyncio.gather(*(self._delete(d) for d in actions.deletes))
-        groups: dict[tuple[str, str], list[dict]] = {}
+        groups: dict[tuple[bool, str, str], list[dict]] = {}
         for obj in actions.creates:  # a replica's claim, then its pod, in order
-            groups.setdefault((obj["metadata"]["namespace"], obj["metadata"]["name"]),
-                              []).append(obj)
+            groups.setdefault((obj["kind"] == "Service", obj["metadata"]["namespace"],
+                               obj["metadata"]["name"]), []).append(obj)
         await asyncio.gather(*(self._create_in_order(objs) for objs in groups.values()))
         await asyncio.gather(*(self._drain(ns, name, view) for ns, name in actions.drains))
         await asyncio.gather(*(self._status(ns, name, status)
@@ -242,10 +246,11 @@ class Fleet:
                 self.created[_key(obj)] = (time.monotonic(), made)
 
     async def _drain(self, namespace: str, name: str, view: ClusterView | None) -> None:
-        """Mark the pod (so the drain survives a restart), then tell its worker."""
+        """Mark the pod (so the drain survives a restart) and take it out of its Model's
+        Service, then tell its worker."""
         try:
-            await self.kube.patch("Pod", namespace, name,
-                                  {"metadata": {"annotations": {ANN_DRAIN: utc_now()}}})
+            await self.kube.patch("Pod", namespace, name, {"metadata": {
+                "annotations": {ANN_DRAIN: utc_now()}, "labels": {LABEL_SERVING: "false"}}})
         except ApiError as err:
             log.warning("drain %s/%s: %s", namespace, name, err)
             return

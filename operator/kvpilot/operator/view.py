@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
+from kvpilot.api import contract
 from kvpilot.api.gpus import LABEL_MEMORY_MIB, LABEL_PRODUCT, RESOURCE_GPU, label_overrides
 from kvpilot.api.quantity import MiB, parse_bytes
 from kvpilot.operator.objects import (
-    ANN_DRAIN, ANN_GPUS, ANN_HBM, ANN_NODE, ANN_SPEC_HASH, LABEL_MODEL, MANAGED_BY, MANAGER,
-    Device,
+    ANN_DRAIN, ANN_GPUS, ANN_HBM, ANN_NODE, ANN_SPEC_HASH, FETCH_CONTAINER, LABEL_MODEL,
+    MANAGED_BY, MANAGER, Device,
 )
 from kvpilot.operator.placement import Existing, Node, Snapshot
 
@@ -51,6 +52,78 @@ def model_key(namespace: str, name: str) -> str:
 def split_key(key: str) -> tuple[str, str]:
     namespace, _, name = key.partition("/")
     return namespace, name
+
+
+# "<Reason>: <message>" as workers and fetches write it (kvpilot.api.contract); a
+# message the kubelet took from the logs instead may hold it after other lines.
+_TERMINATION = re.compile(
+    rf"({contract.REASON_WEIGHTS_UNAVAILABLE}|{contract.REASON_WEIGHTS_MISMATCH}|"
+    rf"{contract.REASON_LOAD_FAILED}): ([^\n]*)")
+# Container states that will not start without a change from outside.
+_STUCK = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerError",
+          "CreateContainerConfigError"}
+WORKER_FAILED = "WorkerFailed"
+WORKER_CRASH_LOOP = "WorkerCrashLoop"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a replica's pod does not serve and will not by itself: the reason a worker or
+    fetch wrote (``kvpilot.api.contract``), else what the kubelet or scheduler says."""
+
+    reason: str
+    message: str
+
+
+def _container_failure(status: Obj) -> Failure | None:
+    name = status.get("name", "")
+    state = status.get("state") or {}
+    waiting = state.get("waiting") or {}
+    ended = state.get("terminated") or {}
+    if not (ended and ended.get("exitCode")):
+        ended = (status.get("lastState") or {}).get("terminated") or {}
+        if "running" in state or not ended.get("exitCode"):
+            ended = {}  # it runs again, or never failed
+    fallback = (contract.REASON_WEIGHTS_UNAVAILABLE if name == FETCH_CONTAINER else
+                WORKER_CRASH_LOOP if status.get("restartCount") else WORKER_FAILED)
+    if ended:
+        text = ended.get("message") or ""
+        found = _TERMINATION.findall(text)
+        if found:
+            return Failure(*found[-1])
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        detail = lines[-1].strip() if lines else f"exit code {ended.get('exitCode')}"
+        return Failure(fallback, f"container {name} exited with code "
+                                 f"{ended.get('exitCode')} ({ended.get('reason', 'Error')}): "
+                                 f"{detail}")
+    if waiting.get("reason") in _STUCK:
+        return Failure(fallback, f"container {name}: {waiting['reason']}: "
+                                 f"{waiting.get('message', '')}".rstrip(": "))
+    return None
+
+
+def pod_failure(pod: Obj | None) -> Failure | None:
+    """The first reason a pod cannot serve: a failed fetch or worker, a container that
+    cannot be created, or a volume the scheduler cannot find."""
+    if pod is None:
+        return None
+    status = pod.get("status") or {}
+    for c in status.get("conditions") or []:
+        if (c.get("type") == "PodScheduled" and c.get("status") == "False"
+                and "persistentvolumeclaim" in (c.get("message") or "")):
+            return Failure(contract.REASON_WEIGHTS_UNAVAILABLE, c["message"])
+    for key in ("initContainerStatuses", "containerStatuses"):
+        for c in status.get(key) or []:
+            if (found := _container_failure(c)) is not None:
+                return found
+    return None
+
+
+def fetching(pod: Obj | None) -> bool:
+    """The pod's weights are being fetched (its fetch init container runs)."""
+    statuses = ((pod or {}).get("status") or {}).get("initContainerStatuses") or []
+    return any(c.get("name") == FETCH_CONTAINER and "running" in (c.get("state") or {})
+               for c in statuses)
 
 
 @dataclass
@@ -89,6 +162,14 @@ class ReplicaObjects:
         conditions = (self.pod.get("status") or {}).get("conditions") or []
         return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
+    @property
+    def failure(self) -> Failure | None:
+        return pod_failure(self.pod)
+
+    @property
+    def fetching(self) -> bool:
+        return fetching(self.pod)
+
 
 @dataclass
 class ClusterView:
@@ -96,6 +177,7 @@ class ClusterView:
     devices: dict[tuple[str, int], Device] = field(default_factory=dict)
     replicas: dict[str, ReplicaObjects] = field(default_factory=dict)
     node_problems: dict[str, str] = field(default_factory=dict)  # node -> why it is out
+    services: frozenset[str] = frozenset()  # model keys whose Service exists
 
 
 def _taints(node: Obj) -> list[Obj]:
@@ -286,10 +368,10 @@ def _allocated(claim: Obj, driver: str) -> list[tuple[str, str, int | None]]:
 def cluster_view(nodes: Iterable[Obj], slices: Iterable[Obj], pods: Iterable[Obj],
                  claims: Iterable[Obj], mode: str, driver: str = "gpu.nvidia.com",
                  now_s: float | None = None, not_ready_grace: float = 0.0,
-                 reserved_pods: int = 0) -> ClusterView:
+                 reserved_pods: int = 0, services: Iterable[Obj] = ()) -> ClusterView:
     """The placement snapshot and the replica objects, from raw API objects (``now_s``
     and ``not_ready_grace``: see :func:`node_state`; ``reserved_pods``: see
-    :func:`max_pods`)."""
+    :func:`max_pods`; ``services``: the Models' Services)."""
     by_name = {n["metadata"]["name"]: n for n in nodes}
     states = {name: node_state(obj, now_s, not_ready_grace) for name, obj in by_name.items()}
     devices: dict[tuple[str, int], Device] = {}
@@ -332,8 +414,11 @@ def cluster_view(nodes: Iterable[Obj], slices: Iterable[Obj], pods: Iterable[Obj
                                     tuple(i for i, _ in used), max(h for _, h in used)))
 
     existing = [e for r in replicas.values() if (e := _existing(r, where, driver))]
+    served = frozenset(model_key(s["metadata"]["namespace"], s["metadata"]["name"])
+                       for s in services if _ours(s)
+                       and not s["metadata"].get("deletionTimestamp"))
     return ClusterView(Snapshot(tuple(gpu_nodes), tuple(existing + foreign)), devices,
-                       replicas, problems)
+                       replicas, problems, served)
 
 
 def _existing(r: ReplicaObjects, where: Mapping[tuple[str, str], tuple[str, int]],
@@ -383,7 +468,8 @@ def signature(kind: str, obj: Obj) -> tuple:
         ready = next((c.get("status") for c in status.get("conditions") or []
                       if c.get("type") == "Ready"), None)
         return (gone, status.get("phase"), ready, status.get("podIP"), spec.get("nodeName"),
-                repr(sorted((meta.get("annotations") or {}).items())))
+                repr(sorted((meta.get("annotations") or {}).items())),
+                pod_failure(obj), fetching(obj))
     if kind == "ResourceClaim":
         return (gone, repr(status.get("allocation")), repr(meta.get("labels")))
     if kind == "Model":
@@ -393,6 +479,14 @@ def signature(kind: str, obj: Obj) -> tuple:
 
 def _pick(d: Obj | None, *keys: str) -> dict:
     return {k: d[k] for k in keys if d and k in d}
+
+
+def _condition(c: Obj) -> dict:
+    """A pod condition as the operator reads it: why the scheduler left it Pending is
+    kept (a missing volume is shown on the Model), other messages are not."""
+    if c.get("type") == "PodScheduled" and c.get("status") == "False":
+        return _pick(c, "type", "status", "message")
+    return _pick(c, "type", "status")
 
 
 def trimmed(kind: str, obj: Obj) -> dict:
@@ -415,8 +509,12 @@ def trimmed(kind: str, obj: Obj) -> dict:
         if kind == "Pod":
             out["spec"] = _pick(obj.get("spec"), "nodeName")
             out["status"] = {**_pick(status, "phase", "podIP"),
-                             "conditions": [_pick(c, "type", "status")
+                             "conditions": [_condition(c)
                                             for c in status.get("conditions") or []]}
+            for key in ("initContainerStatuses", "containerStatuses"):
+                if status.get(key):
+                    out["status"][key] = [_pick(c, "name", "restartCount", "state", "lastState")
+                                          for c in status[key]]
         else:
             out["status"] = _pick(status, "allocation")
         return out
