@@ -5,8 +5,9 @@ load gone and a scale-down that drains. Every request ends complete or with an e
 
 Workers are the real engine (``python -m kvpilot.worker``, CPU, a tiny random Llama
 checkpoint) started on each KWOK pod's loopback IP with the environment the operator put
-in the pod. The operator runs out of cluster with the token of the chart's
-ServiceAccount and the settings of the chart's Deployment.
+in the pod; the load reaches them through the Model's Service (its EndpointSlices). The
+operator runs out of cluster with the token of the chart's ServiceAccount and the
+settings of the chart's Deployment.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from e2e.fleet import fleet_cluster
 from e2e.load import Load, LoadThread
 from e2e.operator import OperatorProcess, wait_for
 from e2e.test_operator import FLEET, events, model_status
-from e2e.workers import Workers, tiny_checkpoint, tiny_model
+from e2e.workers import Workers, endpoints, tiny_checkpoint, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,9 @@ def test_kv_pressure_scales_real_workers_up_and_a_drained_scale_down_loses_nothi
     op = OperatorProcess(cluster, tmp_path / "operator.log", identity="e2e",
                          kubeconfig=kubeconfig, **settings)
     workers = Workers(cluster, tmp_path / "workers")
-    load = Load(lambda: [p.url for p in workers.ready("tiny")], "tiny", prompt_tokens=300,
-                max_tokens=48)
+    # Clients reach the Model through its Service: the ready endpoints the
+    # kube-controller-manager keeps in its EndpointSlices.
+    load = Load(lambda: endpoints(cluster, "tiny"), "tiny", prompt_tokens=300, max_tokens=48)
     driver = LoadThread(load)
     op.start()
     workers.start()

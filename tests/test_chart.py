@@ -89,6 +89,7 @@ CLUSTER_RULES = {  # (group, resource) -> verbs: exactly the operator's calls
     ("kvpilot.dev", "models/status"): {"patch"},
     ("kvpilot.dev", "models/scale"): {"patch"},
     ("", "pods"): WATCH | {"create", "patch", "delete"},
+    ("", "services"): WATCH | {"create"},
     ("resource.k8s.io", "resourceclaims"): WATCH | {"create", "delete"},
     ("resource.k8s.io", "resourceslices"): WATCH,
     ("", "nodes"): WATCH,
@@ -177,7 +178,8 @@ def test_the_default_env_is_valid_settings_and_sets_every_one():
         reserve=0, packing=1, not_ready_grace_seconds=60, reserved_pods_per_node=10,
         worker_image="kvpilot/worker:0.1.0", worker_port=8000,
         worker_command=("python", "-m", "kvpilot.worker"), scrape_seconds=15,
-        scrape_timeout_seconds=2, drain_timeout_seconds=120, reconcile_seconds=30,
+        scrape_timeout_seconds=2, drain_timeout_seconds=120,
+        weights_cache_dir="/var/cache/kvpilot/models", hub_endpoint="", reconcile_seconds=30,
         debounce_seconds=0.2, write_concurrency=16, namespace=NAMESPACE,
         lease_name=OPERATOR, lease_seconds=15, identity=POD, metrics_port=8080,
         health_port=8081)
@@ -190,7 +192,9 @@ CHANGED = {
     "worker": {"image": {"repository": "registry.example.com/ml/kvpilot-worker",
                          "tag": "0.1.0-cu13", "digest": "sha256:" + "ab" * 32},
                "port": 9000, "command": ["/opt/kvpilot/bin/python", "-m", "kvpilot.worker"],
-               "scrapeSeconds": 5, "scrapeTimeoutSeconds": 1.5, "drainTimeoutSeconds": 600},
+               "scrapeSeconds": 5, "scrapeTimeoutSeconds": 1.5, "drainTimeoutSeconds": 600,
+               "weightsCache": {"enabled": False, "hostPath": "/data/models"},
+               "hubEndpoint": "http://hub-mirror.ml.svc:8080"},
     "operator": {"reconcileSeconds": 10, "debounceSeconds": 0, "writeConcurrency": 4,
                  "leaseSeconds": 30, "metricsPort": 9090, "healthPort": 9091, "verbose": True},
 }
@@ -206,7 +210,7 @@ def test_values_flow_into_the_operators_settings():
         worker_image="registry.example.com/ml/kvpilot-worker:0.1.0-cu13@sha256:" + "ab" * 32,
         worker_port=9000, worker_command=("/opt/kvpilot/bin/python", "-m", "kvpilot.worker"),
         scrape_seconds=5, scrape_timeout_seconds=1.5, drain_timeout_seconds=600,
-        reconcile_seconds=10, debounce_seconds=0, write_concurrency=4, lease_seconds=30,
+        weights_cache_dir="", hub_endpoint="http://hub-mirror.ml.svc:8080", reconcile_seconds=10, debounce_seconds=0, write_concurrency=4, lease_seconds=30,
         metrics_port=9090, health_port=9091)
     c = deployment["spec"]["template"]["spec"]["containers"][0]
     assert c["args"] == ["operator", "--verbose"]
@@ -228,6 +232,7 @@ SETTINGS_OF_VALUES = {
     ("worker", "command"): "worker_command", ("worker", "scrapeSeconds"): "scrape_seconds",
     ("worker", "scrapeTimeoutSeconds"): "scrape_timeout_seconds",
     ("worker", "drainTimeoutSeconds"): "drain_timeout_seconds",
+    ("worker", "hubEndpoint"): "hub_endpoint",
     ("operator", "reconcileSeconds"): "reconcile_seconds",
     ("operator", "debounceSeconds"): "debounce_seconds",
     ("operator", "writeConcurrency"): "write_concurrency",

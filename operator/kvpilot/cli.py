@@ -7,6 +7,17 @@ replicas placed, what one needs on each product, its KV capacity; for models wit
 sliding-window layers or latent attention, their KV cache beside what the plain GQA
 formula would say; and for every replica that does not fit, why and what would make it
 fit.
+
+``kvpilot import SOURCE > MODEL.yaml`` writes a Model for a Hugging Face checkpoint:
+its architecture from ``config.json`` (:mod:`kvpilot.api.checkpoint`), its weights'
+bytes and dtype from the safetensors headers (never the tensors), and an SLA from
+``--context`` and ``--concurrency``. SOURCE is a checkpoint directory, a ``config.json``
+(the safetensors beside it give the weights), or ``hf://ORG/NAME[@REVISION]`` (config.json
+and the safetensors metadata from the hub, which needs huggingface_hub, in the worker
+extra; ``HF_ENDPOINT`` and ``HF_TOKEN`` apply). ``--weights-bytes`` or ``--parameters``
+state the weights instead, for a config.json alone or weights in another format; their
+dtype is ``--weights-dtype``, else config.json's ``torch_dtype``. Nothing is guessed: a
+config.json with no weights facts is an error.
 """
 
 from __future__ import annotations
@@ -48,6 +59,13 @@ def _count(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="kvpilot", description="Memory-aware placement of LLM replicas on GPU nodes.")
@@ -73,6 +91,11 @@ def parser() -> argparse.ArgumentParser:
                       help="pods a node with maxPods keeps for other workloads, as the "
                            f"operator's reservedPodsPerNode (default {reserved})")
     plan.set_defaults(run=_plan)
+    add_import_arguments(sub.add_parser(
+        "import", help="write a Model for a Hugging Face checkpoint (YAML on stdout)",
+        description="Describe a checkpoint as a Model: the architecture from config.json, "
+                    "the weights' bytes and dtype from the safetensors headers, the SLA "
+                    "from the flags. Validated before it is printed."))
     operator = sub.add_parser(
         "operator", help="run the operator (out of cluster with a kubeconfig, or in a pod)",
         description="Place Model replicas on the cluster's GPUs and run their worker pods.")
@@ -90,6 +113,140 @@ def parser() -> argparse.ArgumentParser:
     add_simulate_arguments(simulate)
     simulate.set_defaults(run=_simulate)
     return top
+
+
+def add_import_arguments(imp: argparse.ArgumentParser) -> None:
+    from kvpilot.api.checkpoint import DEFAULT_CONCURRENCY, DEFAULT_CONTEXT
+
+    imp.add_argument("checkpoint", metavar="SOURCE",
+                     help="a checkpoint directory, its config.json, or hf://ORG/NAME[@REVISION]")
+    imp.add_argument("--name", help="the Model's name (default: from the repository or "
+                     "directory name, e.g. llama-3-1-8b-instruct)")
+    imp.add_argument("--context", type=_positive, metavar="N",
+                     help="sla.contextTokens (default: the model's longest context, at most "
+                          f"{DEFAULT_CONTEXT})")
+    imp.add_argument("--concurrency", type=_positive, default=DEFAULT_CONCURRENCY, metavar="N",
+                     help=f"sla.concurrentSequences (default {DEFAULT_CONCURRENCY})")
+    imp.add_argument("--kv-cache-dtype", choices=("bf16", "fp16", "fp8"), default="bf16",
+                     help="spec.kvCacheDtype (default bf16)")
+    imp.add_argument("--source", metavar="URI",
+                     help="spec.source, where the operator gets the weights (e.g. "
+                          "pvc://models/llama); default: SOURCE when it is hf://, else none")
+    facts = imp.add_mutually_exclusive_group()
+    facts.add_argument("--weights-bytes", type=_positive, metavar="N",
+                       help="the weights' size, instead of reading the safetensors")
+    facts.add_argument("--parameters", type=_positive, metavar="N",
+                       help="the parameter count, instead of reading the safetensors")
+    imp.add_argument("--weights-dtype", choices=("fp32", "bf16", "fp16", "fp8", "int8", "int4"),
+                     help="with --weights-bytes or --parameters: the weights' dtype "
+                          "(default: config.json's torch_dtype)")
+    imp.set_defaults(run=_import)
+
+
+def _import(args: argparse.Namespace) -> int:
+    import yaml
+    from pydantic import ValidationError
+
+    from kvpilot.api import checkpoint
+    from kvpilot.api.files import one_line
+    from kvpilot.api.model import Model
+    from kvpilot.api.source import parse_source
+
+    if args.weights_dtype and args.weights_bytes is None and args.parameters is None:
+        raise ValueError("--weights-dtype goes with --weights-bytes or --parameters (the "
+                         "safetensors state their own dtype)")
+    source = args.source
+    if source is not None:
+        parse_source(source)  # ValueError with the scheme's message
+    if args.checkpoint.startswith("hf://"):
+        hub = parse_source(args.checkpoint)
+        config, weights = _from_hub(hub, read_weights=not _stated(args))
+        source = source or str(hub)
+        derived = hub.location.split("/")[1]
+    else:
+        config, weights, derived = _from_path(Path(args.checkpoint), read_weights=not _stated(args))
+        if source is None:
+            print("kvpilot import: no spec.source (a local checkpoint); give --source (e.g. "
+                  "pvc://CLAIM/PATH or host:///PATH) for the operator to mount it",
+                  file=sys.stderr)
+    architecture = checkpoint.architecture_from_config(config)
+    if _stated(args):
+        weights = _stated_weights(args, config)
+    elif weights["dtype"] is None:
+        raise ValueError(f"the safetensors hold mostly {weights['safetensorsDtype']} tensors, "
+                         "a dtype no Model names: give --weights-bytes and --weights-dtype")
+    else:
+        weights = {"bytes": weights["bytes"], "dtype": weights["dtype"]}
+    doc = checkpoint.model_document(
+        name=args.name or checkpoint.model_name(derived), architecture=architecture,
+        weights=weights, source=source, context=args.context, concurrency=args.concurrency,
+        kv_cache_dtype=args.kv_cache_dtype)
+    try:
+        Model.model_validate(doc)
+    except ValidationError as err:
+        raise ValueError(f"the Model for {args.checkpoint} is not valid: {one_line(err)}") from err
+    sys.stdout.write(yaml.safe_dump(doc, sort_keys=False, width=WIDTH))
+    return 0
+
+
+def _stated(args: argparse.Namespace) -> bool:
+    return args.weights_bytes is not None or args.parameters is not None
+
+
+def _stated_weights(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
+    from kvpilot.api.checkpoint import config_dtype
+
+    dtype = args.weights_dtype or config_dtype(config)
+    if dtype is None:
+        raise ValueError("config.json states no torch_dtype: give --weights-dtype")
+    if args.weights_bytes is not None:
+        return {"bytes": args.weights_bytes, "dtype": dtype}
+    return {"parameters": args.parameters, "dtype": dtype}
+
+
+def _from_path(path: Path, read_weights: bool) -> tuple[dict[str, Any], Any, str]:
+    """config.json, the weights (None unless ``read_weights``) and the name to derive a
+    Model name from, for a checkpoint directory or its config.json."""
+    from kvpilot.api.checkpoint import CheckpointUnreadable, read_config, weights_from_directory
+
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or directory")
+    directory = path if path.is_dir() else path.parent
+    config = read_config(path)
+    weights = None
+    if read_weights:
+        try:
+            weights = weights_from_directory(directory)
+        except CheckpointUnreadable as err:
+            raise ValueError(f"{err}; give --weights-bytes or --parameters (and "
+                             "--weights-dtype) to state the weights") from err
+    return config, weights, directory.resolve().name
+
+
+def _from_hub(hub, read_weights: bool) -> tuple[dict[str, Any], Any]:
+    """config.json and the weights (None unless ``read_weights``) of an hf:// source,
+    from the hub (the safetensors metadata: the files' headers, fetched by range)."""
+    from kvpilot.api.checkpoint import read_config, weights_from_headers
+
+    try:
+        from huggingface_hub import HfApi, hf_hub_download
+    except ImportError as err:
+        raise ValueError(f"importing {hub} needs huggingface_hub (pip install "
+                         "'kvpilot[worker]'), or download the checkpoint and import its "
+                         "directory") from err
+    try:
+        config_path = hf_hub_download(hub.location, "config.json", revision=hub.revision)
+        metadata = (HfApi().get_safetensors_metadata(hub.location, revision=hub.revision)
+                    if read_weights else None)
+    except Exception as err:  # noqa: BLE001 - the hub's errors, one line each
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"cannot read {hub} from the hub: {type(err).__name__}: {first}") from err
+    config = read_config(config_path)
+    if metadata is None:
+        return config, None
+    headers = [{name: {"dtype": t.dtype, "data_offsets": list(t.data_offsets)}
+                for name, t in f.tensors.items()} for f in metadata.files_metadata.values()]
+    return config, weights_from_headers(headers)
 
 
 def _simulate(args: argparse.Namespace) -> int:

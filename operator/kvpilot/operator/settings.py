@@ -33,11 +33,11 @@ class Settings(BaseModel):
     worker_image: str | None = Field(
         None, description="Image for workers whose Model keeps the default image.")
     weights_cache_dir: str = Field(
-        "/var/cache/kvpilot/models", description="Directory on each GPU node that hf:// "
+        "/var/cache/kvpilot/models", pattern=r"^(/[A-Za-z0-9_.+=@/-]*)?$", description="Directory on each GPU node that hf:// "
         "weights are fetched into and shared from (one download per node and revision); "
         "empty: an emptyDir per worker pod (a download per replica start).")
     hub_endpoint: str = Field(
-        "", description="Hugging Face hub (or mirror) that hf:// sources are fetched from "
+        "", pattern=r"^(https?://\S+)?$", description="Hugging Face hub (or mirror) that hf:// sources are fetched from "
         "(HF_ENDPOINT); empty: the public hub.")
     worker_port: int = Field(WORKER_PORT, ge=1, le=65535)
     worker_command: tuple[str, ...] = Field(("python", "-m", "kvpilot.worker"), min_length=1)

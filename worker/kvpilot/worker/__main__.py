@@ -4,7 +4,14 @@ The Model comes from ``--spec`` (a Model YAML file), else from the environment t
 operator sets (``kvpilot.api.contract``: the spec as JSON, the name, the HBM budget per
 GPU, the TP degree), else it is described from the checkpoint (``--max-model-len`` x
 ``--concurrent-sequences``). The HTTP server answers ``/health`` at once and ``/ready``
-once the model has loaded; a model that fails to load ends the process with status 1.
+once the model has loaded.
+
+Given a Model, the worker first checks the checkpoint against it (config.json and the
+safetensors headers, :func:`kvpilot.api.checkpoint.checkpoint_mismatches`): the operator
+placed the replica with the Model's numbers, so a checkpoint that disagrees would not fit
+what was reserved for it. A checkpoint that disagrees or cannot be opened, and a model
+that fails to load, end the process with status 1 and a reason in the termination
+message file (``WeightsMismatch``, ``WeightsUnavailable``, ``LoadFailed``).
 """
 
 from __future__ import annotations
@@ -99,6 +106,29 @@ def settings_from(args: argparse.Namespace, env) -> "WorkerSettings":
         debug_checks=args.debug_checks, seed=args.seed)
 
 
+def check_checkpoint(model_dir: str, spec: "ModelSpec", name: str) -> tuple[str, str] | None:
+    """None when the checkpoint at ``model_dir`` agrees with the Model, else the reason
+    and message to stop with."""
+    from kvpilot.api.checkpoint import (
+        CheckpointUnreadable, checkpoint_mismatches, read_config, weights_from_directory,
+    )
+
+    try:
+        config = read_config(model_dir)
+        weights = weights_from_directory(model_dir)
+    except CheckpointUnreadable as err:
+        return contract.REASON_WEIGHTS_UNAVAILABLE, f"the checkpoint at {model_dir}: {err}"
+    try:
+        mismatches = checkpoint_mismatches(spec, config, weights["bytes"], weights["dtype"])
+    except ValueError as err:  # a config.json the check cannot read as an architecture
+        return contract.REASON_LOAD_FAILED, f"the checkpoint at {model_dir}: {err}"
+    if mismatches:
+        return (contract.REASON_WEIGHTS_MISMATCH,
+                f"the checkpoint at {model_dir} disagrees with Model {name}: "
+                + "; ".join(mismatches))
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
@@ -108,7 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     from kvpilot.worker.engine import EngineLoop
     from kvpilot.worker.server import WorkerState, create_app
 
+    from kvpilot.worker.termination import write_termination
+
     settings = settings_from(args, os.environ)
+    if args.spec or os.environ.get(contract.ENV_MODEL_SPEC):  # not one described from it
+        stop = check_checkpoint(args.model, settings.spec, settings.name)
+        if stop is not None:
+            write_termination(*stop)
+            return 1
     state = WorkerState(name=settings.name)
     app = create_app(state)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
@@ -123,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # noqa: BLE001 - reported, then the process exits
             log.exception("the model failed to load")
             state.load_error = f"{type(err).__name__}: {err}"
+            write_termination(contract.REASON_LOAD_FAILED, state.load_error)
             server.should_exit = True
             return
         loop = EngineLoop(engine, max_waiting=settings.max_waiting)
