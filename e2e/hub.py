@@ -130,8 +130,9 @@ class Hub:
         return f"http://{host}:{port}"
 
     def start(self) -> "Hub":
-        self._thread = threading.Thread(target=self._server.serve_forever, name="hub",
-                                        daemon=True)
+        # A short poll: stop() waits for the serving loop to see the request to stop.
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        name="hub", daemon=True)
         self._thread.start()
         return self
 
@@ -401,10 +402,10 @@ def _handler_for(hub: Hub) -> type[BaseHTTPRequestHandler]:
                     n = min(CHUNK, end - start - sent)
                     if cut is not None:
                         n = min(n, cut - sent)
-                        if n <= 0:
+                        if n <= 0:  # the client gets a body shorter than announced
                             self.wfile.flush()
                             self.close_connection = True
-                            self.connection.shutdown(socket.SHUT_RDWR)  # the client sees a short body
+                            self.connection.shutdown(socket.SHUT_RDWR)
                             return
                     self.wfile.write(src.read(n))
                     sent += n

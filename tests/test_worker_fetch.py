@@ -199,6 +199,20 @@ def test_a_pinned_commit_fetched_before_needs_no_hub(hub, tmp_path, run_here):
     assert "nothing to download" in run.out
 
 
+def test_files_of_another_commit_are_removed(hub, tmp_path, run_here):
+    dest = tmp_path / "tiny"
+    dest.mkdir()
+    (dest / "model-00001-of-00009.safetensors").write_bytes(b"old")
+
+    run = run_here("hf://org/tiny", dest)
+
+    assert run.rc == 0
+    assert sorted(files_in(dest)) == sorted(TINY_FILES)
+    commit = hub.repo("org/tiny").commit
+    assert (f"fetch hf://org/tiny: removed model-00001-of-00009.safetensors (not in commit "
+            f"{commit})") in run.out.splitlines()
+
+
 def test_an_unreachable_hub_leaves_a_complete_download_in_use(hub, tmp_path, run_here):
     dest = tmp_path / "tiny"
     assert run_here("hf://org/tiny", dest).rc == 0
@@ -258,6 +272,22 @@ def test_with_an_index_only_its_shards_are_fetched(hub, hub_root, tmp_path, run_
     # Not consolidated.safetensors: the worker would load it as well.
     assert files_in(dest) == {name: (sharded / name).read_bytes()
                               for name in ("config.json", fetch.INDEX, *SHARDS)}
+
+
+def test_progress_is_printed_while_a_file_downloads(hub, tmp_path, run_here, monkeypatch):
+    monkeypatch.setattr(fetch, "PROGRESS_EVERY", 0.05)
+    release = hub.hold(resolve("org/sharded", hub.repo("org/sharded").commit, SHARDS[0]))
+    threading.Timer(0.5, release.set).start()
+
+    run = run_here("hf://org/sharded", tmp_path / "sharded")
+
+    assert run.rc == 0
+    progress = [re.fullmatch(r"fetch hf://org/sharded: (\d)/4 files, .+ of 12\.0 MiB "
+                             r"\((\d+)%\), .+/s", line) for line in run.out.splitlines()[1:-1]]
+    assert all(progress), run.out
+    # While the 12 MiB shard is held, at most the three small files are done.
+    assert [m.groups() for m in progress if int(m.group(1)) < 4 and int(m.group(2)) == 0]
+    assert progress[-1].groups() == ("4", "100")
 
 
 def test_a_connection_cut_mid_file_resumes(hub, hub_root, tmp_path, run_here):

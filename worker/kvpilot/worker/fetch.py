@@ -24,7 +24,10 @@ opens DIR as its checkpoint. ``HF_TOKEN`` (from ``spec.sourceSecret``) authentic
 - Files already complete stay (huggingface_hub keeps their commit and ETag under
   ``DIR/.cache/huggingface``), so a failed run's retry downloads only what is missing; a
   connection that breaks mid-file resumes within the run (in 10 MiB steps). Partial files
-  of a killed run are never reused by huggingface_hub, so they are removed.
+  of a killed run are never reused by huggingface_hub, so they are removed, and so are
+  top-level files the commit does not have (a branch that moved).
+- Space: the download starts only when the disk has room for what is missing; a disk
+  that fills anyway (ENOSPC, EDQUOT) gets its partial files removed.
 - Trouble that may pass (5xx, 408, 429, a broken connection) is retried with exponential
   backoff; anything else ends the run at once.
 - A failure writes one line, ``WeightsUnavailable: <what to do>``, to the termination
@@ -43,11 +46,12 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from kvpilot.api import contract
 from kvpilot.api.source import DEFAULT_REVISION, Source, parse_source
@@ -333,6 +337,17 @@ def remove_partials(dest: Path, files: dict[str, int]) -> int:
     return removed
 
 
+def remove_stale(dest: Path, files: dict[str, int]) -> list[str]:
+    """Remove the top-level files that are not ``files`` (those of an earlier commit of a
+    branch): the worker loads every ``*.safetensors`` in DIR."""
+    stale = sorted(p.name for p in dest.iterdir()
+                   if p.is_file() and p.name not in files and p.name != MARKER)
+    for name in stale:
+        (dest / name).unlink()
+        (dest / PARTIALS / f"{name}.metadata").unlink(missing_ok=True)
+    return stale
+
+
 def bytes_on_disk(dest: Path, files: dict[str, int]) -> tuple[int, int]:
     """(files complete, bytes written): complete files plus the partial downloads."""
     missing = missing_files(dest, files)
@@ -358,14 +373,13 @@ def node_lock(ctx: Context) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            say(f"fetch {ctx.source}: waiting for another download into {dest} to finish "
-                f"(lock {lock})")
+            say(ctx, f"waiting for another download into {dest} to finish (lock {lock})")
             fcntl.flock(f, fcntl.LOCK_EX)
         yield
 
 
-def say(line: str) -> None:
-    print(line, flush=True)
+def say(ctx: Context, text: str) -> None:
+    print(f"fetch {ctx.source}: {text}", flush=True)
 
 
 class Progress:
@@ -389,15 +403,17 @@ class Progress:
         self._thread.join()
         done, written = bytes_on_disk(self.ctx.dest, self.files)
         rate = (written - self._first) / max(time.monotonic() - self._start, 1e-3)
-        say(progress_line(self.ctx.source, done, len(self.files), written, self.total, rate))
+        print(progress_line(self.ctx.source, done, len(self.files), written, self.total, rate),
+              flush=True)
 
     def _run(self) -> None:
         last_t, last_b = self._start, self._first
         while not self._stop.wait(self.every):
             done, written = bytes_on_disk(self.ctx.dest, self.files)
             now = time.monotonic()
-            say(progress_line(self.ctx.source, done, len(self.files), written, self.total,
-                              (written - last_b) / max(now - last_t, 1e-3)))
+            rate = (written - last_b) / max(now - last_t, 1e-3)
+            print(progress_line(self.ctx.source, done, len(self.files), written, self.total,
+                                rate), flush=True)
             last_t, last_b = now, written
 
 
@@ -409,7 +425,7 @@ def fetch(ctx: Context, retries: int, backoff: float) -> Marker:
     marker = read_marker(ctx.dest)
     complete = marker is not None and not missing_files(ctx.dest, marker.files)
     if complete and is_commit(ctx.source.revision) and marker.commit == ctx.source.revision:
-        say(f"fetch {ctx.source}: {ctx.dest} already holds it ({len(marker.files)} files, "
+        say(ctx, f"{ctx.dest} already holds it ({len(marker.files)} files, "
             f"{format_bytes(marker.bytes)}); nothing to download")
         return marker
     attempt = 0
@@ -419,9 +435,8 @@ def fetch(ctx: Context, retries: int, backoff: float) -> Marker:
         except Exception as err:  # noqa: BLE001 (every error becomes a message)
             failure = diagnose(err, ctx)
             if failure.transient and complete:
-                say(f"fetch {ctx.source}: the hub cannot be reached ({failure.detail}); using "
-                    f"the complete download of commit {marker.commit} in {ctx.dest} from "
-                    f"{marker.fetched_at}")
+                say(ctx, f"the hub cannot be reached ({failure.detail}); using the complete "
+                    f"download of commit {marker.commit} in {ctx.dest} from {marker.fetched_at}")
                 return marker
             if not failure.transient:
                 raise Failed(failure.message) from err
@@ -431,21 +446,21 @@ def fetch(ctx: Context, retries: int, backoff: float) -> Marker:
                              "node reaches the hub (HF_ENDPOINT) and the hub's status") from err
         delay = backoff * 2 ** attempt
         attempt += 1
-        say(f"fetch {ctx.source}: attempt {attempt} of {retries + 1} failed "
-            f"({failure.detail}); again in {delay:g} s")
+        say(ctx, f"attempt {attempt} of {retries + 1} failed ({failure.detail}); "
+            f"again in {delay:g} s")
         time.sleep(delay)
 
 
 def fetch_once(ctx: Context, complete: Optional[Marker]) -> Marker:
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.hf_api import RepoFile
 
     token = ctx.token or False  # never a token saved on the node
     api = HfApi(endpoint=ctx.endpoint, token=token)
     commit = api.repo_info(ctx.repo, revision=ctx.revision).sha
     if complete is not None and complete.commit == commit:
-        say(f"fetch {ctx.source}: {ctx.dest} already holds commit {commit} "
-            f"({len(complete.files)} files, {format_bytes(complete.bytes)}); nothing to download")
+        say(ctx, f"{ctx.dest} already holds commit {commit} ({len(complete.files)} files, "
+            f"{format_bytes(complete.bytes)}); nothing to download")
         return complete
     tree = {f.path: f.size for f in api.list_repo_tree(ctx.repo, recursive=True, revision=commit)
             if isinstance(f, RepoFile)}
@@ -458,7 +473,7 @@ def fetch_once(ctx: Context, complete: Optional[Marker]) -> Marker:
     configs = config_files(tree)
     removed = remove_partials(ctx.dest, {})
     if removed:
-        say(f"fetch {ctx.source}: removed {removed} partial file(s) of an earlier run")
+        say(ctx, f"removed {removed} partial file(s) of an earlier run")
     index = None
     if INDEX in tree:
         with no_space_check(ctx, configs):
@@ -471,14 +486,20 @@ def fetch_once(ctx: Context, complete: Optional[Marker]) -> Marker:
                        f"repository does not have: {', '.join(absent[:4])}")
     files = {**configs, **weights}
     total = sum(files.values())
+    stale = remove_stale(ctx.dest, files)
+    if stale:
+        say(ctx, f"removed {', '.join(stale)} (not in commit {commit})")
     needed = sum(missing_files(ctx.dest, files).values())
     free = shutil.disk_usage(ctx.dest).free
     if needed > free:
         raise NoSpace(needed, free, "not enough free space to start")
-    say(f"fetch {ctx.source}: commit {commit}, {len(files)} files, {format_bytes(total)} "
+    say(ctx, f"commit {commit}, {len(files)} files, {format_bytes(total)} "
         f"({format_bytes(needed)} to download) from {ctx.endpoint} into {ctx.dest}")
     with no_space_check(ctx, files), Progress(ctx, files, PROGRESS_EVERY):
-        snapshot_download(ctx, commit, files, token)
+        # Exact names as patterns: *.safetensors would also take sub/x.safetensors and the
+        # weights of a second layout.
+        snapshot_download(ctx.repo, revision=commit, local_dir=ctx.dest, endpoint=ctx.endpoint,
+                          token=token, allow_patterns=[glob.escape(p) for p in sorted(files)])
     missing = missing_files(ctx.dest, files)
     if missing:
         raise Incomplete(f"{len(missing)} file(s) not at their size after the download: "
@@ -487,17 +508,8 @@ def fetch_once(ctx: Context, complete: Optional[Marker]) -> Marker:
                     commit=commit, files=files, bytes=total,
                     fetched_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     write_marker(ctx.dest, marker)
-    say(f"fetch {ctx.source}: done, commit {commit} in {ctx.dest}")
+    say(ctx, f"done, commit {commit} in {ctx.dest}")
     return marker
-
-
-def snapshot_download(ctx: Context, commit: str, files: dict[str, int], token) -> None:
-    from huggingface_hub import snapshot_download as download
-
-    # Exact names as patterns: a pattern such as *.safetensors would also take
-    # sub/x.safetensors and a second layout's weights.
-    download(ctx.repo, revision=commit, local_dir=ctx.dest, endpoint=ctx.endpoint,
-             token=token, allow_patterns=[glob.escape(p) for p in sorted(files)])
 
 
 @contextmanager
