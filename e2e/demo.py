@@ -10,9 +10,13 @@ What runs, all of it real except the GPUs:
   run here with the token of the chart's ServiceAccount;
 - the example Models (Llama-3-8B, Llama-3.1-70B, Mistral-7B, Qwen2.5-0.5B), placed by HBM;
   their pods are KWOK's (nothing serves them);
-- one Model, ``tiny-chat``, served by real kvpilot workers on CPU (a tiny random Llama):
-  a load ramp fills their KV caches, the operator scales them up on KV pressure, and
-  when the load stops it drains a replica and scales back down.
+- one Model, ``tiny-chat``, served by real kvpilot workers on CPU (a tiny random Llama)
+  whose ``source`` is ``hf://kvpilot/tiny-chat``: a stand-in for the Hugging Face hub
+  (``e2e.hub``, on 127.0.0.1) serves the checkpoint, each worker pod's init container
+  fetches it into the node's weights cache, and the worker checks it against the Model
+  before it serves. A load ramp through the Model's Service (its EndpointSlices) fills
+  the KV caches, the operator scales the workers up on KV pressure, and when the load
+  stops it drains a replica and scales back down.
 
 ``--plan-only`` keeps the older, offline demo: the same cluster and Models, and
 ``kvpilot plan`` on what the API server holds.
@@ -136,7 +140,20 @@ def view(cluster: Cluster, load, workers, started: float, phase: str) -> str:
                      f"{st.get('tensorParallel') or '-':>4}{st.get('hbmPerGpu') or '-':>11}"
                      f"{'-' if kv is None else kv:>5}  {_short(state, 70)}")
     lines += ["", "  * = GPU shared with other replicas (by HBM budget, enforced by the "
-              "kube-scheduler's DRA allocation)", "", "GPU memory allocated by the kube-scheduler:"]
+              "kube-scheduler's DRA allocation)", ""]
+    live = next((m for m in models if m["metadata"]["name"] == LIVE_MODEL), None)
+    if live is not None:
+        from e2e.workers import endpoints
+
+        url = (live.get("status") or {}).get("endpoint") or "(no Service yet)"
+        fetches = sorted(workers.logs.glob("*.fetch-weights.log"))
+        fetched = [ln for f in fetches for ln in f.read_text(errors="replace").splitlines()
+                   if ln.strip()]
+        lines += [f"{LIVE_MODEL}: {url} -> {len(endpoints(cluster, LIVE_MODEL))} ready "
+                  "endpoints (its Service's EndpointSlices)",
+                  f"  weights: {_short(fetched[-1], 96) if fetched else 'not fetched yet'}",
+                  ""]
+    lines.append("GPU memory allocated by the kube-scheduler:")
     capacity = {}
     for s in slices:
         for d in s["spec"]["devices"]:
@@ -182,9 +199,10 @@ def live(cluster: Cluster, models: list[Path], duration: float, refresh: float) 
     from e2e.chart import (
         CHART, NAMESPACE, RELEASE, chart_settings, kube_helm, service_account_kubeconfig,
     )
+    from e2e.hub import Hub
     from e2e.load import Load, LoadThread
     from e2e.operator import OperatorProcess
-    from e2e.workers import Workers, tiny_checkpoint, tiny_model
+    from e2e.workers import Workers, endpoints, tiny_checkpoint, tiny_model
     from kvpilot.api.fleet import load_fleet
 
     nodes = load_fleet(FLEET).expand()
@@ -197,17 +215,21 @@ def live(cluster: Cluster, models: list[Path], duration: float, refresh: float) 
               "--create-namespace", "--wait=false")
     cluster.kubectl("wait", "--for=condition=Established", "crd/models.kvpilot.dev",
                     "--timeout=60s", timeout=70)
+    tiny = tiny_checkpoint(cluster.state / "hub" / "kvpilot" / LIVE_MODEL)
+    hub = Hub(cluster.state / "hub").start()
+    log(f"a stand-in Hugging Face hub at {hub.url} serves hf://kvpilot/{LIVE_MODEL}")
     settings = chart_settings(cluster)
     settings.pop("identity", None)
     settings.update(reconcile_seconds="2", scrape_seconds="1", lease_seconds="3",
-                    drain_timeout_seconds="60", metrics_port="0", health_port="0")
+                    drain_timeout_seconds="60", metrics_port="0", health_port="0",
+                    hub_endpoint=hub.url, weights_cache_dir=str(cluster.state / "weights"))
     op = OperatorProcess(cluster, cluster.state / "operator.log", identity="demo",
                          kubeconfig=service_account_kubeconfig(cluster, cluster.state / "sa"),
                          **settings)
     log("starting the operator with the chart's ServiceAccount")
     op.start()
-    workers = Workers(cluster, cluster.state / "workers").start()
-    load = Load(lambda: [p.url for p in workers.ready(LIVE_MODEL)], LIVE_MODEL,
+    workers = Workers(cluster, cluster.state / "workers", only=frozenset({LIVE_MODEL})).start()
+    load = Load(lambda: endpoints(cluster, LIVE_MODEL), LIVE_MODEL,
                 prompt_tokens=300, max_tokens=48)
     driver = LoadThread(load)
     stop = threading.Event()
@@ -216,8 +238,7 @@ def live(cluster: Cluster, models: list[Path], duration: float, refresh: float) 
     try:
         for path in models:
             cluster.kubectl("apply", "-f", str(path))
-        tiny = tiny_checkpoint(cluster.state / "tiny-chat")
-        cluster.apply([tiny_model(LIVE_MODEL, tiny)])
+        cluster.apply([tiny_model(LIVE_MODEL, tiny, source=f"hf://kvpilot/{LIVE_MODEL}")])
         log(f"applied {len(models)} example Models and {LIVE_MODEL}; "
             f"showing it live for {duration:.0f}s")
         driver.start()
@@ -246,6 +267,7 @@ def live(cluster: Cluster, models: list[Path], duration: float, refresh: float) 
         summary = summarize(cluster, load)
         workers.stop()
         op.stop()
+        hub.stop()
     print(summary)
     return 0
 

@@ -294,6 +294,7 @@ class Workers:
 
     cluster: Cluster
     logs: Path
+    only: frozenset[str] | None = None  # the Models served (None: every one)
     pods: dict[str, _Pod] = field(default_factory=dict)
     started: int = 0  # worker processes started, restarts included
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -331,6 +332,8 @@ class Workers:
                 continue
             live = {}
             for p in pods:
+                if self.only is not None and p["metadata"]["labels"][LABEL_MODEL] not in self.only:
+                    continue
                 if p["status"].get("phase") == "Running" and p["status"].get("podIP") \
                         and not p["metadata"].get("deletionTimestamp"):
                     live[p["metadata"]["name"]] = p

@@ -86,6 +86,7 @@ def test_dra_pod_uses_the_claim_of_its_name_and_gets_the_model_as_env():
     assert spec["resourceClaims"] == [{"name": "gpu", "resourceClaimName": "llama-1"}]
     assert "affinity" not in spec
     assert spec["terminationGracePeriodSeconds"] == 90
+    assert spec["automountServiceAccountToken"] is False
     (c,) = spec["containers"]
     assert c["image"] == "kvpilot/worker:0.1.0"
     assert c["command"] == ["python", "-m", "kvpilot.worker"]

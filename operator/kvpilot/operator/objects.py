@@ -326,6 +326,7 @@ def pod_for(r: Replica, spec: ModelSpec, spec_json: Mapping[str, Any], *, mode: 
         "restartPolicy": "Always",
         "terminationGracePeriodSeconds": int(drain_seconds) + 30,
         "enableServiceLinks": False,
+        "automountServiceAccountToken": False,  # a worker never calls the API server
     }
     if weights is not None and weights.volumes:
         pod_spec["volumes"] = weights.volumes
