@@ -165,10 +165,6 @@ def _import(args: argparse.Namespace) -> int:
         derived = hub.location.split("/")[1]
     else:
         config, weights, derived = _from_path(Path(args.checkpoint), read_weights=not _stated(args))
-        if source is None:
-            print("kvpilot import: no spec.source (a local checkpoint); give --source (e.g. "
-                  "pvc://CLAIM/PATH or host:///PATH) for the operator to mount it",
-                  file=sys.stderr)
     architecture = checkpoint.architecture_from_config(config)
     if _stated(args):
         weights = _stated_weights(args, config)
@@ -185,6 +181,9 @@ def _import(args: argparse.Namespace) -> int:
         Model.model_validate(doc)
     except ValidationError as err:
         raise ValueError(f"the Model for {args.checkpoint} is not valid: {one_line(err)}") from err
+    if source is None:
+        print("kvpilot import: no spec.source (a local checkpoint); give --source (e.g. "
+              "pvc://CLAIM/PATH or host:///PATH) for the operator to mount it", file=sys.stderr)
     sys.stdout.write(yaml.safe_dump(doc, sort_keys=False, width=WIDTH))
     return 0
 

@@ -458,7 +458,8 @@ def _window_mismatches(said: Optional[Mapping[str, int]], held: Optional[Mapping
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    """A size as people read it: GiB, or MiB below one GiB (a tiny test checkpoint)."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _weights_mismatch(spec: ModelSpec, held: int, held_dtype: Optional[str]) -> Optional[str]:

@@ -137,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from kvpilot.worker.engine import EngineLoop
     from kvpilot.worker.server import WorkerState, create_app
-
     from kvpilot.worker.termination import write_termination
 
     settings = settings_from(args, os.environ)
