@@ -8,7 +8,11 @@ Binaries come from :mod:`e2e.build` (compiled once from the Go module proxy).
 KWOK keeps the fake nodes Ready and moves pods bound to them to Running. Each node gets a
 pod CIDR inside 127.0.0.0/8, so a pod's IP is a loopback address: a test can start a real
 worker process listening on the pod's own IP, and the operator reaches it exactly as it
-would in a cluster.
+would in a cluster. A cluster made with ``real_workers`` is one whose kvpilot worker pods
+``e2e.workers`` runs, with a kubelet's readiness: KWOK starts them not Ready (the
+harness marks them Ready when their worker answers), and, since EndpointSlices refuse
+loopback addresses, their nodes' pod CIDRs lie in ``ROUTED_POD_CIDR``, which a ``local``
+route on ``lo`` makes this host's own (that one step needs CAP_NET_ADMIN).
 
 State (certificates, kubeconfig, etcd data, logs, pids) lives in one directory, by
 default ``~/.cache/kvpilot/clusters/<name>``.
@@ -40,6 +44,9 @@ from e2e.pki import PKI, create_pki
 HERE = Path(__file__).resolve().parent
 SERVICE_CIDR = "10.96.0.0/16"  # allocation range for Service objects only; never routed
 DEFAULT_POD_CIDR = "127.1.0.0/16"
+# RFC 2544's benchmarking range: on no real network, so routing it to this host takes
+# nothing from anyone.
+ROUTED_POD_CIDR = "198.18.0.0/15"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 WRITE_VERBS = ("create", "update", "patch", "delete", "deletecollection")
@@ -58,11 +65,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Resolved here, not in the child: a preexec hook runs between fork and exec, where
+# loading a library (dlopen takes locks another thread may hold) can deadlock the child.
+_PRCTL = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+
+
+def route_pod_cidr() -> str | None:
+    """Make ``ROUTED_POD_CIDR`` local to this host (a process binds any address in it, as
+    one does 127.x); None when it is, else why it cannot be."""
+    try:
+        subprocess.run(["ip", "route", "replace", "local", ROUTED_POD_CIDR, "dev", "lo"],
+                       check=True, capture_output=True, text=True, timeout=10)
+    except FileNotFoundError:
+        return "the ip command (iproute2) is not installed"
+    except subprocess.CalledProcessError as err:
+        return f"ip route replace local {ROUTED_POD_CIDR} dev lo: {err.stderr.strip()}"
+    return None
+
+
 def _die_with_parent() -> None:
-    """preexec hook: the child gets SIGTERM when the process that started it dies."""
+    """preexec hook: the child gets SIGTERM when the thread that started it ends."""
     os.setsid()
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -80,6 +104,7 @@ class Cluster:
     tie_to_parent: bool = False
     ports: dict[str, int] = field(default_factory=dict)
     node_monitor_grace: str | None = None
+    real_workers: bool = False  # see the module's docstring
 
     @property
     def kubeconfig(self) -> Path:
@@ -264,6 +289,19 @@ class Cluster:
 
     def _write_kwok_config(self) -> None:
         stages = (HERE / "kwok-stages.yaml").read_text()
+        if self.real_workers:  # worker pods are Ready when their worker says so
+            ready = '        status: "True"\n        type: {}\n'
+            worker = ('{{ with .metadata.labels }}{{ if eq (printf "%v" (index . '
+                      '"app.kubernetes.io/managed-by")) "kvpilot" }}{{ $worker = true }}'
+                      '{{ end }}{{ end }}')
+            stages = stages.replace("      {{ $now := Now }}\n\n      conditions:",
+                                    "      {{ $now := Now }}\n      {{ $worker := false }}"
+                                    f"{worker}\n\n      conditions:", 1)
+            for kind in ("Ready", "ContainersReady"):
+                assert ready.format(kind) in stages, kind
+                stages = stages.replace(ready.format(kind), (
+                    '        status: {{ if $worker }}"False"{{ else }}"True"{{ end }}\n'
+                    f"        type: {kind}\n"))
         (self.state / "kwok.yaml").write_text(stages)
 
     def _etcd_args(self, binary: Path) -> list[str]:

@@ -37,7 +37,7 @@ import yaml
 from kvpilot.api.quantity import format_bytes, parse_bytes
 from kvpilot.operator.objects import ANN_TP, LABEL_MODEL, SELECTOR
 
-from e2e.cluster import Cluster, default_state, install_crds, log
+from e2e.cluster import Cluster, default_state, install_crds, log, route_pod_cidr
 from e2e.fleet import create_fleet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,8 +229,9 @@ def live(cluster: Cluster, models: list[Path], duration: float, refresh: float) 
     log("starting the operator with the chart's ServiceAccount")
     op.start()
     workers = Workers(cluster, cluster.state / "workers", only=frozenset({LIVE_MODEL})).start()
-    load = Load(lambda: endpoints(cluster, LIVE_MODEL), LIVE_MODEL,
-                prompt_tokens=300, max_tokens=48)
+    targets = ((lambda: endpoints(cluster, LIVE_MODEL)) if cluster.real_workers else
+               (lambda: [p.url for p in workers.ready(LIVE_MODEL)]))
+    load = Load(targets, LIVE_MODEL, prompt_tokens=300, max_tokens=48)
     driver = LoadThread(load)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -300,7 +301,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="no operator: apply the Models and print kvpilot plan")
     parser.add_argument("--keep", action="store_true", help="leave the cluster running")
     args = parser.parse_args(argv)
-    cluster = Cluster(default_state("demo"))
+    # Routable pod IPs let the Service's EndpointSlices hold the workers (the load goes
+    # through them); without the right to add the route, the load finds the workers itself.
+    unroutable = route_pod_cidr()
+    if unroutable:
+        log(f"pod IPs stay on loopback ({unroutable}): the load goes to the workers directly, "
+            "not through the Model's Service")
+    cluster = Cluster(default_state("demo"), real_workers=not unroutable)
     if cluster.running():
         log("a demo cluster is still running; stopping it first")
         cluster.down()

@@ -27,20 +27,26 @@ from typing import Any
 from kvpilot.api.fleet import FleetNode, load_fleet
 from kvpilot.api.gpus import RESOURCE_GPU
 
-from e2e.cluster import KWOK_NODE_ANNOTATION, Cluster, install_crds
+from e2e.cluster import KWOK_NODE_ANNOTATION, Cluster, install_crds, route_pod_cidr
 
 # Node i gets 127.(64 + i // 256).(i % 256).0/24: up to 16,384 nodes of 254 pods each,
 # clear of 127.0.0.0/16 where the control plane listens.
 POD_CIDR_BASE = 64
 
 
-def pod_cidr(index: int) -> str:
+def pod_cidr(index: int, routed: bool = False) -> str:
+    """Node ``index``'s pod CIDR: loopback, or in ``ROUTED_POD_CIDR`` (198.18.0.0/15,
+    512 nodes) where ``routed``."""
+    if routed:
+        if not 0 <= index < 512:
+            raise ValueError(f"node index {index} out of the routed pod-CIDR range")
+        return f"198.{18 + index // 256}.{index % 256}.0/24"
     if not 0 <= index < 256 * (256 - POD_CIDR_BASE):
         raise ValueError(f"node index {index} out of the loopback pod-CIDR range")
     return f"127.{POD_CIDR_BASE + index // 256}.{index % 256}.0/24"
 
 
-def node_object(node: FleetNode, index: int) -> dict[str, Any]:
+def node_object(node: FleetNode, index: int, routed: bool = False) -> dict[str, Any]:
     capacity = {"cpu": "128", "memory": "1Ti", "pods": str(node.max_pods or 110),
                 "ephemeral-storage": "1Ti"}
     if node.gpus:
@@ -60,7 +66,7 @@ def node_object(node: FleetNode, index: int) -> dict[str, Any]:
                 **node.gfd_labels(),
             },
         },
-        "spec": {"podCIDR": pod_cidr(index), "podCIDRs": [pod_cidr(index)],
+        "spec": {"podCIDR": pod_cidr(index, routed), "podCIDRs": [pod_cidr(index, routed)],
                  "unschedulable": node.unschedulable},
         "status": {"capacity": capacity, "allocatable": capacity},
     }
@@ -125,7 +131,8 @@ def create_nodes(cluster: Cluster, nodes: list[FleetNode], timeout: float = 60,
     if not nodes:
         return []
     existing = _node_names(cluster)
-    objects = [node_object(n, len(existing) + i) for i, n in enumerate(nodes)]
+    objects = [node_object(n, len(existing) + i, cluster.real_workers)
+               for i, n in enumerate(nodes)]
     extra = [device_class()] + [gpu_slice(n) for n in nodes if n.gpus] if dra else []
     items = objects + extra
     for i in range(0, len(items), 200):  # a thousand nodes in one request time out
@@ -168,10 +175,13 @@ def wait_nodes_ready(cluster: Cluster, names: list[str], timeout: float) -> None
 
 @contextmanager
 def fleet_cluster(state: Path, nodes: list[FleetNode], *, dra: bool = False,
-                  crds: Path | None = None):
+                  crds: Path | None = None, real_workers: bool = False):
     """A control plane of its own (dies with this process) with these fake GPU nodes,
-    and the CRDs of ``crds`` installed; stopped on exit."""
-    cluster = Cluster(state, tie_to_parent=True)
+    and the CRDs of ``crds`` installed; stopped on exit. ``real_workers``: see
+    ``Cluster.real_workers``; RuntimeError where this host cannot route pod IPs."""
+    if real_workers and (why := route_pod_cidr()):
+        raise RuntimeError(f"pods with routable IPs need a local route: {why}")
+    cluster = Cluster(state, tie_to_parent=True, real_workers=real_workers)
     cluster.up()
     try:
         if crds is not None:

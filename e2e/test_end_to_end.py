@@ -28,7 +28,8 @@ from e2e.workers import Workers, endpoints, tiny_checkpoint, tiny_model
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    with fleet_cluster(tmp_path_factory.mktemp("e2e-cluster"), FLEET, dra=True) as c:
+    with fleet_cluster(tmp_path_factory.mktemp("e2e-cluster"), FLEET, dra=True,
+                       real_workers=True) as c:
         yield c
 
 

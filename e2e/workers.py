@@ -37,6 +37,7 @@ from pathlib import Path
 import httpx
 
 from kvpilot.api import contract
+from kvpilot.api.checkpoint import weights_from_directory
 from kvpilot.operator.objects import LABEL_MODEL, SELECTOR, WORKER_CONTAINER
 
 from e2e.cluster import Cluster, _die_with_parent
@@ -294,8 +295,11 @@ class Workers:
 
     cluster: Cluster
     logs: Path
-    only: frozenset[str] | None = None  # the Models served (None: every one)
+    # The Models served (None: every one); the pods of others are only made Ready, as
+    # KWOK alone makes pods on a cluster without ``real_workers``.
+    only: frozenset[str] | None = None
     pods: dict[str, _Pod] = field(default_factory=dict)
+    _left: set[str] = field(default_factory=set)
     started: int = 0  # worker processes started, restarts included
     lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -332,11 +336,15 @@ class Workers:
                 continue
             live = {}
             for p in pods:
-                if self.only is not None and p["metadata"]["labels"][LABEL_MODEL] not in self.only:
+                if p["status"].get("phase") != "Running" or not p["status"].get("podIP") \
+                        or p["metadata"].get("deletionTimestamp"):
                     continue
-                if p["status"].get("phase") == "Running" and p["status"].get("podIP") \
-                        and not p["metadata"].get("deletionTimestamp"):
-                    live[p["metadata"]["name"]] = p
+                name = p["metadata"]["name"]
+                if self.only is None or p["metadata"]["labels"][LABEL_MODEL] in self.only:
+                    live[name] = p
+                elif name not in self._left:
+                    self._left.add(name)
+                    _Pod(name, p["metadata"]["namespace"], "", p, self)._set_ready(True)
             with self.lock:
                 for name in set(self.pods) - set(live):
                     self.pods.pop(name).end()
@@ -378,7 +386,7 @@ def tiny_model(name: str, checkpoint: Path, *, context: int = 512, seqs: int = 4
     """A Model that describes the checkpoint truthfully; its KV pool is context x seqs.
     Its weights come from ``source`` (default: the checkpoint's directory on the node)."""
     cfg = json.loads((checkpoint / "config.json").read_text())
-    weights = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+    weights = weights_from_directory(checkpoint)["bytes"]
     return {
         "apiVersion": "kvpilot.dev/v1alpha1", "kind": "Model",
         "metadata": {"name": name, "namespace": "default"},
