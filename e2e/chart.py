@@ -44,10 +44,10 @@ def container_env(deployment: dict[str, Any], pod_name: str) -> dict[str, str]:
               "metadata.namespace": deployment["metadata"]["namespace"]}
     env = {}
     for var in pod["spec"]["containers"][0]["env"]:
-        if "value" in var:
-            env[var["name"]] = var["value"]
-        else:
+        if "valueFrom" in var:
             env[var["name"]] = fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:  # the API server stores an empty value as no value
+            env[var["name"]] = var.get("value", "")
     return env
 
 
