@@ -16,12 +16,15 @@ from tests.conftest import EXAMPLES, ROOT
 HEAVY = ("kopf", "kubernetes", "torch", "triton", "highspy", "numpy")
 PURE_MODULES = [
     "kvpilot.api.model", "kvpilot.api.memory", "kvpilot.api.quantity", "kvpilot.api.gpus",
-    "kvpilot.api.fleet", "kvpilot.api.files", "kvpilot.api.crd",
+    "kvpilot.api.fleet", "kvpilot.api.files", "kvpilot.api.crd", "kvpilot.api.source",
+    "kvpilot.api.checkpoint",
     "kvpilot.operator.placement", "kvpilot.operator.placement.exact",
     "kvpilot.operator.placement.check", "kvpilot.cli",
     "kvpilot.operator.objects", "kvpilot.operator.view", "kvpilot.operator.reconcile",
     "kvpilot.operator.settings", "kvpilot.operator.leader", "kvpilot.operator.autoscale",
     "kvpilot.worker.block_manager", "kvpilot.worker.scheduler", "kvpilot.worker.stats",
+    # not decision logic, but the weights' init container: it starts without torch
+    "kvpilot.worker.fetch",
 ]
 
 

@@ -201,7 +201,9 @@ def models_from_documents(docs: list[Any], where: str) -> list[Model]:
         at = where if i == 0 else f"{where} (document {i + 1})"
         if not isinstance(doc, dict) or doc.get("kind", "Model") != "Model":
             found = doc.get("kind") if isinstance(doc, dict) else type(doc).__name__
-            raise FileError(f"{at}: not a Model (kind: {str(found)[:64]})")
+            kind = str(found)[:64]
+            kind = kind if kind.isprintable() else repr(kind)  # one line, whatever it holds
+            raise FileError(f"{at}: not a Model (kind: {kind})")
         try:
             models.append(Model.model_validate(doc))
         except ValidationError as err:
