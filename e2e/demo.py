@@ -146,13 +146,15 @@ def view(cluster: Cluster, load, workers, started: float, phase: str) -> str:
         from e2e.workers import endpoints
 
         url = (live.get("status") or {}).get("endpoint") or "(no Service yet)"
-        fetches = sorted(workers.logs.glob("*.fetch-weights.log"))
-        fetched = [ln for f in fetches for ln in f.read_text(errors="replace").splitlines()
-                   if ln.strip()]
+        logs = [f.read_text(errors="replace")
+                for f in workers.logs.glob("*.fetch-weights.log")]
+        downloaded = sum(1 for text in logs if ": done, commit" in text)
+        cached = sum(1 for text in logs if "nothing to download" in text)
         lines += [f"{LIVE_MODEL}: {url} -> {len(endpoints(cluster, LIVE_MODEL))} ready "
                   "endpoints (its Service's EndpointSlices)",
-                  f"  weights: {_short(fetched[-1], 96) if fetched else 'not fetched yet'}",
-                  ""]
+                  f"  weights hf://kvpilot/{LIVE_MODEL}: {downloaded} pod(s) downloaded them "
+                  f"from the hub, {cached} found them in the node's cache "
+                  "(kubectl logs POD -c fetch-weights)", ""]
     lines.append("GPU memory allocated by the kube-scheduler:")
     capacity = {}
     for s in slices:
