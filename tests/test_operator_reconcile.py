@@ -80,10 +80,20 @@ class World:
                             now_s=now_s, not_ready_grace=60,
                             services=list(self.services.values()))
 
-    def step(self, drained: dict | None = None, now_s: float | None = None) -> Actions:
+    def step(self, drained: dict | None = None, now_s: float | None = None,
+             crash_after: int | None = None) -> Actions:
+        """One pass, its writes applied in the fleet loop's order (deletes, creates,
+        drains, statuses, events); ``crash_after``: only that many of them, as an
+        operator killed in the middle of the pass leaves the world."""
         actions = reconcile(self.models, self.view(now_s), Config(mode=self.mode,
                                                                   drain_seconds=60),
                             NOW, drained, now_s)
+        if crash_after is not None:
+            left = crash_after
+            for name in ("deletes", "creates", "drains", "statuses", "events"):
+                items = getattr(actions, name)
+                setattr(actions, name, items[:left])
+                left = max(0, left - len(items))
         for ns, name in actions.drains:  # as the fleet loop patches a pod it drains
             self.pods[(ns, name)]["metadata"]["annotations"]["kvpilot.dev/drain-started"] = NOW
             self.pods[(ns, name)]["metadata"]["labels"]["kvpilot.dev/serving"] = "false"
@@ -320,6 +330,72 @@ def test_a_claim_without_its_pod_gets_the_pod_and_nothing_else():
     del w.pods[("default", "m-0")]
     actions = w.step()
     assert [(o["kind"], o["metadata"]["name"]) for o in actions.creates] == [("Pod", "m-0")]
+
+
+def _finish(w: World, passes: int = 12) -> None:
+    """Passes until nothing is left to write, every drain reported done."""
+    for _ in range(passes):
+        draining = {f"{ns}/{name}": True for (ns, name), p in w.pods.items()
+                    if "kvpilot.dev/drain-started" in p["metadata"]["annotations"]}
+        if w.step(drained=draining).writes == 0:
+            return
+    raise AssertionError("the world did not settle")
+
+
+def test_an_operator_killed_at_any_write_of_a_rollout_leaves_every_replica_on_its_spec():
+    """Every prefix of every pass of a rollout (concurrentSequences 3 -> 16), then an
+    operator that carries on: each pod ends on a claim of its own spec and budget."""
+    def world() -> World:
+        w = World([node("a", gpus=4), node("b", gpus=4)], [model("m", 2, seqs=3)],
+                  slices=[gpu_slice("a", 4), gpu_slice("b", 4)], mode="dra")
+        w.settle()
+        w.models[0]["spec"]["sla"]["concurrentSequences"] = 16
+        return w
+
+    reference = world()
+    _finish(reference)
+    budget = {p["metadata"]["annotations"]["kvpilot.dev/hbm-per-gpu"]
+              for p in reference.pods.values()}
+    assert len(budget) == 1 and len(reference.pods) == 2
+    crashes = 0
+    for passes in range(1, 7):  # crash in pass `passes`, after `k` of its writes
+        for k in range(8):
+            w = world()
+            for _ in range(passes - 1):
+                draining = {f"{ns}/{n}": True for (ns, n), p in w.pods.items()
+                            if "kvpilot.dev/drain-started" in p["metadata"]["annotations"]}
+                w.step(drained=draining)
+            w.step(crash_after=k)
+            crashes += 1
+            _finish(w)
+            current = reference.pods[next(iter(reference.pods))]["metadata"][
+                "annotations"]["kvpilot.dev/spec-hash"]
+            assert len(w.pods) == 2 and set(w.pods) == set(w.claims), (passes, k)
+            for key, pod in w.pods.items():
+                claim = w.claims[key]["metadata"]["annotations"]
+                assert pod["metadata"]["annotations"]["kvpilot.dev/spec-hash"] == current
+                assert claim["kvpilot.dev/spec-hash"] == current, (passes, k, key)
+                assert {claim["kvpilot.dev/hbm-per-gpu"]} == budget, (passes, k, key)
+    assert crashes == 48
+
+
+def test_a_claim_left_from_an_older_spec_is_replaced_not_reused():
+    """The reported case: the pod deleted, the operator killed before the claim: the
+    claim is not given a pod of the new spec."""
+    w = World([node("a", gpus=2)], [model("m", 1, seqs=3)], slices=[gpu_slice("a")],
+              mode="dra")
+    w.settle()
+    w.models[0]["spec"]["sla"]["concurrentSequences"] = 16
+    del w.pods[("default", "m-0")]
+    actions = w.step()
+    assert [(d.kind, d.name) for d in actions.deletes] == [("ResourceClaim", "m-0")]
+    assert replicas_made(actions) == ["m-1", "m-1"]  # claim and pod, at the new budget
+    assert [e["reason"] for e in actions.events][:1] == ["Replacing"]
+    _finish(w)
+    (claim,) = w.claims.values()
+    assert claim["spec"]["devices"]["requests"][0]["exactly"]["capacity"]["requests"][
+        "memory"] == w.pods[("default", "m-1")]["metadata"]["annotations"][
+        "kvpilot.dev/hbm-per-gpu"]
 
 
 def test_pods_of_a_deleted_model_are_removed_and_a_deleting_model_is_emptied():

@@ -33,8 +33,8 @@ ANN_GPUS = "kvpilot.dev/gpus"
 ANN_HBM = "kvpilot.dev/hbm-per-gpu"
 ANN_TP = "kvpilot.dev/tensor-parallel"
 ANN_KV_TOKENS = "kvpilot.dev/kv-capacity-tokens"
-# The part of the Model's spec a worker pod is built from, hashed: a pod whose hash is not
-# the Model's is replaced, one replica at a time (see ``reconcile``).
+# The part of the Model's spec a replica is built from, hashed, on its pod and its claim:
+# a replica whose hash is not the Model's is replaced (see ``reconcile``).
 ANN_SPEC_HASH = "kvpilot.dev/spec-hash"
 # Fields that change how many replicas run, not what one runs: no rollout for them.
 SCALING_FIELDS = ("replicas", "minReplicas", "maxReplicas", "autoscaling")
@@ -77,6 +77,7 @@ class Replica:
     gpus: tuple[int, ...]
     hbm_per_gpu: int
     kv_tokens: int = 0
+    spec_hash: str = ""  # of the Model spec the replica is made for (``spec_hash``)
 
     @property
     def tp(self) -> int:
@@ -223,6 +224,7 @@ def _metadata(r: Replica) -> dict[str, Any]:
             ANN_HBM: str(r.hbm_per_gpu),
             ANN_TP: str(r.tp),
             ANN_KV_TOKENS: str(r.kv_tokens),
+            **({ANN_SPEC_HASH: r.spec_hash} if r.spec_hash else {}),
         },
         "ownerReferences": [owner_reference(r.model, r.model_uid)],
     }

@@ -163,7 +163,7 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
             continue
         demands.append(_servable(d, m.spec))
     live = live_by_model(view)
-    rollout, replace_now = _rollout(parsed, live)
+    rollout, replace_now = _rollout(parsed, live, view)
     snapshot = Snapshot(snapshot.nodes, tuple(
         replace(e, model=DRAINING + e.model) if e.name in rollout or e.name in replace_now
         else e for e in snapshot.replicas))
@@ -224,24 +224,32 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
     return actions
 
 
-def _rollout(parsed: list[_Model], live: Mapping[str, list[ReplicaObjects]]
-             ) -> tuple[dict[str, str], dict[str, str]]:
+def _rollout(parsed: list[_Model], live: Mapping[str, list[ReplicaObjects]],
+             view: ClusterView) -> tuple[dict[str, str], dict[str, str]]:
     """Replicas to replace now because their Model's spec changed, as two maps of
     replica key -> why: those to drain, and those to delete at once.
 
-    A replica that fails (its weights or worker, :attr:`ReplicaObjects.failure`) serves
-    nothing, so every outdated one that fails is deleted at once: a fixed spec reaches a
-    Model whose replicas all crash. Otherwise one per Model at a time, and only while
+    A replica that serves nothing is deleted at once when it is outdated: one that
+    fails (its weights or worker, :attr:`ReplicaObjects.failure`), so a fixed spec
+    reaches a Model whose replicas all crash; and a claim whose pod is gone (an operator
+    stopped mid-replacement, or a deleted pod), which would otherwise get a new pod on a
+    claim sized for the old spec. Otherwise one per Model at a time, and only while
     every other replica of it is Ready and none drains: the old replica drains (it serves
     what it has) while the plan places a new one in its stead, so a Model never has fewer
     serving replicas than it wants because of a rollout (when the fleet has room for one
     more).
     """
     drain, now = {}, {}
+    current_hash = {m.key: spec_hash(m.raw["spec"]) for m in parsed
+                    if m.spec is not None and not m.deleting and not m.problem}
+    for r in view.replicas.values():
+        if (r.pod is None and r.claim is not None and not r.terminating
+                and r.model in current_hash and r.spec_hash != current_hash[r.model]):
+            now[r.key] = "its pod is gone and its claim was made for another spec"
     for m in parsed:
-        if m.spec is None or m.deleting or m.problem:
+        if m.key not in current_hash:
             continue
-        current = spec_hash(m.raw["spec"])
+        current = current_hash[m.key]
         mine = live.get(m.key, [])
         outdated = sorted(r.key for r in mine if r.spec_hash and r.spec_hash != current)
         failing = {r.key: f for r in mine if r.key in outdated and (f := r.failure)}
@@ -329,7 +337,7 @@ def _realize(a: Assignment, m: _Model, view: ClusterView, config: Config) -> lis
     if r is not None and r.terminating:
         return []  # the name frees once it is gone; the next pass places it again
     replica = Replica(name, ns, m.name, m.raw["metadata"].get("uid", ""), a.node, a.gpus,
-                      a.hbm_per_gpu, a.kv_tokens)
+                      a.hbm_per_gpu, a.kv_tokens, spec_hash(m.raw["spec"]))
     out = []
     if config.mode == "dra" and (r is None or r.claim is None):
         devices = [view.devices.get((a.node, g)) for g in a.gpus]

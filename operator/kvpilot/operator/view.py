@@ -148,8 +148,9 @@ class ReplicaObjects:
 
     @property
     def spec_hash(self) -> str | None:
-        return ((self.pod or {}).get("metadata", {}).get("annotations") or {}).get(
-            ANN_SPEC_HASH)
+        """The spec hash of the pod, else (a replica whose pod is gone) of the claim."""
+        return ((self.pod or self.claim or {}).get("metadata", {}).get("annotations")
+                or {}).get(ANN_SPEC_HASH)
 
     @property
     def ip(self) -> str | None:
