@@ -59,7 +59,9 @@ def dra_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def operator(dra_cluster, tmp_path_factory):
-    op = OperatorProcess(dra_cluster, tmp_path_factory.mktemp("operator") / "operator.log")
+    # No worker answers a drain here: a replica that drains goes after the drain timeout.
+    op = OperatorProcess(dra_cluster, tmp_path_factory.mktemp("operator") / "operator.log",
+                         drain_timeout_seconds="5")
     op.start()
     yield op
     op.stop()
@@ -186,17 +188,20 @@ def test_an_idle_reconcile_makes_no_writes(dra_cluster, operator):
     assert before > 0  # the audit log does see the operator's writes
 
 
-def test_a_cordoned_then_a_deleted_node_loses_its_replicas_to_other_nodes(dra_cluster,
-                                                                         operator):
+def test_a_cordoned_node_is_emptied_make_before_break_and_a_deleted_one_at_once(
+        dra_cluster, operator):
     want = {"llama": 2, "qwen": 3, "mistral": 1}
     reps = wait_for("replicas", lambda: running(dra_cluster, want), 60, log=operator.log)
     victim = reps["llama-0"]["pod"]["spec"]["nodeName"]
+    moved = sum(1 for r in reps.values() if r["pod"]["spec"]["nodeName"] == victim)
     dra_cluster.kubectl("cordon", victim)
     reps = wait_for(f"replicas off {victim}", lambda: (r := running(dra_cluster, want)) and all(
-        x["pod"]["spec"]["nodeName"] != victim for x in r.values()) and r, 90, log=operator.log)
+        x["pod"]["spec"]["nodeName"] != victim for x in r.values()) and r, 150, log=operator.log)
     check_consistent(dra_cluster, reps)
-    assert any(e["reason"] == "ReplicaLost" and victim in e["message"]
-               for e in events(dra_cluster, "llama"))
+    moves = [e for m in want for e in events(dra_cluster, m)
+             if e["reason"] == "Draining" and f"moving off cordoned node {victim}" in e["message"]]
+    assert len(moves) == moved, moves  # each replica drained once its replacement was Ready
+    assert not any(e["reason"] == "ReplicaLost" for m in want for e in events(dra_cluster, m))
 
     second = next(r for n, r in sorted(reps.items()) if n.startswith("llama-"))["pod"]["spec"][
         "nodeName"]  # the lost replica came back under a new name

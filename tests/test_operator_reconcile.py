@@ -235,8 +235,7 @@ def test_a_replica_that_does_not_serve_is_removed_without_draining():
 
 
 def test_replicas_on_a_lost_node_are_placed_again_elsewhere():
-    for lost in (dict(cordoned=True), dict(ready=False),
-                 dict(taints=[{"key": "x", "effect": "NoExecute"}])):
+    for lost in (dict(ready=False), dict(taints=[{"key": "x", "effect": "NoExecute"}])):
         w = World([node("a", gpus=1), node("b", gpus=1)], [model("m", 1)])
         w.settle()
         assert w.placements() == {"m-0": ("a", (0,))}
@@ -246,6 +245,46 @@ def test_replicas_on_a_lost_node_are_placed_again_elsewhere():
         assert actions.events[0]["reason"] == "ReplicaLost"
         w.settle()
         assert list(w.placements().values()) == [("b", (0,))]
+
+
+def test_a_cordon_moves_replicas_one_at_a_time_make_before_break():
+    w = World([node("a", gpus=2)], [model("m", 2), model("n", 1)])
+    w.settle()
+    on_a = len(w.placements())
+    w.nodes = [node("a", gpus=2, cordoned=True), node("b", gpus=4)]  # maintenance of a
+    reasons, serving = [], []
+    for _ in range(12):
+        draining = {f"{ns}/{name}": True for (ns, name), p in w.pods.items()
+                    if "kvpilot.dev/drain-started" in p["metadata"]["annotations"]}
+        actions = w.step(drained=draining)
+        reasons += [e["reason"] for e in actions.events]
+        for model_name, want in (("m", 2), ("n", 1)):
+            serving.append(sum(
+                1 for p in w.pods.values() if p["metadata"]["labels"]["kvpilot.dev/model"]
+                == model_name and "kvpilot.dev/drain-started" not in p["metadata"]["annotations"])
+                >= want)
+        if actions.writes == 0:
+            break
+    assert all(serving)  # never fewer serving replicas than wanted
+    assert {n for n, _ in w.placements().values()} == {"b"}
+    assert "ReplicaLost" not in reasons and reasons.count("Draining") == on_a
+    draining = [e["message"] for e in w.events if e["reason"] == "Draining"]
+    assert all(m.startswith("moving off cordoned node a, its replacement Ready") for m in draining)
+    assert cond(w.status("m"), "Placed")["message"] == "2 of 2 replicas placed"
+
+
+def test_a_cordoned_replica_with_nowhere_to_go_keeps_serving_and_says_so():
+    w = World([node("a", gpus=1)], [model("m", 1, seqs=16)])
+    w.settle()
+    w.nodes[0] = node("a", gpus=1, cordoned=True)
+    actions = w.step()
+    assert actions.deletes == [] and actions.drains == []
+    assert list(w.placements()) == ["m-0"]
+    placed = cond(w.status("m"), "Placed")
+    assert placed["status"] == "True" and placed["message"].startswith(
+        "1 of 1 replicas placed; 1 more while a replica moves off a cordoned node (it has "
+        "no room yet: ")
+    assert cond(w.status("m"), "Unschedulable")["status"] == "False"
 
 
 def test_a_deleted_node_takes_its_replicas_with_it():

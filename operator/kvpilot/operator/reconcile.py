@@ -152,17 +152,19 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
     snapshot, lost = _valid_existing(view.snapshot)
     policy = config.policy if config.mode == "dra" else replace(config.policy, share_gpus=False)
 
+    live = live_by_model(view)
+    surge = _evacuation_surge(parsed, live, view)
     demands: list[Demand] = []
     for m in parsed:
         if m.spec is None or m.problem:
             continue  # kept as it runs: not demanded, so placement leaves it alone
         try:
-            d = demand_for(m.key, m.spec, snapshot, policy, replicas=m.desired())
+            d = demand_for(m.key, m.spec, snapshot, policy,
+                           replicas=m.desired() + surge.get(m.key, 0))
         except (ValueError, ArithmeticError) as err:
             m.problem, m.reason = f"cannot size a replica: {err}", "InvalidSpec"
             continue
         demands.append(_servable(d, m.spec))
-    live = live_by_model(view)
     rollout, replace_now = _rollout(parsed, live, view)
     snapshot = Snapshot(snapshot.nodes, tuple(
         replace(e, model=DRAINING + e.model) if e.name in rollout or e.name in replace_now
@@ -214,14 +216,48 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
     for m in parsed:
         if m.deleting:
             continue
+        unplaced = unplaced_by_model.get(m.key, [])
+        moving = ""
+        if surge.get(m.key):  # the replacement of a replica on a cordoned node
+            moving = (f"; 1 more while a replica moves off a cordoned node"
+                      + (f" (it has no room yet: {unplaced[0].reason})" if unplaced else ""))
+            unplaced = unplaced[1:]
         status = status_for(m, live.get(m.key, []), placed_by_model.get(m.key, []),
-                            unplaced_by_model.get(m.key, []), now,
-                            served=m.key in view.services)
+                            unplaced, now, served=m.key in view.services, moving=moving)
         old = m.raw.get("status") or {}
         if _comparable(status) != _comparable({k: old.get(k) for k in status}):
             actions.statuses.append((m.namespace, m.name, status))
             actions.events.extend(_transition_events(m, old, status, now))
     return actions
+
+
+def _evacuation_surge(parsed: list[_Model], live: Mapping[str, list[ReplicaObjects]],
+                      view: ClusterView) -> dict[str, int]:
+    """Model key -> 1 where one more replica is wanted now because a replica of the
+    Model sits on a cordoned node: make-before-break, one at a time per Model.
+
+    While a Model has replicas on cordoned nodes, it asks one replica more than desired,
+    which placement puts on another node (a cordoned node takes nothing new). Once that
+    one is Ready, with every other replica of the Model Ready and none draining, the
+    surge ends: the Model has one replica too many, and placement removes the one on
+    the cordoned node (its first choice of a surplus), which drains before it goes.
+    Then the next. Derived from the world alone, so an operator restarted at any point
+    carries on.
+    """
+    where = {e.name: e.node for e in view.snapshot.replicas}
+    out = {}
+    for m in parsed:
+        if m.spec is None or m.deleting or m.problem:
+            continue
+        mine = live.get(m.key, [])
+        moving = [r for r in mine if not r.drain_started and where.get(r.key) in view.evacuate]
+        if not moving or any(r.drain_started for r in mine):
+            continue
+        others_ready = sum(1 for r in mine if r.ready and not r.drain_started
+                           and r not in moving)
+        if others_ready < m.desired() - len(moving) + 1:
+            out[m.key] = 1
+    return out
 
 
 def _rollout(parsed: list[_Model], live: Mapping[str, list[ReplicaObjects]],
@@ -312,9 +348,11 @@ def _remove(actions: Actions, by_key: dict[str, _Model], view: ClusterView,
         elif key in removals:
             if r.ready and r.ip:
                 actions.drains.append(split_key(key))
+                why = (f"moving off cordoned node {node}, its replacement Ready"
+                       if node in view.evacuate else f"scaling down to {m.desired()}")
                 actions.events.append(event_for(
-                    m.raw, "Draining", f"scaling down to {m.desired()}: draining replica "
-                    f"{name} before removing it", now))
+                    m.raw, "Draining", f"{why}: draining replica {name} before removing it",
+                    now))
             else:
                 delete(key, r)
                 actions.events.append(event_for(m.raw, "ReplicaRemoved",
@@ -354,10 +392,12 @@ def _realize(a: Assignment, m: _Model, view: ClusterView, config: Config) -> lis
 
 
 def status_for(m: _Model, live: list[ReplicaObjects], placed: list[Assignment],
-               unplaced: list[Unplaced], now: str, served: bool = False) -> dict:
+               unplaced: list[Unplaced], now: str, served: bool = False,
+               moving: str = "") -> dict:
     """The Model's status after this pass (``live``: its replicas with a pod not being
     deleted; ``placed``, ``unplaced``: the plan's for it; ``served``: its Service
-    exists): what runs, where, and the conditions.
+    exists; ``moving``: said of a replica moving off a cordoned node): what runs, where,
+    and the conditions.
 
     ``Degraded`` says the first thing wrong, most fundamental first: a spec that cannot
     be served, then replicas whose weights or worker fail (a crash loop is never hidden
@@ -403,7 +443,8 @@ def status_for(m: _Model, live: list[ReplicaObjects], placed: list[Assignment],
         degraded = ("AsSpecified", "")
     cond = [
         condition("Placed", not unplaced, "AllPlaced" if not unplaced else "NotAllPlaced",
-                  f"{len(placed)} of {desired} replicas placed", gen, conditions, now),
+                  f"{min(len(placed), desired)} of {desired} replicas placed{moving}", gen,
+                  conditions, now),
         condition("Ready", ready >= desired,
                   "ReplicasReady" if ready >= desired else "ReplicasNotReady",
                   ready_message, gen, conditions, now),

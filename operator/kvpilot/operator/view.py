@@ -6,9 +6,11 @@ what realizing a plan needs: which DRA device is GPU ``i`` of a node, and which 
 claims make up each existing replica.
 
 Which nodes take replicas:
-- a node that is cordoned, tainted NoExecute (untolerated), or NotReady for longer than
-  a grace period loses its replicas: they are re-placed elsewhere (``Node.ready`` is
-  False); within the grace it keeps them and takes nothing new;
+- a node that is tainted NoExecute (untolerated), being deleted, or NotReady for longer
+  than a grace period loses its replicas: they are re-placed elsewhere (``Node.ready``
+  is False); within the grace it keeps them and takes nothing new;
+- a cordoned node keeps what runs and takes nothing new, and its replicas move off it
+  make-before-break (``ClusterView.evacuate``, see ``reconcile``);
 - a node tainted NoSchedule (untolerated) keeps what runs and takes nothing new;
 - GPUs come from NVIDIA GPU Feature Discovery labels and allocatable ``nvidia.com/gpu``
   (device-plugin mode) or from the DRA driver's ResourceSlices (DRA mode, where the GPU
@@ -177,8 +179,10 @@ class ClusterView:
     snapshot: Snapshot
     devices: dict[tuple[str, int], Device] = field(default_factory=dict)
     replicas: dict[str, ReplicaObjects] = field(default_factory=dict)
-    node_problems: dict[str, str] = field(default_factory=dict)  # node -> why it is out
+    # node -> why its replicas are lost or, when removed, deleted without a drain
+    node_problems: dict[str, str] = field(default_factory=dict)
     services: frozenset[str] = frozenset()  # model keys whose Service exists
+    evacuate: frozenset[str] = frozenset()  # cordoned nodes: replicas move off, one by one
 
 
 def _taints(node: Obj) -> list[Obj]:
@@ -205,32 +209,51 @@ def _since(ts: str | None) -> float | None:
         return None
 
 
-def node_state(node: Obj, now_s: float | None = None,
-               grace: float = 0.0) -> tuple[bool, bool, str]:
-    """(ready: keeps and takes replicas, cordoned: keeps only, why it is out).
+@dataclass(frozen=True)
+class NodeState:
+    """What a node's conditions, cordon and taints mean for its replicas."""
+
+    ready: bool  # keeps its replicas; False: they are lost and placed elsewhere at once
+    keeps_only: bool  # takes no new replica
+    why: str = ""  # what is wrong with it, for reasons and events ("" when nothing)
+    # Its replicas move off it, make-before-break: a replacement is placed elsewhere and
+    # Ready before the old one drains (a cordon: the node is being taken out of service).
+    evacuate: bool = False
+    # Its workers may not answer (NotReady, within the grace): a replica removed there is
+    # deleted, not drained.
+    unreachable: bool = False
+
+
+def node_state(node: Obj, now_s: float | None = None, grace: float = 0.0) -> NodeState:
+    """How a node keeps and takes replicas.
 
     A node NotReady for less than ``grace`` seconds (by its Ready condition's transition
     time, at ``now_s``) keeps its replicas and takes nothing new: heartbeats that are
     late for a moment must not move every replica of a busy node. Past the grace its
-    replicas are placed elsewhere, as Kubernetes evicts pods from it after a while.
+    replicas are placed elsewhere, as Kubernetes evicts pods from it after a while; so
+    are those of a node being deleted or tainted NoExecute. A cordoned node keeps what
+    runs until a replacement of each replica is Ready elsewhere (a cordon announces
+    maintenance, and is not an outage); a NoSchedule taint keeps what runs, as
+    Kubernetes does.
     """
     conditions = (node.get("status") or {}).get("conditions") or []
     cond = next((c for c in conditions if c.get("type") == "Ready"), {})
     if node["metadata"].get("deletionTimestamp"):
-        return False, False, "node is being deleted"
+        return NodeState(False, False, "node is being deleted")
     if cond.get("status") != "True":
         since = _since(cond.get("lastTransitionTime"))
         if now_s is not None and since is not None and now_s - since < grace:
-            return True, True, f"node is NotReady for {now_s - since:.0f}s"
-        return False, False, "node is NotReady"
-    if (node.get("spec") or {}).get("unschedulable"):
-        return False, False, "node is cordoned"
+            return NodeState(True, True, f"node is NotReady for {now_s - since:.0f}s",
+                             unreachable=True)
+        return NodeState(False, False, "node is NotReady")
     taints = [t for t in _taints(node) if t.get("key") not in DERIVED_TAINTS]
     if any(t.get("effect") == "NoExecute" for t in taints):
-        return False, False, "node has a NoExecute taint"
+        return NodeState(False, False, "node has a NoExecute taint")
+    if (node.get("spec") or {}).get("unschedulable"):
+        return NodeState(True, True, "node is cordoned", evacuate=True)
     if any(t.get("effect") == "NoSchedule" for t in taints):
-        return True, True, "node has a NoSchedule taint"
-    return True, False, ""
+        return NodeState(True, True, "node has a NoSchedule taint")
+    return NodeState(True, False)
 
 
 def max_pods(node: Obj, reserved: int) -> int | None:
@@ -243,7 +266,7 @@ def max_pods(node: Obj, reserved: int) -> int | None:
         return None
 
 
-def _gpu_node(node: Obj, state: tuple[bool, bool, str], reserved: int) -> Node | None:
+def _gpu_node(node: Obj, state: NodeState, reserved: int) -> Node | None:
     """A device-plugin GPU node from GFD labels and allocatable nvidia.com/gpu (``state``:
     its ``node_state``)."""
     labels = node["metadata"].get("labels") or {}
@@ -256,10 +279,9 @@ def _gpu_node(node: Obj, state: tuple[bool, bool, str], reserved: int) -> Node |
         return None
     if not product or count <= 0 or mib <= 0:
         return None
-    ready, cordoned, _ = state
     bandwidth, tflops = label_overrides(labels)
-    return Node(node["metadata"]["name"], product, count, mib * MiB, cordoned=cordoned,
-                ready=ready, bandwidth_gbps=bandwidth, bf16_tflops=tflops,
+    return Node(node["metadata"]["name"], product, count, mib * MiB, cordoned=state.keeps_only,
+                ready=state.ready, bandwidth_gbps=bandwidth, bf16_tflops=tflops,
                 max_pods=max_pods(node, reserved))
 
 
@@ -314,12 +336,12 @@ def _dra_nodes(nodes: Mapping[str, Obj], slices: Iterable[Obj], driver: str,
             devices[(node_name, i)] = Device(d["name"], pool, uuid, name)
             products.add(dra_product(name) if name else "unknown")
             memories.append(parse_bytes(d["capacity"]["memory"]["value"]))
-        ready, cordoned, _ = states[node_name]
+        state = states[node_name]
         # All GPUs of a node are one product; should a driver say otherwise, the node is
         # described by the smallest GPU and its first product name.
         bandwidth, tflops = label_overrides(node["metadata"].get("labels") or {})
         out.append(Node(node_name, sorted(products)[0], len(devs), min(memories),
-                        cordoned=cordoned, ready=ready, bandwidth_gbps=bandwidth,
+                        cordoned=state.keeps_only, ready=state.ready, bandwidth_gbps=bandwidth,
                         bf16_tflops=tflops, max_pods=max_pods(node, reserved)))
     return out
 
@@ -382,7 +404,10 @@ def cluster_view(nodes: Iterable[Obj], slices: Iterable[Obj], pods: Iterable[Obj
         gpu_nodes = [g for g in (_gpu_node(obj, states[name], reserved_pods)
                                  for name, obj in by_name.items()) if g is not None]
         gpu_nodes.sort(key=lambda n: n.name)
-    problems = {name: why for name, (_, _, why) in states.items() if why}
+    # Nodes whose replicas are lost, or removed without a drain (their workers may not
+    # answer); and those whose replicas move off, make-before-break.
+    problems = {name: st.why for name, st in states.items() if not st.ready or st.unreachable}
+    evacuate = frozenset(name for name, st in states.items() if st.evacuate)
     where = {(d.pool, d.name): (node, i) for (node, i), d in devices.items()}
     hbm_of = {n.name: n.gpu_hbm for n in gpu_nodes}
 
@@ -419,7 +444,7 @@ def cluster_view(nodes: Iterable[Obj], slices: Iterable[Obj], pods: Iterable[Obj
                        for s in services if _ours(s)
                        and not s["metadata"].get("deletionTimestamp"))
     return ClusterView(Snapshot(tuple(gpu_nodes), tuple(existing + foreign)), devices,
-                       replicas, problems, served)
+                       replicas, problems, served, evacuate)
 
 
 def _existing(r: ReplicaObjects, where: Mapping[tuple[str, str], tuple[str, int]],
