@@ -106,13 +106,13 @@ def documents(draw) -> dict[str, Any]:
 
 def _plan(models) -> None:
     policy = Policy.pack(reserve=0.1)
-    demands = demands_from_models(models, SNAPSHOT, policy)
+    demands, refused = demands_from_models(models, SNAPSHOT, policy)
     plan = place(SNAPSHOT, demands, policy)
-    table = render_table(plan, demands)
+    table = render_table(plan, demands, refused)
     assert max(map(len, table.splitlines())) <= 100, table
-    json.dumps({**plan.to_dict(), "models": model_summary(plan, demands)})
-    for m in models:
-        worker_support_problem(m.spec)
+    json.dumps({**plan.to_dict(), "models": model_summary(plan, demands, refused)})
+    assert set(refused) == {m.metadata.name for m in models
+                            if worker_support_problem(m.spec)}
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

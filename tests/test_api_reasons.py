@@ -50,3 +50,77 @@ def test_a_tensor_parallel_larger_than_any_node_is_said_as_such(capsys, tmp_path
         "tensorParallel 8 needs 8 GPUs on one node, nodes have at most 4); no allowed node "
         "has 8 GPUs (the most is 4): add nodes with 8 or more (0/1 nodes fit: 1 fewer than "
         "8 GPUs)")
+
+
+# Worlds where one Model does not fit, each with the fixes its reason suggests.
+H100 = "{name: h100, product: NVIDIA-H100-80GB-HBM3, gpus: 1}"
+HINT_WORLDS = [
+    ("sla-too-large", H100,
+     LLAMA_8B.replace("concurrentSequences: 16", "concurrentSequences: 64")),
+    ("tight-itl", H100, LLAMA_8B.replace("concurrentSequences: 16", "concurrentSequences: 40")
+     .replace("interTokenLatencyMilliseconds: 50", "interTokenLatencyMilliseconds: 12")),
+    ("70b-on-two-h100", "{name: h100, product: NVIDIA-H100-80GB-HBM3, gpus: 2}",
+     LLAMA_70B.replace("concurrentSequences: 8", "concurrentSequences: 16")),
+    ("70b-on-eight-h100", "{name: h100, product: NVIDIA-H100-80GB-HBM3, gpus: 8}",
+     LLAMA_70B.replace("concurrentSequences: 8", "concurrentSequences: 64")),
+    ("not-an-allowed-product", "{name: h200, product: NVIDIA-H200, gpus: 1}",
+     LLAMA_8B.replace("concurrentSequences: 16", "concurrentSequences: 2")),
+]
+
+
+def _hints(text: str) -> list[str]:
+    """Every fix a reason suggests: each 'try A, B or C' in it (a product's own, in
+    parentheses, and the replica's)."""
+    import re
+
+    return [h for group in re.findall(r"try ([^();]+?)(?= \(|\)|;|$)", text)
+            for h in re.split(r", | or ", group)]
+
+
+def _one_replica(model: str) -> str:
+    import yaml
+
+    doc = yaml.safe_load(model)
+    doc["spec"]["replicas"] = doc["spec"]["minReplicas"] = 1
+    return yaml.safe_dump(doc)
+
+
+def _applied(model: str, hint: str) -> str:
+    import re
+
+    import yaml
+
+    doc = yaml.safe_load(model)
+    spec = doc["spec"]
+    if hint == "kvCacheDtype fp8":
+        spec["kvCacheDtype"] = "fp8"
+    elif m := re.fullmatch(r"tensorParallel (\d+)", hint):
+        spec["tensorParallel"] = int(m.group(1))
+    elif m := re.fullmatch(r"(concurrentSequences|contextTokens) <= (\d+)", hint):
+        spec["sla"][m.group(1)] = int(m.group(2))
+    elif m := re.fullmatch(r"adding (\S+) to gpuProducts", hint):
+        spec["gpuProducts"] = [*spec.get("gpuProducts", []), m.group(1)]
+    else:
+        raise AssertionError(f"a hint this test cannot apply: {hint!r}")
+    return yaml.safe_dump(doc)
+
+
+def test_every_fix_a_reason_suggests_makes_the_replica_fit_when_applied(capsys, tmp_path):
+    import json
+
+    applied = 0
+    for name, fleet, model in HINT_WORLDS:
+        model = _one_replica(model)
+        if name == "not-an-allowed-product":
+            model = model.replace("spec:\n", "spec:\n  gpuProducts: [NVIDIA-H100-80GB-HBM3]\n")
+        text = reason(capsys, tmp_path, fleet, model)
+        hints = _hints(text)
+        assert hints, (name, text)
+        for hint in hints:
+            (tmp_path / "model.yaml").write_text(_applied(model, hint))
+            assert main(["plan", str(tmp_path / "fleet.yaml"), str(tmp_path / "model.yaml"),
+                         "-o", "json"]) == 0
+            plan = json.loads(capsys.readouterr().out)
+            assert plan["unplaced"] == [] and len(plan["assignments"]) == 1, (name, hint, text)
+            applied += 1
+    assert applied >= len(HINT_WORLDS)

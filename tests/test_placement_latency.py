@@ -75,9 +75,10 @@ def test_check_flags_a_gpu_streaming_past_its_tenants_budget():
 
 def test_reason_when_the_hbm_is_free_but_the_bandwidth_is_not():
     snap = Snapshot(nodes=(Node("a", "P", 1, 80 * GiB),))
-    # 32 sequences of 8K tokens at 128 KiB: 34.4 GB of the 40 GB a step streams, so the
-    # weights are 5.6 GB; 13 sequences (14.0 GB of KV) fit the 20 GB left beside two
-    # replicas; fp8 KV (5.6 + 17.2 GB) would not.
+    # The step bytes left beside two replicas (20 GB) would take 13 of the requirement's
+    # sequences, but a fix is checked with the spec sized as the operator sizes it:
+    # Llama-3-8B's own 16.1 GB of weights leave room for 3 sequences of 8K tokens
+    # (3.2 GB of KV); fp8 KV does not fit either way.
     spec = ModelSpec.model_validate(llama_spec(sla={"contextTokens": 8192,
                                                     "concurrentSequences": 32}))
     req = Requirement(1, 10 * GiB, step_bytes=40 * GB, step_budget=100 * GB,
@@ -88,7 +89,7 @@ def test_reason_when_the_hbm_is_free_but_the_bandwidth_is_not():
     assert u.reason == (
         "needs 1 GPU with >= 10.0 GiB free and room for 40.0 GB per decode step on P; the "
         "GPUs with that HBM free have at most 20.0 GB per step left within their tenants' "
-        "ITL targets (a); try concurrentSequences <= 13, a looser "
+        "ITL targets (a); try concurrentSequences <= 3, a looser "
         "interTokenLatencyMilliseconds or adding GPU nodes (0/1 nodes fit: 1 not enough HBM "
         "bandwidth for the ITL targets)")
 

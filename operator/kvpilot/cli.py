@@ -84,8 +84,9 @@ def parser() -> argparse.ArgumentParser:
                       help="fraction of every GPU's HBM kept free (default 0)")
     plan.add_argument("--spread-replicas", action="store_true",
                       help="prefer nodes with fewer replicas of the same model")
-    plan.add_argument("--no-share", action="store_true",
-                      help="never put two replicas on one GPU")
+    plan.add_argument("--mode", choices=("dra", "devicePlugin"), default="dra",
+                      help="as the operator's placement.mode: dra shares GPUs by HBM budget "
+                           "(default); devicePlugin gives each replica whole GPUs")
     reserved = Settings.model_fields["reserved_pods_per_node"].default
     plan.add_argument("--reserved-pods", type=_count, default=reserved, metavar="N",
                       help="pods a node with maxPods keeps for other workloads, as the "
@@ -279,17 +280,18 @@ def _plan(args: argparse.Namespace) -> int:
     fleet = load_fleet(args.fleet)
     models = [m for path in args.models for m in load_models(path)]
     kind = Policy.pack if args.policy == "pack" else Policy.spread
-    options: dict[str, Any] = {"reserve": args.reserve, "share_gpus": not args.no_share}
+    options: dict[str, Any] = {"reserve": args.reserve,
+                               "share_gpus": args.mode == "dra"}
     if args.spread_replicas:
         options["spread_replicas"] = True
     policy = kind(**options)
     snapshot = snapshot_from_fleet(fleet.expand(), args.reserved_pods)
-    demands = demands_from_models(models, snapshot, policy)
+    demands, refused = demands_from_models(models, snapshot, policy)
     plan = place(snapshot, demands, policy)
     if args.output == "table":
-        sys.stdout.write(render_table(plan, demands))
+        sys.stdout.write(render_table(plan, demands, refused))
     else:
-        data = {**plan.to_dict(), "models": model_summary(plan, demands)}
+        data = {**plan.to_dict(), "models": model_summary(plan, demands, refused)}
         if args.output == "json":
             sys.stdout.write(json.dumps(data, indent=2) + "\n")
         else:
@@ -298,8 +300,11 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def model_summary(plan, demands) -> list[dict[str, Any]]:
-    out = []
+def model_summary(plan, demands, refused: dict[str, str]) -> list[dict[str, Any]]:
+    """Per Model: what was asked, placed and why not; a Model the operator would start
+    no worker for carries ``refused`` and nothing else."""
+    out: list[dict[str, Any]] = [{"name": name, "refused": why}
+                                 for name, why in refused.items()]
     for d in demands:
         reasons: list[str] = []
         for u in plan.unplaced:
@@ -400,7 +405,7 @@ def _first_cells(cells: list[tuple[str, int]]) -> tuple[list[str], str]:
     return own, "  ".join(" " * width for _, width in cells)
 
 
-def render_table(plan, demands) -> str:
+def render_table(plan, demands, refused: dict[str, str]) -> str:
     """The plan for people, at most 100 columns wide."""
     lines: list[str] = []
     by_gpu: dict[tuple[str, int], list[str]] = {}
@@ -471,6 +476,11 @@ def render_table(plan, demands) -> str:
         for (model, reason), names in groups_u.items():
             who = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)})"
             lines.extend(_wrap(f"{who}: {reason}", 0))
+    if refused:
+        lines += ["", "NOT SERVED (the operator starts no worker for these Models: "
+                  "WorkerUnsupported)"]
+        for name, why in refused.items():
+            lines.extend(_wrap(f"{name}: {why}", 0))
     lines.append("")
     shared = len(plan.shared_gpus)
     total_gpus = sum(len(n.used) for n in plan.nodes)

@@ -27,7 +27,7 @@ from kvpilot.operator.objects import (
     selector_string, service_for, spec_hash,
 )
 from kvpilot.operator.placement import (
-    Assignment, Demand, Plan, Policy, Snapshot, Unplaced, demand_for, place,
+    Assignment, Demand, Plan, Policy, Snapshot, Unplaced, demand_for, place, servable,
 )
 from kvpilot.operator.view import (
     DRAINING, ClusterView, ReplicaObjects, epoch, live_by_model, model_key, split_key,
@@ -120,17 +120,6 @@ def parse_models(raws: Sequence[Obj]) -> list[_Model]:
     return out
 
 
-def _servable(d: Demand, spec: ModelSpec) -> Demand:
-    """The demand without the products where ``tensorParallel: auto`` resolves to more
-    GPUs than a worker drives; their reason says so."""
-    wide = {p: why for p, r in d.requirements.items()
-            if (why := worker_support_problem(spec, r.tp))}
-    if not wide:
-        return d
-    return replace(d, requirements={p: r for p, r in d.requirements.items() if p not in wide},
-                   unfit={**d.unfit, **wide})
-
-
 def _valid_existing(snapshot: Snapshot) -> tuple[Snapshot, list[str]]:
     """Drop existing replicas whose GPUs the node no longer has (it shrank): lost."""
     gpus = {n.name: n.gpus for n in snapshot.nodes}
@@ -164,7 +153,7 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
         except (ValueError, ArithmeticError) as err:
             m.problem, m.reason = f"cannot size a replica: {err}", "InvalidSpec"
             continue
-        demands.append(_servable(d, m.spec))
+        demands.append(servable(d, m.spec))
     rollout, replace_now = _rollout(parsed, live, view)
     snapshot = Snapshot(snapshot.nodes, tuple(
         replace(e, model=DRAINING + e.model) if e.name in rollout or e.name in replace_now

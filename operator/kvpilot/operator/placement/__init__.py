@@ -9,7 +9,7 @@ replica with the memory model of ``kvpilot.api.memory``.
 
 from kvpilot.operator.placement.engine import place
 from kvpilot.operator.placement.inputs import (
-    demand_for, demands_from_models, requirement, snapshot_from_fleet,
+    demand_for, demands_from_models, requirement, servable, snapshot_from_fleet,
 )
 from kvpilot.operator.placement.model import (
     ANY_PRODUCT, Assignment, Demand, Existing, Move, Node, NodeUsage, Plan, Policy,
@@ -20,6 +20,6 @@ from kvpilot.operator.placement.simulate import Simulation, snapshot_without, wi
 __all__ = [
     "ANY_PRODUCT", "Assignment", "Demand", "Existing", "Move", "Node", "NodeUsage", "Plan",
     "Policy", "Requirement", "Simulation", "Snapshot", "Unplaced", "demand_for",
-    "demands_from_models", "place", "requirement", "snapshot_from_fleet",
+    "demands_from_models", "place", "requirement", "servable", "snapshot_from_fleet",
     "snapshot_without", "without",
 ]

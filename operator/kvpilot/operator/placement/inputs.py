@@ -17,6 +17,7 @@ from kvpilot.api.memory import (
 )
 from kvpilot.api.model import Model, ModelSpec
 from kvpilot.api.quantity import format_bytes
+from kvpilot.api.support import worker_support_problem
 from kvpilot.operator.placement.model import Demand, Node, Policy, Requirement, Snapshot
 
 
@@ -107,15 +108,16 @@ def _meets(spec: ModelSpec, tp: int, limit: int, gpu: Optional[GPUProduct]) -> b
 
 def _latency_fixes(spec: ModelSpec, tp: int, limit: int, max_gpus: int,
                    gpu: GPUProduct) -> list[str]:
-    """What would meet the latency targets on this product: fp8 KV, a larger TP, fewer
-    sequences (the most that meet the ITL at ``tp``)."""
+    """What would meet the latency targets on this product: fp8 KV, a larger TP (one
+    kvpilot's worker runs), fewer sequences (the most that meet the ITL at ``tp``)."""
     tries = []
     if spec.kv_cache_dtype != "fp8":
         fp8 = spec.model_copy(update={"kv_cache_dtype": "fp8"})
-        if any(_meets(fp8, t, limit, gpu) for t in _candidates(fp8, max_gpus)):
+        if any(_meets(fp8, t, limit, gpu) for t in _candidates(fp8, max_gpus)
+               if not worker_support_problem(fp8, t)):
             tries.append("kvCacheDtype fp8")
     larger = [t for t in TP_DEGREES if tp < t <= max_gpus and tp_is_valid(spec, t)
-              and _meets(spec, t, limit, gpu)]
+              and not worker_support_problem(spec, t) and _meets(spec, t, limit, gpu)]
     if larger:
         tries.append(f"tensorParallel {larger[0]}")
     if spec.sla.inter_token_latency_milliseconds is not None and gpu.hbm_bandwidth:
@@ -192,15 +194,32 @@ def demand_for(name: str, spec: ModelSpec, snapshot: Snapshot, policy: Policy,
     )
 
 
-def demands_from_models(models: Sequence[Model], snapshot: Snapshot,
-                        policy: Policy) -> list[Demand]:
-    """Demands of Model objects, in their order; a name may appear once."""
+def servable(d: Demand, spec: ModelSpec) -> Demand:
+    """The demand without the products where ``tensorParallel: auto`` resolves to a
+    degree kvpilot's worker cannot run; their reason says so. The operator plans with
+    this, so ``kvpilot plan`` does too."""
+    wide = {p: why for p, r in d.requirements.items()
+            if (why := worker_support_problem(spec, r.tp))}
+    if not wide:
+        return d
+    return replace(d, requirements={p: r for p, r in d.requirements.items() if p not in wide},
+                   unfit={**d.unfit, **wide})
+
+
+def demands_from_models(models: Sequence[Model], snapshot: Snapshot, policy: Policy
+                        ) -> tuple[list[Demand], dict[str, str]]:
+    """Demands of Model objects, in their order, as the operator makes them; a name may
+    appear once. The second result: Models the operator would start no worker for
+    (``kvpilot.api.support``), name -> why; they are not demanded."""
     seen: set[str] = set()
-    out = []
+    out, refused = [], {}
     for m in models:
         name = m.metadata.name
         if name in seen:
             raise ValueError(f"model {name!r} appears twice")
         seen.add(name)
-        out.append(demand_for(name, m.spec, snapshot, policy))
-    return out
+        if problem := worker_support_problem(m.spec):
+            refused[name] = problem
+            continue
+        out.append(servable(demand_for(name, m.spec, snapshot, policy), m.spec))
+    return out, refused

@@ -8,8 +8,10 @@ any allowed node is 1 x 79.1 GiB (h100-0); try kvCacheDtype fp8 or tensorParalle
 replica needs (here one); when none has, it is the node's best set of as many GPUs as the
 replica needs, all short of it.
 
-Fixes are suggested only when the memory model says they would fit in the HBM that is
-free now, on a node that passes every other filter.
+Fixes are suggested only when applying them would let one replica fit now: the changed
+spec is sized as the operator sizes it (TP auto per product, latency targets), at a
+tensorParallel kvpilot's worker runs, and must pass every filter placement applies on
+some node (:func:`fits_now`). An SLA reduction is the largest that passes.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from kvpilot.api.memory import (
     TP_DEGREES, kv_bytes_per_sequence, max_context_within, replica_budget, tp_is_valid,
 )
 from kvpilot.api.quantity import format_bytes
+from kvpilot.api.support import worker_support_problem
 from kvpilot.operator.placement.filters import first_failure, product_fits
-from kvpilot.operator.placement.model import Demand, Policy
+from kvpilot.operator.placement.inputs import requirement
+from kvpilot.operator.placement.model import Demand, Policy, Requirement
 from kvpilot.operator.placement.state import NodeState, tighter
 
 
@@ -90,7 +94,8 @@ def explain(demand: Demand, states: list[NodeState], policy: Policy) -> str:
         have = ", ".join(products) or "none"
         main = (f"no schedulable node has an allowed GPU product (gpuProducts: {wanted}; "
                 f"schedulable products: {have})")
-        return f"{main}; {_join(_other_products(demand, free, products))} ({summary})"
+        return (f"{main}; {_join(_other_products(demand, free, products, states, policy))} "
+                f"({summary})")
     sized = [(p, demand.requirement(p)) for p in allowed]
     fitting = [(p, r) for p, r in sized if r is not None]
     if not fitting:
@@ -98,7 +103,9 @@ def explain(demand: Demand, states: list[NodeState], policy: Policy) -> str:
         fixed = demand.spec is not None and demand.spec.tensor_parallel != "auto"
         at = f"tensorParallel {demand.spec.tensor_parallel}" if fixed else "any tensorParallel"
         main = f"fits no allowed GPU product at {at} ({why})"
-        fixes = _fixes(demand, free, allowed, products, None)
+        fixes = _fixes(demand, free, allowed, products, None, states, policy)
+        if not fixes and "; try " not in why:  # a product's own fixes say it already
+            fixes = _no_fix(demand, free, allowed, None)
         return f"{main}{'; ' + fixes if fixes else ''} ({summary})"
     # The product where the replica comes closest: most GPUs with enough HBM, then size.
     scored = []
@@ -117,9 +124,10 @@ def explain(demand: Demand, states: list[NodeState], policy: Policy) -> str:
         best = f"no allowed node has a{unshared} GPU free"
     else:
         best = f"largest free set on any allowed node is {n} x {format_bytes(size)} ({node})"
-    fixes = _fixes(demand, free, allowed, products,
-                   (product, req.tp, free.best_group(product, req.tp)))
-    return f"{main}; {best}{'; ' + fixes if fixes else ''} ({summary})"
+    closest = (product, req.tp, free.best_group(product, req.tp))
+    fixes = (_fixes(demand, free, allowed, products, closest, states, policy)
+             or _no_fix(demand, free, allowed, closest))
+    return f"{main}; {best}; {fixes} ({summary})"
 
 
 def _gb(n: int) -> str:
@@ -155,8 +163,10 @@ def _bandwidth_reason(demand: Demand, states: list[NodeState], policy: Policy, p
         if per_sequence and best > weights:
             sequences = (best - weights) // per_sequence
             if 1 <= sequences < spec.sla.concurrent_sequences:
-                tries.append(f"concurrentSequences <= {sequences}")
-        if spec.kv_cache_dtype in ("bf16", "fp16") and weights + kv // 2 <= best:
+                tries.extend(_verified_sla(spec, "concurrentSequences", sequences, states,
+                                           policy))
+        if spec.kv_cache_dtype in ("bf16", "fp16") and weights + kv // 2 <= best and fits_now(
+                spec.model_copy(update={"kv_cache_dtype": "fp8"}), states, policy):
             tries.append("kvCacheDtype fp8")
     tries.extend(["a looser interTokenLatencyMilliseconds", "adding GPU nodes"])
     return f"{main}; {_join(tries)} ({summary})"
@@ -176,26 +186,67 @@ def _node_reason(s: NodeState, demand: Demand, policy: Policy) -> str:
     return reason
 
 
+def fits_now(spec, states: list[NodeState], policy: Policy) -> bool:
+    """Would one replica of ``spec`` fit on some node of ``states`` now? Sized as the
+    operator sizes it on each node's product, at a tensorParallel kvpilot's worker runs,
+    and passing every filter placement applies: how a suggested fix is checked."""
+    for s in states:
+        if not s.node.schedulable or (spec.gpu_products
+                                      and s.node.product not in spec.gpu_products):
+            continue
+        r = requirement(spec, s.node.gpu_hbm, s.node.gpus, policy.reserve, s.node.gpu)
+        if not isinstance(r, Requirement) or worker_support_problem(spec, r.tp):
+            continue
+        one = Demand("(fix)", 1, {s.node.product: r}, tuple(spec.gpu_products), spec=spec)
+        if first_failure(s, one, policy) is None:
+            return True
+    return False
+
+
+def _with_sla(spec, field: str, value: int):
+    key = {"concurrentSequences": "concurrent_sequences", "contextTokens": "context_tokens"}
+    return spec.model_copy(update={"sla": spec.sla.model_copy(update={key[field]: value})})
+
+
+def _verified_sla(spec, field: str, value: int, states: list[NodeState],
+                  policy: Policy) -> list[str]:
+    """``field <= v`` for the largest v <= ``value`` with which a replica fits now (the
+    memory model's ``value`` counts HBM only; latency and bandwidth may want less)."""
+    lo, hi = 0, value
+    while lo < hi:  # the largest v in [1, value] that fits; 0 when none does
+        mid = (lo + hi + 1) // 2
+        if fits_now(_with_sla(spec, field, mid), states, policy):
+            lo = mid
+        else:
+            hi = mid - 1
+    return [f"{field} <= {lo}"] if lo else []
+
+
 def _fixes(demand: Demand, free: _Free, allowed: list[str], products: list[str],
-           closest: Optional[tuple[str, int, int]]) -> str:
-    """'try A, B or C' from the memory model, or a plain hint when no spec is known."""
+           closest: Optional[tuple[str, int, int]], states: list[NodeState],
+           policy: Policy) -> str:
+    """'try A, B or C', each fix one that :func:`fits_now`; "" when none is."""
     spec = demand.spec
     tries: list[str] = []
     if spec is not None:
-        if spec.kv_cache_dtype != "fp8":
-            fp8 = spec.model_copy(update={"kv_cache_dtype": "fp8"})
-            if any(_fits_at_some_tp(fp8, free, p) for p in allowed):
-                tries.append("kvCacheDtype fp8")
-        tp = _larger_tp(spec, free, allowed, closest[1] if closest else 0)
+        if spec.kv_cache_dtype != "fp8" and fits_now(
+                spec.model_copy(update={"kv_cache_dtype": "fp8"}), states, policy):
+            tries.append("kvCacheDtype fp8")
+        tp = _larger_tp(spec, states, policy, closest[1] if closest else 0)
         if tp is not None:
             tries.append(f"tensorParallel {tp}")
-        if closest is not None:
-            tries.extend(_smaller_sla(spec, *closest))
-        else:
-            tries.extend(_sla_on_any(spec, free, allowed))
-    tries.extend(_other_products(demand, free, products))
-    if tries:
-        return _join(tries)
+        found = (_sla_fit(spec, closest[1], closest[2]) if closest is not None
+                 else _sla_on_any(spec, free, allowed))
+        if found is not None:
+            tries.extend(_verified_sla(spec, found[1], found[2], states, policy))
+    tries.extend(_other_products(demand, free, products, states, policy))
+    return _join(tries) if tries else ""
+
+
+def _no_fix(demand: Demand, free: _Free, allowed: list[str],
+            closest: Optional[tuple[str, int, int]]) -> str:
+    """What to do when no change of the Model would fit it now."""
+    spec = demand.spec
     tp = closest[1] if closest else 0
     if spec is not None and spec.tensor_parallel != "auto":
         tp = spec.tensor_parallel
@@ -222,25 +273,14 @@ def _candidate_tps(spec, max_tp: int = 10**6) -> list[int]:
     return [t for t in TP_DEGREES if t <= max_tp and tp_is_valid(spec, t)]
 
 
-def _fits_at_some_tp(spec, free: _Free, product: str) -> bool:
-    return any(free.fits(product, t, replica_budget(spec, t).per_gpu) for t in _candidate_tps(spec))
-
-
-def _larger_tp(spec, free: _Free, allowed: list[str], current: int) -> Optional[int]:
+def _larger_tp(spec, states: list[NodeState], policy: Policy, current: int) -> Optional[int]:
+    """The smallest fixed tensorParallel above ``current`` with which a replica fits now."""
     for t in TP_DEGREES:
         if t <= current or not tp_is_valid(spec, t) or t == spec.tensor_parallel:
             continue
-        need = replica_budget(spec, t).per_gpu
-        if any(free.fits(p, t, need) for p in allowed):
+        if fits_now(spec.model_copy(update={"tensor_parallel": t}), states, policy):
             return t
     return None
-
-
-def _smaller_sla(spec, product: str, tp: int, best_free: int) -> list[str]:
-    """The largest concurrentSequences (or, for one sequence, contextTokens) whose budget
-    fits the best free set found."""
-    found = _sla_fit(spec, tp, best_free)
-    return [f"{found[1]} <= {found[2]}"] if found else []
 
 
 def _sla_fit(spec, tp: int, best_free: int) -> Optional[tuple[int, str, int]]:
@@ -260,18 +300,17 @@ def _sla_fit(spec, tp: int, best_free: int) -> Optional[tuple[int, str, int]]:
     return None
 
 
-def _sla_on_any(spec, free: _Free, allowed: list[str]) -> list[str]:
-    """The least reduction of the SLA that fits some allowed product at some valid
-    tensorParallel, when no product holds the SLA as it is."""
+def _sla_on_any(spec, free: _Free, allowed: list[str]) -> Optional[tuple[int, str, int]]:
+    """The least reduction of the SLA whose budget fits some allowed product at some
+    tensorParallel the worker runs, when no product holds the SLA as it is."""
     fits = [f for p in allowed for t in _candidate_tps(spec)
-            if (f := _sla_fit(spec, t, free.best_group(p, t))) is not None]
-    if not fits:
-        return []
-    _, field, value = max(fits)
-    return [f"{field} <= {value}"]
+            if not worker_support_problem(spec, t)
+            and (f := _sla_fit(spec, t, free.best_group(p, t))) is not None]
+    return max(fits) if fits else None
 
 
-def _other_products(demand: Demand, free: _Free, products: list[str]) -> list[str]:
+def _other_products(demand: Demand, free: _Free, products: list[str],
+                    states: list[NodeState], policy: Policy) -> list[str]:
     """Products that are not allowed but would hold a replica now."""
     spec = demand.spec
     out = []
@@ -279,7 +318,8 @@ def _other_products(demand: Demand, free: _Free, products: list[str]) -> list[st
         if demand.allows(p):
             continue
         if spec is not None:
-            if _fits_at_some_tp(spec, free, p):
+            wider = spec.model_copy(update={"gpu_products": [*spec.gpu_products, p]})
+            if fits_now(wider, states, policy):
                 out.append(f"adding {p} to gpuProducts")
         else:
             req = demand.size_on(p)
