@@ -73,7 +73,7 @@ def test_policies_and_reserve(capsys):
     spread = json.loads(out)
     # Spreading keeps 56 GiB of headroom beside a 70B shard rather than take an L4.
     assert spread["gpusUsed"] == 15 and spread["sharedGpus"] == [{"node": "h100-0", "gpu": 0}]
-    _, out, _ = run(capsys, FLEET, *MODELS, "-o", "json", "--no-share")
+    _, out, _ = run(capsys, FLEET, *MODELS, "-o", "json", "--mode", "devicePlugin")
     assert json.loads(out)["sharedGpus"] == []
     _, out, _ = run(capsys, FLEET, *MODELS, "-o", "json", "--reserve", "0.5")
     reserved = json.loads(out)
