@@ -66,7 +66,7 @@ def test_subresources_and_columns():
     version = crd.model_crd()["spec"]["versions"][0]
     assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
     names = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert names == ["Replicas", "Ready", "TP", "HBM/GPU", "KV%", "Endpoint", "Age"]
+    assert names == ["Replicas", "Ready", "TP", "HBM/GPU", "KV%", "Reason", "Endpoint", "Age"]
     status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     for column in version["additionalPrinterColumns"]:
         field = column["jsonPath"].split(".")[-1]

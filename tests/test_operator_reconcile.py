@@ -156,11 +156,40 @@ def test_first_pass_creates_the_pods_and_the_second_writes_nothing():
     s = w.status("m")
     assert (s["replicas"], s["readyReplicas"], s["tensorParallel"]) == (3, 3, 1)
     assert s["hbmPerGpu"] == "21.0 GiB"  # 15 + 128 KiB x 8192 x 4 (4 GiB) + 2
-    assert s["kvCapacityTokens"] == 8192 * 4
+    # Device plugin: the GPU is the replica's alone, and its worker's pool takes all of it:
+    # (85520809984 - 15 GiB - 2 GiB) / 128 KiB tokens.
+    assert s["kvCapacityTokens"] == (85520809984 - 17 * 2**30) // 131072 == 513208
+    env = {e["name"]: e.get("value") for e in
+           w.pods[("default", "m-0")]["spec"]["containers"][0]["env"]}
+    assert env["KVPILOT_HBM_PER_GPU_BYTES"] == "85520809984"
+    assert w.pods[("default", "m-0")]["metadata"]["annotations"][
+        "kvpilot.dev/hbm-per-gpu"] == str(21 * 2**30)  # what placement counts
     assert s["selector"] == "app.kubernetes.io/managed-by=kvpilot,kvpilot.dev/model=m"
+    assert "reason" not in s  # every desired replica ready
     assert [(c["type"], c["status"]) for c in s["conditions"]] == [
         ("Placed", "True"), ("Ready", "True"), ("Unschedulable", "False"),
         ("Degraded", "False")]
+
+
+def test_dra_workers_get_the_budget_their_claim_asks():
+    w = World([node("a")], [model("m", 1)], slices=[gpu_slice("a")], mode="dra")
+    w.settle()
+    env = {e["name"]: e.get("value") for e in
+           w.pods[("default", "m-0")]["spec"]["containers"][0]["env"]}
+    assert env["KVPILOT_HBM_PER_GPU_BYTES"] == str(21 * 2**30)
+    assert w.status("m")["kvCapacityTokens"] == 8192 * 4
+
+
+def test_does_not_fit_is_said_once_not_again_when_only_the_node_tally_changes():
+    w = World([node("a", gpus=1)], [model("m", 1, seqs=100)])
+    first = w.step()
+    assert [e["reason"] for e in first.events] == ["DoesNotFit"]
+    assert "(0/1 nodes fit:" in first.events[0]["message"]
+    w.nodes.append(node("b", gpus=1))  # one more node of the same kind
+    again = w.step()
+    assert "(0/2 nodes fit:" in cond(w.status("m"), "Unschedulable")["message"]
+    assert w.status("m")["reason"] == "Unschedulable"
+    assert [e["reason"] for e in again.events] == []
 
 
 def test_device_plugin_mode_never_shares_a_gpu():
@@ -266,6 +295,7 @@ def test_a_cordon_moves_replicas_one_at_a_time_make_before_break():
         if actions.writes == 0:
             break
     assert all(serving)  # never fewer serving replicas than wanted
+    assert "reason" not in w.status("m")
     assert {n for n, _ in w.placements().values()} == {"b"}
     assert "ReplicaLost" not in reasons and reasons.count("Draining") == on_a
     draining = [e["message"] for e in w.events if e["reason"] == "Draining"]
@@ -487,6 +517,7 @@ def test_a_model_the_worker_cannot_serve_gets_a_condition_and_no_pods():
     (c,) = w.status("phi")["conditions"]
     assert (c["type"], c["status"], c["reason"]) == ("Degraded", "True", "WorkerUnsupported")
     assert "headDim 96" in c["message"]
+    assert w.status("phi")["reason"] == "WorkerUnsupported"
 
 
 def test_latent_or_sliding_window_attention_gets_a_condition_and_no_pods():
@@ -504,13 +535,14 @@ def test_latent_or_sliding_window_attention_gets_a_condition_and_no_pods():
         assert why in c["message"]
 
 
-def test_tp_auto_never_resolves_wider_than_a_worker_drives():
+def test_tp_auto_resolves_to_a_replica_on_several_gpus_when_one_is_too_small():
     big = model("big", 1, seqs=16, context=65536)  # 15 + 128 GiB + 2: needs TP 2 on H100s
     w = World([node("a")], [big])
     w.settle()
-    assert w.pods == {}
-    u = cond(w.status("big"), "Unschedulable")
-    assert u["status"] == "True" and "a worker drives 1 GPU" in u["message"]
+    pod = w.pods[("default", "big-0")]
+    assert pod["metadata"]["annotations"]["kvpilot.dev/gpus"] == "0,1"
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["KVPILOT_TENSOR_PARALLEL"] == "2"
 
 
 def test_a_spec_change_replaces_replicas_one_at_a_time_through_a_drain():
@@ -572,6 +604,7 @@ def test_a_crash_looping_replica_shows_its_reason_on_the_model_with_one_event():
         "replica m-1: the checkpoint at /weights disagrees with Model m: architecture.layers: "
         "the Model says 32, config.json says 2")
     assert cond(w.status("m"), "Ready")["message"] == "1 of 2 replicas ready"
+    assert w.status("m")["reason"] == "WeightsMismatch"
     assert [(e["reason"], e["type"]) for e in actions.events] == [
         ("WeightsMismatch", "Warning")]
     assert w.step().writes == 0  # the same failure: no second event
@@ -611,6 +644,7 @@ def test_fetching_weights_is_said_while_replicas_are_not_ready():
                                                "state": {"running": {"startedAt": NOW}}}]
     w.step()
     assert cond(w.status("m"), "Ready")["message"] == "0 of 1 replicas ready (1 fetching weights)"
+    assert w.status("m")["reason"] == "FetchingWeights"
     assert cond(w.status("m"), "Degraded")["status"] == "False"
 
 
@@ -711,3 +745,26 @@ def test_the_indexes_keep_enough_of_each_object_to_plan_alike():
         == {k: (r.ready, r.ip, r.drain_started, r.spec_hash) for k, r in full.replicas.items()}
     pod = next(iter(w.pods.values()))
     assert "containers" not in trimmed("Pod", pod)["spec"]  # the env with the Model spec
+
+
+def _gauge(gauge, name: str) -> float:
+    return gauge.labels("default", name)._value.get()
+
+
+def test_metrics_count_desired_and_unplaced_of_models_the_worker_cannot_serve_too():
+    from kvpilot.operator import metrics
+    from kvpilot.operator.runner import Fleet, Indexes, PassResult
+    from kvpilot.operator.settings import Settings
+
+    phi = model("phi", 3)
+    phi["spec"]["architecture"]["headDim"] = 96  # planned, but no worker serves it
+    w = World([node("a", gpus=1)], [phi, model("m", 2)])
+    w.settle()
+    view = w.view()
+    actions = reconcile(w.models, view, Config(mode=w.mode), NOW)
+    Fleet(kube=None, settings=Settings(), indexes=Indexes()).observe(
+        PassResult(actions, w.mode, 0.01, view), w.models)
+    assert (_gauge(metrics.DESIRED, "phi"), _gauge(metrics.UNPLACED, "phi")) == (3, 3)
+    # m: two wanted, one GPU: one placed and one not
+    assert (_gauge(metrics.DESIRED, "m"), _gauge(metrics.UNPLACED, "m")) == (2, 1)
+    assert _gauge(metrics.ACTUAL, "m") == 1

@@ -184,6 +184,7 @@ def model_crd() -> dict[str, Any]:
                         {"name": "TP", "type": "integer", "jsonPath": ".status.tensorParallel"},
                         {"name": "HBM/GPU", "type": "string", "jsonPath": ".status.hbmPerGpu"},
                         {"name": "KV%", "type": "integer", "jsonPath": ".status.kvPressurePercent"},
+                        {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
                         {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],

@@ -712,6 +712,11 @@ class ModelStatus(KubeModel):
     kv_pressure_percent: Optional[int] = Field(
         None, ge=0, le=100, description="Mean KV-cache utilization over ready replicas."
     )
+    reason: Optional[str] = Field(
+        None, max_length=64, description="Why fewer replicas are ready than desired, in "
+        "one word (the Degraded reason, Unschedulable, FetchingWeights, Draining or "
+        "Starting); absent while every desired replica is ready.",
+    )
     endpoint: Optional[str] = Field(
         None, max_length=512, description="OpenAI base URL of the Model's Service "
         "(http://NAME.NAMESPACE.svc/v1), which sends requests to its ready, non-draining "

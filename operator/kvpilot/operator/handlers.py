@@ -201,17 +201,28 @@ def model_changed(spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
     _check_spec(spec)
 
 
+# How long a deletion waits in its handler for the replicas to go before kopf retries it
+# (a retry is logged as an error; a normal deletion takes a pass or two).
+DELETE_WAIT_SECONDS = 30.0
+
+
 @kopf.on.delete(*MODELS)
-def model_deleted(name: str, namespace: str, memo: kopf.Memo, worker_pods: kopf.Index,
-                  resource_claims: kopf.Index, **_: Any) -> None:
+async def model_deleted(name: str, namespace: str, memo: kopf.Memo, worker_pods: kopf.Index,
+                        resource_claims: kopf.Index, **_: Any) -> None:
     """Hold the finalizer until the fleet loop has removed every replica."""
     fleet: Fleet = memo.fleet
     fleet.ready.set()
     fleet.wake()
-    left = [o["metadata"]["name"] for index in (worker_pods, resource_claims)
-            for store in index.values() for o in store
-            if o["metadata"].get("namespace") == namespace
-            and (o["metadata"].get("labels") or {}).get(LABEL_MODEL) == name]
-    if left:
-        raise kopf.TemporaryError(f"waiting for {len(left)} worker object(s) to go: "
-                                  f"{', '.join(sorted(set(left))[:5])}", delay=1)
+
+    def left() -> list[str]:
+        return sorted({o["metadata"]["name"] for index in (worker_pods, resource_claims)
+                       for store in list(index.values()) for o in list(store)
+                       if o["metadata"].get("namespace") == namespace
+                       and (o["metadata"].get("labels") or {}).get(LABEL_MODEL) == name})
+
+    deadline = asyncio.get_running_loop().time() + DELETE_WAIT_SECONDS
+    while (remaining := left()) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.25)  # the indexes follow the watch: no API call here
+    if remaining:
+        raise kopf.TemporaryError(f"waiting for {len(remaining)} worker object(s) to go: "
+                                  f"{', '.join(remaining[:5])}", delay=1)

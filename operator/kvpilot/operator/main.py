@@ -76,6 +76,8 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    if not args.verbose:  # kopf's line per handler run (every watched event) otherwise
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings = settings_from(args)
     log.info("starting: mode %s, lease %s/%s as %s", settings.mode, settings.namespace,
              settings.lease_name, settings.identity)

@@ -78,6 +78,9 @@ class Replica:
     hbm_per_gpu: int
     kv_tokens: int = 0
     spec_hash: str = ""  # of the Model spec the replica is made for (``spec_hash``)
+    # HBM per GPU its worker sizes its KV pool from, when more than ``hbm_per_gpu`` (the
+    # placement budget): whole GPUs in device-plugin mode. 0: the budget.
+    pool_hbm_per_gpu: int = 0
 
     @property
     def tp(self) -> int:
@@ -307,7 +310,8 @@ def pod_for(r: Replica, spec: ModelSpec, spec_json: Mapping[str, Any], *, mode: 
             {"name": contract.ENV_MODEL_NAME, "value": r.model},
             {"name": contract.ENV_MODEL_SPEC,
              "value": json.dumps(spec_json, sort_keys=True, separators=(",", ":"))},
-            {"name": contract.ENV_HBM_PER_GPU, "value": str(r.hbm_per_gpu)},
+            {"name": contract.ENV_HBM_PER_GPU,
+             "value": str(r.pool_hbm_per_gpu or r.hbm_per_gpu)},
             {"name": contract.ENV_TENSOR_PARALLEL, "value": str(r.tp)},
         ],
         "readinessProbe": {"httpGet": {"path": contract.PATH_READY, "port": "http"},

@@ -13,12 +13,14 @@ after a crash creates what is missing and nothing twice.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 from pydantic import ValidationError
 
 from kvpilot.api.files import one_line
+from kvpilot.api.memory import kv_capacity_tokens, usable_hbm
 from kvpilot.api.model import MAX_MODEL_NAME, ModelSpec
 from kvpilot.api.support import worker_support_problem
 from kvpilot.api.quantity import format_bytes
@@ -211,8 +213,12 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
             moving = (f"; 1 more while a replica moves off a cordoned node"
                       + (f" (it has no room yet: {unplaced[0].reason})" if unplaced else ""))
             unplaced = unplaced[1:]
-        status = status_for(m, live.get(m.key, []), placed_by_model.get(m.key, []),
-                            unplaced, now, served=m.key in view.services, moving=moving)
+        placed = placed_by_model.get(m.key, [])
+        kv_tokens = (replica_budget_on(placed[0], m.spec, view, config)[1]
+                     if placed and m.spec is not None and not m.problem else None)
+        status = status_for(m, live.get(m.key, []), placed, unplaced, now,
+                            served=m.key in view.services, moving=moving,
+                            kv_tokens=kv_tokens)
         old = m.raw.get("status") or {}
         if _comparable(status) != _comparable({k: old.get(k) for k in status}):
             actions.statuses.append((m.namespace, m.name, status))
@@ -357,14 +363,31 @@ def _deletes(key: str, r: ReplicaObjects) -> list[Delete]:
         [Delete("ResourceClaim", ns, name)] if r.claim is not None else [])
 
 
+def replica_budget_on(a: Assignment, spec: ModelSpec, view: ClusterView,
+                      config: Config) -> tuple[int, int]:
+    """(HBM per GPU, KV tokens) a replica's worker gets. DRA: its placement budget,
+    which its claim asks and other replicas may share the rest of the GPU beside. Device
+    plugin: its GPUs are its alone, so its worker sizes its KV pool from all of their
+    usable HBM (``placement.reserve`` kept free)."""
+    if config.mode == "dra":
+        return a.hbm_per_gpu, a.kv_tokens
+    gpu_hbm = next((n.gpu_hbm for n in view.snapshot.nodes if n.name == a.node), 0)
+    if not gpu_hbm:
+        return a.hbm_per_gpu, a.kv_tokens
+    whole = usable_hbm(gpu_hbm, config.policy.reserve)
+    return whole, kv_capacity_tokens(spec, a.tp, whole)
+
+
 def _realize(a: Assignment, m: _Model, view: ClusterView, config: Config) -> list[dict]:
     """The claim and pod of an assignment that do not exist yet."""
     ns, name = split_key(a.replica)
     r = view.replicas.get(a.replica)
     if r is not None and r.terminating:
         return []  # the name frees once it is gone; the next pass places it again
+    pool, kv_tokens = replica_budget_on(a, m.spec, view, config)
     replica = Replica(name, ns, m.name, m.raw["metadata"].get("uid", ""), a.node, a.gpus,
-                      a.hbm_per_gpu, a.kv_tokens, spec_hash(m.raw["spec"]))
+                      a.hbm_per_gpu, kv_tokens, spec_hash(m.raw["spec"]),
+                      pool_hbm_per_gpu=pool if pool != a.hbm_per_gpu else 0)
     out = []
     if config.mode == "dra" and (r is None or r.claim is None):
         devices = [view.devices.get((a.node, g)) for g in a.gpus]
@@ -382,11 +405,12 @@ def _realize(a: Assignment, m: _Model, view: ClusterView, config: Config) -> lis
 
 def status_for(m: _Model, live: list[ReplicaObjects], placed: list[Assignment],
                unplaced: list[Unplaced], now: str, served: bool = False,
-               moving: str = "") -> dict:
+               moving: str = "", kv_tokens: int | None = None) -> dict:
     """The Model's status after this pass (``live``: its replicas with a pod not being
     deleted; ``placed``, ``unplaced``: the plan's for it; ``served``: its Service
-    exists; ``moving``: said of a replica moving off a cordoned node): what runs, where,
-    and the conditions.
+    exists; ``moving``: said of a replica moving off a cordoned node; ``kv_tokens``: the
+    KV tokens its workers hold, :func:`replica_budget_on`): what runs, where, and the
+    conditions.
 
     ``Degraded`` says the first thing wrong, most fundamental first: a spec that cannot
     be served, then replicas whose weights or worker fail (a crash loop is never hidden
@@ -404,15 +428,17 @@ def status_for(m: _Model, live: list[ReplicaObjects], placed: list[Assignment],
         "observedGeneration": gen,
         "tensorParallel": None, "hbmPerGpu": None, "kvCapacityTokens": None,
         "placements": None, "endpoint": endpoint(m.name, m.namespace) if served else None,
+        "reason": None,
     }
     if m.spec is None or m.problem:
         status["conditions"] = [condition("Degraded", True, m.reason, m.problem, gen,
                                           conditions, now)]
+        status["reason"] = m.reason
         return status
     if placed:
         first = placed[0]
         status.update(tensorParallel=first.tp, hbmPerGpu=format_bytes(first.hbm_per_gpu),
-                      kvCapacityTokens=first.kv_tokens)
+                      kvCapacityTokens=first.kv_tokens if kv_tokens is None else kv_tokens)
     status["placements"] = [{"replica": split_key(a.replica)[1], "node": a.node,
                              "gpus": list(a.gpus), "shared": a.shared} for a in placed]
     desired = m.desired()
@@ -443,6 +469,11 @@ def status_for(m: _Model, live: list[ReplicaObjects], placed: list[Assignment],
         condition("Degraded", degraded[0] != "AsSpecified", *degraded, gen, conditions, now),
     ]
     status["conditions"] = cond
+    if ready < desired:
+        status["reason"] = (degraded[0] if failed else "Unschedulable" if unplaced
+                            else "FetchingWeights" if fetching
+                            else "Draining" if any(r.drain_started for r in live)
+                            else "Starting")
     return status
 
 
@@ -452,15 +483,26 @@ def _comparable(status: Obj) -> dict:
     return {k: v for k, v in status.items() if v is not None}
 
 
+# The node tally that ends placement's reasons, "(0/5 nodes fit: 2 cordoned, 3 ...)": it
+# moves with every node that comes or goes, and says nothing new of the Model.
+_TALLY = re.compile(r" \(\d+/\d+ nodes fit: [^()]*\)$")
+
+
+def _without_tally(message: str) -> str:
+    return _TALLY.sub("", message)
+
+
 def _transition_events(m: _Model, old: Obj, new: Obj, now: str) -> list[dict]:
-    """Events for conditions that turned True (or whose message changed while True)."""
+    """Events for conditions that turned True, or whose message changed while True (a
+    change of the node tally alone is not news)."""
     before = {c.get("type"): c for c in old.get("conditions") or []}
     out = []
     for c in new.get("conditions") or []:
         if c["type"] not in ("Unschedulable", "Degraded") or c["status"] != "True":
             continue
         prev = before.get(c["type"])
-        if prev and prev.get("status") == "True" and prev.get("message") == c["message"]:
+        if prev and prev.get("status") == "True" and _without_tally(
+                prev.get("message", "")) == _without_tally(c["message"]):
             continue
         out.append(event_for(m.raw, c["reason"], c["message"], now, warning=True))
     return out

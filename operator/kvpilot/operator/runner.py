@@ -24,7 +24,10 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
 
 import httpx
+from pydantic import ValidationError
 
+from kvpilot.api import contract
+from kvpilot.api.model import ModelSpec
 from kvpilot.operator import metrics
 from kvpilot.operator.kube import ApiError, Kube
 from kvpilot.operator.objects import ANN_DRAIN, LABEL_SERVING, WeightsCache
@@ -86,6 +89,7 @@ class Fleet:
         self.deleted: dict[tuple[str, str, str], float] = {}
         self.passes = 0
         self.last: PassResult | None = None
+        self.drain_silent: dict[str, int] = {}  # replica key -> drain asks unanswered
         self.client = httpx.AsyncClient()  # to the workers, for drains
 
     def wake(self) -> None:
@@ -201,10 +205,16 @@ class Fleet:
                 metrics.forget(ns, name)
                 continue
             reps = [r for r in live.get(key, []) if not r.drain_started]
-            unplaced = not_placed[key]
+            try:
+                desired = ModelSpec.model_validate(raw.get("spec") or {}).desired_replicas
+            except ValidationError:
+                desired = 0
+            # A Model placement never saw (its worker cannot serve it) has all unplaced.
+            demanded = key in placed or key in not_placed
+            unplaced = not_placed[key] if demanded else desired
             metrics.ACTUAL.labels(ns, name).set(len(reps))
             metrics.READY.labels(ns, name).set(sum(1 for r in reps if r.ready))
-            metrics.DESIRED.labels(ns, name).set(placed[key] + unplaced)
+            metrics.DESIRED.labels(ns, name).set(desired)
             metrics.UNPLACED.labels(ns, name).set(unplaced)
             if unplaced:
                 metrics.PLACEMENT_FAILURES.labels(ns, name).inc()
@@ -218,7 +228,24 @@ class Fleet:
         answers = await asyncio.gather(*(
             drain(self.client, r.ip, self.settings.worker_port,
                   self.settings.scrape_timeout_seconds) for r in draining))
+        keys = {r.key for r in draining}
+        self.drain_silent = {k: n for k, n in self.drain_silent.items() if k in keys}
+        for r, a in zip(draining, answers):
+            self._drain_answered(r.key, r.ip, a)
         return {r.key: bool(a) for r, a in zip(draining, answers)}
+
+    def _drain_answered(self, key: str, ip: str | None, answer: bool | None) -> None:
+        """Log a worker that does not answer its drain: the first time, then every tenth
+        ask (one a scrape interval), until it answers or its drain times out."""
+        if answer is not None:
+            self.drain_silent.pop(key, None)
+            return
+        n = self.drain_silent[key] = self.drain_silent.get(key, 0) + 1
+        if n % 10 == 1:
+            log.warning("drain %s: the worker at %s:%d does not answer POST %s (%d time(s)); "
+                        "asking again, it is removed after the drain timeout (%.0fs)", key,
+                        ip, self.settings.worker_port, contract.PATH_DRAIN, n,
+                        self.settings.drain_timeout_seconds)
 
     async def apply(self, actions: Actions, view: ClusterView | None = None) -> None:
         # Deletes first: they free HBM the creates may be planned into (DRA: the scheduler
@@ -256,8 +283,9 @@ class Fleet:
             return
         r = view.replicas.get(f"{namespace}/{name}") if view else None
         if r is not None and r.ip:
-            await drain(self.client, r.ip, self.settings.worker_port,
-                        self.settings.scrape_timeout_seconds)
+            self._drain_answered(r.key, r.ip, await drain(
+                self.client, r.ip, self.settings.worker_port,
+                self.settings.scrape_timeout_seconds))
 
     async def _delete(self, d: Delete) -> None:
         try:
