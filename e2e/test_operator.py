@@ -17,7 +17,10 @@ from collections import Counter, defaultdict
 import pytest
 
 from kvpilot.api.fleet import FleetNode
+from kvpilot.api.memory import replica_budget
+from kvpilot.api.model import ModelSpec
 from kvpilot.api.quantity import parse_bytes
+from kvpilot.operator.objects import spec_hash
 
 from e2e.cluster import Cluster
 from e2e.conftest import ROOT
@@ -238,6 +241,61 @@ def test_killing_the_operator_during_a_rollout_leaves_no_duplicates_or_orphans(
     finally:
         op.stop()
     operator.start()  # the module's operator again, for the tests after this one
+
+
+def test_a_rollout_of_ten_models_with_the_operator_killed_twenty_times_ends_on_the_spec(
+        dra_cluster, operator, tmp_path):
+    """Every replica's pod and claim end on the Model's new spec and its budget, however
+    the kills land (mid-pass, between a pod's and its claim's deletion, ...)."""
+    small = [model(f"roll-{i}", 1 + i % 2, weights="1Gi", layers=24, kv_heads=2, head_dim=64,
+                   context=4096, seqs=8) for i in range(10)]
+    dra_cluster.apply(small)
+    want = {"llama": 2, "qwen": 3, "mistral": 1, "burst": 10,
+            **{m["metadata"]["name"]: m["spec"]["replicas"] for m in small}}
+    wait_for("the ten Models placed", lambda: running(dra_cluster, want), 120,
+             log=operator.log)
+    operator.kill()
+    for m in small:
+        m["spec"]["sla"]["concurrentSequences"] = 24  # a bigger claim for every replica
+    dra_cluster.apply(small)
+    rng = random.Random(11)
+    op = OperatorProcess(dra_cluster, tmp_path / "rollout.log", drain_timeout_seconds="3")
+    for _ in range(20):
+        op.start()
+        time.sleep(rng.uniform(0.5, 3.0))
+        op.kill(signal.SIGKILL)
+    op.start()
+    budget = {m["metadata"]["name"]: replica_budget(ModelSpec.model_validate(m["spec"]), 1)
+              .per_gpu for m in small}
+    current = {m["metadata"]["name"]: spec_hash(
+        dra_cluster.get("model", m["metadata"]["name"])["spec"]) for m in small}
+
+    def rolled_out() -> dict | None:
+        reps = running(dra_cluster, want)
+        if not reps:
+            return None
+        for name, r in reps.items():
+            model_name = r["pod"]["metadata"]["labels"]["kvpilot.dev/model"]
+            if model_name in current and (
+                    r["pod"]["metadata"]["annotations"].get("kvpilot.dev/spec-hash")
+                    != current[model_name]):
+                return None
+        return reps
+
+    try:
+        reps = wait_for("every replica on the new spec", rolled_out, 240, log=op.log)
+        check_consistent(dra_cluster, reps)  # every claim holds what its pod says
+        for name, r in reps.items():
+            model_name = r["pod"]["metadata"]["labels"]["kvpilot.dev/model"]
+            if model_name not in current:
+                continue
+            claim = r["claim"]["metadata"]["annotations"]
+            assert claim["kvpilot.dev/spec-hash"] == current[model_name], name
+            assert int(claim["kvpilot.dev/hbm-per-gpu"]) == budget[model_name], name
+    finally:
+        op.stop()
+        dra_cluster.kubectl("delete", "model", *current, "--wait=true", timeout=120)
+    operator.start()
 
 
 def test_deleting_a_model_removes_its_pods_and_claims(dra_cluster, operator):
