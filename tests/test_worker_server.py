@@ -24,7 +24,7 @@ from kvpilot.api import contract  # noqa: E402
 from kvpilot.api.memory import replica_budget  # noqa: E402
 from kvpilot.worker.engine import EngineLoop  # noqa: E402
 from kvpilot.worker.scheduler import SamplingParams  # noqa: E402
-from kvpilot.worker.server import WorkerState, create_app  # noqa: E402
+from kvpilot.worker.server import ServerSettings, WorkerState, create_app, uvicorn_config  # noqa: E402
 from kvpilot.worker.tiny import write_tiny_checkpoint  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from tests.worker_helpers import tiny_engine  # noqa: E402
@@ -35,19 +35,20 @@ NAME = "tiny"
 class Served:
     """An engine loop and app served by uvicorn on 127.0.0.1 in this process."""
 
-    def __init__(self, ckpt, **kw):
+    def __init__(self, ckpt, settings: ServerSettings | None = None, **kw):
         self.engine = tiny_engine(ckpt, **kw)
         self.loop = EngineLoop(self.engine, max_waiting=8)
         self.loop.start()
         self.state = WorkerState(name=NAME, loop=self.loop)
-        config = uvicorn.Config(create_app(self.state), host="127.0.0.1", port=0,
-                                log_level="warning", lifespan="off")
+        self.app = create_app(self.state, settings or ServerSettings())
+        config = uvicorn_config(self.app, host="127.0.0.1", port=0, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:
             time.sleep(0.01)
         port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.addr = ("127.0.0.1", port)
         self.url = f"http://127.0.0.1:{port}"
         self.client = httpx.Client(base_url=self.url, timeout=60)
 

@@ -4,9 +4,11 @@ that runs it for the HTTP server.
 ``Engine.step`` asks the scheduler for a batch, runs it through the model runner,
 samples one token per sequence, and turns tokens into text (stop strings are matched on
 the text; what could still become a stop string is held back while streaming). It
-returns one ``Output`` per sequence that got a token or finished. A batch whose forward
-pass raises finishes its sequences with an error (their pages are freed) and the engine
-goes on: one bad batch never takes the worker down.
+returns one ``Output`` per sequence that got a token or finished. A sequence's trouble
+stays with it: a row that cannot be sampled (non-finite logits) fails alone, and a batch
+whose forward pass raises is run again in halves until the sequences that break it are
+alone, so only they finish with an error (their pages freed, none of their pages put in
+the prefix cache) and the others go on. The worker never goes down for a bad batch.
 
 ``EngineLoop`` runs ``step`` on its own thread. Requests and aborts arrive from the
 server's event loop through a locked inbox; outputs go back through a callback per
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from kvpilot.worker.runner import ModelRunner
 from kvpilot.worker.sampler import Sampler
 from kvpilot.worker.scheduler import (
+    Batch,
     BatchKind,
     FinishReason,
     SamplingParams,
@@ -119,32 +122,58 @@ class Engine:
         batch = self.scheduler.schedule()
         outputs: list[Output] = []
         if batch is not None and batch.seqs:
-            seqs = batch.seqs
             start = time.monotonic()
-            try:
-                if batch.kind is BatchKind.PREFILL:
-                    logits = self.runner.prefill(seqs)
-                else:
-                    logits = self.runner.decode(seqs)
-                tokens = self.sampler.sample(logits, [s.seq_id for s in seqs],
-                                             [s.params for s in seqs])
-            except Exception as err:  # noqa: BLE001 - the worker must outlive a bad batch
-                log.exception("a %s batch of %d sequences failed", batch.kind.value, len(seqs))
-                for seq in seqs:
-                    outputs.append(self._fail(seq, f"{type(err).__name__}: {err}"))
-                self._refresh_stats()
-                return outputs
+            tokens, errors = self._run(batch.kind, batch.seqs)
             now = time.monotonic()
-            self.scheduler.computed(batch)
+            done = [s for s in batch.seqs if s.seq_id in tokens]
+            # Only sequences computed cleanly commit their pages to the prefix cache.
+            self.scheduler.computed(Batch(batch.kind, done))
             with self.stats_lock:
                 if batch.kind is BatchKind.DECODE:
                     self.stats.decode_step.observe(now - start)
-                    kv = sum(len(s) for s in seqs) * self.runner.kv_bytes_per_token
+                    kv = sum(len(s) for s in batch.seqs) * self.runner.kv_bytes_per_token
                     self.stats.step_read_bytes = self.weight_read_bytes + kv
-                self.stats.generation_tokens += len(seqs)
-                outputs = [self._postprocess(seq, token, now) for seq, token in zip(seqs, tokens)]
+                self.stats.generation_tokens += len(done)
+                outputs = [self._postprocess(s, tokens[s.seq_id], now) for s in done]
+            outputs += [self._fail(seq, message) for seq, message in errors]
         self._refresh_stats()
         return outputs
+
+    def _run(self, kind: BatchKind, seqs: list[Sequence], *, retry: bool = False
+             ) -> tuple[dict[int, int], list[tuple[Sequence, str]]]:
+        """Forward and sample ``seqs``: the new token of each sequence that got one (by
+        seq_id) and why each of the others failed.
+
+        A forward pass that raises is retried in halves, down to single sequences, so one
+        sequence that breaks its batch costs about 2*log2(n) extra passes and fails alone;
+        rerunning a pass rewrites the same KV slots with the same values. When every
+        sequence fails alone (a dead device), all of them fail, as before."""
+        try:
+            logits = (self.runner.prefill(seqs) if kind is BatchKind.PREFILL
+                      else self.runner.decode(seqs))
+            sampled = self.sampler.sample(logits, [s.seq_id for s in seqs],
+                                          [s.params for s in seqs])
+        except Exception as err:  # noqa: BLE001 - the worker must outlive a bad batch
+            if not retry:  # one traceback per failed batch, not one per half
+                log.exception("a %s batch of %d sequences failed", kind.value, len(seqs))
+            if len(seqs) == 1:
+                if retry:
+                    log.error("sequence %d fails its %s alone: %s: %s", seqs[0].seq_id,
+                              kind.value, type(err).__name__, err)
+                return {}, [(seqs[0], f"{type(err).__name__}: {err}")]
+            half = len(seqs) // 2
+            tokens, errors = self._run(kind, seqs[:half], retry=True)
+            more_tokens, more_errors = self._run(kind, seqs[half:], retry=True)
+            return tokens | more_tokens, errors + more_errors
+        tokens: dict[int, int] = {}
+        errors: list[tuple[Sequence, str]] = []
+        for r, seq in enumerate(seqs):
+            if r in sampled.failed:
+                log.error("sequence %d could not be sampled: %s", seq.seq_id, sampled.failed[r])
+                errors.append((seq, sampled.failed[r]))
+            else:
+                tokens[seq.seq_id] = sampled.tokens[r]
+        return tokens, errors
 
     def _postprocess(self, seq: Sequence, token: int, now: float) -> Output:
         """One sequence's new token: timing, finish, text. Called under ``stats_lock``."""

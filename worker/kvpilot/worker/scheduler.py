@@ -40,12 +40,13 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # an end-of-sequence token or a stop string
     LENGTH = "length"  # max_tokens, or the context limit
     ABORT = "abort"  # the client went away or the request was cancelled
-    ERROR = "error"  # the engine failed on this sequence's batch
+    ERROR = "error"  # the engine failed on this sequence (its forward pass or sampling)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. ``temperature`` 0 is greedy; ``top_k`` 0 means all tokens."""
+    """How to pick tokens. ``temperature`` 0 is greedy; a positive one below the sampler's
+    ``MIN_TEMPERATURE`` (0.01) samples at that floor. ``top_k`` 0 means all tokens."""
 
     max_tokens: int = 16
     temperature: float = 1.0

@@ -4,13 +4,27 @@
 
 Every request is checked before it reaches the engine; what is wrong gets a 4xx with an
 OpenAI-style body, ``{"error": {"message", "type", "param", "code"}}``, and the server
-goes on: malformed JSON or UTF-8, an unknown model, a prompt or ``max_tokens`` beyond
-the context SLA or the page pool, out-of-range sampling parameters, features this engine
-does not have. A full waiting queue answers 429 with ``Retry-After``; a draining worker
-503. ``finish_reason`` is ``stop`` (end token or stop string) or ``length`` (max_tokens
-or the context limit), never anything for a sequence that did not end: a sequence whose
-batch failed ends a stream with an error event and no ``[DONE]``, or a 500. A client
-that disconnects has its sequence aborted and its pages freed.
+goes on: malformed JSON or UTF-8, lone UTF-16 surrogates, nesting or integers beyond
+what the JSON parser takes, fields of the wrong type (no ``"10"`` for 10, no ``true`` for
+1), an unknown model, a prompt or ``max_tokens`` beyond the context SLA or the page pool,
+out-of-range sampling parameters, stop strings beyond their bound, special-token text in
+chat content, features this engine does not have. A full waiting queue answers 429 with
+``Retry-After``; a draining worker 503. ``finish_reason`` is ``stop`` (end token or stop
+string) or ``length`` (max_tokens or the context limit), never anything for a sequence
+that did not end: a sequence the engine failed on ends a stream with an error event and
+no ``[DONE]``, or a 500. A client that disconnects has its sequence aborted and its
+pages freed.
+
+Bounds (``ServerSettings``): a body is read up to ``max_body_bytes`` (413 from its
+Content-Length, or as soon as a chunked body passes it) within ``body_timeout`` (408);
+it is then parsed, validated, templated and tokenized on ``prepare_threads`` threads, at
+most ``max_preparing`` requests at once (429 beyond), so the event loop only moves bytes
+and ``/health`` answers while a large body is worked on. ``uvicorn_config`` serves the
+app with uvicorn's h11 protocol plus what it lacks against idle clients: a connection
+that has not sent a whole request head within ``header_timeout`` (from its opening or
+from its last response) is closed, and connections beyond ``max_connections`` are
+answered 503 and closed at once; ``keep_alive_timeout`` closes idle keep-alive ones. A
+log message repeated within ``log_interval`` is dropped and counted (``RepeatFilter``).
 """
 
 from __future__ import annotations
@@ -19,16 +33,21 @@ import asyncio
 import json
 import logging
 import math
+import re
+import resource
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from starlette.requests import ClientDisconnect
 
 from kvpilot.api import contract
 from kvpilot.worker.engine import QUEUE_FULL, Draining, EngineLoop, Output, QueueFull
@@ -38,7 +57,47 @@ from kvpilot.worker.scheduler import FinishReason, SamplingParams, Sequence
 log = logging.getLogger("kvpilot.worker")
 
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256  # per stop string: the stream holds back up to this many characters
 RETRY_AFTER_SECONDS = 1
+# A normalizer may shrink text before it is tokenized (NFC: at most 3 characters to 1).
+_NORMALIZER_SHRINK = 4
+_MESSAGES_PER_SLICE = 512
+
+
+def _default_max_connections() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(16, min(1024, soft // 2))  # the rest of the descriptors for everything else
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What one client can hold of the server, and how it treats input. Defaults suit a
+    worker behind a gateway; the tests shorten the timeouts."""
+
+    max_body_bytes: int = 8 * 2**20  # a 128K-token prompt as JSON token ids is ~1 MB
+    body_timeout: float = 30.0  # seconds to receive a whole body, once the head is in
+    header_timeout: float = 10.0  # seconds to a whole request head (new or idle connection)
+    keep_alive_timeout: int = 5  # seconds an idle keep-alive connection stays open
+    max_connections: int = field(default_factory=_default_max_connections)
+    max_header_bytes: int = 16 * 1024  # a request head beyond this is a 400
+    prepare_threads: int = 2  # threads that parse, template and tokenize request bodies
+    max_preparing: int = 64  # requests being prepared or waiting for a thread; 429 beyond
+    log_interval: float = 10.0  # the same log message at most once per this many seconds
+    # Text like "<|eot_id|>" in chat content would become that special token and could
+    # forge turn boundaries; refused (400) unless this is set.
+    special_tokens_in_chat: bool = False
+
+    def __post_init__(self):
+        for name in ("max_body_bytes", "keep_alive_timeout", "max_connections",
+                     "max_header_bytes", "prepare_threads", "max_preparing"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("body_timeout", "header_timeout", "log_interval"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value}")
 
 
 class ApiError(Exception):
@@ -49,10 +108,12 @@ class ApiError(Exception):
         self.status, self.message, self.type = status, message, type
         self.param, self.code, self.headers = param, code, headers
 
-    def response(self) -> JSONResponse:
+    def response(self) -> Response:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        # ASCII JSON: whatever a client put in the message (its model name) renders.
+        return Response(json.dumps(body).encode(), status_code=self.status,
+                        headers=self.headers, media_type="application/json")
 
 
 def _loading(retry: bool = False) -> ApiError:
@@ -76,9 +137,20 @@ def _engine_failed(error: str | None) -> ApiError:
     return ApiError(500, f"the engine failed on this request: {error}", type="server_error")
 
 
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than {limit} bytes",
+                    code="request_too_large", headers={"Connection": "close"})
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its body was in."""
+
+
 # ---- request bodies ---------------------------------------------------------------------
+# Strict: a number is a JSON number and a boolean a JSON boolean ("10", 10.0 and true are
+# not max_tokens 10); a float field takes an integer.
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     max_tokens: int | None = None
@@ -104,12 +176,13 @@ class CompletionBody(_Body):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Union[str, list[TextPart]]
 
@@ -118,8 +191,12 @@ class Message(BaseModel):
 
 
 class ChatBody(_Body):
-    messages: list[Message] = Field(min_length=1)
+    # Validated as Messages by ``_messages``, a slice at a time.
+    messages: list[Any] = Field(min_length=1)
     max_completion_tokens: int | None = None
+
+
+_MESSAGE_LIST = TypeAdapter(list[Message])
 
 
 # ---- worker state -----------------------------------------------------------------------
@@ -137,6 +214,37 @@ class WorkerState:
         return self.loop.engine if self.loop else None
 
 
+# A \uD800..\uDFFF escape: the only way a lone surrogate gets into parsed JSON.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """Where (``messages.0.content``) a string of parsed JSON holds a lone UTF-16
+    surrogate, which ``\\ud800`` escapes make and no text can hold (the tokenizer and
+    UTF-8 refuse it); None when none does. Iterative: any depth the parser took."""
+    stack: list[tuple[tuple, Any]] = [((), data)]
+    while stack:
+        path, obj = stack.pop()
+        if isinstance(obj, str):
+            if _SURROGATE.search(obj):
+                return ".".join(map(str, path))
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                if _SURROGATE.search(key):
+                    return ".".join(map(str, path + (key,)))
+                stack.append((path + (key,), value))
+        elif isinstance(obj, list):
+            stack.extend((path + (i,), v) for i, v in enumerate(obj)
+                         if isinstance(v, (str, list, dict)))
+    return None
+
+
+def _invalid(loc: tuple, message: str) -> ApiError:
+    where = ".".join(str(p) for p in loc)
+    return ApiError(400, f"{where}: {message}" if where else message, param=where or None)
+
+
 def _parse(raw: bytes, cls: type[_Body]) -> _Body:
     try:
         text = raw.decode("utf-8")
@@ -148,14 +256,36 @@ def _parse(raw: bytes, cls: type[_Body]) -> _Body:
     except json.JSONDecodeError as err:
         raise ApiError(400, f"the request body is not valid JSON: {err.msg} (line "
                        f"{err.lineno}, column {err.colno})") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except ValueError as err:  # an integer literal of more than 4300 digits
+        raise ApiError(400, f"the request body is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw):
+        where = _lone_surrogate(data)
+        if where is not None:
+            raise ApiError(400, f"{where}: a string holds a lone UTF-16 surrogate (an "
+                           "unpaired \\ud800-\\udfff escape), which is not text", param=where)
     try:
         return cls.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
+        raise _invalid(first["loc"], first["msg"]) from None
+
+
+def _messages(raw: list) -> list[Message]:
+    """Chat messages, validated a slice at a time: a body of 100,000 messages takes the
+    validator ~0.6 s, all of it holding the GIL unless it is cut into pieces."""
+    out: list[Message] = []
+    for start in range(0, len(raw), _MESSAGES_PER_SLICE):
+        try:
+            out += _MESSAGE_LIST.validate_python(raw[start:start + _MESSAGES_PER_SLICE])
+        except ValidationError as err:
+            first = err.errors()[0]
+            index, *rest = first["loc"]
+            raise _invalid(("messages", index + start, *rest), first["msg"]) from None
+    return out
 
 
 def _sampling(body: _Body, max_tokens: int) -> SamplingParams:
@@ -180,21 +310,85 @@ def _sampling(body: _Body, max_tokens: int) -> SamplingParams:
     if body.seed is not None and not 0 <= body.seed < 2**63:
         raise bad("seed", "seed must be in 0..2**63-1")
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
-        raise bad("stop", f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
+    if len(stops) > MAX_STOP_STRINGS or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise bad("stop", f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of at "
+                  f"most {MAX_STOP_CHARS} characters")
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                           top_p=body.top_p, top_k=max(0, body.top_k), seed=body.seed,
                           stop=tuple(stops), ignore_eos=body.ignore_eos)
 
 
-def create_app(state: WorkerState) -> FastAPI:
+async def read_body(request: Request, settings: ServerSettings) -> bytes:
+    """The body, refused with 413 from its Content-Length or as soon as what came passes
+    ``max_body_bytes`` (a chunked body has no length up front), with 408 past
+    ``body_timeout``; both close the connection rather than read on. ``ClientGone`` when
+    the client leaves before it is all in."""
+    limit = settings.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(settings.body_timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within "
+                       f"{settings.body_timeout:g} s", code="request_timeout",
+                       headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        of = f" of {declared}" if declared else ""
+        raise ClientGone(f"after {size}{of} bytes of its body") from None
+    return b"".join(chunks)
+
+
+class Preparer:
+    """Runs the slow part of a request (JSON, validation, chat template, tokenizer) on a
+    few threads, so that the event loop only moves bytes. At most ``limit`` requests are
+    prepared or wait for a thread; beyond that ``run`` raises 429. A slot is freed when
+    its work ends, even if the request that queued it has gone."""
+
+    def __init__(self, threads: int, limit: int):
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvpilot-prepare")
+        self._slots = threading.BoundedSemaphore(limit)
+
+    async def run(self, fn: Callable, *args):
+        if not self._slots.acquire(blocking=False):
+            raise _queue_full()
+        work = self._pool.submit(fn, *args)
+        work.add_done_callback(lambda _: self._slots.release())  # done, failed or cancelled
+        return await asyncio.wrap_future(work)
+
+
+def create_app(state: WorkerState, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
     app = FastAPI(title="kvpilot worker", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = state
+    app.state.settings = settings
     registry = {}
+    preparer = Preparer(settings.prepare_threads, settings.max_preparing)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError):
         return err.response()
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, err: ClientGone):
+        # Ordinary on a bad network; one line, no traceback (nobody reads the answer).
+        client = request.client
+        log.info("%s went away %s", f"{client.host}:{client.port}" if client else "a client",
+                 err)
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, err: Exception):
+        # A bug: a JSON 500 for the client; the server logs the traceback.
+        return ApiError(500, f"internal error ({type(err).__name__})",
+                        type="server_error").response()
 
     @app.exception_handler(404)
     async def _not_found(request: Request, _):
@@ -423,9 +617,18 @@ def create_app(state: WorkerState) -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = _parse(await request.body(), CompletionBody)
+    def check_text(engine, text: str, param: str) -> None:
+        """Refuse text that no context can hold before tokenizing it: a token stands for
+        at most ``max_token_chars`` characters (after a normalizer, which may shrink)."""
+        limit = engine.max_model_len
+        if len(text) > limit * engine.tokenizer.max_token_chars * _NORMALIZER_SHRINK:
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens; the "
+                           f"prompt has {len(text)} characters, more than {limit} tokens "
+                           f"can hold.", param=param, code="context_length_exceeded")
+
+    def prepare_completion(raw: bytes) -> tuple[CompletionBody, Sequence]:
+        """Runs on a Preparer thread."""
+        body = _parse(raw, CompletionBody)
         check_model(body.model)
         engine = engine_loop().engine
         if body.echo:
@@ -440,28 +643,53 @@ def create_app(state: WorkerState) -> FastAPI:
         if isinstance(p, str):
             if engine.tokenizer is None:
                 raise ApiError(400, "this worker has no tokenizer: send token ids", param="prompt")
+            check_text(engine, p, "prompt")
+            # The whole prompt is the client's: its special-token text is parsed as such.
             prompt = engine.tokenizer.encode(p)
         else:
             prompt = list(p)
-        seq = prepare(body, prompt, default_max=16)
+        return body, prepare(body, prompt, default_max=16)
+
+    def prepare_chat(raw: bytes) -> tuple[ChatBody, Sequence]:
+        """Runs on a Preparer thread."""
+        body = _parse(raw, ChatBody)
+        check_model(body.model)
+        engine = engine_loop().engine
+        tokenizer = engine.tokenizer
+        if tokenizer is None:
+            raise ApiError(400, "this worker has no tokenizer", param="messages")
+        if body.max_completion_tokens is not None and body.max_tokens is None:
+            body.max_tokens = body.max_completion_tokens
+        messages = [{"role": m.role, "content": m.text()} for m in _messages(body.messages)]
+        if not settings.special_tokens_in_chat:
+            for i, m in enumerate(messages):
+                found = tokenizer.special_token_in(m["content"])
+                if found is not None:
+                    raise ApiError(400, f"messages[{i}] holds the text of the special token "
+                                   f"{found!r}, which would become that token and could "
+                                   f"forge the conversation's turns",
+                                   param=f"messages.{i}.content",
+                                   code="special_token_in_content")
+        try:
+            text = tokenizer.apply_chat_template(messages)
+        except Exception as err:  # noqa: BLE001 - a template may refuse a conversation
+            raise ApiError(400, f"the chat template refused these messages: {err}",
+                           param="messages") from None
+        check_text(engine, text, "messages")
+        # The template writes the special tokens itself (transformers does the same).
+        prompt = tokenizer.encode(text, add_special_tokens=False)
+        return body, prepare(body, prompt, default_max=None)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        raw = await read_body(request, settings)
+        body, seq = await preparer.run(prepare_completion, raw)
         return await respond(request, body, seq, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = _parse(await request.body(), ChatBody)
-        check_model(body.model)
-        engine = engine_loop().engine
-        if engine.tokenizer is None:
-            raise ApiError(400, "this worker has no tokenizer", param="messages")
-        if body.max_completion_tokens is not None and body.max_tokens is None:
-            body.max_tokens = body.max_completion_tokens
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt = engine.tokenizer.encode_chat(messages)
-        except Exception as err:  # noqa: BLE001 - a template may refuse a conversation
-            raise ApiError(400, f"the chat template refused these messages: {err}",
-                           param="messages") from None
-        seq = prepare(body, prompt, default_max=None)
+        raw = await read_body(request, settings)
+        body, seq = await preparer.run(prepare_chat, raw)
         return await respond(request, body, seq, chat=True)
 
     @app.get("/")
@@ -469,3 +697,139 @@ def create_app(state: WorkerState) -> FastAPI:
         return PlainTextResponse(f"kvpilot worker serving {state.name}\n")
 
     return app
+
+
+# ---- serving ----------------------------------------------------------------------------
+class RepeatFilter(logging.Filter):
+    """Lets one record of a kind (logger, level, message format) through per ``interval``
+    seconds; the next one let through says how many were dropped meanwhile. A flood of one
+    error (a client repeating a bad request, accept() out of descriptors) then costs a
+    line per interval, not the disk."""
+
+    _MAX_KINDS = 1024  # kinds are format strings, few; a bound all the same
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seen: dict[tuple, list] = {}  # kind -> [when let through, dropped since]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = (record.name, record.levelno, str(record.msg))
+        now = self._clock()
+        with self._lock:
+            seen = self._seen.get(kind)
+            if seen is not None and now - seen[0] < self.interval:
+                seen[1] += 1
+                return False
+            dropped = seen[1] if seen is not None else 0
+            if seen is None and len(self._seen) >= self._MAX_KINDS:
+                self._seen.clear()
+            self._seen[kind] = [now, 0]
+        if dropped:
+            record.msg = (f"{record.msg} ({dropped} more like it in the last "
+                          f"{self.interval:g} s were not logged)")
+        return True
+
+
+# What the server logs: the worker, uvicorn's protocol errors, asyncio's accept() errors.
+REPEAT_LIMITED_LOGGERS = ("kvpilot.worker", "uvicorn.error", "asyncio")
+
+
+def limit_repeated_logs(interval: float) -> None:
+    for name in REPEAT_LIMITED_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, RepeatFilter)]:
+            logger.removeFilter(old)
+        logger.addFilter(RepeatFilter(interval))
+
+
+def _too_many_connections() -> bytes:
+    body = json.dumps({"error": {"message": "this worker has too many open connections; "
+                                 "retry later", "type": "service_unavailable", "param": None,
+                                 "code": "too_many_connections"}}).encode()
+    head = ("HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nretry-after: {RETRY_AFTER_SECONDS}\r\n"
+            "connection: close\r\n\r\n")
+    return head.encode() + body
+
+
+def bounded_protocol(settings: ServerSettings) -> type:
+    """uvicorn's h11 protocol with the bounds it lacks against idle clients.
+
+    uvicorn arms its keep-alive timer only after a response, and cancels it on the first
+    byte of the next request: a connection that sends nothing, or half a request head,
+    stays open forever (21,000 of them ran the worker out of descriptors). Here a timer
+    runs from the opening and from each response until a whole request head is in, and
+    closes the connection at ``header_timeout``; a connection answered before its body
+    was all read is closed, not read on. uvicorn's ``limit_concurrency`` answers
+    503 only once a request arrives and never closes anything, so the connection cap is
+    kept here, when the connection is made."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    refusal = _too_many_connections()
+
+    class BoundedH11Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > settings.max_connections:
+                log.warning("refused a connection: %d are open (max_connections)",
+                            len(self.connections) - 1)
+                transport.write(refusal)
+                transport.close()
+                return
+            self._await_head()
+
+        def _await_head(self) -> None:
+            self._stop_head_timer()
+            self._head_timer = self.loop.call_later(settings.header_timeout, self._head_late)
+
+        def _stop_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._head_timer is not None and self.conn.their_state is not h11.IDLE:
+                self._stop_head_timer()  # the head is in; the app bounds the body
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.transport.is_closing():
+                return
+            if self.conn.their_state is h11.SEND_BODY:
+                # Answered before its body was all read (/health with a body): uvicorn
+                # would read on and throw it away, for as long as the client sends.
+                self.transport.close()
+            elif self.conn.their_state is h11.IDLE:
+                self._await_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_head_timer()
+            super().connection_lost(exc)
+
+    return BoundedH11Protocol
+
+
+def uvicorn_config(app: FastAPI, *, host: str, port: int, log_level: str | int = "info"):
+    """How to serve ``app`` with uvicorn, bounded by the settings it was created with;
+    also limits repeated log messages (after uvicorn has configured logging)."""
+    import uvicorn
+
+    settings: ServerSettings = app.state.settings
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            lifespan="off", http=bounded_protocol(settings),
+                            timeout_keep_alive=settings.keep_alive_timeout,
+                            h11_max_incomplete_event_size=settings.max_header_bytes)
+    limit_repeated_logs(settings.log_interval)
+    return config

@@ -1,10 +1,18 @@
 """A Hugging Face checkpoint's tokenizer: ``tokenizer.json`` through the ``tokenizers``
 library, the chat template of ``tokenizer_config.json`` rendered with Jinja as
-transformers does, and incremental detokenization for streaming."""
+transformers does, and incremental detokenization for streaming.
+
+``encode`` goes through ``encode_batch``, which lets go of the GIL while it works
+(``Tokenizer.encode`` holds it: 5 s for 5 MB of text, during which no other thread of the
+process, the server's event loop included, runs Python). ``max_token_chars`` bounds the
+text a context can hold before any tokenizing, and ``special_token_in`` finds text that
+encoding would turn into a special token."""
 
 from __future__ import annotations
 
 import json
+import re
+from functools import cached_property
 from pathlib import Path
 
 
@@ -37,7 +45,29 @@ class Tokenizer:
         return None if token is None else self._tok.token_to_id(token)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token stands for: its longest vocabulary entry
+        (byte-level vocabularies spell each byte as one character, and a character is at
+        least one byte; byte-fallback entries like ``<0x0A>`` only overstate it)."""
+        return max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+
+    @cached_property
+    def _special(self) -> re.Pattern | None:
+        names = {t.content for t in self._tok.get_added_tokens_decoder().values()
+                 if t.special and t.content}
+        # Longest first, so that a token that is a prefix of another does not shadow it.
+        if not names:
+            return None
+        return re.compile("|".join(map(re.escape, sorted(names, key=len, reverse=True))))
+
+    def special_token_in(self, text: str) -> str | None:
+        """The first special token (``<|eot_id|>``) spelled out in ``text``, which
+        ``encode`` would turn into that token rather than into text; None if none is."""
+        found = self._special.search(text) if self._special is not None else None
+        return found.group() if found else None
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
