@@ -23,6 +23,7 @@ from kvpilot.operator.objects import Replica, pod_for
 
 from e2e.fleet import FleetNode, fleet_cluster
 from e2e.hub import Hub
+from e2e.load import Load, LoadThread
 from e2e.operator import OperatorProcess, wait_for
 from e2e.workers import Workers, endpoints, tiny_checkpoint, tiny_model
 
@@ -230,6 +231,43 @@ def test_weights_that_cannot_be_had_say_why_until_the_user_fixes_it(cluster, hub
     assert complete(url, "gated")["choices"][0]["text"]
     cluster.kubectl("delete", "model", "missing", "gated", "no-claim", "--wait=true",
                     timeout=120)
+
+
+def test_cordoning_a_node_under_load_moves_its_replica_and_loses_no_request(
+        cluster, fleet, checkpoint):
+    op, workers, _ = fleet
+    logs = lambda: op.log()[-3000:] + "\n" + workers.tails(1500)  # noqa: E731
+    model = tiny_model("steady", checkpoint)
+    model["spec"]["autoscaling"] = {"enabled": False}
+    cluster.apply([model])
+    wait_for("a ready endpoint", lambda: len(endpoints(cluster, "steady")) == 1, 180, log=logs)
+    (pod,) = cluster.get("pods", "-l", "kvpilot.dev/model=steady")["items"]
+    node = pod["spec"]["nodeName"]
+    load = Load(lambda: endpoints(cluster, "steady"), "steady", prompt_tokens=200,
+                max_tokens=32)
+    driver = LoadThread(load)
+    driver.start()
+    try:
+        load.clients = 3
+        wait_for("requests served", lambda: load.counts["complete"] >= 5, 60, log=logs)
+        cluster.kubectl("cordon", node)
+        wait_for("the replica moved off the cordoned node", lambda: [
+            p["spec"]["nodeName"] for p in cluster.get(
+                "pods", "-l", "kvpilot.dev/model=steady")["items"]] == [
+            n for n in ("h100-0", "h100-1") if n != node], 240, log=logs)
+        served = load.counts["complete"]
+        wait_for("requests served by the new replica",
+                 lambda: load.counts["complete"] >= served + 5, 60, log=logs)
+    finally:
+        driver.finish()
+        cluster.kubectl("uncordon", node)
+    counts = dict(load.counts)
+    assert counts.get("failed", 0) == 0 and counts.get("truncated", 0) == 0, (
+        counts, load.errors[:5])
+    reasons = [e["reason"] for e in cluster.get("events", "-n", "default")["items"]
+               if e["involvedObject"].get("name") == "steady"]
+    assert "Draining" in reasons and "ReplicaLost" not in reasons, reasons
+    cluster.kubectl("delete", "model", "steady", "--wait=true", timeout=120)
 
 
 def test_the_api_server_takes_the_pod_of_every_source_scheme(cluster):
