@@ -384,12 +384,15 @@ def _realize(a: Assignment, m: _Model, view: ClusterView, config: Config) -> lis
     r = view.replicas.get(a.replica)
     if r is not None and r.terminating:
         return []  # the name frees once it is gone; the next pass places it again
+    need_claim = config.mode == "dra" and (r is None or r.claim is None)
+    if not need_claim and r is not None and r.pod is not None:
+        return []  # the common case, for every running replica of every pass
     pool, kv_tokens = replica_budget_on(a, m.spec, view, config)
     replica = Replica(name, ns, m.name, m.raw["metadata"].get("uid", ""), a.node, a.gpus,
                       a.hbm_per_gpu, kv_tokens, spec_hash(m.raw["spec"]),
                       pool_hbm_per_gpu=pool if pool != a.hbm_per_gpu else 0)
     out = []
-    if config.mode == "dra" and (r is None or r.claim is None):
+    if need_claim:
         devices = [view.devices.get((a.node, g)) for g in a.gpus]
         if None in devices:
             return []  # the node's slice changed under the plan; the next pass re-plans
