@@ -20,6 +20,15 @@ heads of 128, MLP 14336, vocabulary 128256, Llama-3 rope scaling).
 4. FP8 KV against bf16 KV at 32K context, batch 16, same weights: there the pages are
    filled with random values instead of prefilled (a decode step reads all of them
    either way, and 16 prefills of 32K tokens would only add minutes).
+5. ``--tensor-parallel 1,2,4,8``: each degree above 1 runs step 2 again on that many
+   GPUs (``kvpilot.worker.parallel``: this process is rank 0, one process per further
+   GPU, each with random weights of its shard; NCCL, CUDA graphs with the all-reduces
+   inside). Reported per batch: the decode step time (wall clock, as in 2), the bytes
+   one GPU reads per step (its weight shard and its KV heads) and its GB/s, and the
+   time of one step's collectives alone (2 all-reduces per layer and one for the
+   embedding of ``[batch, hidden]``, and the all-gather of the logits, captured in one
+   CUDA graph and replayed: ``ModelRunner.probe_collectives``). Steps 1, 3 and 4 run at
+   TP 1 only, and TP 1 runs only when listed (it is the default).
 
 Everything is printed with the GPU's name, and each baseline next to the result.
 """
@@ -41,6 +50,7 @@ from decode_kernel import read_ceiling  # noqa: E402
 from kvpilot.worker.block_manager import BlockManager  # noqa: E402
 from kvpilot.worker.engine import Engine, _Request  # noqa: E402
 from kvpilot.worker.model import Llama, LlamaConfig, hf_state_dict, random_weights  # noqa: E402
+from kvpilot.worker.parallel import RankSpec, start_replica  # noqa: E402
 from kvpilot.worker.runner import ModelRunner  # noqa: E402
 from kvpilot.worker.scheduler import SamplingParams, Scheduler, Sequence, Status  # noqa: E402
 from kvpilot.worker.stats import EngineStats  # noqa: E402
@@ -52,6 +62,14 @@ LLAMA3_8B = LlamaConfig(
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     max_position_embeddings=131072, eos_token_ids=(128001,),
 )
+LLAMA3_70B = LlamaConfig(
+    vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+    num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+    rope_scaling=dict(LLAMA3_8B.rope_scaling), max_position_embeddings=131072,
+    eos_token_ids=(128001,),
+)
+SHAPES = {"8b": LLAMA3_8B, "70b": LLAMA3_70B}
+NAMES = {"8b": "Llama-3-8B", "70b": "Llama-3.1-70B"}
 PAGE = 16
 
 
@@ -67,6 +85,20 @@ def make_engine(model: Llama, *, kv_dtype: str, max_model_len: int, max_num_seqs
     sched = Scheduler(bm, max_num_seqs=max_num_seqs, max_batched_tokens=16384,
                       max_waiting=1024)
     stats = EngineStats("bench", PAGE, runner.kv_bytes_per_token, bm.num_pages, 0)
+    return Engine(runner, sched, None, stats, max_model_len=max_model_len, eos_token_ids=set())
+
+
+def make_tp_engine(cfg: LlamaConfig, tp: int, *, kv_dtype: str, max_model_len: int,
+                   max_num_seqs: int, pool_tokens: int) -> Engine:
+    """Rank 0 of a replica on ``tp`` GPUs, random weights; the engine runs here."""
+    bm = BlockManager(-(-pool_tokens // PAGE), PAGE)
+    spec = RankSpec(tp=tp, device="cuda", dtype="bf16", kv_dtype=kv_dtype, page_size=PAGE,
+                    num_pages=bm.num_pages, max_model_len=max_model_len,
+                    max_num_seqs=max_num_seqs, random_config=cfg)
+    runner = start_replica(spec, bm)
+    sched = Scheduler(bm, max_num_seqs=max_num_seqs, max_batched_tokens=16384,
+                      max_waiting=1024)
+    stats = EngineStats("bench", PAGE, runner.kv_bytes_per_token * tp, bm.num_pages, 0)
     return Engine(runner, sched, None, stats, max_model_len=max_model_len, eos_token_ids=set())
 
 
@@ -98,9 +130,13 @@ def random_prompts(batch: int, length: int, seed: int) -> list[list[int]]:
     return torch.randint(0, 128000, (batch, length), generator=g).tolist()
 
 
-def bench_engine_4k(model, batches, context, steps) -> dict:
-    engine = make_engine(model, kv_dtype="bf16", max_model_len=context + steps + 16,
-                         max_num_seqs=max(batches), pool_tokens=max(batches) * (context + steps + 16))
+def bench_engine_4k(model, batches, context, steps, *, cfg: LlamaConfig | None = None,
+                    tp: int = 1) -> dict:
+    """Step 2; at ``tp`` > 1 on a replica of shape ``cfg`` over that many GPUs, with each
+    batch's collectives timed alone (``collectives_ms``)."""
+    kw = dict(kv_dtype="bf16", max_model_len=context + steps + 16, max_num_seqs=max(batches),
+              pool_tokens=max(batches) * (context + steps + 16))
+    engine = make_engine(model, **kw) if tp == 1 else make_tp_engine(cfg, tp, **kw)
     out = {}
     params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
     for b in batches:
@@ -112,8 +148,13 @@ def bench_engine_4k(model, batches, context, steps) -> dict:
         out[b] = timed_decode(engine, seqs, steps)
         out[b]["wall_s"] = time.perf_counter() - t0
         engine.scheduler.bm.reset_prefix_cache()
-        log(f"  kvpilot  batch {b:3d}: {out[b]['step_ms']:7.2f} ms/step "
-            f"{out[b]['tokens_per_s']:9.1f} tok/s {out[b]['gb_per_s']:7.0f} GB/s")
+        line = (f"  kvpilot  batch {b:3d}: {out[b]['step_ms']:7.2f} ms/step "
+                f"{out[b]['tokens_per_s']:9.1f} tok/s {out[b]['gb_per_s']:7.0f} GB/s")
+        if tp > 1:
+            out[b]["collectives_ms"] = engine.runner.probe_collectives(b) * 1e3
+            line += f" per GPU at TP {tp}, collectives {out[b]['collectives_ms']:6.3f} ms/step"
+        log(line)
+    engine.runner.close()
     del engine
     torch.cuda.empty_cache()
     return out
@@ -201,15 +242,39 @@ def main() -> None:
     ap.add_argument("--long-context", type=int, default=32768)
     ap.add_argument("--long-batch", type=int, default=16)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--tensor-parallel", default="1",
+                    help="degrees to run step 2 at, e.g. 1,2,4,8 (TP 1 also runs 1, 3, 4)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="8b",
+                    help="model shape (70b needs TP >= 4 on 80 GB GPUs)")
     ap.add_argument("--json")
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
+    degrees = [int(t) for t in a.tensor_parallel.split(",")]
     gpu = torch.cuda.get_device_name()
-    log(f"GPU: {gpu}; torch {torch.__version__}")
+    log(f"GPU: {gpu} x {torch.cuda.device_count()} visible; torch {torch.__version__}")
     ceiling = read_ceiling(log)
     log(f"read ceiling: {ceiling:.0f} GB/s")
 
-    cfg = LLAMA3_8B
+    cfg = SHAPES[a.shape]
+    tp_results = {}
+    for tp in [t for t in degrees if t > 1]:
+        log(f"TP {tp}: {NAMES[a.shape]} shape, random bf16 weights, {a.context // 1024}K context")
+        tp_results[tp] = bench_engine_4k(None, batches, a.context, a.steps, cfg=cfg, tp=tp)
+    if tp_results:
+        log(f"\n{gpu}, {NAMES[a.shape]} shape, {a.context // 1024}K context, tensor parallel")
+        log("TP | batch | ms/step  tok/s  GB/s per GPU | collectives ms/step  of step")
+        for tp, rows in tp_results.items():
+            for b, o in rows.items():
+                log(f"{tp:2d} | {b:5d} | {o['step_ms']:7.2f} {o['tokens_per_s']:6.0f} "
+                    f"{o['gb_per_s']:13.0f} | {o['collectives_ms']:19.3f} "
+                    f"{o['collectives_ms'] / o['step_ms']:7.0%}")
+    if 1 not in degrees:
+        if a.json:
+            Path(a.json).write_text(json.dumps({
+                "gpu": gpu, "torch": torch.__version__, "ceiling_gb_per_s": ceiling,
+                "shape": a.shape, "tensor_parallel": tp_results}, indent=2))
+        return
+
     weights = random_weights(cfg, "cuda", torch.bfloat16, seed=0)
     model = Llama(cfg, weights, max_positions=a.long_context + a.steps + 64)
     log(f"weights: {weights.nbytes() / 1e9:.2f} GB, read per decode step "
@@ -222,7 +287,7 @@ def main() -> None:
     long = {k: bench_long(model, k, a.long_batch, a.long_context, a.steps // 2)
             for k in ("bf16", "fp8")}
 
-    log(f"\n{gpu}, Llama-3-8B shape, random bf16 weights, {a.context // 1024}K context, "
+    log(f"\n{gpu}, {NAMES[a.shape]} shape, random bf16 weights, {a.context // 1024}K context, "
         f"read ceiling {ceiling:.0f} GB/s")
     log("batch | kvpilot ms/step  tok/s    GB/s  of ceiling | transformers ms/step  tok/s "
         " of ceiling | kvpilot / transformers")
@@ -248,7 +313,8 @@ def main() -> None:
     if a.json:
         Path(a.json).write_text(json.dumps({
             "gpu": gpu, "torch": torch.__version__, "ceiling_gb_per_s": ceiling, "rows": rows,
-            "long": long, "fp8_over_bf16": ratio}, indent=2))
+            "long": long, "fp8_over_bf16": ratio, "shape": a.shape,
+            "tensor_parallel": tp_results}, indent=2))
 
 
 if __name__ == "__main__":

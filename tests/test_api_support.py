@@ -40,16 +40,22 @@ def test_phi3_mini_is_accepted_and_flagged():
     assert "headDim 96" in worker_support_problem(phi3)
 
 
+def test_tensor_parallel_replicas_up_to_a_whole_node_are_servable():
+    # One worker process per GPU: every degree the API takes is one the worker runs.
+    assert support.WORKER_MAX_TENSOR_PARALLEL == 16
+    for tp in (1, 2, 4, 8, 16):
+        assert worker_support_problem(spec(tensorParallel=tp)) is None
+        # with tensorParallel auto, the degree placement resolved decides
+        assert worker_support_problem(spec(), tp=tp) is None
+
+
 def test_replicas_wider_than_a_worker_are_flagged():
-    assert support.WORKER_MAX_TENSOR_PARALLEL == 1
-    assert worker_support_problem(spec(tensorParallel=2)) == (
-        "tensorParallel 2: a worker drives 1 GPU, so a replica cannot span more (the Model "
-        "is planned, but no worker serves it)")
-    # with tensorParallel auto, the degree placement resolved decides
-    assert worker_support_problem(spec(), tp=4).startswith("tensorParallel 4:")
+    assert worker_support_problem(spec(), tp=32) == (
+        "tensorParallel 32: a worker drives at most 16 GPUs, so a replica cannot span more "
+        "(the Model is planned, but no worker serves it)")
     arch = {**llama_spec()["architecture"], "headDim": 96}
-    both = worker_support_problem(spec(architecture=arch, tensorParallel=2))
-    assert "headDim 96" in both and "; tensorParallel 2:" in both
+    both = worker_support_problem(spec(architecture=arch), tp=32)
+    assert "headDim 96" in both and "; tensorParallel 32:" in both
 
 
 @pytest.mark.parametrize("name, problem", [
@@ -67,6 +73,9 @@ def test_latent_and_sliding_window_attention_are_planned_and_flagged(name, probl
 
 def test_deepseek_names_every_problem():
     doc = yaml.safe_load((EXAMPLES / "attention" / "deepseek-v2-lite.yaml").read_text())
-    why = worker_support_problem(Model.model_validate(doc).spec, tp=2)
+    why = worker_support_problem(Model.model_validate(doc).spec, tp=32)
     assert [p.split(" ")[0] for p in why.split("; ")] == [
         "architecture.attention", "architecture.headDim", "tensorParallel"]
+    assert [p.split(" ")[0] for p in worker_support_problem(
+        Model.model_validate(doc).spec, tp=2).split("; ")] == [
+        "architecture.attention", "architecture.headDim"]

@@ -99,7 +99,7 @@ def test_replicas_that_do_not_fit_are_listed_with_their_reason(capsys, tmp_path)
     assert text.startswith(
         "llama-3-1-70b-6 .. llama-3-1-70b-7 (2): needs 8 GPUs with >= 23.4 GiB free each on "
         "NVIDIA-H100-80GB-HBM3; largest free set on any allowed node is 8 x 9.4 GiB (h100-0); "
-        "try adding NVIDIA-A100-SXM4-40GB to gpuProducts (0/5 nodes fit: "
+        "free HBM is held by other replicas: scale some down or add GPU nodes (0/5 nodes fit: "
         "3 GPU product not allowed, 2 not enough free HBM)")
 
 

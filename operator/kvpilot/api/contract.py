@@ -71,3 +71,5 @@ TERMINATION_LOG = "/dev/termination-log"
 REASON_WEIGHTS_UNAVAILABLE = "WeightsUnavailable"  # the checkpoint could not be fetched or opened
 REASON_WEIGHTS_MISMATCH = "WeightsMismatch"  # the checkpoint disagrees with the Model's facts
 REASON_LOAD_FAILED = "LoadFailed"  # anything else that stopped the model from loading
+# A rank of a tensor-parallel replica died or hung after the model loaded.
+REASON_RANK_FAILED = "RankFailed"

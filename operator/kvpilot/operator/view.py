@@ -60,7 +60,7 @@ def split_key(key: str) -> tuple[str, str]:
 # message the kubelet took from the logs instead may hold it after other lines.
 _TERMINATION = re.compile(
     rf"({contract.REASON_WEIGHTS_UNAVAILABLE}|{contract.REASON_WEIGHTS_MISMATCH}|"
-    rf"{contract.REASON_LOAD_FAILED}): ([^\n]*)")
+    rf"{contract.REASON_LOAD_FAILED}|{contract.REASON_RANK_FAILED}): ([^\n]*)")
 # Container states that will not start without a change from outside.
 _STUCK = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerError",
           "CreateContainerConfigError"}

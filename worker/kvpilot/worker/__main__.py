@@ -12,6 +12,12 @@ placed the replica with the Model's numbers, so a checkpoint that disagrees woul
 what was reserved for it. A checkpoint that disagrees or cannot be opened, and a model
 that fails to load, end the process with status 1 and a reason in the termination
 message file (``WeightsMismatch``, ``WeightsUnavailable``, ``LoadFailed``).
+
+At a TP degree above 1 (``KVPILOT_TENSOR_PARALLEL``, else the spec's fixed degree) this
+process is rank 0 and starts one process per further GPU (``kvpilot.worker.parallel``).
+A rank that dies or hangs ends the worker at once with status 1 and ``RankFailed``
+(``LoadFailed`` while loading) and the rank's reason: a replica missing a rank cannot
+serve, and the operator replaces it.
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--debug-checks", action="store_true",
                     help="check every block table and slot on the host before the kernels")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tp-timeout", type=float, default=120.0,
+                    help="seconds after which a collective or step of a tensor-parallel "
+                    "replica counts as hung and the worker exits")
     ap.add_argument("--log-level", default="info")
     return ap.parse_args(argv)
 
@@ -103,7 +112,7 @@ def settings_from(args: argparse.Namespace, env) -> "WorkerSettings":
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_waiting=args.max_waiting, max_batched_tokens=args.max_batched_tokens,
         prefix_caching=not args.no_prefix_caching, cuda_graphs=not args.enforce_eager,
-        debug_checks=args.debug_checks, seed=args.seed)
+        debug_checks=args.debug_checks, seed=args.seed, tp_timeout_s=args.tp_timeout)
 
 
 def check_checkpoint(model_dir: str, spec: "ModelSpec", name: str) -> tuple[str, str] | None:
@@ -151,11 +160,18 @@ def main(argv: list[str] | None = None) -> int:
                             access_log=False, lifespan="off")
     server = uvicorn.Server(config)
 
+    def rank_failed(reason: str, message: str) -> None:
+        # Called with the other ranks already stopped; this rank may be stuck in a
+        # collective on another thread, so nothing waits for a graceful shutdown.
+        write_termination(reason, message)
+        logging.shutdown()
+        os._exit(1)
+
     def load() -> None:
         from kvpilot.worker.factory import create_engine
 
         try:
-            engine = create_engine(settings)
+            engine = create_engine(settings, on_rank_failure=rank_failed)
         except Exception as err:  # noqa: BLE001 - reported, then the process exits
             log.exception("the model failed to load")
             state.load_error = f"{type(err).__name__}: {err}"
@@ -171,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     server.run()
     if state.loop is not None:
         state.loop.stop()
+        state.loop.engine.runner.close()  # the other ranks of a tensor-parallel replica
     return 1 if state.load_error else 0
 
 

@@ -98,7 +98,8 @@ class WorkerSettings:
     dtype: str = "fp32"  # weights and activations: fp32 (CPU), bf16 or fp16
     kv_dtype: str = "fp32"  # fp32 (CPU only), bf16, fp16, fp8
     page_size: int = 16
-    tp: int = 1
+    tp: int = 1  # ranks (GPUs) of the replica, one process each
+    tp_timeout_s: float = 120.0  # a collective or step this long means a rank hangs
     hbm_per_gpu: int | None = None
     gpu_memory_utilization: float | None = None
     max_num_seqs: int = 64

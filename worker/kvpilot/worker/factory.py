@@ -1,5 +1,14 @@
 """Build an engine from worker settings: load the checkpoint, size the page pool, set up
-the block manager, scheduler, model runner and stats."""
+the block manager, scheduler, model runner and stats.
+
+At ``tp`` > 1 this process is rank 0 of the replica: it starts the other ranks
+(``kvpilot.worker.parallel``), loads its own shard, and runs the engine; the page pool
+on every rank is the per-GPU budget of ``size_pool(spec, tp=tp, ...)``. The stats count
+KV bytes over all ranks (each rank's pool has the same pages, each holding its own KV
+heads: rank 0's bytes per token x tp), so capacity and usage are the replica's; the KV
+budget stays the per-GPU one placement reserved, and the decode step's read bytes are
+rank 0's GPU's (its weights shard and its KV heads).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +19,8 @@ import torch
 from kvpilot.worker.block_manager import BlockManager
 from kvpilot.worker.config import WorkerSettings, size_pool
 from kvpilot.worker.engine import Engine
-from kvpilot.worker.model import Llama, LlamaConfig, load_config, load_weights
+from kvpilot.worker.model import DTYPES, Llama, LlamaConfig, Partition, load_config, load_weights
+from kvpilot.worker.parallel import FailureHandler, RankSpec, start_replica
 from kvpilot.worker.runner import ModelRunner
 from kvpilot.worker.scheduler import Scheduler
 from kvpilot.worker.stats import EngineStats
@@ -18,19 +28,30 @@ from kvpilot.worker.tokenizer import Tokenizer
 
 log = logging.getLogger("kvpilot.worker")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def create_engine(s: WorkerSettings, *, cfg: LlamaConfig | None = None,
-                  model: Llama | None = None, tokenizer: Tokenizer | None = None) -> Engine:
-    """An engine for ``s``; ``model`` (with its ``cfg``) replaces loading the checkpoint."""
+                  model: Llama | None = None, tokenizer: Tokenizer | None = None,
+                  on_rank_failure: FailureHandler | None = None) -> Engine:
+    """An engine for ``s``; ``model`` (with its ``cfg``) replaces loading the checkpoint
+    (TP 1 only). ``on_rank_failure``: what rank 0 does when another rank of a
+    tensor-parallel replica dies or hangs (the worker exits; by default it is only
+    logged and every later step fails)."""
+    tp = s.tp
     device = torch.device(s.device)
-    if model is None:
+    if tp > 1:
+        if model is not None:
+            raise ValueError("a tensor-parallel engine loads its shards from the checkpoint")
+        cfg = load_config(s.model_dir)
+        Partition.of(cfg, 0, tp)  # a degree the checkpoint cannot be split by fails here
+        tokenizer = Tokenizer(s.model_dir)
+        if device.type == "cuda":
+            device = torch.device("cuda", 0)
+    elif model is None:
         cfg = load_config(s.model_dir)
         weights = load_weights(s.model_dir, cfg, device, DTYPES[s.dtype])
         model = Llama(cfg, weights, max_positions=s.max_model_len)
         tokenizer = Tokenizer(s.model_dir)
-    cfg = model.cfg
+    if model is not None:
+        cfg = model.cfg
     if s.max_model_len > cfg.max_position_embeddings:
         log.warning("context SLA %d exceeds the checkpoint's max_position_embeddings %d",
                     s.max_model_len, cfg.max_position_embeddings)
@@ -40,30 +61,36 @@ def create_engine(s: WorkerSettings, *, cfg: LlamaConfig | None = None,
                     "checkpoint's (%d, %d of %d): the pool holds the tokens the spec's budget "
                     "buys, at the checkpoint's bytes per token", arch.layers, arch.kv_heads,
                     arch.head_dim, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
-    if s.tp != 1:
-        log.warning("tensorParallel %d: this engine runs a replica on one device; the pool "
-                    "is sized with the per-GPU budget of TP %d", s.tp, s.tp)
     gpu_hbm = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    pool = size_pool(s.spec, page_size=s.page_size, tp=s.tp, hbm_per_gpu=s.hbm_per_gpu,
+    pool = size_pool(s.spec, page_size=s.page_size, tp=tp, hbm_per_gpu=s.hbm_per_gpu,
                      gpu_hbm=gpu_hbm, gpu_memory_utilization=s.gpu_memory_utilization)
     bm = BlockManager(pool.num_pages, s.page_size, prefix_caching=s.prefix_caching)
-    runner = ModelRunner(model, bm, kv_dtype=s.kv_dtype, max_model_len=s.max_model_len,
-                         max_num_seqs=s.max_num_seqs,
-                         cuda_graphs=s.cuda_graphs and device.type == "cuda",
-                         debug_checks=s.debug_checks)
+    if tp > 1:
+        spec = RankSpec(tp=tp, device=device.type, dtype=s.dtype, kv_dtype=s.kv_dtype,
+                        page_size=s.page_size, num_pages=pool.num_pages,
+                        max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
+                        cuda_graphs=s.cuda_graphs, timeout_s=s.tp_timeout_s,
+                        model_dir=s.model_dir)
+        runner = start_replica(spec, bm, debug_checks=s.debug_checks, on_failure=on_rank_failure)
+    else:
+        runner = ModelRunner(model, bm, kv_dtype=s.kv_dtype, max_model_len=s.max_model_len,
+                             max_num_seqs=s.max_num_seqs,
+                             cuda_graphs=s.cuda_graphs and device.type == "cuda",
+                             debug_checks=s.debug_checks)
     # Preempted sequences re-enter the waiting queue over its bound: leave them room.
     scheduler = Scheduler(bm, max_num_seqs=s.max_num_seqs,
                           max_batched_tokens=max(s.max_batched_tokens, s.max_model_len),
                           max_waiting=s.max_waiting + s.max_num_seqs)
     stats = EngineStats(model=s.name, page_size=s.page_size,
-                        kv_bytes_per_token=runner.kv_bytes_per_token,
+                        kv_bytes_per_token=runner.kv_bytes_per_token * tp,
                         pages_total=pool.num_pages, kv_budget_bytes=pool.budget_bytes)
     eos = set(cfg.eos_token_ids)
     tokenizer_eos = tokenizer.token_id(tokenizer.eos_token) if tokenizer is not None else None
     if tokenizer_eos is not None:
         eos.add(tokenizer_eos)
-    log.info("KV cache: %d pages of %d tokens = %d tokens, %d bytes (%s); placement's KV "
-             "budget %d bytes", pool.num_pages, s.page_size, pool.num_pages * s.page_size,
-             runner.kv_capacity_bytes, pool.source, pool.budget_bytes)
+    log.info("KV cache: %d pages of %d tokens = %d tokens, %d bytes per GPU x %d (%s); "
+             "placement's KV budget %d bytes per GPU", pool.num_pages, s.page_size,
+             pool.num_pages * s.page_size, runner.kv_capacity_bytes, tp, pool.source,
+             pool.budget_bytes)
     return Engine(runner, scheduler, tokenizer, stats, max_model_len=s.max_model_len,
                   eos_token_ids=eos, seed=s.seed)

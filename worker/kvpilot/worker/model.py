@@ -9,6 +9,19 @@ prefill and paged decode alike.
 
 On a GPU the elementwise work runs as fused Triton kernels
 (``kvpilot.worker.kernels.fused``); on CPU as their PyTorch references.
+
+Tensor parallelism (Megatron-style; ``Partition`` says what one rank holds)
+    q/k/v and gate/up are split by output rows (column-parallel: whole heads, whole MLP
+    channels), o and down by input columns (row-parallel), so a layer needs one
+    all-reduce after o and one after down. KV heads are split as
+    ``kvpilot.api.memory`` counts them: ``ceil(kvHeads / tp)`` per rank, the same head
+    on ``tp / kvHeads`` ranks where ``kvHeads < tp``. The embedding and the LM head are
+    vocab-parallel: each rank holds ``ceil(vocab / tp)`` rows (the last padded with
+    zeros); a lookup is a masked local lookup plus one all-reduce, the logits one
+    all-gather. Replicating them would be simpler, but for Llama-3's 128K vocabulary it
+    costs 2 x 2.1 GB on every GPU of a 70B replica, bytes the memory model (weights /
+    tp per GPU) does not reserve. Norms are replicated. ``comm`` does the collectives
+    (``kvpilot.worker.parallel.Comm``); without it the model is whole.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 from pathlib import Path
 
 import torch
@@ -25,6 +39,7 @@ import torch.nn.functional as F
 from kvpilot.worker.kernels import fused
 
 SUPPORTED_ROPE = ("default", "linear", "llama3")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -119,19 +134,69 @@ def rope_tables(cfg: LlamaConfig, max_positions: int, device) -> tuple[torch.Ten
     return angles.cos().to(device), angles.sin().to(device)
 
 
+@dataclass(frozen=True)
+class Partition:
+    """What rank ``rank`` of a replica at tensor-parallel degree ``size`` holds: query
+    heads ``head_start .. + num_heads``, KV heads ``kv_head_start .. + num_kv_heads``,
+    MLP channels ``inter_start .. + intermediate``, vocabulary rows ``vocab_start ..
+    + vocab_rows`` (the last rank's run past the vocabulary: zero rows)."""
+
+    rank: int
+    size: int
+    num_heads: int
+    head_start: int
+    num_kv_heads: int
+    kv_head_start: int
+    intermediate: int
+    inter_start: int
+    vocab_rows: int
+    vocab_start: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, cfg: LlamaConfig, rank: int = 0, size: int = 1) -> Partition:
+        heads, kv = cfg.num_heads, cfg.num_kv_heads
+        if heads % size or (kv % size and size % kv):
+            raise ValueError(f"tensor-parallel degree {size} must divide the {heads} "
+                             f"attention heads and divide or be a multiple of the {kv} KV heads")
+        if cfg.intermediate_size % size:
+            raise ValueError(f"tensor-parallel degree {size} does not divide the MLP's "
+                             f"{cfg.intermediate_size} channels")
+        if not 0 <= rank < size:
+            raise ValueError(f"rank {rank} of {size}")
+        # ceil(kv / size) heads, as kvpilot.api.memory counts them; where kv < size,
+        # rank r holds head r * kv // size: a whole group of its query heads.
+        local_kv = -(-kv // size)
+        vocab_rows = -(-cfg.vocab_size // size)
+        return cls(rank=rank, size=size, num_heads=heads // size,
+                   head_start=rank * (heads // size), num_kv_heads=local_kv,
+                   kv_head_start=rank * kv // size,
+                   intermediate=cfg.intermediate_size // size,
+                   inter_start=rank * (cfg.intermediate_size // size),
+                   vocab_rows=vocab_rows, vocab_start=rank * vocab_rows, head_dim=cfg.head_dim)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden]
+    qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden] (this rank's heads)
     o: torch.Tensor  # [hidden, q_size]
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden] (this rank's channels)
     down: torch.Tensor  # [hidden, intermediate]
 
 
 @dataclass
 class LlamaWeights:
-    embed: torch.Tensor  # [vocab, hidden]
+    embed: torch.Tensor  # [vocab, hidden], or this rank's vocab_rows
     layers: list[LayerWeights]
     norm: torch.Tensor
     lm_head: torch.Tensor  # the embedding itself when tied
@@ -165,25 +230,49 @@ def hf_names(i: int) -> dict[str, str]:
         "down": "mlp.down_proj.weight"}.items()}
 
 
-def weights_from_hf(cfg: LlamaConfig, get: Callable[[str], torch.Tensor], device,
-                    dtype: torch.dtype) -> LlamaWeights:
-    """Build the fused weights from a name -> tensor lookup of Hugging Face names."""
-    def t(name: str) -> torch.Tensor:
-        return get(name).to(device=device, dtype=dtype)
+# A checkpoint lookup: (name, None) -> the whole tensor; (name, (dim, start, stop)) ->
+# rows (dim 0) or columns (dim 1) start..stop of it.
+Get = Callable[[str, "tuple[int, int, int] | None"], torch.Tensor]
 
+
+def weights_from_hf(cfg: LlamaConfig, get: Get, device, dtype: torch.dtype,
+                    part: Partition | None = None) -> LlamaWeights:
+    """Build the fused weights of ``part`` (default: the whole model) from a lookup of
+    Hugging Face names that reads only the slices asked for."""
+    p = part or Partition.of(cfg)
+    d = cfg.head_dim
+
+    def t(name: str, dim: int | None = None, start: int = 0, count: int = 0) -> torch.Tensor:
+        if p.size == 1 or dim is None:
+            return get(name, None).to(device=device, dtype=dtype)
+        return get(name, (dim, start, start + count)).to(device=device, dtype=dtype)
+
+    def vocab(name: str) -> torch.Tensor:
+        rows = t(name, 0, p.vocab_start, min(p.vocab_rows, cfg.vocab_size - p.vocab_start))
+        if rows.shape[0] < p.vocab_rows:  # the last rank's rows past the vocabulary
+            pad = rows.new_zeros(p.vocab_rows - rows.shape[0], rows.shape[1])
+            rows = torch.cat([rows, pad])
+        return rows
+
+    q_rows = (p.head_start * d, p.q_size)
+    kv_rows = (p.kv_head_start * d, p.kv_size)
+    inter = (p.inter_start, p.intermediate)
     layers = []
     for i in range(cfg.num_layers):
         n = hf_names(i)
         layers.append(LayerWeights(
             input_norm=t(n["input_norm"]),
-            qkv=torch.cat([t(n["q"]), t(n["k"]), t(n["v"])]),
-            o=t(n["o"]),
+            qkv=torch.cat([t(n["q"], 0, *q_rows), t(n["k"], 0, *kv_rows), t(n["v"], 0, *kv_rows)]),
+            o=t(n["o"], 1, *q_rows),
             post_norm=t(n["post_norm"]),
-            gate_up=torch.cat([t(n["gate"]), t(n["up"])]),
-            down=t(n["down"]),
+            gate_up=torch.cat([t(n["gate"], 0, *inter), t(n["up"], 0, *inter)]),
+            down=t(n["down"], 1, *inter),
         ))
-    embed = t("model.embed_tokens.weight")
-    lm_head = embed if cfg.tie_word_embeddings else t("lm_head.weight")
+    embed = vocab("model.embed_tokens.weight") if p.size > 1 else t("model.embed_tokens.weight")
+    if cfg.tie_word_embeddings:
+        lm_head = embed
+    else:
+        lm_head = vocab("lm_head.weight") if p.size > 1 else t("lm_head.weight")
     return LlamaWeights(embed, layers, t("model.norm.weight"), lm_head)
 
 
@@ -205,8 +294,10 @@ def _eos_ids(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, list) else (int(value),)
 
 
-def load_weights(model_dir: str | Path, cfg: LlamaConfig, device, dtype: torch.dtype) -> LlamaWeights:
-    """Weights from the ``*.safetensors`` files of a Hugging Face checkpoint directory."""
+def load_weights(model_dir: str | Path, cfg: LlamaConfig, device, dtype: torch.dtype,
+                 part: Partition | None = None) -> LlamaWeights:
+    """Weights from the ``*.safetensors`` files of a Hugging Face checkpoint directory;
+    with ``part``, only that rank's slices are read (``safe_open(...).get_slice``)."""
     from safetensors import safe_open
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -218,37 +309,44 @@ def load_weights(model_dir: str | Path, cfg: LlamaConfig, device, dtype: torch.d
         for name in h.keys():
             where[name] = h
 
-    def get(name: str) -> torch.Tensor:
+    def get(name: str, piece: tuple[int, int, int] | None) -> torch.Tensor:
         if name not in where:
             raise KeyError(f"checkpoint {model_dir} has no tensor {name!r}")
-        return where[name].get_tensor(name)
+        if piece is None:
+            return where[name].get_tensor(name)
+        dim, start, stop = piece
+        sliced = where[name].get_slice(name)
+        return sliced[start:stop] if dim == 0 else sliced[:, start:stop]
 
-    return weights_from_hf(cfg, get, device, dtype)
+    return weights_from_hf(cfg, get, device, dtype, part)
 
 
 def random_weights(cfg: LlamaConfig, device, dtype: torch.dtype, *, seed: int = 0,
-                   std: float = 0.02) -> LlamaWeights:
-    """Random weights in the checkpoint's shapes, made on ``device`` (norms are 1)."""
-    g = torch.Generator(device=device).manual_seed(seed)
+                   std: float = 0.02, part: Partition | None = None) -> LlamaWeights:
+    """Random weights in the checkpoint's shapes (or ``part``'s), made on ``device``
+    (norms are 1). Shards of different ranks are not slices of one model: for timing."""
+    p = part or Partition.of(cfg)
+    g = torch.Generator(device=device).manual_seed(seed + 1000 * p.rank)
 
     def rnd(*shape):
         return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std).to(dtype)
 
-    h, i = cfg.hidden_size, cfg.intermediate_size
+    h, i = cfg.hidden_size, p.intermediate
     layers = [LayerWeights(
         input_norm=torch.ones(h, device=device, dtype=dtype),
-        qkv=rnd(cfg.q_size + 2 * cfg.kv_size, h), o=rnd(h, cfg.q_size),
+        qkv=rnd(p.q_size + 2 * p.kv_size, h), o=rnd(h, p.q_size),
         post_norm=torch.ones(h, device=device, dtype=dtype),
         gate_up=rnd(2 * i, h), down=rnd(h, i),
     ) for _ in range(cfg.num_layers)]
-    embed = rnd(cfg.vocab_size, h)
-    lm_head = embed if cfg.tie_word_embeddings else rnd(cfg.vocab_size, h)
+    vocab = cfg.vocab_size if p.size == 1 else p.vocab_rows
+    embed = rnd(vocab, h)
+    lm_head = embed if cfg.tie_word_embeddings else rnd(vocab, h)
     return LlamaWeights(embed, layers, torch.ones(h, device=device, dtype=dtype), lm_head)
 
 
 def hf_state_dict(cfg: LlamaConfig, w: LlamaWeights) -> dict[str, torch.Tensor]:
-    """The weights under Hugging Face names (unfused views), e.g. to load them into
-    transformers' ``LlamaForCausalLM`` or to write a checkpoint."""
+    """The weights of a whole model under Hugging Face names (unfused views), e.g. to
+    load them into transformers' ``LlamaForCausalLM`` or to write a checkpoint."""
     sd = {"model.embed_tokens.weight": w.embed, "model.norm.weight": w.norm}
     if not cfg.tie_word_embeddings:
         sd["lm_head.weight"] = w.lm_head
@@ -264,13 +362,27 @@ def hf_state_dict(cfg: LlamaConfig, w: LlamaWeights) -> dict[str, torch.Tensor]:
     return sd
 
 
-# An attention callback: (layer index, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> [T, Hq, D].
+# An attention callback: (layer index, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> [T, Hq, D]
+# (this rank's heads).
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class Collectives(Protocol):
+    """The collectives of a tensor-parallel model (``kvpilot.worker.parallel.Comm``)."""
+
+    def all_reduce_(self, x: torch.Tensor) -> None: ...
+
+    def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 class Llama:
-    def __init__(self, cfg: LlamaConfig, weights: LlamaWeights, max_positions: int):
+    def __init__(self, cfg: LlamaConfig, weights: LlamaWeights, max_positions: int, *,
+                 part: Partition | None = None, comm: Collectives | None = None):
         self.cfg = cfg
+        self.part = part or Partition.of(cfg)
+        if self.part.size > 1 and comm is None:
+            raise ValueError("a tensor-parallel shard needs its collectives")
+        self.comm = comm if self.part.size > 1 else None
         self.w = weights
         self.device = weights.embed.device
         self.dtype = weights.embed.dtype
@@ -281,27 +393,52 @@ class Llama:
         fn = fused.add_rms_norm if self.fused else fused.add_rms_norm_ref
         return fn(x, residual, weight, self.cfg.rms_norm_eps)
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.comm is None:
+            return F.embedding(input_ids, self.w.embed)
+        # Vocab-parallel: rows held elsewhere look up row 0 and are zeroed; the sum over
+        # ranks has exactly one non-zero term per token, so it is exact in any dtype.
+        local = input_ids - self.part.vocab_start
+        outside = (local < 0) | (local >= self.part.vocab_rows)
+        x = F.embedding(local.masked_fill(outside, 0), self.w.embed)
+        x = x.masked_fill(outside[:, None], 0)
+        self.comm.all_reduce_(x)
+        return x
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of a row-parallel product's partial results."""
+        if self.comm is not None:
+            self.comm.all_reduce_(x)
+        return x
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
-        """Final hidden states (after the last norm), ``[tokens, hidden]``."""
-        cfg = self.cfg
+        """Final hidden states (after the last norm), ``[tokens, hidden]``, the same on
+        every rank."""
+        p = self.part
+        d = p.head_dim
         rope = fused.rope_ if self.fused else fused.rope_ref_
         silu_mul = fused.silu_mul if self.fused else fused.silu_mul_ref
-        x = F.embedding(input_ids, self.w.embed)
+        x = self._embed(input_ids)
         residual = None
         t = x.shape[0]
         for i, lw in enumerate(self.w.layers):
             h, residual = self._norm(x, residual, lw.input_norm)
             qkv = F.linear(h, lw.qkv)
-            q = qkv[:, :cfg.q_size].view(t, cfg.num_heads, cfg.head_dim)
-            k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].view(t, cfg.num_kv_heads, cfg.head_dim)
-            v = qkv[:, cfg.q_size + cfg.kv_size:].view(t, cfg.num_kv_heads, cfg.head_dim)
+            q = qkv[:, :p.q_size].view(t, p.num_heads, d)
+            k = qkv[:, p.q_size:p.q_size + p.kv_size].view(t, p.num_kv_heads, d)
+            v = qkv[:, p.q_size + p.kv_size:].view(t, p.num_kv_heads, d)
             rope(q, k, positions, self.cos, self.sin)
             o = attend(i, q, k, v)
-            x = F.linear(o.reshape(t, cfg.q_size), lw.o)
+            x = self._reduce(F.linear(o.reshape(t, p.q_size), lw.o))
             h, residual = self._norm(x, residual, lw.post_norm)
-            x = F.linear(silu_mul(F.linear(h, lw.gate_up)), lw.down)
+            x = self._reduce(F.linear(silu_mul(F.linear(h, lw.gate_up)), lw.down))
         h, _ = self._norm(x, residual, self.w.norm)
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.w.lm_head).float()
+        """Float32 ``[tokens, vocab]``; under tensor parallelism every rank gets them
+        whole (one all-gather of the ranks' vocabulary columns, in the model's dtype)."""
+        out = F.linear(hidden, self.w.lm_head)
+        if self.comm is not None:
+            out = self.comm.all_gather_columns(out)[:, :self.cfg.vocab_size]
+        return out.float()

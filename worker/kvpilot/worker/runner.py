@@ -24,11 +24,26 @@ Decode
 With ``debug_checks`` every table, length and slot is checked against the block manager
 on the host before it reaches a kernel (``block_manager.check_batch``): the kernels trust
 their inputs, and a bad page id reads garbage or kills the CUDA context.
+
+Tensor parallelism
+    Each rank has a runner over its shard of the model (``Llama.part``) and its own page
+    pool of the same page count, holding its KV heads. Rank 0's runner is the engine's:
+    it turns the block manager's tables into a ``PrefillInputs`` or ``DecodeInputs``,
+    sends it to the other ranks (``kvpilot.worker.parallel.Followers``), then runs its
+    shard; the other ranks' runners have no block manager and run what they are sent
+    (``follow``). The all-reduces inside the model keep the ranks in step, decode graphs
+    included (captured per rank, in the same order on every rank). Every rank gets the
+    whole logits; only rank 0 samples, so sampling parameters are never sent. A step that
+    fails on rank 0 after its inputs went out fails the replica (the others would wait in
+    a collective), and each TP step ends with a device sync on every rank, so the step
+    watchdog of ``Followers`` times what the GPUs did.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -66,15 +81,65 @@ class _Graph:
     logits: torch.Tensor
 
 
+@dataclass
+class PrefillInputs:
+    """One prefill step, as every rank runs it."""
+
+    ids: np.ndarray  # int64 [tokens]: the new tokens of every sequence, in batch order
+    positions: np.ndarray  # int64 [tokens]
+    slots: np.ndarray  # int64 [tokens]: where each token's K/V goes
+    spans: np.ndarray  # int64 [seqs, 4]: first and end row in ids, first and end position
+    tables: list[np.ndarray]  # int64, each sequence's pages
+
+
+@dataclass
+class DecodeInputs:
+    """One decode step, as every rank runs it: the first ``rows`` entries of rank 0's
+    host buffer (``rows`` is the CUDA-graph bucket, or ``n`` when eager) and the block
+    table rows of the ``n`` sequences up to the last page any of them reads."""
+
+    n: int
+    rows: int
+    ids: np.ndarray  # int32 [rows]
+    positions: np.ndarray
+    slots: np.ndarray
+    lens: np.ndarray
+    table: np.ndarray  # int32 [n, pages]
+
+
+@dataclass
+class ProbeInputs:
+    """Time the collectives of one decode step of ``rows`` sequences (benchmarks)."""
+
+    rows: int
+    iters: int
+
+
+class Fanout(Protocol):
+    """Rank 0's link to the other ranks (``kvpilot.worker.parallel.Followers``)."""
+
+    def send(self, inputs) -> None: ...
+
+    def step(self): ...  # a context manager around one step; raises RankFailed
+
+    def close(self) -> None: ...
+
+
 class ModelRunner:
-    def __init__(self, model: Llama, block_manager: BlockManager, *, kv_dtype: str,
+    def __init__(self, model: Llama, block_manager: BlockManager | None, *, kv_dtype: str,
                  max_model_len: int, max_num_seqs: int, cuda_graphs: bool = True,
-                 debug_checks: bool = False):
-        cfg = model.cfg
+                 debug_checks: bool = False, followers: Fanout | None = None,
+                 num_pages: int | None = None, page_size: int | None = None):
+        """``block_manager`` on rank 0 (and at TP 1); a follower rank has none and is given
+        the pool's ``num_pages`` and ``page_size``. ``followers``: rank 0's link to the
+        other ranks of a tensor-parallel replica."""
+        part = model.part
         self.model = model
         self.bm = block_manager
+        self.followers = followers
         self.device = model.device
-        self.page_size = block_manager.page_size
+        self.page_size = page_size or block_manager.page_size
+        self.num_pages = num_pages or block_manager.num_pages
         self.max_model_len = max_model_len
         self.max_pages = -(-max_model_len // self.page_size)
         self.max_num_seqs = max_num_seqs
@@ -88,15 +153,16 @@ class ModelRunner:
             raise ValueError(f"KV cache dtype {kv_dtype} must match the model's {model.dtype}")
         self.kv_dtype = dtype
         self.layers: list[kv_cache.LayerKV] = []
-        n = block_manager.num_pages
-        for _ in range(cfg.num_layers):
+        n = self.num_pages
+        for _ in range(model.cfg.num_layers):
             if dtype == torch.float32:
-                shape = (n, self.page_size, cfg.num_kv_heads, cfg.head_dim)
+                shape = (n, self.page_size, part.num_kv_heads, part.head_dim)
                 self.layers.append(kv_cache.LayerKV(torch.zeros(shape), torch.zeros(shape)))
             else:
                 self.layers.append(kv_cache.allocate_layer(
-                    n, self.page_size, cfg.num_kv_heads, cfg.head_dim, dtype, self.device))
-        self.kv_bytes_per_token = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+                    n, self.page_size, part.num_kv_heads, part.head_dim, dtype, self.device))
+        # Of this rank's pool: kvpilot.api.memory.kv_bytes_per_token(arch, dtype, tp).
+        self.kv_bytes_per_token = (2 * model.cfg.num_layers * part.num_kv_heads * part.head_dim
                                    * self.layers[0].key.element_size())
         self._graphs: dict[int, _Graph] = {}
         self._buckets: list[int] = []  # batch sizes with a graph, ascending
@@ -115,12 +181,51 @@ class ModelRunner:
         # Which page table (the block manager's list, held, so never another) and length
         # each host row holds: most rows are unchanged from one step to the next.
         self._row_owner: list[tuple[list[int], int] | None] = [None] * b
-        if self.on_gpu and cuda_graphs:
+        self.cuda_graphs = self.on_gpu and cuda_graphs
+        if self.cuda_graphs:
             self.capture_graphs()
 
     @property
     def kv_capacity_bytes(self) -> int:
-        return self.bm.num_pages * self.page_size * self.kv_bytes_per_token
+        """Of this rank's pool."""
+        return self.num_pages * self.page_size * self.kv_bytes_per_token
+
+    def close(self) -> None:
+        """Stop the other ranks of a tensor-parallel replica (nothing at TP 1)."""
+        if self.followers is not None:
+            self.followers.close()
+
+    def _sync(self) -> None:
+        if self.on_gpu:
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _fan_out(self, inputs, run):
+        """Run a step on rank 0 and, at TP > 1, on the other ranks: they get ``inputs``
+        first, and the step ends when this rank's device is done with it."""
+        if self.followers is None:
+            return run()
+        with self.followers.step():
+            self.followers.send(inputs)
+            out = run()
+            self._sync()
+        return out
+
+    def follow(self, inputs) -> None:
+        """A follower rank: run a step rank 0 sent (its logits are rank 0's to use)."""
+        if isinstance(inputs, PrefillInputs):
+            self._prefill_run(inputs)
+        elif isinstance(inputs, DecodeInputs):
+            ids, pos, slots, lens, table = self._h
+            r, n = inputs.rows, inputs.n
+            ids[:r], pos[:r], slots[:r], lens[:r] = (inputs.ids, inputs.positions,
+                                                     inputs.slots, inputs.lens)
+            table[:n, :inputs.table.shape[1]] = inputs.table
+            self._decode_run(n, r)
+        elif isinstance(inputs, ProbeInputs):
+            self._probe_run(inputs)
+        else:
+            raise TypeError(f"not a step: {type(inputs).__name__}")
+        self._sync()
 
     # ---- K/V writes -------------------------------------------------------------------
     def _write(self, layer: kv_cache.LayerKV, k, v, slots) -> None:
@@ -139,10 +244,13 @@ class ModelRunner:
                     [len(s) for s in seqs], writes)
 
     # ---- prefill ----------------------------------------------------------------------
-    @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Compute tokens ``num_computed..len-1`` of each sequence; logits of each last
         token, float32 ``[len(seqs), vocab]``."""
+        inputs = self._prefill_inputs(seqs)
+        return self._fan_out(inputs, lambda: self._prefill_run(inputs))
+
+    def _prefill_inputs(self, seqs: list[Sequence]) -> PrefillInputs:
         ids, pos, slots, spans = [], [], [], []
         for s in seqs:
             start, end = s.num_computed, len(s)
@@ -153,14 +261,21 @@ class ModelRunner:
         if self.debug_checks:
             self._check(seqs, [(s.seq_id, p, sl) for s, (t0, t1, a, b) in zip(seqs, spans)
                                for p, sl in zip(range(a, b), slots[t0:t1])])
+        return PrefillInputs(
+            ids=np.asarray(ids, dtype=np.int64), positions=np.asarray(pos, dtype=np.int64),
+            slots=np.asarray(slots, dtype=np.int64), spans=np.asarray(spans, dtype=np.int64),
+            tables=[np.asarray(self.bm.table(s.seq_id), dtype=np.int64) for s in seqs])
+
+    @torch.inference_mode()
+    def _prefill_run(self, inp: PrefillInputs) -> torch.Tensor:
         dev = self.device
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        positions = torch.tensor(pos, dtype=torch.long, device=dev)
-        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
-        tables = [torch.tensor(self.bm.table(s.seq_id), dtype=torch.long, device=dev)
-                  for s in seqs]
-        cfg = self.model.cfg
-        group = cfg.num_heads // cfg.num_kv_heads
+        input_ids = torch.from_numpy(inp.ids).to(dev)
+        positions = torch.from_numpy(inp.positions).to(dev)
+        slot_t = torch.from_numpy(inp.slots).to(dev)
+        tables = [torch.from_numpy(t).to(dev) for t in inp.tables]
+        spans = inp.spans.tolist()
+        part = self.model.part
+        group = part.num_heads // part.num_kv_heads
 
         def attend(i, q, k, v):
             layer = self.layers[i]
@@ -230,17 +345,29 @@ class ModelRunner:
 
         return self.model.logits(self.model.forward(ids, pos, attend))
 
-    @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """Compute the last token of each sequence; float32 logits ``[len(seqs), vocab]``."""
         n = len(seqs)
         bucket = next((b for b in self._buckets if b >= n), None)
         rows = bucket or n
         self._decode_inputs(seqs, rows)
+        inputs = None
+        if self.followers is not None:
+            ids, pos, slots, lens, table = self._h
+            pages = -(-int(lens[:n].max()) // self.page_size)
+            inputs = DecodeInputs(n, rows, ids[:rows].copy(), pos[:rows].copy(),
+                                  slots[:rows].copy(), lens[:rows].copy(),
+                                  table[:n, :pages].copy())
+        return self._fan_out(inputs, lambda: self._decode_run(n, rows))
+
+    @torch.inference_mode()
+    def _decode_run(self, n: int, rows: int) -> torch.Tensor:
+        """One decode step over the first ``rows`` rows of the host buffer: the graph of
+        bucket ``rows`` if there is one, else eager; logits of the first ``n``."""
         if self.on_gpu:
             self._dev.copy_(self._host, non_blocking=True)
-        if bucket is not None:
-            g = self._graphs[bucket]
+        g = self._graphs.get(rows)
+        if g is not None:
             g.graph.replay()
             return g.logits[:n]
         return self._decode_forward(self._ids[:n], self._pos[:n], self._slots[:n],
@@ -252,11 +379,11 @@ class ModelRunner:
         kernel learns its occupancy, which fixes the split count)."""
         from kvpilot.worker.kernels.paged_attention import plan_num_splits
 
-        cfg = self.model.cfg
+        part = self.model.part
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             for b in reversed(graph_buckets(self.max_num_seqs)):
-                q = torch.empty(b, cfg.num_heads, cfg.head_dim, dtype=self.model.dtype,
+                q = torch.empty(b, part.num_heads, part.head_dim, dtype=self.model.dtype,
                                 device=self.device)
                 args = (self._ids[:b], self._pos[:b], self._slots[:b], self._table[:b],
                         self._lens[:b])
@@ -271,3 +398,42 @@ class ModelRunner:
                 self._graphs[b] = _Graph(graph, logits)
         self._buckets = sorted(self._graphs)
         torch.cuda.synchronize()
+
+    # ---- collectives probe (benchmarks) -----------------------------------------------
+    def probe_collectives(self, rows: int, iters: int = 50) -> float:
+        """Seconds the collectives of one decode step of ``rows`` sequences take on their
+        own (every rank runs them; 0 at TP 1): 2 all-reduces per layer and one for the
+        embedding of ``[rows, hidden]``, and the all-gather of the logits, in the model's
+        dtype. With CUDA graphs they are captured in one, as in a decode step."""
+        if self.followers is None:
+            return 0.0
+        inputs = ProbeInputs(rows, iters)
+        return self._fan_out(inputs, lambda: self._probe_run(inputs))
+
+    @torch.inference_mode()
+    def _probe_run(self, inp: ProbeInputs) -> float:
+        model, cfg = self.model, self.model.cfg
+        comm = model.comm
+        x = torch.zeros(inp.rows, cfg.hidden_size, dtype=model.dtype, device=self.device)
+        y = torch.zeros(inp.rows, model.part.vocab_rows, dtype=model.dtype, device=self.device)
+
+        def step():
+            for _ in range(2 * cfg.num_layers + 1):
+                comm.all_reduce_(x)
+            comm.all_gather_columns(y)
+
+        run = step
+        if self.cuda_graphs:
+            step()  # warm up outside the graph
+            self._sync()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            run = graph.replay
+        run()
+        self._sync()
+        start = time.perf_counter()
+        for _ in range(inp.iters):
+            run()
+        self._sync()
+        return (time.perf_counter() - start) / inp.iters
