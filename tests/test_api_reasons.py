@@ -52,6 +52,8 @@ def test_a_tensor_parallel_larger_than_any_node_is_said_as_such(capsys, tmp_path
         "8 GPUs)")
 
 
+LLAMA_70B_NO_TTFT = "\n".join(line for line in LLAMA_70B.splitlines()
+                              if "ttftMilliseconds" not in line) + "\n"
 # Worlds where one Model does not fit, each with the fixes its reason suggests.
 H100 = "{name: h100, product: NVIDIA-H100-80GB-HBM3, gpus: 1}"
 HINT_WORLDS = [
@@ -59,10 +61,10 @@ HINT_WORLDS = [
      LLAMA_8B.replace("concurrentSequences: 16", "concurrentSequences: 64")),
     ("tight-itl", H100, LLAMA_8B.replace("concurrentSequences: 16", "concurrentSequences: 40")
      .replace("interTokenLatencyMilliseconds: 50", "interTokenLatencyMilliseconds: 12")),
-    ("70b-on-two-h100", "{name: h100, product: NVIDIA-H100-80GB-HBM3, gpus: 2}",
-     LLAMA_70B.replace("concurrentSequences: 8", "concurrentSequences: 16")),
-    ("70b-on-eight-h100", "{name: h100, product: NVIDIA-H100-80GB-HBM3, gpus: 8}",
-     LLAMA_70B.replace("concurrentSequences: 8", "concurrentSequences: 64")),
+    ("70b-on-four-h100", "{name: h100, product: NVIDIA-H100-80GB-HBM3, gpus: 4}",
+     LLAMA_70B_NO_TTFT.replace("concurrentSequences: 8", "concurrentSequences: 64")),
+    ("70b-at-a-fixed-tp-2", "{name: h100, product: NVIDIA-H100-80GB-HBM3, gpus: 8}",
+     LLAMA_70B_NO_TTFT.replace("tensorParallel: auto", "tensorParallel: 2")),
     ("not-an-allowed-product", "{name: h200, product: NVIDIA-H200, gpus: 1}",
      LLAMA_8B.replace("concurrentSequences: 16", "concurrentSequences: 2")),
 ]
