@@ -92,9 +92,11 @@ def test_dra_pod_uses_the_claim_of_its_name_and_gets_the_model_as_env():
     assert c["command"] == ["python", "-m", "kvpilot.worker"]
     assert c["args"] == ["--host", "$(POD_IP)", "--port", "8000", "--model",
                          "/weights/llama-3-8b", "--max-batch", "64"]
-    assert c["volumeMounts"] == [{"name": "weights", "mountPath": "/weights", "readOnly": True}]
+    assert c["volumeMounts"] == [{"name": "weights", "mountPath": "/weights", "readOnly": True},
+                                 {"name": "dshm", "mountPath": "/dev/shm"}]  # TP 2: NCCL
     assert spec["volumes"] == [{"name": "weights", "persistentVolumeClaim": {
-        "claimName": "models", "readOnly": True}}]
+        "claimName": "models", "readOnly": True}}, {"name": "dshm", "emptyDir": {
+            "medium": "Memory"}}]
     assert "initContainers" not in spec
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert c["resources"] == {"requests": {"cpu": "4", "memory": "32Gi"},
@@ -291,3 +293,11 @@ def test_a_recovered_or_running_pod_has_no_failure():
     running = {"name": "fetch-weights", "state": {"running": {}}}
     assert fetching(_status(initContainerStatuses=[running]))
     assert not fetching(_status(initContainerStatuses=[done]))
+
+
+def test_only_a_tensor_parallel_pod_gets_a_shared_memory_volume():
+    one = Replica("llama-0", "ml", "llama", "uid-1", "h100-0", (0,), 20 * 2**30)
+    spec = ModelSpec.model_validate({k: v for k, v in SPEC_JSON.items() if k != "source"})
+    pod = pod_for(one, spec, SPEC_JSON, mode="dra", worker_port=8000, command=("w",))
+    assert "volumes" not in pod["spec"]
+    assert "volumeMounts" not in pod["spec"]["containers"][0]

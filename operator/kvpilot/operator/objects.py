@@ -51,6 +51,7 @@ HOSTNAME_LABEL = "kubernetes.io/hostname"
 WEIGHTS_VOLUME = "weights"
 WEIGHTS_MOUNT = "/weights"
 FETCH_CONTAINER = "fetch-weights"
+SHM_VOLUME = "dshm"  # /dev/shm of a tensor-parallel replica (the runtime's is 64 MiB)
 HUB_TOKEN_KEY = "HF_TOKEN"  # the key of spec.sourceSecret that holds the hub token
 SERVICE_PORT = 80
 
@@ -323,8 +324,13 @@ def pod_for(r: Replica, spec: ModelSpec, spec_json: Mapping[str, Any], *, mode: 
     }
     if resources:
         container["resources"] = resources
-    if weights is not None and weights.mounts:
-        container["volumeMounts"] = weights.mounts
+    mounts = list(weights.mounts) if weights is not None else []
+    volumes = list(weights.volumes) if weights is not None else []
+    if r.tp > 1:  # NCCL between a replica's ranks goes through shared memory
+        volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
+    if mounts:
+        container["volumeMounts"] = mounts
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "nodeSelector": {HOSTNAME_LABEL: r.node},
@@ -334,8 +340,8 @@ def pod_for(r: Replica, spec: ModelSpec, spec_json: Mapping[str, Any], *, mode: 
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,  # a worker never calls the API server
     }
-    if weights is not None and weights.volumes:
-        pod_spec["volumes"] = weights.volumes
+    if volumes:
+        pod_spec["volumes"] = volumes
     if weights is not None and weights.init_containers:
         pod_spec["initContainers"] = weights.init_containers
     if mode == "dra":

@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--debug-checks", action="store_true",
                     help="check every block table and slot on the host before the kernels")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--allow-special-tokens-in-chat", action="store_true",
+                    help="let special-token text in chat messages become special tokens "
+                         "(refused by default: a user could forge turn boundaries)")
     ap.add_argument("--tp-timeout", type=float, default=120.0,
                     help="seconds after which a collective or step of a tensor-parallel "
                     "replica counts as hung and the worker exits")
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from kvpilot.worker.engine import EngineLoop
-    from kvpilot.worker.server import WorkerState, create_app
+    from kvpilot.worker.server import ServerSettings, WorkerState, create_app, uvicorn_config
     from kvpilot.worker.termination import write_termination
 
     settings = settings_from(args, os.environ)
@@ -155,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             write_termination(*stop)
             return 1
     state = WorkerState(name=settings.name)
-    app = create_app(state)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
+    app = create_app(state, ServerSettings(
+        special_tokens_in_chat=args.allow_special_tokens_in_chat))
+    server = uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port,
+                                           log_level=args.log_level))
 
     def rank_failed(reason: str, message: str) -> None:
         # Called with the other ranks already stopped; this rank may be stuck in a
