@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 import signal
 import sys
 import time
@@ -136,9 +137,13 @@ def view(cluster: Cluster, load, workers, started: float, phase: str) -> str:
                and c["type"] in ("Unschedulable", "Degraded")]
         state = f"{bad[0]['type']}: {bad[0]['message']}" if bad else where
         kv = st.get("kvPressurePercent")
-        lines.append(f"{name:<15}{st.get('readyReplicas', 0):>3}/{desired:<3}"
-                     f"{st.get('tensorParallel') or '-':>4}{st.get('hbmPerGpu') or '-':>11}"
-                     f"{'-' if kv is None else kv:>5}  {_short(state, 70)}")
+        head = (f"{name:<15}{st.get('readyReplicas', 0):>3}/{desired:<3}"
+                f"{st.get('tensorParallel') or '-':>4}{st.get('hbmPerGpu') or '-':>11}"
+                f"{'-' if kv is None else kv:>5}  ")
+        # Reasons in full: wrapped under the column, never cut.
+        body = textwrap.wrap(state, 100 - len(head), break_on_hyphens=False) or [""]
+        lines.append(head + body[0])
+        lines.extend(" " * len(head) + b for b in body[1:])
     lines += ["", "  * = GPU shared with other replicas (by HBM budget, enforced by the "
               "kube-scheduler's DRA allocation)", ""]
     live = next((m for m in models if m["metadata"]["name"] == LIVE_MODEL), None)
