@@ -19,7 +19,7 @@ ARCH = {"layers": 32, "attentionHeads": 32, "kvHeads": 8, "headDim": 128,
         "maxContextTokens": 8192}
 QWEN_ARCH = {"layers": 24, "attentionHeads": 14, "kvHeads": 2, "headDim": 64,
              "maxContextTokens": 32768}
-# Phi-3-mini: 32 heads of 96, no GQA. Planned; the worker's kernels do not take 96.
+# Phi-3-mini: 32 heads of 96, no GQA.
 PHI3_ARCH = {"layers": 32, "attentionHeads": 32, "kvHeads": 32, "headDim": 96,
              "maxContextTokens": 4096}
 # Sliding-window and latent attention, as the examples state them.

@@ -510,13 +510,13 @@ def test_dra_auto_detection_and_product_names():
 
 def test_a_model_the_worker_cannot_serve_gets_a_condition_and_no_pods():
     phi = model("phi", 1)
-    phi["spec"]["architecture"]["headDim"] = 96  # Phi-3-mini: accepted, not servable
+    phi["spec"]["architecture"]["headDim"] = 112  # accepted; no worker kernel takes it
     w = World([node("a")], [phi, model("m", 1)])
     w.settle()
     assert list(w.placements()) == ["m-0"]
     (c,) = w.status("phi")["conditions"]
     assert (c["type"], c["status"], c["reason"]) == ("Degraded", "True", "WorkerUnsupported")
-    assert "headDim 96" in c["message"]
+    assert "headDim 112" in c["message"]
     assert w.status("phi")["reason"] == "WorkerUnsupported"
 
 
@@ -757,7 +757,7 @@ def test_metrics_count_desired_and_unplaced_of_models_the_worker_cannot_serve_to
     from kvpilot.operator.settings import Settings
 
     phi = model("phi", 3)
-    phi["spec"]["architecture"]["headDim"] = 96  # planned, but no worker serves it
+    phi["spec"]["architecture"]["headDim"] = 112  # planned, but no worker serves it
     w = World([node("a", gpus=1)], [phi, model("m", 2)])
     w.settle()
     view = w.view()

@@ -1,13 +1,21 @@
 """What kvpilot's worker can serve, as opposed to what the Model API accepts.
 
 The API accepts every Model the memory model can plan: placement, ``kvpilot plan`` and
-the scale subresource work for it. The worker is narrower: Llama-style GQA, one process
-per GPU and up to ``WORKER_MAX_TENSOR_PARALLEL`` GPUs of a node per replica (tensor
-parallel), every layer attending over the whole context, with Triton kernels that take
-a head dimension that is a power of two from 16 to 256. A Model outside that
-(Phi-3-mini's headDim of 96, DeepSeek's latent attention, Mistral-7B v0.1's or Gemma's
-sliding windows) is accepted and planned, and the operator marks it with a condition
-carrying the reason below instead of starting workers that would fail at load.
+the scale subresource work for it. The worker is narrower: GQA attention (multi-head
+included), one process per GPU and up to ``WORKER_MAX_TENSOR_PARALLEL`` GPUs of a node per
+replica (tensor parallel), every layer attending over the whole context, with Triton
+kernels that take the head dimensions of ``WORKER_HEAD_DIMS``. A Model outside that
+(DeepSeek's latent attention, Mistral-7B v0.1's or Gemma's sliding windows, a head
+dimension such as 112 or 192) is accepted and planned, and the operator marks it with a
+condition carrying the reason below instead of starting workers that would fail at load.
+
+A Model has no ``model_type``, so this check goes by the architecture facts it states
+(attention kind, sliding window, head dimension). The worker serves the families of
+``kvpilot.worker.model.FAMILIES``: Llama, Mistral (v0.3 on: no window), Qwen2/2.5
+(q/k/v biases), Qwen3 (per-head q/k norms) and Phi-3 (fused checkpoint tensors). Their
+switches are read from the checkpoint's ``config.json`` when the worker loads it; a
+checkpoint of another ``model_type`` passes this check and fails at load, the worker
+exiting with ``LoadFailed`` and a message naming the model_type.
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ from typing import Optional
 
 from kvpilot.api.model import ModelSpec
 
-WORKER_HEAD_DIMS = (16, 32, 64, 128, 256)
+# What the worker's Triton kernels take (kvpilot.worker.kernels.paged_attention.HEAD_DIMS;
+# a test holds the two equal): powers of two, and 80 and 96 (Phi-2, Phi-3) padded.
+WORKER_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 # The most GPUs one replica's worker drives, one process per GPU (its rank 0 starts the
 # others; kvpilot.worker.parallel). Nothing in the worker is tied to a degree: 16 is the
 # most GPUs a node has (placement keeps a replica on one node). Which degrees a Model can

@@ -2,10 +2,21 @@
 
 RMSNorm, rotary position embedding (default, linear and Llama-3 frequency scaling),
 grouped-query attention and a SwiGLU MLP, with the checkpoint's q/k/v and gate/up
-projections fused into one matrix each (one GEMM instead of three and two). Attention is
-not here: ``forward`` hands each layer's rotated ``q, k, v`` to a callback that writes
-K/V into the paged cache and attends (``kvpilot.worker.runner``), so one model serves
-prefill and paged decode alike.
+projections fused into one matrix each (one GEMM instead of three and two).
+
+Families (``FAMILIES``, by ``config.json``'s ``model_type``)
+    One model with a few switches, as vLLM and nano-vllm do, rather than a copy per
+    family: ``llama`` and ``mistral`` (v0.3 and later: no window) are the plain layer;
+    ``qwen2`` adds biases to q/k/v (``qkv_bias``); ``qwen3`` RMSNorms each head of q and
+    k before RoPE (``qk_norm``); ``phi3`` stores q/k/v and gate/up already fused in the
+    checkpoint (``packed``: read by parts, so a rank still gets whole heads). A
+    checkpoint whose attention slides (Mistral v0.1, Phi-3-mini-4k, Qwen with
+    ``use_sliding_window``), by the same reading of config.json as
+    ``kvpilot.api.checkpoint``, or of any other ``model_type``, is refused at load.
+
+Attention is not here: ``forward`` hands each layer's rotated ``q, k, v`` to a callback
+that writes K/V into the paged cache and attends (``kvpilot.worker.runner``), so one
+model serves prefill and paged decode alike.
 
 On a GPU the elementwise work runs as fused Triton kernels
 (``kvpilot.worker.kernels.fused``); on CPU as their PyTorch references.
@@ -36,10 +47,29 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kvpilot.api.checkpoint import architecture_from_config
 from kvpilot.worker.kernels import fused
 
 SUPPORTED_ROPE = ("default", "linear", "llama3")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a checkpoint family's layer differs from Llama's (all off: Llama)."""
+
+    qkv_bias: bool = False  # q/k/v projections have biases (o has none)
+    qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE
+    packed: bool = False  # the checkpoint holds qkv_proj and gate_up_proj, fused
+
+
+FAMILIES = {
+    "llama": Family(),
+    "mistral": Family(),
+    "qwen2": Family(qkv_bias=True),
+    "qwen3": Family(qk_norm=True),
+    "phi3": Family(packed=True),
+}
 
 
 @dataclass(frozen=True)
@@ -57,17 +87,34 @@ class LlamaConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     eos_token_ids: tuple[int, ...] = ()
+    model_type: str = "llama"
+    family: Family = Family()
 
     @classmethod
     def from_hf(cls, d: dict) -> LlamaConfig:
-        """From a Hugging Face ``config.json`` (transformers 4 or 5 keys)."""
+        """From a Hugging Face ``config.json`` (transformers 4 or 5 keys); ValueError
+        naming the model_type for a family, or a feature of one, the model lacks."""
         model_type = d.get("model_type", "llama")
-        if model_type != "llama":
-            raise ValueError(f"only Llama-architecture checkpoints are supported, got "
-                             f"model_type {model_type!r}")
-        if d.get("attention_bias") or d.get("mlp_bias"):
-            raise ValueError("Llama checkpoints with attention or MLP biases are not supported")
+        family = FAMILIES.get(model_type)
+        if family is None:
+            raise ValueError(f"model_type {model_type!r} is not a family the worker serves "
+                             f"({', '.join(FAMILIES)})")
+        what = f"model_type {model_type}"
+        if d.get("mlp_bias"):
+            raise ValueError(f"{what}: MLP biases are not supported")
+        if d.get("attention_bias") and not family.qkv_bias:
+            raise ValueError(f"{what}: attention biases are not supported")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{what}: hidden_act {d['hidden_act']!r} is not supported (silu)")
+        window = architecture_from_config(d).get("slidingWindow")
+        if window is not None:
+            raise ValueError(f"{what}: sliding-window attention ({window['tokens']} tokens) "
+                             "is not supported (every layer attends over the whole context)")
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        partial = float(d.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
+        if partial != 1.0:
+            raise ValueError(f"{what}: partial_rotary_factor {partial} is not supported "
+                             "(RoPE over the whole head)")
         theta = float(d.get("rope_theta") or rope.get("rope_theta") or 10000.0)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE:
@@ -88,6 +135,8 @@ class LlamaConfig:
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             eos_token_ids=_eos_ids(d.get("eos_token_id")),
+            model_type=model_type,
+            family=family,
         )
 
     @property
@@ -101,6 +150,10 @@ class LlamaConfig:
     def num_parameters(self) -> int:
         h, i = self.hidden_size, self.intermediate_size
         layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        if self.family.qkv_bias:
+            layer += self.q_size + 2 * self.kv_size
+        if self.family.qk_norm:
+            layer += 2 * self.head_dim
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.vocab_size * h + self.num_layers * layer + h + head
 
@@ -192,6 +245,13 @@ class LayerWeights:
     post_norm: torch.Tensor  # [hidden]
     gate_up: torch.Tensor  # [2 * intermediate, hidden] (this rank's channels)
     down: torch.Tensor  # [hidden, intermediate]
+    qkv_bias: torch.Tensor | None = None  # [q_size + 2 * kv_size] (Family.qkv_bias)
+    q_norm: torch.Tensor | None = None  # [head_dim] (Family.qk_norm)
+    k_norm: torch.Tensor | None = None  # [head_dim]
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.input_norm, self.qkv, self.o, self.post_norm, self.gate_up, self.down]
+        return out + [t for t in (self.qkv_bias, self.q_norm, self.k_norm) if t is not None]
 
 
 @dataclass
@@ -206,7 +266,7 @@ class LlamaWeights:
         if self.lm_head.data_ptr() != self.embed.data_ptr():
             out.append(self.lm_head)
         for lw in self.layers:
-            out += [lw.input_norm, lw.qkv, lw.o, lw.post_norm, lw.gate_up, lw.down]
+            out += lw.tensors()
         return out
 
     def nbytes(self) -> int:
@@ -221,12 +281,19 @@ class LlamaWeights:
 
 
 def hf_names(i: int) -> dict[str, str]:
+    """Layer ``i``'s tensors under Hugging Face names, those of every family (a
+    checkpoint holds the ones its family uses: ``qkv`` and ``gate_up`` when packed)."""
     p = f"model.layers.{i}."
     return {k: p + v for k, v in {
         "input_norm": "input_layernorm.weight", "q": "self_attn.q_proj.weight",
         "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
+        "qkv": "self_attn.qkv_proj.weight",
+        "q_bias": "self_attn.q_proj.bias", "k_bias": "self_attn.k_proj.bias",
+        "v_bias": "self_attn.v_proj.bias",
+        "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
         "o": "self_attn.o_proj.weight", "post_norm": "post_attention_layernorm.weight",
         "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight",
+        "gate_up": "mlp.gate_up_proj.weight",
         "down": "mlp.down_proj.weight"}.items()}
 
 
@@ -241,14 +308,19 @@ def weights_from_hf(cfg: LlamaConfig, get: Get, device, dtype: torch.dtype,
     Hugging Face names that reads only the slices asked for."""
     p = part or Partition.of(cfg)
     d = cfg.head_dim
+    fam = cfg.family
 
-    def t(name: str, dim: int | None = None, start: int = 0, count: int = 0) -> torch.Tensor:
+    def t(name: str, dim: int | None = None, *runs: tuple[int, int]) -> torch.Tensor:
+        """The whole tensor, or the runs ``(start, count)`` of it along ``dim``, joined
+        (a rank's part of a packed tensor is one run per part; at TP 1 the runs cover
+        the whole tensor in order)."""
         if p.size == 1 or dim is None:
             return get(name, None).to(device=device, dtype=dtype)
-        return get(name, (dim, start, start + count)).to(device=device, dtype=dtype)
+        pieces = [get(name, (dim, start, start + count)) for start, count in runs]
+        return torch.cat(pieces, dim=dim).to(device=device, dtype=dtype)
 
     def vocab(name: str) -> torch.Tensor:
-        rows = t(name, 0, p.vocab_start, min(p.vocab_rows, cfg.vocab_size - p.vocab_start))
+        rows = t(name, 0, (p.vocab_start, min(p.vocab_rows, cfg.vocab_size - p.vocab_start)))
         if rows.shape[0] < p.vocab_rows:  # the last rank's rows past the vocabulary
             pad = rows.new_zeros(p.vocab_rows - rows.shape[0], rows.shape[1])
             rows = torch.cat([rows, pad])
@@ -257,16 +329,31 @@ def weights_from_hf(cfg: LlamaConfig, get: Get, device, dtype: torch.dtype,
     q_rows = (p.head_start * d, p.q_size)
     kv_rows = (p.kv_head_start * d, p.kv_size)
     inter = (p.inter_start, p.intermediate)
+
+    def after(run: tuple[int, int], offset: int) -> tuple[int, int]:
+        return (run[0] + offset, run[1])
+
+    # Where this rank's q, k and v rows lie in a packed [q; k; v] tensor.
+    packed_qkv = (q_rows, after(kv_rows, cfg.q_size), after(kv_rows, cfg.q_size + cfg.kv_size))
     layers = []
     for i in range(cfg.num_layers):
         n = hf_names(i)
+        if fam.packed:
+            qkv = t(n["qkv"], 0, *packed_qkv)
+            gate_up = t(n["gate_up"], 0, inter, after(inter, cfg.intermediate_size))
+        else:
+            qkv = torch.cat([t(n["q"], 0, q_rows), t(n["k"], 0, kv_rows), t(n["v"], 0, kv_rows)])
+            gate_up = torch.cat([t(n["gate"], 0, inter), t(n["up"], 0, inter)])
+        bias = None
+        if fam.qkv_bias:
+            bias = torch.cat([t(n["q_bias"], 0, q_rows), t(n["k_bias"], 0, kv_rows),
+                              t(n["v_bias"], 0, kv_rows)])
         layers.append(LayerWeights(
-            input_norm=t(n["input_norm"]),
-            qkv=torch.cat([t(n["q"], 0, *q_rows), t(n["k"], 0, *kv_rows), t(n["v"], 0, *kv_rows)]),
-            o=t(n["o"], 1, *q_rows),
-            post_norm=t(n["post_norm"]),
-            gate_up=torch.cat([t(n["gate"], 0, *inter), t(n["up"], 0, *inter)]),
-            down=t(n["down"], 1, *inter),
+            input_norm=t(n["input_norm"]), qkv=qkv, o=t(n["o"], 1, q_rows),
+            post_norm=t(n["post_norm"]), gate_up=gate_up, down=t(n["down"], 1, inter),
+            qkv_bias=bias,
+            q_norm=t(n["q_norm"]) if fam.qk_norm else None,
+            k_norm=t(n["k_norm"]) if fam.qk_norm else None,
         ))
     embed = vocab("model.embed_tokens.weight") if p.size > 1 else t("model.embed_tokens.weight")
     if cfg.tie_word_embeddings:
@@ -331,12 +418,17 @@ def random_weights(cfg: LlamaConfig, device, dtype: torch.dtype, *, seed: int = 
     def rnd(*shape):
         return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std).to(dtype)
 
-    h, i = cfg.hidden_size, p.intermediate
+    h, i, fam = cfg.hidden_size, p.intermediate, cfg.family
+
+    def ones(n):
+        return torch.ones(n, device=device, dtype=dtype)
+
     layers = [LayerWeights(
-        input_norm=torch.ones(h, device=device, dtype=dtype),
-        qkv=rnd(p.q_size + 2 * p.kv_size, h), o=rnd(h, p.q_size),
-        post_norm=torch.ones(h, device=device, dtype=dtype),
-        gate_up=rnd(2 * i, h), down=rnd(h, i),
+        input_norm=ones(h), qkv=rnd(p.q_size + 2 * p.kv_size, h), o=rnd(h, p.q_size),
+        post_norm=ones(h), gate_up=rnd(2 * i, h), down=rnd(h, i),
+        qkv_bias=rnd(p.q_size + 2 * p.kv_size) if fam.qkv_bias else None,
+        q_norm=ones(p.head_dim) if fam.qk_norm else None,
+        k_norm=ones(p.head_dim) if fam.qk_norm else None,
     ) for _ in range(cfg.num_layers)]
     vocab = cfg.vocab_size if p.size == 1 else p.vocab_rows
     embed = rnd(vocab, h)
@@ -345,19 +437,29 @@ def random_weights(cfg: LlamaConfig, device, dtype: torch.dtype, *, seed: int = 
 
 
 def hf_state_dict(cfg: LlamaConfig, w: LlamaWeights) -> dict[str, torch.Tensor]:
-    """The weights of a whole model under Hugging Face names (unfused views), e.g. to
-    load them into transformers' ``LlamaForCausalLM`` or to write a checkpoint."""
+    """The weights of a whole model under its family's Hugging Face names (views; q/k/v
+    and gate/up unfused unless the family packs them), e.g. to load them into
+    transformers' ``*ForCausalLM`` or to write a checkpoint."""
     sd = {"model.embed_tokens.weight": w.embed, "model.norm.weight": w.norm}
     if not cfg.tie_word_embeddings:
         sd["lm_head.weight"] = w.lm_head
     q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    fam = cfg.family
     for i, lw in enumerate(w.layers):
         n = hf_names(i)
         sd[n["input_norm"]] = lw.input_norm
-        sd[n["q"]], sd[n["k"]], sd[n["v"]] = lw.qkv[:q], lw.qkv[q:q + kv], lw.qkv[q + kv:]
+        if fam.packed:
+            sd[n["qkv"]], sd[n["gate_up"]] = lw.qkv, lw.gate_up
+        else:
+            sd[n["q"]], sd[n["k"]], sd[n["v"]] = lw.qkv[:q], lw.qkv[q:q + kv], lw.qkv[q + kv:]
+            sd[n["gate"]], sd[n["up"]] = lw.gate_up[:inter], lw.gate_up[inter:]
+        if lw.qkv_bias is not None:
+            b = lw.qkv_bias
+            sd[n["q_bias"]], sd[n["k_bias"]], sd[n["v_bias"]] = b[:q], b[q:q + kv], b[q + kv:]
+        if lw.q_norm is not None:
+            sd[n["q_norm"]], sd[n["k_norm"]] = lw.q_norm, lw.k_norm
         sd[n["o"]] = lw.o
         sd[n["post_norm"]] = lw.post_norm
-        sd[n["gate"]], sd[n["up"]] = lw.gate_up[:inter], lw.gate_up[inter:]
         sd[n["down"]] = lw.down
     return sd
 
@@ -393,6 +495,13 @@ class Llama:
         fn = fused.add_rms_norm if self.fused else fused.add_rms_norm_ref
         return fn(x, residual, weight, self.cfg.rms_norm_eps)
 
+    def _head_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm over each head of ``x`` (``[tokens, heads, head_dim]``), a new
+        contiguous tensor."""
+        fn = fused.add_rms_norm if self.fused else fused.add_rms_norm_ref
+        t, heads, d = x.shape
+        return fn(x.reshape(t * heads, d), None, weight, self.cfg.rms_norm_eps)[0].view(t, heads, d)
+
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.comm is None:
             return F.embedding(input_ids, self.w.embed)
@@ -423,10 +532,12 @@ class Llama:
         t = x.shape[0]
         for i, lw in enumerate(self.w.layers):
             h, residual = self._norm(x, residual, lw.input_norm)
-            qkv = F.linear(h, lw.qkv)
+            qkv = F.linear(h, lw.qkv, lw.qkv_bias)
             q = qkv[:, :p.q_size].view(t, p.num_heads, d)
             k = qkv[:, p.q_size:p.q_size + p.kv_size].view(t, p.num_kv_heads, d)
             v = qkv[:, p.q_size + p.kv_size:].view(t, p.num_kv_heads, d)
+            if lw.q_norm is not None:
+                q, k = self._head_norm(q, lw.q_norm), self._head_norm(k, lw.k_norm)
             rope(q, k, positions, self.cos, self.sin)
             o = attend(i, q, k, v)
             x = self._reduce(F.linear(o.reshape(t, p.q_size), lw.o))

@@ -146,18 +146,19 @@ def _reshape_and_cache_kernel(
     stride_vc_p, stride_vc_t, stride_vc_h,
     scale_stride,
     KV_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, QUANTIZE: tl.constexpr, FP8_MAX_VAL: tl.constexpr,
 ):
     t = tl.program_id(0)
     offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # head_dim padded to a power of two, masked
     # The slot, once per head row (one cached address): a per-row value keeps the mask a
     # plain tensor, which the interpreter requires.
     slot = tl.load(slots_ptr + t + offs_h * 0).to(tl.int64)
     page = slot // PAGE_SIZE
     offset = slot % PAGE_SIZE
     # Padding tokens (slot -1) write nothing.
-    mask = ((offs_h < KV_HEADS) & (slot >= 0))[:, None]
+    mask = ((offs_h < KV_HEADS) & (slot >= 0))[:, None] & (offs_d < HEAD_DIM)[None, :]
 
     k = tl.load(key_ptr + t * stride_key_t + offs_h[:, None] * stride_key_h + offs_d[None, :],
                 mask=mask, other=0.0)
@@ -201,8 +202,6 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, layer: LayerKV,
                     ("value cache", layer.value)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous head_dim")
-    if head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two, got {head_dim}")
     quantize = layer.is_fp8
     if quantize:
         if layer.k_scale is None or layer.v_scale is None:
@@ -223,6 +222,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, layer: LayerKV,
         layer.value.stride(0), layer.value.stride(1), layer.value.stride(2),
         scale_stride,
         KV_HEADS=kv_heads, BLOCK_H=triton.next_power_of_2(kv_heads), HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
         PAGE_SIZE=page_size, QUANTIZE=quantize, FP8_MAX_VAL=FP8_MAX,
         num_warps=4,
     )

@@ -111,11 +111,13 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 # Rotary position embedding, in place
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _rotate_heads(ptr, stride_h, heads, cos, sin, BLOCK_H: tl.constexpr, HALF: tl.constexpr):
-    """Rotate the first ``heads`` rows of ``head_dim`` elements at ``ptr``, in place."""
+def _rotate_heads(ptr, stride_h, heads, cos, sin, BLOCK_H: tl.constexpr, HALF: tl.constexpr,
+                  BLOCK_HALF: tl.constexpr):
+    """Rotate the first ``heads`` rows of ``head_dim = 2 * HALF`` elements at ``ptr``, in
+    place (``BLOCK_HALF``: HALF padded to a power of two, masked)."""
     h = tl.arange(0, BLOCK_H)
-    d = tl.arange(0, HALF)
-    mask = (h < heads)[:, None]
+    d = tl.arange(0, BLOCK_HALF)
+    mask = (h < heads)[:, None] & (d < HALF)[None, :]
     p1 = ptr + h[:, None] * stride_h + d[None, :]
     x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
@@ -127,14 +129,14 @@ def _rotate_heads(ptr, stride_h, heads, cos, sin, BLOCK_H: tl.constexpr, HALF: t
 def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
                  Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
-                 HALF: tl.constexpr):
+                 HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
-    d = tl.arange(0, HALF)
-    cos = tl.load(cos_ptr + pos * stride_cs + d)[None, :]
-    sin = tl.load(sin_ptr + pos * stride_cs + d)[None, :]
-    _rotate_heads(q_ptr + t * stride_qt, stride_qh, Q_HEADS, cos, sin, BLOCK_H, HALF)
-    _rotate_heads(k_ptr + t * stride_kt, stride_kh, K_HEADS, cos, sin, BLOCK_H, HALF)
+    d = tl.arange(0, BLOCK_HALF)
+    cos = tl.load(cos_ptr + pos * stride_cs + d, mask=d < HALF, other=0.0)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_cs + d, mask=d < HALF, other=0.0)[None, :]
+    _rotate_heads(q_ptr + t * stride_qt, stride_qh, Q_HEADS, cos, sin, BLOCK_H, HALF, BLOCK_HALF)
+    _rotate_heads(k_ptr + t * stride_kt, stride_kh, K_HEADS, cos, sin, BLOCK_H, HALF, BLOCK_HALF)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -158,10 +160,11 @@ def rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.
     tokens, q_heads, head_dim = q.shape
     k_heads = k.shape[1]
     assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride(1) == 1
-    assert cos.shape[1] * 2 == head_dim and head_dim & (head_dim - 1) == 0
+    assert cos.shape[1] * 2 == head_dim
     if tokens:
         _rope_kernel[(tokens,)](
             q, k, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             cos.stride(0), Q_HEADS=q_heads, K_HEADS=k_heads,
             BLOCK_H=triton.next_power_of_2(max(q_heads, k_heads)), HALF=head_dim // 2,
+            BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
             num_warps=4)

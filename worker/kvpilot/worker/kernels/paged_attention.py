@@ -32,7 +32,10 @@ Work split
     Per tile of ``BLOCK_N`` tokens the kernel turns token positions into
     ``(block_table[pos // page_size], pos % page_size)`` and gathers rows of ``head_dim``
     contiguous elements; any page size from 1 to 128 works because the tile never
-    assumes that a page holds a whole tile.
+    assumes that a page holds a whole tile. A head_dim that is not a power of two (80,
+    96) is padded to the next one (``BLOCK_D``): the padded columns of Q, K and V are
+    loaded as 0 and never stored, so ``Q K^T`` is unchanged and ``P V``'s extra columns
+    are dropped.
 
 Keeping bytes in flight
     The block-table entries of the next tile are loaded one iteration ahead. Without
@@ -102,6 +105,10 @@ import triton.language as tl
 from kvpilot.worker.kernels.cache import FP8_DTYPE, MAX_PAGE_SIZE
 
 MAX_SPLITS = 256
+# The head dimensions the kernel takes (kvpilot.api.support.WORKER_HEAD_DIMS says the
+# same): powers of two, and 80 and 96 (Phi-2, Phi-3) in a tile padded to 128 columns
+# whose padding is masked, so they cost 128's loads of rows that are shorter.
+HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 
 
 # --------------------------------------------------------------------------------------
@@ -112,11 +119,15 @@ def _attend_tile(
     q, m_i, l_i, acc, toks, pages, end, k_head, v_head, qk_scale,
     stride_kp, stride_kt, stride_vp, stride_vt,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, CVT_ASM: tl.constexpr, MASKED: tl.constexpr, SWAP: tl.constexpr,
 ):
     """Fold one tile of tokens ``toks`` (held in ``pages``, read off the block table by
-    the caller) into the running softmax. Only the last tile of a range is MASKED."""
-    offs_d = tl.arange(0, HEAD_DIM)
+    the caller) into the running softmax. Only the last tile of a range is MASKED. A
+    head_dim that is not a power of two is padded to ``BLOCK_D`` columns read as 0."""
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = (offs_d < HEAD_DIM)[None, :]
     # ---- addresses: (page, slot in the page) -> rows of head_dim elements ------------
     slots = toks % PAGE_SIZE
     k_rows = pages * stride_kp + slots * stride_kt
@@ -124,10 +135,17 @@ def _attend_tile(
     k_ptrs = k_head + k_rows[:, None] + offs_d[None, :]
     v_ptrs = v_head + v_rows[:, None] + offs_d[None, :]
     # ---- loads: masked tokens read as 0, so stale slots never reach the products -----
+    # Padded columns read as 0 too: they add 0 to Q K^T, and P V's are dropped at the store.
     if MASKED:
         valid = toks < end
-        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+        kv_ok = valid[:, None]
+        if PAD_D:
+            kv_ok = kv_ok & d_ok
+        k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+    elif PAD_D:
+        k = tl.load(k_ptrs, mask=d_ok, other=0.0)
+        v = tl.load(v_ptrs, mask=d_ok, other=0.0)
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
@@ -185,7 +203,7 @@ def _paged_decode_kernel(
     stride_ob, stride_oh,
     scale_stride,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
     CVT_ASM: tl.constexpr, PDL: tl.constexpr, SWAP: tl.constexpr,
 ):
@@ -220,13 +238,15 @@ def _paged_decode_kernel(
     full_end = tl.maximum(start, end - end % BLOCK_N)  # tiles before it need no mask
 
     offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     heads = kvh * GROUP + offs_g
     g_mask = offs_g < GROUP
+    # Rows of real query heads, columns of the real head_dim (BLOCK_D pads it).
+    gd_mask = g_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
 
     # ---- the query heads of this KV group, one tile --------------------------------
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None], other=0.0).to(DOT_DTYPE)
+                mask=gd_mask, other=0.0).to(DOT_DTYPE)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): softmax in base 2
     if KV_FP8:
         qk_scale = qk_scale * tl.load(k_scale_ptr + kvh * scale_stride)
@@ -234,9 +254,9 @@ def _paged_decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     if SWAP:
-        acc = tl.zeros([HEAD_DIM, BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_D, BLOCK_G], dtype=tl.float32)
     else:
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
 
     k_head = k_ptr + kvh * stride_kh
     v_head = v_ptr + kvh * stride_vh
@@ -256,7 +276,7 @@ def _paged_decode_kernel(
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, toks, pages, end, k_head, v_head, qk_scale,
             stride_kp, stride_kt, stride_vp, stride_vt,
-            PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_DTYPE, CVT_ASM, False, SWAP)
+            PAGE_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_DTYPE, CVT_ASM, False, SWAP)
         pages = next_pages
     if SWAP:
         # The partial last tile goes through the unswapped products: compiled swapped,
@@ -267,7 +287,7 @@ def _paged_decode_kernel(
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, full_end + offs_n, pages, end, k_head, v_head, qk_scale,
             stride_kp, stride_kt, stride_vp, stride_vt,
-            PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_DTYPE, CVT_ASM, True, False)
+            PAGE_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_DTYPE, CVT_ASM, True, False)
 
     # ---- epilogue -------------------------------------------------------------------
     if KV_FP8:
@@ -280,10 +300,10 @@ def _paged_decode_kernel(
         lse = tl.where(has_tokens, m_i + tl.log2(tl.where(has_tokens, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=g_mask)
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out,
-                 mask=g_mask[:, None])
+                 mask=gd_mask)
     else:
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+                 out.to(out_ptr.dtype.element_ty), mask=gd_mask)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -291,13 +311,15 @@ def _merge_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
-    """One program per (sequence, query head, ``BLOCK_D`` slice of head_dim)."""
+    """One program per (sequence, query head, ``BLOCK_D`` slice of head_dim; the last
+    slice masked where it runs past HEAD_DIM)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     d0 = tl.program_id(2) * BLOCK_D
     row0 = (b * tl.num_programs(1) + h) * num_splits
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = d0 + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
     if PDL:
         tl.extra.cuda.gdc_wait()  # the decode grid has finished and its partials landed
 
@@ -309,7 +331,7 @@ def _merge_splits_kernel(
         mask = s0 + offs_s < num_splits
         lse = tl.load(part_lse_ptr + row0 + s0 + offs_s, mask=mask, other=float("-inf"))
         part = tl.load(part_out_ptr + (row0 + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                       mask=mask[:, None], other=0.0)
+                       mask=mask[:, None] & d_ok[None, :], other=0.0)
         m_new = tl.maximum(m, tl.max(lse, 0))
         # Empty splits have lse = -inf: weight exp2(-inf) = 0. While every split so far
         # is empty the max is -inf too; subtract 0 then, not -inf (NaN).
@@ -320,7 +342,8 @@ def _merge_splits_kernel(
         den = den * alpha + tl.sum(w, 0)
         m = m_new
     out = acc / tl.where(den > 0.0, den, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=d_ok)
 
 
 def merge_shape(num_splits: int, head_dim: int) -> tuple[int, int]:
@@ -328,7 +351,7 @@ def merge_shape(num_splits: int, head_dim: int) -> tuple[int, int]:
     time; more, every split (up to MAX_SPLITS) in one load of a 16-wide slice of the head,
     so no program waits on a chain of loads. Two compiled variants in all."""
     if num_splits <= 16:
-        return 16, head_dim
+        return 16, triton.next_power_of_2(head_dim)
     return MAX_SPLITS, 16
 
 
@@ -605,8 +628,8 @@ def paged_attention_decode(
            "k_cache and v_cache must both be [num_pages, page_size, kv_heads, head_dim]")
     num_pages, page_size, kv_heads, kv_dim = k_cache.shape
     _check(kv_dim == head_dim, f"head_dim of q ({head_dim}) and cache ({kv_dim}) differ")
-    _check(16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0,
-           f"head_dim must be a power of two in 16..256, got {head_dim}")
+    _check(head_dim in HEAD_DIMS,
+           f"head_dim must be one of {', '.join(map(str, HEAD_DIMS))}, got {head_dim}")
     _check(1 <= page_size <= MAX_PAGE_SIZE, f"page_size must be 1..{MAX_PAGE_SIZE}")
     _check(q_heads % kv_heads == 0, f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
     _check(q.dtype in (torch.bfloat16, torch.float16), f"q must be bf16 or fp16, got {q.dtype}")
@@ -679,7 +702,7 @@ def paged_attention_decode(
         out.stride(0), out.stride(1),
         scale_stride,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim,
-        PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
+        BLOCK_D=triton.next_power_of_2(head_dim), PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
         SPLIT=split, KV_FP8=kv_fp8, DOT_DTYPE=dot_dtype,
         CVT_ASM=kv_fp8 and cfg.convert_v and capability >= (8, 9),  # cvt from e4m3: sm_89 on
         PDL=pdl, SWAP=cfg.swap,
@@ -689,7 +712,7 @@ def paged_attention_decode(
         _remember_occupancy(key, kernel, cfg.num_warps, q.device)
     if split:
         block_s, block_d = merge_shape(num_splits, head_dim)
-        _merge_splits_kernel[(batch, q_heads, head_dim // block_d)](
+        _merge_splits_kernel[(batch, q_heads, triton.cdiv(head_dim, block_d))](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_S=block_s, BLOCK_D=block_d, PDL=pdl, num_warps=4,
             launch_pdl=pdl,

@@ -1,0 +1,255 @@
+"""The worker's model families (``kvpilot.worker.model.FAMILIES``) against transformers:
+a tiny random checkpoint per family, made with transformers' own config and model
+classes and written with ``save_pretrained``, served by the engine greedy, token for
+token (CPU, float32), at TP 1 and over gloo at TP 2; and what is refused at load."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+pytest.importorskip("tokenizers")
+
+from kvpilot.api.checkpoint import architecture_from_config  # noqa: E402
+from kvpilot.api.model import Model  # noqa: E402
+from kvpilot.api.support import worker_support_problem  # noqa: E402
+from kvpilot.worker.model import (  # noqa: E402
+    FAMILIES,
+    LlamaConfig,
+    Partition,
+    load_config,
+    load_weights,
+)
+from kvpilot.worker.scheduler import SamplingParams  # noqa: E402
+from kvpilot.worker.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer  # noqa: E402
+from tests.conftest import EXAMPLES  # noqa: E402
+from tests.worker_helpers import tiny_engine  # noqa: E402
+
+NEW_TOKENS = 32
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+PROMPT_LENGTHS = (1, 17, 40)  # around page boundaries (16)
+TOL = 1e-4  # float32: rounding only
+BF16_TOL = 0.25  # logit gap allowed between a bf16 engine and float32 transformers
+
+# Shared by every family's config: vocabulary and special tokens of the tiny tokenizer.
+_TOK = build_tokenizer()
+VOCAB = _TOK.get_vocab_size(with_added_tokens=True)
+BOS, EOS = _TOK.token_to_id(SPECIAL_TOKENS[0]), _TOK.token_to_id(SPECIAL_TOKENS[1])
+COMMON = dict(vocab_size=VOCAB, num_hidden_layers=2, intermediate_size=256, rms_norm_eps=1e-5,
+              bos_token_id=BOS, eos_token_id=EOS)
+
+# model_type -> (transformers config class, its tiny sizes). Qwen2 has Qwen2.5-0.5B's
+# attention (14 heads, 2 KV heads of 64, hidden 896, tied embeddings, rope base 1e6);
+# Qwen3 a head_dim that is not hidden / heads, as Qwen3's own; Phi-3 heads of 96.
+FAMILY_CONFIGS = {
+    "llama": ("LlamaConfig", dict(hidden_size=128, num_attention_heads=4,
+                                  num_key_value_heads=2)),
+    "mistral": ("MistralConfig", dict(hidden_size=128, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=32,
+                                      sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=896, num_attention_heads=14,
+                                  num_key_value_heads=2, tie_word_embeddings=True,
+                                  rope_theta=1000000.0, max_position_embeddings=32768,
+                                  use_sliding_window=False, sliding_window=32768,
+                                  max_window_layers=21)),
+    "qwen3": ("Qwen3Config", dict(hidden_size=128, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=64,
+                                  rope_theta=1000000.0)),
+    "phi3": ("Phi3Config", dict(hidden_size=384, num_attention_heads=4,
+                                num_key_value_heads=2, pad_token_id=None)),
+}
+
+
+def write_family_checkpoint(out, model_type: str, seed: int = 0, **overrides):
+    """A random checkpoint of ``model_type`` written by transformers itself. Every tensor
+    is drawn afresh (transformers initializes biases to 0 and norms to 1, which would
+    hide a missing bias or norm): norms near 1, the rest small normal values. A tied
+    embedding is drawn small, or each token's own row would dominate its logits and
+    greedy decoding would repeat the last token whatever the layers compute."""
+    cls_name, sizes = FAMILY_CONFIGS[model_type]
+    cfg = getattr(transformers, cls_name)(**{**COMMON, **sizes, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif "embed_tokens" in name:
+                param.copy_((0.02 if cfg.tie_word_embeddings else 1.0) * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.copy_(0.5 * torch.randn_like(param))
+            else:
+                std = 0.2 if any(k in name for k in ("q_proj", "k_proj", "qkv_proj")) else 0.05
+                param.copy_(std * torch.randn_like(param))
+    model.save_pretrained(out)
+    _TOK.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[1],
+         "chat_template": CHAT_TEMPLATE}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return {t: write_family_checkpoint(tmp_path_factory.mktemp(t), t, seed=i)
+            for i, t in enumerate(FAMILY_CONFIGS)}
+
+
+def prompts(lengths=PROMPT_LENGTHS):
+    return [[(7 * i + 3 * n) % 256 for i in range(n)] for n in lengths]
+
+
+def assert_transformers_agrees(ckpt, seqs, tol=TOL, first=NEW_TOKENS):
+    """Each of the ``first`` generated tokens is transformers' argmax after the same
+    prefix (or within ``tol`` of it: a near tie), from one teacher-forced forward pass
+    per sequence."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    for s in seqs:
+        assert s.num_output == NEW_TOKENS
+        tokens = list(s.prompt) + list(s.output)
+        with torch.inference_mode():
+            logits = hf(torch.tensor([tokens])).logits[0].float()
+        for i, tok in enumerate(s.output[:first]):
+            row = logits[len(s.prompt) - 1 + i]
+            best = int(row.argmax())
+            gap = float(row[best] - row[tok])
+            assert tok == best or gap <= tol, (
+                f"token {i}: engine {tok}, transformers {best} (logit gap {gap:.4g})")
+
+
+# ---- the families against transformers ---------------------------------------------------
+def test_every_family_is_tested():
+    assert set(FAMILY_CONFIGS) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY_CONFIGS))
+def test_greedy_tokens_equal_transformers(model_type, checkpoints):
+    ckpt = checkpoints[model_type]
+    cfg = load_config(ckpt)
+    assert (cfg.model_type, cfg.family) == (model_type, FAMILIES[model_type])
+    engine = tiny_engine(ckpt)
+    seqs = engine.generate(prompts(), GREEDY)
+    assert_transformers_agrees(ckpt, seqs)
+    # A second pass over cached prefixes: prefill reads K/V back from the pages.
+    base = prompts((40,))[0]
+    hits = engine.generate([base + [5, 6, 7]], GREEDY)
+    assert engine.scheduler.bm.hit_tokens >= 32
+    assert_transformers_agrees(ckpt, hits)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "phi3"])
+def test_tp2_equals_tp1(model_type, checkpoints):
+    ckpt = checkpoints[model_type]
+    expected = [s.output for s in tiny_engine(ckpt).generate(prompts(), GREEDY)]
+    engine = tiny_engine(ckpt, tp=2)
+    try:
+        cfg = load_config(ckpt)
+        assert engine.runner.model.part.num_kv_heads == math.ceil(cfg.num_kv_heads / 2)
+        assert [s.output for s in engine.generate(prompts(), GREEDY)] == expected
+    finally:
+        engine.runner.close()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "phi3"])
+def test_a_rank_holds_its_rows_of_biases_and_packed_tensors(model_type, checkpoints):
+    ckpt = checkpoints[model_type]
+    cfg = load_config(ckpt)
+    whole = load_weights(ckpt, cfg, "cpu", torch.float32)
+    shards = [load_weights(ckpt, cfg, "cpu", torch.float32, Partition.of(cfg, r, 2))
+              for r in (0, 1)]
+    q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    pq, pkv, pi = q // 2, kv // 2, inter // 2
+    for i in range(cfg.num_layers):
+        w, a, b = whole.layers[i], shards[0].layers[i], shards[1].layers[i]
+        for name in ("qkv", "qkv_bias"):
+            full, left, right = getattr(w, name), getattr(a, name), getattr(b, name)
+            if full is None:
+                assert left is None and right is None
+                continue
+            for lo, hi, plo, phi in ((0, q, 0, pq), (q, q + kv, pq, pq + pkv),
+                                     (q + kv, q + 2 * kv, pq + pkv, pq + 2 * pkv)):
+                torch.testing.assert_close(torch.cat([left[plo:phi], right[plo:phi]]),
+                                           full[lo:hi], rtol=0, atol=0)
+        for lo, plo in ((0, 0), (inter, pi)):  # gate, then up
+            torch.testing.assert_close(
+                torch.cat([a.gate_up[plo:plo + pi], b.gate_up[plo:plo + pi]]),
+                w.gate_up[lo:lo + inter], rtol=0, atol=0)
+        if w.q_norm is not None:  # per head: every rank holds it whole
+            for shard in (a, b):
+                torch.testing.assert_close(shard.q_norm, w.q_norm, rtol=0, atol=0)
+                torch.testing.assert_close(shard.k_norm, w.k_norm, rtol=0, atol=0)
+
+
+def test_parameters_are_counted_as_transformers_counts_them(checkpoints):
+    for model_type, ckpt in checkpoints.items():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+        assert load_config(ckpt).num_parameters() == hf.num_parameters(), model_type
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv_dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("model_type", list(FAMILY_CONFIGS))
+def test_gpu_greedy_tokens_agree_with_transformers(model_type, kv_dtype, checkpoints):
+    """bf16 weights, the Triton kernels (Phi-3's heads of 96 in a padded tile), CUDA
+    graphs; a token may differ from float32 transformers' argmax only by a near tie."""
+    ckpt = checkpoints[model_type]
+    engine = tiny_engine(ckpt, device="cuda", dtype="bf16", kv_dtype=kv_dtype)
+    assert engine.runner.cuda_graphs
+    seqs = engine.generate(prompts(), GREEDY)
+    # FP8 K/V drift from there on; the prompt's own K/V are used unquantized in prefill,
+    # so the first token is as close as bf16's.
+    assert_transformers_agrees(ckpt, seqs, tol=BF16_TOL,
+                               first=NEW_TOKENS if kv_dtype == "bf16" else 1)
+
+
+# ---- Qwen2.5-0.5B: the example Model and its checkpoint's shape ----------------------------
+def test_the_qwen2_5_example_is_served_and_its_checkpoint_shape_loads(checkpoints):
+    doc = yaml.safe_load((EXAMPLES / "qwen2.5-0.5b.yaml").read_text())
+    spec = Model.model_validate(doc).spec
+    assert worker_support_problem(spec, tp=1) is None
+    ckpt = checkpoints["qwen2"]
+    arch = architecture_from_config(json.loads((ckpt / "config.json").read_text()))
+    example = doc["spec"]["architecture"]
+    assert {k: arch[k] for k in ("attentionHeads", "kvHeads", "headDim", "maxContextTokens")} == {
+        k: example[k] for k in ("attentionHeads", "kvHeads", "headDim", "maxContextTokens")}
+    assert "slidingWindow" not in arch  # use_sliding_window: false
+
+
+# ---- refused at load -------------------------------------------------------------------------
+def test_an_unknown_model_type_fails_at_load_naming_it(tmp_path, checkpoints):
+    d = json.loads((checkpoints["llama"] / "config.json").read_text())
+    with pytest.raises(ValueError, match="model_type 'gemma2' is not a family the worker serves"):
+        LlamaConfig.from_hf({**d, "model_type": "gemma2"})
+
+
+@pytest.mark.parametrize("model_type, extra, why", [
+    # Mistral-7B v0.1: every layer slides over 4096 of its 32768 positions.
+    ("mistral", {"sliding_window": 4096, "max_position_embeddings": 32768},
+     "model_type mistral: sliding-window attention (4096 tokens)"),
+    # Phi-3-mini-4k: 2047 of 4096.
+    ("phi3", {"sliding_window": 2047, "max_position_embeddings": 4096},
+     "model_type phi3: sliding-window attention (2047 tokens)"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 0,
+               "layer_types": None}, "model_type qwen2: sliding-window attention"),
+    ("qwen3", {"attention_bias": True}, "model_type qwen3: attention biases"),
+    ("llama", {"mlp_bias": True}, "model_type llama: MLP biases"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ("phi3", {"partial_rotary_factor": 0.75}, "partial_rotary_factor 0.75"),
+])
+def test_what_a_family_lacks_fails_at_load(model_type, extra, why, checkpoints):
+    d = json.loads((checkpoints[model_type] / "config.json").read_text())
+    with pytest.raises(ValueError, match=why.replace("(", r"\(").replace(")", r"\)")):
+        LlamaConfig.from_hf({**d, **extra})
+
+
+def test_a_mistral_window_as_long_as_the_context_never_slides(checkpoints):
+    d = json.loads((checkpoints["mistral"] / "config.json").read_text())
+    cfg = LlamaConfig.from_hf({**d, "sliding_window": d["max_position_embeddings"]})
+    assert cfg.model_type == "mistral"
