@@ -111,8 +111,9 @@ def _plan(models) -> None:
     table = render_table(plan, demands, refused)
     assert max(map(len, table.splitlines())) <= 100, table
     json.dumps({**plan.to_dict(), "models": model_summary(plan, demands, refused)})
-    assert set(refused) == {m.metadata.name for m in models
-                            if worker_support_problem(m.spec)}
+    assert {name: r.reason for name, r in refused.items()} == {
+        m.metadata.name: worker_support_problem(m.spec) for m in models
+        if worker_support_problem(m.spec)}
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -6,7 +6,7 @@ nothing here restates its formula.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Sequence
 
 from kvpilot.api.fleet import FleetNode
@@ -17,7 +17,7 @@ from kvpilot.api.memory import (
 )
 from kvpilot.api.model import Model, ModelSpec
 from kvpilot.api.quantity import format_bytes
-from kvpilot.api.support import worker_support_problem
+from kvpilot.api.support import WORKER_MAX_TENSOR_PARALLEL, worker_support_problem
 from kvpilot.operator.placement.model import Demand, Node, Policy, Requirement, Snapshot
 
 
@@ -113,11 +113,11 @@ def _latency_fixes(spec: ModelSpec, tp: int, limit: int, max_gpus: int,
     tries = []
     if spec.kv_cache_dtype != "fp8":
         fp8 = spec.model_copy(update={"kv_cache_dtype": "fp8"})
-        if any(_meets(fp8, t, limit, gpu) for t in _candidates(fp8, max_gpus)
-               if not worker_support_problem(fp8, t)):
+        if any(_meets(fp8, t, limit, gpu)
+               for t in _candidates(fp8, min(max_gpus, WORKER_MAX_TENSOR_PARALLEL))):
             tries.append("kvCacheDtype fp8")
-    larger = [t for t in TP_DEGREES if tp < t <= max_gpus and tp_is_valid(spec, t)
-              and not worker_support_problem(spec, t) and _meets(spec, t, limit, gpu)]
+    larger = [t for t in TP_DEGREES if tp < t <= min(max_gpus, WORKER_MAX_TENSOR_PARALLEL)
+              and tp_is_valid(spec, t) and _meets(spec, t, limit, gpu)]
     if larger:
         tries.append(f"tensorParallel {larger[0]}")
     if spec.sla.inter_token_latency_milliseconds is not None and gpu.hbm_bandwidth:
@@ -206,11 +206,20 @@ def servable(d: Demand, spec: ModelSpec) -> Demand:
                    unfit={**d.unfit, **wide})
 
 
-def demands_from_models(models: Sequence[Model], snapshot: Snapshot, policy: Policy
-                        ) -> tuple[list[Demand], dict[str, str]]:
+@dataclass(frozen=True)
+class Refused:
+    """A Model the operator starts no worker for (``kvpilot.api.support``)."""
+
+    reason: str
+    replicas: int  # what it asks
+
+
+def demands_from_models(models: Sequence[Model], snapshot: Snapshot, policy: Policy,
+                        worker_limits: bool = True) -> tuple[list[Demand], dict[str, Refused]]:
     """Demands of Model objects, in their order, as the operator makes them; a name may
-    appear once. The second result: Models the operator would start no worker for
-    (``kvpilot.api.support``), name -> why; they are not demanded."""
+    appear once. The second result: the Models the operator would refuse, by name; they
+    are not demanded. Without ``worker_limits``, every Model is planned as placement
+    alone allows (for capacity planning with another engine)."""
     seen: set[str] = set()
     out, refused = [], {}
     for m in models:
@@ -218,8 +227,10 @@ def demands_from_models(models: Sequence[Model], snapshot: Snapshot, policy: Pol
         if name in seen:
             raise ValueError(f"model {name!r} appears twice")
         seen.add(name)
-        if problem := worker_support_problem(m.spec):
-            refused[name] = problem
-            continue
-        out.append(servable(demand_for(name, m.spec, snapshot, policy), m.spec))
+        if not worker_limits:
+            out.append(demand_for(name, m.spec, snapshot, policy))
+        elif problem := worker_support_problem(m.spec):
+            refused[name] = Refused(problem, m.spec.desired_replicas)
+        else:
+            out.append(servable(demand_for(name, m.spec, snapshot, policy), m.spec))
     return out, refused

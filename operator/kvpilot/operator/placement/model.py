@@ -133,6 +133,9 @@ class Policy:
     ``spread_replicas`` prefers nodes that hold fewer replicas of the same model.
     ``share_gpus`` lets replicas of different (or the same) models share a GPU when
     their budgets fit. ``rebalance`` re-places existing replicas as if new.
+    ``worker_limits``: a fix suggested for a replica that fits nowhere must be one
+    kvpilot's worker can serve (the operator's plans); off for ``kvpilot plan
+    --all-models``.
 
     ``improve`` lets ``place()`` work on the objective of pure packing, GPUs with load:
     complete every GPU it opens, stack and stagger TP groups, repair what is left
@@ -148,6 +151,7 @@ class Policy:
     share_gpus: bool = True
     rebalance: bool = False
     improve: bool = True
+    worker_limits: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.packing <= 1.0:

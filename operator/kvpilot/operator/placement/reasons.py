@@ -23,7 +23,7 @@ from kvpilot.api.memory import (
     TP_DEGREES, kv_bytes_per_sequence, max_context_within, replica_budget, tp_is_valid,
 )
 from kvpilot.api.quantity import format_bytes
-from kvpilot.api.support import worker_support_problem
+from kvpilot.api.support import WORKER_MAX_TENSOR_PARALLEL, worker_support_problem
 from kvpilot.operator.placement.filters import first_failure, product_fits
 from kvpilot.operator.placement.inputs import requirement
 from kvpilot.operator.placement.model import Demand, Policy, Requirement
@@ -188,14 +188,16 @@ def _node_reason(s: NodeState, demand: Demand, policy: Policy) -> str:
 
 def fits_now(spec, states: list[NodeState], policy: Policy) -> bool:
     """Would one replica of ``spec`` fit on some node of ``states`` now? Sized as the
-    operator sizes it on each node's product, at a tensorParallel kvpilot's worker runs,
-    and passing every filter placement applies: how a suggested fix is checked."""
+    operator sizes it on each node's product, served by kvpilot's worker (unless the
+    policy plans without ``worker_limits``), and passing every filter placement
+    applies: how a suggested fix is checked."""
     for s in states:
         if not s.node.schedulable or (spec.gpu_products
                                       and s.node.product not in spec.gpu_products):
             continue
         r = requirement(spec, s.node.gpu_hbm, s.node.gpus, policy.reserve, s.node.gpu)
-        if not isinstance(r, Requirement) or worker_support_problem(spec, r.tp):
+        if not isinstance(r, Requirement) or (policy.worker_limits
+                                              and worker_support_problem(spec, r.tp)):
             continue
         one = Demand("(fix)", 1, {s.node.product: r}, tuple(spec.gpu_products), spec=spec)
         if first_failure(s, one, policy) is None:
@@ -302,10 +304,9 @@ def _sla_fit(spec, tp: int, best_free: int) -> Optional[tuple[int, str, int]]:
 
 def _sla_on_any(spec, free: _Free, allowed: list[str]) -> Optional[tuple[int, str, int]]:
     """The least reduction of the SLA whose budget fits some allowed product at some
-    tensorParallel the worker runs, when no product holds the SLA as it is."""
-    fits = [f for p in allowed for t in _candidate_tps(spec)
-            if not worker_support_problem(spec, t)
-            and (f := _sla_fit(spec, t, free.best_group(p, t))) is not None]
+    tensorParallel a worker runs, when no product holds the SLA as it is."""
+    fits = [f for p in allowed for t in _candidate_tps(spec, WORKER_MAX_TENSOR_PARALLEL)
+            if (f := _sla_fit(spec, t, free.best_group(p, t))) is not None]
     return max(fits) if fits else None
 
 
