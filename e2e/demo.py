@@ -14,9 +14,10 @@ What runs, all of it real except the GPUs:
   whose ``source`` is ``hf://kvpilot/tiny-chat``: a stand-in for the Hugging Face hub
   (``e2e.hub``, on 127.0.0.1) serves the checkpoint, each worker pod's init container
   fetches it into the node's weights cache, and the worker checks it against the Model
-  before it serves. A load ramp through the Model's Service (its EndpointSlices) fills
-  the KV caches, the operator scales the workers up on KV pressure, and when the load
-  stops it drains a replica and scales back down.
+  before it serves. A load ramp through ``kvpilot router`` (run here with the token of
+  the chart's router ServiceAccount; it routes by the Model's Service's EndpointSlices)
+  fills the KV caches, the operator scales the workers up on KV pressure, and when the
+  load stops it drains a replica and scales back down.
 
 ``--plan-only`` keeps the older, offline demo: the same cluster and Models, and
 ``kvpilot plan`` on what the API server holds.
@@ -120,7 +121,8 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def view(cluster: Cluster, load, workers, started: float, phase: str) -> str:
+def view(cluster: Cluster, load, workers, started: float, phase: str,
+         router_url: str | None = None) -> str:
     models = cluster.get("models")["items"]
     pods = cluster.get("pods", "-l", SELECTOR)["items"]
     slices = cluster.get("resourceslices")["items"]
@@ -192,7 +194,8 @@ def view(cluster: Cluster, load, workers, started: float, phase: str) -> str:
         lines.append(f"  {e['involvedObject']['name']:<14} {e['reason']:<14} "
                      f"{_short(e['message'], 80)}")
     c = load.counts
-    lines += ["", f"Load on {LIVE_MODEL}: {load.clients} clients; requests complete "
+    via = f" through the router {router_url}" if router_url else " (direct to the workers)"
+    lines += ["", f"Load on {LIVE_MODEL}{via}: {load.clients} clients; requests complete "
               f"{c['complete']}, rejected 429 {c['rejected_429']}, 503 {c['rejected_503']}, "
               f"truncated {c['truncated']}, failed {c['failed']}; real workers running "
               f"{len(workers.processes)}", "Ctrl-C to stop."]
@@ -209,7 +212,7 @@ def live(cluster: Cluster, models: list[Path], duration: float, refresh: float) 
     from e2e.hub import Hub
     from e2e.load import Load, LoadThread
     from e2e.operator import OperatorProcess
-    from e2e.workers import Workers, endpoints, tiny_checkpoint, tiny_model
+    from e2e.workers import Workers, tiny_checkpoint, tiny_model
     from kvpilot.api.fleet import load_fleet
 
     nodes = load_fleet(FLEET).expand()
@@ -217,7 +220,7 @@ def live(cluster: Cluster, models: list[Path], duration: float, refresh: float) 
         "ResourceSlices")
     create_nodes(cluster, nodes, dra=True)
     home = cluster.state / "helm"
-    log("helm install kvpilot (CRD, RBAC, operator Deployment)")
+    log("helm install kvpilot (CRD, RBAC, the operator and router Deployments)")
     kube_helm(cluster, home, "install", RELEASE, str(CHART), "-n", NAMESPACE,
               "--create-namespace", "--wait=false")
     cluster.kubectl("wait", "--for=condition=Established", "crd/models.kvpilot.dev",
@@ -236,8 +239,18 @@ def live(cluster: Cluster, models: list[Path], duration: float, refresh: float) 
     log("starting the operator with the chart's ServiceAccount")
     op.start()
     workers = Workers(cluster, cluster.state / "workers", only=frozenset({LIVE_MODEL})).start()
-    targets = ((lambda: endpoints(cluster, LIVE_MODEL)) if cluster.real_workers else
-               (lambda: [p.url for p in workers.ready(LIVE_MODEL)]))
+    router = None
+    if cluster.real_workers:
+        # One OpenAI endpoint for the fleet, with the chart's router account.
+        from e2e.test_router import RouterProcess, account_kubeconfig
+
+        router = RouterProcess(account_kubeconfig(cluster, "kvpilot-router",
+                                                  cluster.state / "router-sa"),
+                               cluster.state / "router.log")
+        log(f"kvpilot router at {router.url} (its log: {router.log_path})")
+        targets = once_serving(router)
+    else:
+        targets = lambda: [p.url for p in workers.ready(LIVE_MODEL)]  # noqa: E731
     load = Load(targets, LIVE_MODEL, prompt_tokens=300, max_tokens=48)
     driver = LoadThread(load)
     stop = threading.Event()
@@ -264,7 +277,8 @@ def live(cluster: Cluster, models: list[Path], duration: float, refresh: float) 
                 load.clients, phase = 0, "stopped (watch the scale-down drain)"
             if screen.due():
                 try:
-                    screen.show(view(cluster, load, workers, started, phase))
+                    screen.show(view(cluster, load, workers, started, phase,
+                                     router.url if router else None))
                 except RuntimeError as err:  # the API server busy: next time
                     log(f"view: {err}")
             time.sleep(0.5)
@@ -273,11 +287,34 @@ def live(cluster: Cluster, models: list[Path], duration: float, refresh: float) 
     finally:
         driver.finish()
         summary = summarize(cluster, load)
+        if router is not None:
+            router.stop()
         workers.stop()
         op.stop()
         hub.stop()
     print(summary)
     return 0
+
+
+def once_serving(router, every: float = 1.0):
+    """The router's URL for the load, once it has a ready replica of the live Model
+    (before, its answers would be 404s and 503s, not the demo's point); asked at most
+    every ``every`` seconds."""
+    import httpx
+
+    seen = {"at": -every, "serving": False}
+
+    def targets() -> list[str]:
+        now = time.monotonic()
+        if not seen["serving"] and now - seen["at"] >= every:
+            seen["at"] = now
+            try:
+                seen["serving"] = router.replicas(LIVE_MODEL) > 0
+            except (httpx.HTTPError, ValueError):
+                pass
+        return [router.url] if seen["serving"] else []
+
+    return targets
 
 
 def summarize(cluster: Cluster, load) -> str:
@@ -309,11 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="leave the cluster running")
     args = parser.parse_args(argv)
     # Routable pod IPs let the Service's EndpointSlices hold the workers (the load goes
-    # through them); without the right to add the route, the load finds the workers itself.
+    # through the router, which reads them); without the right to add the route, the load
+    # finds the workers itself.
     unroutable = route_pod_cidr()
     if unroutable:
         log(f"pod IPs stay on loopback ({unroutable}): the load goes to the workers directly, "
-            "not through the Model's Service")
+            "not through the router")
     cluster = Cluster(default_state("demo"), real_workers=not unroutable)
     if cluster.running():
         log("a demo cluster is still running; stopping it first")

@@ -22,6 +22,8 @@ from tests.chart_helpers import (
 )
 
 OPERATOR = "kvpilot-operator"
+METRICS_SERVICE = f"{OPERATOR}-metrics"
+ROUTER = "kvpilot-router"
 POD = "kvpilot-operator-5d9c7b-x2x7q"
 
 
@@ -34,18 +36,23 @@ def test_lint_is_clean_with_defaults_and_with_every_feature(tmp_path):
         assert "[WARNING]" not in out and "[ERROR]" not in out, out
 
 
-def test_defaults_render_the_operator_and_its_rbac():
+def test_defaults_render_the_operator_the_router_and_their_rbac():
     assert kinds(render()) == [
         ("ClusterRole", "kvpilot-models-edit"),
         ("ClusterRole", "kvpilot-models-view"),
         ("ClusterRole", OPERATOR),
+        ("ClusterRole", ROUTER),
         ("ClusterRoleBinding", OPERATOR),
+        ("ClusterRoleBinding", ROUTER),
         ("CustomResourceDefinition", "models.kvpilot.dev"),
         ("Deployment", OPERATOR),
+        ("Deployment", ROUTER),
         ("Role", OPERATOR),
         ("RoleBinding", OPERATOR),
-        ("Service", f"{OPERATOR}-metrics"),
+        ("Service", METRICS_SERVICE),
+        ("Service", ROUTER),
         ("ServiceAccount", "kvpilot"),
+        ("ServiceAccount", ROUTER),
     ]
 
 
@@ -54,7 +61,7 @@ def test_every_optional_feature_renders_its_object():
     extra = set(kinds(objs)) - set(kinds(render()))
     assert extra == {("NetworkPolicy", OPERATOR), ("PodDisruptionBudget", OPERATOR),
                      ("PodMonitor", "kvpilot-workers"), ("ServiceMonitor", OPERATOR)}
-    assert one(objs, "Deployment")["spec"]["replicas"] == 2
+    assert one(objs, "Deployment", OPERATOR)["spec"]["replicas"] == 2
 
 
 # -- the CRD ------------------------------------------------------------------------------
@@ -114,7 +121,7 @@ def test_the_operator_gets_exactly_the_calls_it_makes():
                                 "name": OPERATOR}
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": "kvpilot",
                                   "namespace": NAMESPACE}]
-    deployment = one(objs, "Deployment")
+    deployment = one(objs, "Deployment", OPERATOR)
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "kvpilot"
 
 
@@ -146,7 +153,7 @@ def test_namespace_users_get_models_through_the_default_roles():
 # -- the operator's Deployment and settings -------------------------------------------------
 
 def test_the_operator_runs_locked_down():
-    pod = one(render(), "Deployment")["spec"]["template"]["spec"]
+    pod = one(render(), "Deployment", OPERATOR)["spec"]["template"]["spec"]
     assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 65532,
                                       "runAsGroup": 65532,
                                       "seccompProfile": {"type": "RuntimeDefault"}}
@@ -155,7 +162,7 @@ def test_the_operator_runs_locked_down():
                                     "readOnlyRootFilesystem": True, "runAsNonRoot": True,
                                     "capabilities": {"drop": ["ALL"]}}
     assert c["args"] == ["operator"]
-    strategy = one(render(), "Deployment")["spec"]["strategy"]
+    strategy = one(render(), "Deployment", OPERATOR)["spec"]["strategy"]
     assert strategy == {"type": "RollingUpdate",
                         "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
     assert c["image"] == "kvpilot/operator:0.1.0"
@@ -169,7 +176,7 @@ def test_the_operator_runs_locked_down():
 
 
 def test_the_default_env_is_valid_settings_and_sets_every_one():
-    env = container_env(one(render(), "Deployment"), POD)
+    env = container_env(one(render(), "Deployment", OPERATOR), POD)
     settings = Settings.from_env(env)
     # every setting comes from the chart, so none falls back to a default it never chose
     assert {k.removeprefix("KVPILOT_").lower() for k in env} == set(Settings.model_fields)
@@ -202,7 +209,7 @@ CHANGED = {
 
 def test_values_flow_into_the_operators_settings():
     objs = render(CHANGED)
-    deployment = one(objs, "Deployment")
+    deployment = one(objs, "Deployment", OPERATOR)
     settings = Settings.from_env(container_env(deployment, POD))
     assert settings.model_dump(exclude={"namespace", "lease_name", "identity"}) == dict(
         mode="devicePlugin", dra_driver="gpu.example.com", device_class="h100.example.com",
@@ -216,7 +223,7 @@ def test_values_flow_into_the_operators_settings():
     assert c["args"] == ["operator", "--verbose"]
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 9090,
                                                                    "health": 9091}
-    service = one(objs, "Service")
+    service = one(objs, "Service", METRICS_SERVICE)
     assert service["spec"]["ports"] == [{"name": "metrics", "port": 9090,
                                          "targetPort": "metrics", "protocol": "TCP"}]
 
@@ -270,6 +277,16 @@ def test_the_values_schema_bounds_the_settings_as_the_settings_model_does():
      "worker.image.tag: latest is a moving tag; pin a version or a digest"),
     ({"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}},
      "metrics.serviceMonitor.enabled needs metrics.service.enabled"),
+    ({"router": {"policy": "random"}},
+     "at '/router/policy': value must be one of 'prefix', 'round-robin', 'least-load'"),
+    ({"router": {"loadFactor": 0.5}}, "at '/router/loadFactor': minimum"),
+    ({"router": {"kvHigh": 0}}, "at '/router/kvHigh': exclusiveMinimum"),
+    ({"router": {"namespaces": ["Team_A"]}}, "at '/router/namespaces/0'"),
+    ({"router": {"apiKeys": {"secretName": "Keys!"}}}, "at '/router/apiKeys/secretName'"),
+    ({"router": {"image": {"tag": "latest"}}},
+     "router.image.tag: latest is a moving tag; pin a version or a digest"),
+    ({"router": {"serviceAccount": {"create": False}}},
+     "router.serviceAccount.name is required when router.serviceAccount.create is false"),
 ])
 def test_values_that_break_the_schema_are_refused_with_the_path(values, message):
     proc = template(values, check=False)
@@ -319,7 +336,7 @@ def test_every_value_has_a_comment_and_a_schema_entry():
 # -- optional objects: each selects what it is for ------------------------------------------
 
 def pod_labels(objs: list[dict[str, Any]]) -> dict[str, str]:
-    return one(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    return one(objs, "Deployment", OPERATOR)["spec"]["template"]["metadata"]["labels"]
 
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -329,11 +346,11 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 def test_the_service_pdb_and_policy_select_the_operator_pods_and_only_them():
     objs = render(ALL_FEATURES)
     labels = pod_labels(objs)
-    deployment = one(objs, "Deployment")
+    deployment = one(objs, "Deployment", OPERATOR)
     assert deployment["spec"]["selector"]["matchLabels"] == {
         "app.kubernetes.io/name": "kvpilot", "app.kubernetes.io/instance": "kvpilot",
         "app.kubernetes.io/component": "operator"}
-    for selector in (one(objs, "Service")["spec"]["selector"],
+    for selector in (one(objs, "Service", METRICS_SERVICE)["spec"]["selector"],
                      one(objs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
                      one(objs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]):
         assert selector == deployment["spec"]["selector"]["matchLabels"]
@@ -345,7 +362,7 @@ def test_the_service_pdb_and_policy_select_the_operator_pods_and_only_them():
 
 def test_the_service_monitor_scrapes_the_metrics_service():
     objs = render(ALL_FEATURES)
-    monitor, service = one(objs, "ServiceMonitor"), one(objs, "Service")
+    monitor, service = one(objs, "ServiceMonitor"), one(objs, "Service", METRICS_SERVICE)
     assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics",
@@ -379,3 +396,118 @@ def test_the_network_policy_lets_through_scrapes_probes_the_api_server_and_worke
                        "to": [{"namespaceSelector": {},
                                "podSelector": {"matchLabels": {
                                    builders.MANAGED_BY: builders.MANAGER}}}]}
+
+
+# -- the router -----------------------------------------------------------------------------
+
+def router_args(objs: list[dict[str, Any]]) -> list[str]:
+    (c,) = one(objs, "Deployment", ROUTER)["spec"]["template"]["spec"]["containers"]
+    return c["args"]
+
+
+def test_the_router_may_only_list_and_watch_endpointslices_with_its_own_account():
+    objs = render()
+    role = one(objs, "ClusterRole", ROUTER)
+    assert grants(role["rules"]) == {("discovery.k8s.io", "endpointslices", ()): WATCH}
+    binding = one(objs, "ClusterRoleBinding", ROUTER)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                  "kind": "ClusterRole", "name": ROUTER}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": ROUTER,
+                                    "namespace": NAMESPACE}]
+    pod = one(objs, "Deployment", ROUTER)["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == ROUTER and pod["automountServiceAccountToken"]
+    # the operator's grants are not the router's, nor the other way round
+    for kind in ("ClusterRoleBinding", "RoleBinding"):
+        assert one(objs, kind, OPERATOR)["subjects"][0]["name"] == "kvpilot"
+
+
+def test_a_router_for_some_namespaces_gets_a_role_in_each_and_no_cluster_role():
+    objs = render({"router": {"namespaces": ["team-a", "team-b"]}})
+    assert ("ClusterRole", ROUTER) not in kinds(objs)
+    assert ("ClusterRoleBinding", ROUTER) not in kinds(objs)
+    roles = [o for o in objs if o["kind"] == "Role" and o["metadata"]["name"] == ROUTER]
+    bindings = [o for o in objs if o["kind"] == "RoleBinding"
+                and o["metadata"]["name"] == ROUTER]
+    assert [r["metadata"]["namespace"] for r in roles] == ["team-a", "team-b"]
+    assert [b["metadata"]["namespace"] for b in bindings] == ["team-a", "team-b"]
+    for r in roles:
+        assert grants(r["rules"]) == {("discovery.k8s.io", "endpointslices", ()): WATCH}
+    for b in bindings:
+        assert b["roleRef"]["kind"] == "Role"
+        assert b["subjects"] == [{"kind": "ServiceAccount", "name": ROUTER,
+                                  "namespace": NAMESPACE}]
+    assert router_args(objs)[-2:] == ["--namespace=team-a", "--namespace=team-b"]
+
+
+def test_the_router_args_are_the_routers_flags_and_values_reach_them():
+    from kvpilot import cli
+    from kvpilot.router.app import RouterSettings
+    from kvpilot.router.main import settings_from
+    from kvpilot.router.scoring import Policy
+
+    args = cli.parser().parse_args(router_args(render()))
+    assert (args.command, args.port, args.namespace, args.api_keys_file) == (
+        "router", 8080, [], None)
+    assert settings_from(args) == RouterSettings(policy=Policy(), attempts=3,
+                                                 upstream_timeout=120, idle_timeout=120)
+    assert args.shutdown_seconds == 25 and args.scrape_interval == 0.25
+    changed = render({"router": {
+        "port": 9000, "policy": "round-robin", "loadFactor": 2, "loadSlack": 0, "kvHigh": 0.8,
+        "scrapeSeconds": 0.5, "upstreamTimeoutSeconds": 300, "idleTimeoutSeconds": 30,
+        "attempts": 5, "maxBodyBytes": 33554432, "terminationGracePeriodSeconds": 120}})
+    args = cli.parser().parse_args(router_args(changed))
+    assert settings_from(args) == RouterSettings(
+        policy=Policy(mode="round-robin", load_factor=2, slack=0, kv_high=0.8), attempts=5,
+        upstream_timeout=300, idle_timeout=30, max_body_bytes=33554432)
+    assert (args.port, args.scrape_interval, args.shutdown_seconds) == (9000, 0.5, 115)
+    pod = one(changed, "Deployment", ROUTER)["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 120
+    assert pod["containers"][0]["ports"] == [{"name": "http", "containerPort": 9000,
+                                              "protocol": "TCP"}]
+
+
+def test_api_keys_come_from_the_mounted_secret_file_the_router_is_told_of():
+    objs = render({"router": {"apiKeys": {"secretName": "router-keys", "secretKey": "tokens"}}})
+    pod = one(objs, "Deployment", ROUTER)["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert "--api-keys-file=/etc/kvpilot/api-keys/keys" in c["args"]
+    assert {"name": "api-keys", "mountPath": "/etc/kvpilot/api-keys", "readOnly": True} in \
+        c["volumeMounts"]
+    assert {"name": "api-keys", "secret": {"secretName": "router-keys", "items": [
+        {"key": "tokens", "path": "keys"}]}} in pod["volumes"]
+    assert not any("api-keys" in a for a in router_args(render()))
+
+
+def test_the_router_runs_locked_down_and_is_probed_on_health_and_ready():
+    pod = one(render(), "Deployment", ROUTER)["spec"]["template"]["spec"]
+    assert pod["securityContext"] == one(render(), "Deployment", OPERATOR)["spec"][
+        "template"]["spec"]["securityContext"]
+    (c,) = pod["containers"]
+    assert c["image"] == "kvpilot/operator:0.1.0"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+
+
+def test_the_router_service_selects_the_router_pods_and_only_them():
+    objs = render(ALL_FEATURES)
+    router_pods = one(objs, "Deployment", ROUTER)["spec"]["template"]["metadata"]["labels"]
+    operator_pods = pod_labels(objs)
+    service = one(objs, "Service", ROUTER)
+    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http",
+                                         "protocol": "TCP"}]
+    assert service["spec"]["type"] == "ClusterIP"
+    selector = service["spec"]["selector"]
+    assert selector == one(objs, "Deployment", ROUTER)["spec"]["selector"]["matchLabels"]
+    assert selects(selector, router_pods) and not selects(selector, operator_pods)
+    for operator_selector in (one(objs, "Service", METRICS_SERVICE)["spec"]["selector"],
+                              one(objs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+                              one(objs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]):
+        assert not selects(operator_selector, router_pods)
+    assert router_pods["app.kubernetes.io/managed-by"] != builders.MANAGER  # not a worker
+
+
+def test_the_router_can_be_left_out():
+    objs = render({"router": {"enabled": False}})
+    assert not [k for k in kinds(objs) if k[1] == ROUTER]

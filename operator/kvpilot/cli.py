@@ -84,6 +84,10 @@ def parser() -> argparse.ArgumentParser:
                       help="fraction of every GPU's HBM kept free (default 0)")
     plan.add_argument("--spread-replicas", action="store_true",
                       help="prefer nodes with fewer replicas of the same model")
+    plan.add_argument("--all-models", action="store_true",
+                      help="plan every Model as placement alone allows, also those kvpilot's "
+                           "worker does not serve (by default the plan is the operator's, "
+                           "which lists those as not served)")
     plan.add_argument("--mode", choices=("dra", "devicePlugin"), default="dra",
                       help="as the operator's placement.mode: dra shares GPUs by HBM budget "
                            "(default); devicePlugin gives each replica whole GPUs")
@@ -104,6 +108,14 @@ def parser() -> argparse.ArgumentParser:
 
     add_arguments(operator)
     operator.set_defaults(run=_operator)
+    router = sub.add_parser(
+        "router", help="run the router: one OpenAI endpoint for every Model of the fleet",
+        description="Route OpenAI requests by model to ready replicas, by prefix affinity, "
+                    "load and KV pressure.")
+    from kvpilot.router.main import add_arguments as add_router_arguments
+
+    add_router_arguments(router)
+    router.set_defaults(run=_router)
     simulate = sub.add_parser(
         "simulate", help="replay a request trace through placement and autoscaling offline",
         description="Simulate the fleet serving a request trace with kvpilot's placement "
@@ -261,6 +273,12 @@ def _operator(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _router(args: argparse.Namespace) -> int:
+    from kvpilot.router.main import main
+
+    return main(args)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -280,13 +298,14 @@ def _plan(args: argparse.Namespace) -> int:
     fleet = load_fleet(args.fleet)
     models = [m for path in args.models for m in load_models(path)]
     kind = Policy.pack if args.policy == "pack" else Policy.spread
-    options: dict[str, Any] = {"reserve": args.reserve,
-                               "share_gpus": args.mode == "dra"}
+    options: dict[str, Any] = {"reserve": args.reserve, "share_gpus": args.mode == "dra",
+                               "worker_limits": not args.all_models}
     if args.spread_replicas:
         options["spread_replicas"] = True
     policy = kind(**options)
     snapshot = snapshot_from_fleet(fleet.expand(), args.reserved_pods)
-    demands, refused = demands_from_models(models, snapshot, policy)
+    demands, refused = demands_from_models(models, snapshot, policy,
+                                           worker_limits=not args.all_models)
     plan = place(snapshot, demands, policy)
     if args.output == "table":
         sys.stdout.write(render_table(plan, demands, refused))
@@ -300,11 +319,11 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def model_summary(plan, demands, refused: dict[str, str]) -> list[dict[str, Any]]:
+def model_summary(plan, demands, refused) -> list[dict[str, Any]]:
     """Per Model: what was asked, placed and why not; a Model the operator would start
-    no worker for carries ``refused`` and nothing else."""
-    out: list[dict[str, Any]] = [{"name": name, "refused": why}
-                                 for name, why in refused.items()]
+    no worker for says so in ``refused``, with nothing placed."""
+    out: list[dict[str, Any]] = [{"name": name, "replicas": r.replicas, "placed": 0,
+                                  "refused": r.reason} for name, r in refused.items()]
     for d in demands:
         reasons: list[str] = []
         for u in plan.unplaced:
@@ -405,7 +424,7 @@ def _first_cells(cells: list[tuple[str, int]]) -> tuple[list[str], str]:
     return own, "  ".join(" " * width for _, width in cells)
 
 
-def render_table(plan, demands, refused: dict[str, str]) -> str:
+def render_table(plan, demands, refused) -> str:
     """The plan for people, at most 100 columns wide."""
     lines: list[str] = []
     by_gpu: dict[tuple[str, int], list[str]] = {}
@@ -479,14 +498,15 @@ def render_table(plan, demands, refused: dict[str, str]) -> str:
     if refused:
         lines += ["", "NOT SERVED (the operator starts no worker for these Models: "
                   "WorkerUnsupported)"]
-        for name, why in refused.items():
-            lines.extend(_wrap(f"{name}: {why}", 0))
+        for name, r in refused.items():
+            lines.extend(_wrap(f"{name} ({r.replicas} replicas): {r.reason}", 0))
     lines.append("")
     shared = len(plan.shared_gpus)
     total_gpus = sum(len(n.used) for n in plan.nodes)
     placed = len(plan.assignments)
+    not_served = sum(r.replicas for r in refused.values())
     lines.append(f"GPUs with load: {plan.gpus_used} of {total_gpus} ({shared} shared); "
-                 f"replicas placed: {placed} of {placed + len(plan.unplaced)}")
+                 f"replicas placed: {placed} of {placed + len(plan.unplaced) + not_served}")
     return "\n".join(lines) + "\n"
 
 

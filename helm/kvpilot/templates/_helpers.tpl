@@ -67,3 +67,27 @@ Called with (list IMAGE-VALUES APP-VERSION "values.path").
 {{- end -}}
 {{- $ref -}}
 {{- end -}}
+
+{{/* The router's objects: Deployment, Service, ServiceAccount, its RBAC. */}}
+{{- define "kvpilot.routerName" -}}
+{{- printf "%s-router" (include "kvpilot.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "kvpilot.routerServiceAccountName" -}}
+{{- if .Values.router.serviceAccount.create -}}
+{{- default (include "kvpilot.routerName" .) .Values.router.serviceAccount.name -}}
+{{- else -}}
+{{- required "router.serviceAccount.name is required when router.serviceAccount.create is false" .Values.router.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kvpilot.routerSelector" -}}
+app.kubernetes.io/name: {{ include "kvpilot.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: router
+{{- end -}}
+
+{{- define "kvpilot.routerLabels" -}}
+{{ include "kvpilot.labels" . }}
+app.kubernetes.io/component: router
+{{- end -}}

@@ -1,0 +1,5 @@
+import sys
+
+from kvpilot.router.main import cli
+
+sys.exit(cli())
