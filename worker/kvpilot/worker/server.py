@@ -49,6 +49,7 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.requests import ClientDisconnect
 
+from kvpilot import http_bounds
 from kvpilot.api import contract
 from kvpilot.worker.engine import QUEUE_FULL, Draining, EngineLoop, Output, QueueFull
 from kvpilot.worker.metrics import registry_for, render
@@ -745,80 +746,11 @@ def limit_repeated_logs(interval: float) -> None:
         logger.addFilter(RepeatFilter(interval))
 
 
-def _too_many_connections() -> bytes:
-    body = json.dumps({"error": {"message": "this worker has too many open connections; "
-                                 "retry later", "type": "service_unavailable", "param": None,
-                                 "code": "too_many_connections"}}).encode()
-    head = ("HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nretry-after: {RETRY_AFTER_SECONDS}\r\n"
-            "connection: close\r\n\r\n")
-    return head.encode() + body
-
-
 def bounded_protocol(settings: ServerSettings) -> type:
-    """uvicorn's h11 protocol with the bounds it lacks against idle clients.
-
-    uvicorn arms its keep-alive timer only after a response, and cancels it on the first
-    byte of the next request: a connection that sends nothing, or half a request head,
-    stays open forever (21,000 of them ran the worker out of descriptors). Here a timer
-    runs from the opening and from each response until a whole request head is in, and
-    closes the connection at ``header_timeout``; a connection answered before its body
-    was all read is closed, not read on. uvicorn's ``limit_concurrency`` answers
-    503 only once a request arrives and never closes anything, so the connection cap is
-    kept here, when the connection is made."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    refusal = _too_many_connections()
-
-    class BoundedH11Protocol(H11Protocol):
-        _head_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            if len(self.connections) > settings.max_connections:
-                log.warning("refused a connection: %d are open (max_connections)",
-                            len(self.connections) - 1)
-                transport.write(refusal)
-                transport.close()
-                return
-            self._await_head()
-
-        def _await_head(self) -> None:
-            self._stop_head_timer()
-            self._head_timer = self.loop.call_later(settings.header_timeout, self._head_late)
-
-        def _stop_head_timer(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
-        def _head_late(self) -> None:
-            self._head_timer = None
-            if not self.transport.is_closing():
-                self.transport.close()
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self._head_timer is not None and self.conn.their_state is not h11.IDLE:
-                self._stop_head_timer()  # the head is in; the app bounds the body
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if self.transport.is_closing():
-                return
-            if self.conn.their_state is h11.SEND_BODY:
-                # Answered before its body was all read (/health with a body): uvicorn
-                # would read on and throw it away, for as long as the client sends.
-                self.transport.close()
-            elif self.conn.their_state is h11.IDLE:
-                self._await_head()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._stop_head_timer()
-            super().connection_lost(exc)
-
-    return BoundedH11Protocol
+    """uvicorn's h11 protocol bounded by ``settings`` (``kvpilot.http_bounds``)."""
+    return http_bounds.bounded_protocol(
+        max_connections=settings.max_connections, header_timeout=settings.header_timeout,
+        refusal=http_bounds.too_many_connections("this worker", RETRY_AFTER_SECONDS), log=log)
 
 
 def uvicorn_config(app: FastAPI, *, host: str, port: int, log_level: str | int = "info"):
