@@ -222,7 +222,9 @@ async def model_deleted(name: str, namespace: str, memo: kopf.Memo, worker_pods:
 
     deadline = asyncio.get_running_loop().time() + DELETE_WAIT_SECONDS
     while (remaining := left()) and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.25)  # the indexes follow the watch: no API call here
+        # The indexes follow the watch (no API call here); once a second, as kopf's own
+        # retries were, since a scan reads every worker object.
+        await asyncio.sleep(1.0)
     if remaining:
         raise kopf.TemporaryError(f"waiting for {len(remaining)} worker object(s) to go: "
                                   f"{', '.join(remaining[:5])}", delay=1)
