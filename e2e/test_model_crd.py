@@ -110,10 +110,14 @@ def test_printer_columns(cluster):
     create(cluster, model("columns", llama_spec(replicas=2, maxReplicas=4)))
     cluster.kubectl("patch", "model", "columns", "--subresource=status", "--type=merge", "-p",
                     json.dumps({"status": {"replicas": 2, "readyReplicas": 1, "tensorParallel": 1,
-                                           "hbmPerGpu": "33.0 GiB", "kvPressurePercent": 42}}))
+                                           "hbmPerGpu": "33.0 GiB", "kvPressurePercent": 42,
+                                           "reason": "FetchingWeights",
+                                           "endpoint": "http://columns.default.svc/v1"}}))
     out = cluster.kubectl("get", "models", "columns").stdout.splitlines()
-    assert out[0].split() == ["NAME", "REPLICAS", "READY", "TP", "HBM/GPU", "KV%", "AGE"]
-    assert out[1].split()[:7] == ["columns", "2", "1", "1", "33.0", "GiB", "42"]
+    assert out[0].split() == ["NAME", "REPLICAS", "READY", "TP", "HBM/GPU", "KV%", "REASON",
+                              "ENDPOINT", "AGE"]
+    assert out[1].split()[:9] == ["columns", "2", "1", "1", "33.0", "GiB", "42",
+                                  "FetchingWeights", "http://columns.default.svc/v1"]
 
 
 def test_kubectl_scale_uses_the_scale_subresource(cluster):
