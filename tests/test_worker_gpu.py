@@ -17,10 +17,12 @@ from kvpilot.worker.block_manager import TableError  # noqa: E402
 from kvpilot.worker.runner import graph_buckets  # noqa: E402
 from kvpilot.worker.scheduler import FinishReason, SamplingParams, Sequence  # noqa: E402
 from kvpilot.worker.tiny import write_tiny_checkpoint  # noqa: E402
-from tests.worker_helpers import FullRecompute, assert_greedy_matches, tiny_engine  # noqa: E402
+from tests.worker_helpers import (  # noqa: E402
+    BF16_TOL, GPU_GREEDY_TOKENS, FullRecompute, assert_greedy_matches, gpu_prompts as prompts,
+    tiny_engine,
+)
 
-GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-BF16_TOL = 0.25  # logit gap allowed between bf16 engine and fp32 reference (logits ~ +-10)
+GREEDY = SamplingParams(max_tokens=GPU_GREEDY_TOKENS, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +36,6 @@ def ckpt(tmp_path_factory):
 def reference(ckpt):
     return FullRecompute(ckpt, device="cuda")
 
-
-def prompts(lengths):
-    return [[(11 * i + 5 * n) % 256 for i in range(n)] for n in lengths]
 
 
 def gpu_engine(ckpt, **kw):

@@ -17,10 +17,12 @@ pytestmark = [
 from kvpilot.worker.parallel import ENV_BACKEND  # noqa: E402
 from kvpilot.worker.scheduler import FinishReason, SamplingParams  # noqa: E402
 from kvpilot.worker.tiny import write_tiny_checkpoint  # noqa: E402
-from tests.worker_helpers import FullRecompute, assert_greedy_matches, tiny_engine  # noqa: E402
+from tests.worker_helpers import (  # noqa: E402
+    BF16_TOL, GPU_GREEDY_TOKENS, FullRecompute, assert_greedy_matches, gpu_prompts as prompts,
+    tiny_engine,
+)
 
-GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-BF16_TOL = 0.25  # as test_worker_gpu
+GREEDY = SamplingParams(max_tokens=GPU_GREEDY_TOKENS, temperature=0.0, ignore_eos=True)
 
 
 def gpus(n):
@@ -39,9 +41,6 @@ def ckpt(tmp_path_factory):
 def reference(ckpt):
     return FullRecompute(ckpt, device="cuda")
 
-
-def prompts(lengths):
-    return [[(11 * i + 5 * n) % 256 for i in range(n)] for n in lengths]
 
 
 def gpu_engine(ckpt, tp, **kw):

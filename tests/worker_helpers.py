@@ -89,3 +89,14 @@ def assert_greedy_matches(tokens: list[int], prompt: list[int], next_logits, tol
         assert tok == best or gap <= tol, (
             f"token {i}: engine {tok}, reference {best} (logit gap {gap:.4g} > {tol})")
         seq.append(tok)
+
+
+# What the GPU tests run: greedy, a fixed length, and the logit gap allowed between a bf16
+# engine and the fp32 reference (logits about +-10).
+GPU_GREEDY_TOKENS = 24
+BF16_TOL = 0.25
+
+
+def gpu_prompts(lengths):
+    """Prompts of these lengths, the same tokens in every run."""
+    return [[(11 * i + 5 * n) % 256 for i in range(n)] for n in lengths]
