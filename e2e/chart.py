@@ -56,16 +56,18 @@ def kube_helm(cluster: Cluster, home: Path, *args: str, check: bool = True):
                 timeout=300)
 
 
-def service_account_kubeconfig(cluster: Cluster, path: Path) -> Path:
-    token = cluster.kubectl("create", "token", "kvpilot", "-n", NAMESPACE,
+def service_account_kubeconfig(cluster: Cluster, path: Path, account: str = "kvpilot") -> Path:
+    """A kubeconfig at ``path`` with a token of the chart's ServiceAccount ``account`` (the
+    operator's by default; ``kvpilot-router`` is the router's)."""
+    token = cluster.kubectl("create", "token", account, "-n", NAMESPACE,
                             "--duration=1h").stdout.strip()
     path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config",
         "clusters": [{"name": "local", "cluster": {
             "server": cluster.server, "certificate-authority": str(cluster.pki.ca_cert)}}],
-        "users": [{"name": "kvpilot", "user": {"token": token}}],
-        "contexts": [{"name": "kvpilot", "context": {"cluster": "local", "user": "kvpilot"}}],
-        "current-context": "kvpilot",
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": account, "context": {"cluster": "local", "user": account}}],
+        "current-context": account,
     }))
     return path
 

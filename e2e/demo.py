@@ -206,12 +206,9 @@ def live(cluster: Cluster, models: list[Path], duration: float, refresh: float) 
     import threading
 
     from e2e.fleet import create_nodes
-    from e2e.chart import (
-        CHART, NAMESPACE, RELEASE, chart_settings, kube_helm, service_account_kubeconfig,
-    )
     from e2e.hub import Hub
     from e2e.load import Load, LoadThread
-    from e2e.operator import OperatorProcess
+    from e2e.operator import chart_operator
     from e2e.workers import Workers, tiny_checkpoint, tiny_model
     from kvpilot.api.fleet import load_fleet
 
@@ -219,34 +216,23 @@ def live(cluster: Cluster, models: list[Path], duration: float, refresh: float) 
     log(f"creating {len(nodes)} fake GPU nodes from {FLEET.name}, GPUs published as DRA "
         "ResourceSlices")
     create_nodes(cluster, nodes, dra=True)
-    home = cluster.state / "helm"
-    log("helm install kvpilot (CRD, RBAC, the operator and router Deployments)")
-    kube_helm(cluster, home, "install", RELEASE, str(CHART), "-n", NAMESPACE,
-              "--create-namespace", "--wait=false")
-    cluster.kubectl("wait", "--for=condition=Established", "crd/models.kvpilot.dev",
-                    "--timeout=60s", timeout=70)
     tiny = tiny_checkpoint(cluster.state / "hub" / "kvpilot" / LIVE_MODEL)
     hub = Hub(cluster.state / "hub").start()
     log(f"a stand-in Hugging Face hub at {hub.url} serves hf://kvpilot/{LIVE_MODEL}")
-    settings = chart_settings(cluster)
-    settings.pop("identity", None)
-    settings.update(reconcile_seconds="2", scrape_seconds="1", lease_seconds="3",
-                    drain_timeout_seconds="60", metrics_port="0", health_port="0",
-                    hub_endpoint=hub.url, weights_cache_dir=str(cluster.state / "weights"))
-    op = OperatorProcess(cluster, cluster.state / "operator.log", identity="demo",
-                         kubeconfig=service_account_kubeconfig(cluster, cluster.state / "sa"),
-                         **settings)
+    log("helm install kvpilot (CRD, RBAC, the operator and router Deployments)")
+    op = chart_operator(cluster, cluster.state, "demo", hub_endpoint=hub.url,
+                        weights_cache_dir=str(cluster.state / "weights"))
     log("starting the operator with the chart's ServiceAccount")
     op.start()
     workers = Workers(cluster, cluster.state / "workers", only=frozenset({LIVE_MODEL})).start()
     router = None
     if cluster.real_workers:
         # One OpenAI endpoint for the fleet, with the chart's router account.
-        from e2e.test_router import RouterProcess, account_kubeconfig
+        from e2e.chart import service_account_kubeconfig
+        from e2e.router import RouterProcess
 
-        router = RouterProcess(account_kubeconfig(cluster, "kvpilot-router",
-                                                  cluster.state / "router-sa"),
-                               cluster.state / "router.log")
+        router = RouterProcess(service_account_kubeconfig(
+            cluster, cluster.state / "router-sa", "kvpilot-router"), cluster.state / "router.log")
         log(f"kvpilot router at {router.url} (its log: {router.log_path})")
         targets = once_serving(router)
     else:

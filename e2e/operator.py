@@ -91,3 +91,28 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60,
         time.sleep(interval)
     tail = f"\n--- operator log ---\n{log()[-6000:]}" if log else ""
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r}){tail}")
+
+
+def chart_operator(cluster: Cluster, state: Path, identity: str,
+                   **settings: str) -> OperatorProcess:
+    """The chart installed (helm's state under ``state / "helm"``) and an operator, not
+    yet started, run here as the chart runs it: the chart Deployment's settings, the
+    chart ServiceAccount's token, with short intervals for tests; ``settings`` override
+    any of them."""
+    from e2e.chart import (
+        CHART, NAMESPACE, RELEASE, chart_settings, kube_helm, service_account_kubeconfig,
+    )
+
+    kube_helm(cluster, state / "helm", "install", RELEASE, str(CHART), "-n", NAMESPACE,
+              "--create-namespace", "--wait=false")
+    wait_for("the Model CRD served", lambda: cluster.kubectl(
+        "get", "crd", "models.kvpilot.dev", check=False).returncode == 0, 60)
+    cluster.kubectl("wait", "--for=condition=Established", "crd/models.kvpilot.dev",
+                    "--timeout=60s", timeout=70)
+    chart = chart_settings(cluster)
+    chart.pop("identity", None)
+    chart.update(reconcile_seconds="2", lease_seconds="3", scrape_seconds="1",
+                 drain_timeout_seconds="60", metrics_port="0", health_port="0", **settings)
+    return OperatorProcess(cluster, state / "operator.log", identity=identity,
+                           kubeconfig=service_account_kubeconfig(cluster, state / "sa"),
+                           **chart)

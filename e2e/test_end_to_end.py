@@ -16,12 +16,10 @@ import time
 
 import pytest
 
-from e2e.chart import (
-    CHART, NAMESPACE, RELEASE, chart_settings, kube_helm, service_account_kubeconfig,
-)
+from e2e.chart import NAMESPACE, RELEASE, kube_helm
 from e2e.fleet import fleet_cluster
 from e2e.load import Load, LoadThread
-from e2e.operator import OperatorProcess, wait_for
+from e2e.operator import chart_operator, wait_for
 from e2e.test_operator import FLEET, events, model_status
 from e2e.workers import Workers, endpoints, tiny_checkpoint, tiny_model
 
@@ -35,20 +33,7 @@ def cluster(tmp_path_factory):
 
 def test_kv_pressure_scales_real_workers_up_and_a_drained_scale_down_loses_nothing(
         cluster, tmp_path):
-    home = tmp_path / "helm-home"
-    kube_helm(cluster, home, "install", RELEASE, str(CHART), "-n", NAMESPACE,
-              "--create-namespace", "--wait=false")
-    wait_for("the Model CRD served", lambda: cluster.kubectl(
-        "get", "crd", "models.kvpilot.dev", check=False).returncode == 0, 60)
-    cluster.kubectl("wait", "--for=condition=Established", "crd/models.kvpilot.dev",
-                    "--timeout=60s", timeout=70)
-    settings = chart_settings(cluster)
-    settings.pop("identity")
-    settings.update(reconcile_seconds="2", lease_seconds="3", scrape_seconds="1",
-                    drain_timeout_seconds="60", metrics_port="0", health_port="0")
-    kubeconfig = service_account_kubeconfig(cluster, tmp_path / "sa-kubeconfig")
-    op = OperatorProcess(cluster, tmp_path / "operator.log", identity="e2e",
-                         kubeconfig=kubeconfig, **settings)
+    op = chart_operator(cluster, tmp_path, "e2e")
     workers = Workers(cluster, tmp_path / "workers")
     # Clients reach the Model through its Service: the ready endpoints the
     # kube-controller-manager keeps in its EndpointSlices.
@@ -91,4 +76,4 @@ def test_kv_pressure_scales_real_workers_up_and_a_drained_scale_down_loses_nothi
     assert counts.get("truncated", 0) == 0 and counts.get("failed", 0) == 0, (
         counts, load.errors[:10])
     assert workers.started >= 2 and len(load.served) >= 2  # new workers took load
-    kube_helm(cluster, home, "uninstall", RELEASE, "-n", NAMESPACE)
+    kube_helm(cluster, tmp_path / "helm", "uninstall", RELEASE, "-n", NAMESPACE)

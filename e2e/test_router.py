@@ -18,98 +18,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from kvpilot.api import contract
 
-from e2e.chart import (
-    CHART, NAMESPACE, RELEASE, chart_settings, kube_helm, service_account_kubeconfig,
-)
-from e2e.cluster import Cluster, _die_with_parent, free_port
+from e2e.chart import NAMESPACE, service_account_kubeconfig
 from e2e.fleet import fleet_cluster
 from e2e.load import Load, LoadThread
-from e2e.operator import OperatorProcess, wait_for
+from e2e.operator import chart_operator, wait_for
+from e2e.router import RouterProcess, metric_sum
 from e2e.test_operator import FLEET
 from e2e.workers import Workers, endpoints, tiny_checkpoint, tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
 ROUTER_ACCOUNT = "kvpilot-router"
 MODEL = "chat"
 REPLICAS = 4
 CONVERSATIONS, TURNS = 8, 10
 pytestmark = pytest.mark.e2e
-
-
-class RouterProcess:
-    """``kvpilot router`` out of cluster, with its log kept."""
-
-    def __init__(self, kubeconfig: Path, log_path: Path, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            str(ROOT / p) for p in ("operator", "worker"))}
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kvpilot.router", f"--kubeconfig={kubeconfig}",
-                 "--host=127.0.0.1", f"--port={self.port}", *args],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-
-    def ready(self) -> bool:
-        try:
-            return httpx.get(self.url + "/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def replicas(self, model: str = MODEL) -> int:
-        """Ready replicas of ``model`` as the router sees them."""
-        data = httpx.get(self.url + "/v1/models", timeout=5).json()["data"]
-        return next((m["ready_replicas"] for m in data if m["id"] == model), 0)
-
-    def metric(self, name: str, **labels: str) -> float:
-        return _sum(httpx.get(self.url + "/metrics", timeout=5).text, name, **labels)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _sum(text: str, name: str, **labels: str) -> float:
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
-def account_kubeconfig(cluster: Cluster, account: str, path: Path) -> Path:
-    token = cluster.kubectl("create", "token", account, "-n", NAMESPACE,
-                            "--duration=1h").stdout.strip()
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [{"name": "local", "cluster": {
-            "server": cluster.server, "certificate-authority": str(cluster.pki.ca_cert)}}],
-        "users": [{"name": account, "user": {"token": token}}],
-        "contexts": [{"name": account, "context": {"cluster": "local", "user": account}}],
-        "current-context": account,
-    }))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -124,17 +53,7 @@ def fleet(cluster, tmp_path_factory):
     """The chart installed, the operator, a kubelet's part for workers, MODEL at 4
     replicas all ready, and two routers on the router account: prefix and round-robin."""
     state = tmp_path_factory.mktemp("router-run")
-    kube_helm(cluster, state / "helm", "install", RELEASE, str(CHART), "-n", NAMESPACE,
-              "--create-namespace", "--wait=false")
-    cluster.kubectl("wait", "--for=condition=Established", "crd/models.kvpilot.dev",
-                    "--timeout=60s", timeout=70)
-    settings = chart_settings(cluster)
-    settings.pop("identity")
-    settings.update(reconcile_seconds="2", lease_seconds="3", scrape_seconds="1",
-                    drain_timeout_seconds="60", metrics_port="0", health_port="0")
-    op = OperatorProcess(cluster, state / "operator.log", identity="e2e-router",
-                         kubeconfig=service_account_kubeconfig(cluster, state / "op-sa"),
-                         **settings).start()
+    op = chart_operator(cluster, state, "e2e-router").start()
     workers = Workers(cluster, state / "workers").start()
     routers: list[RouterProcess] = []
     logs = lambda: op.log()[-3000:] + "\n" + workers.tails(1000) + "".join(  # noqa: E731
@@ -146,12 +65,12 @@ def fleet(cluster, tmp_path_factory):
         cluster.apply([model])
         wait_for(f"{REPLICAS} ready endpoints", lambda: len(endpoints(cluster, MODEL)) ==
                  REPLICAS, 300, log=logs)
-        sa = account_kubeconfig(cluster, ROUTER_ACCOUNT, state / "router-sa")
+        sa = service_account_kubeconfig(cluster, state / "router-sa", ROUTER_ACCOUNT)
         routers += [RouterProcess(sa, state / "router-prefix.log"),
                     RouterProcess(sa, state / "router-rr.log", "--policy=round-robin")]
         for r in routers:
             wait_for("the router ready with every replica", lambda: r.ready() and
-                     r.replicas() == REPLICAS, 60, log=logs)
+                     r.replicas(MODEL) == REPLICAS, 60, log=logs)
         yield op, workers, routers[0], routers[1], state, logs
     finally:
         for r in routers:
@@ -223,8 +142,8 @@ def prefix_counters(workers: Workers) -> tuple[float, float]:
         if p.model != MODEL:
             continue
         text = httpx.get(p.url + contract.PATH_METRICS, timeout=5).text
-        hits += _sum(text, contract.PREFIX_CACHE_HITS + "_total", model=MODEL)
-        queried += _sum(text, contract.PREFIX_CACHE_QUERIES + "_total", model=MODEL)
+        hits += metric_sum(text, contract.PREFIX_CACHE_HITS + "_total", model=MODEL)
+        queried += metric_sum(text, contract.PREFIX_CACHE_QUERIES + "_total", model=MODEL)
     return hits, queried
 
 
@@ -271,7 +190,8 @@ def test_a_scale_down_under_load_through_the_router_loses_no_request(fleet, clus
         cluster.kubectl("scale", f"model/{MODEL}", "--replicas=2")
         wait_for("two replicas left", lambda: len(cluster.get(
             "pods", "-l", f"kvpilot.dev/model={MODEL}")["items"]) == 2, 180, log=logs)
-        wait_for("the router down to 2 replicas", lambda: prefix.replicas() == 2, 30, log=logs)
+        wait_for("the router down to 2 replicas", lambda: prefix.replicas(MODEL) == 2, 30,
+                 log=logs)
         served = load.counts["complete"]
         wait_for("requests served by the two left",
                  lambda: load.counts["complete"] >= served + 20, 120, log=logs)
