@@ -26,7 +26,7 @@ from kvpilot.worker.model import (  # noqa: E402
     load_config,
     load_weights,
 )
-from kvpilot.worker.scheduler import SamplingParams  # noqa: E402
+from kvpilot.worker.scheduler import SamplingParams, Sequence  # noqa: E402
 from kvpilot.worker.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer  # noqa: E402
 from tests.conftest import EXAMPLES  # noqa: E402
 from tests.worker_helpers import tiny_engine  # noqa: E402
@@ -63,6 +63,29 @@ FAMILY_CONFIGS = {
                                   rope_theta=1000000.0)),
     "phi3": ("Phi3Config", dict(hidden_size=384, num_attention_heads=4,
                                 num_key_value_heads=2, pad_token_id=None)),
+    # Gemma 2: local and global layers alternating, a window of 16 (prompts and outputs
+    # run past it), soft-capped scores and logits, query_pre_attn_scalar not head_dim.
+    "gemma2": ("Gemma2Config", dict(hidden_size=128, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=32, sliding_window=16,
+                                    query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                                    final_logit_softcapping=3.0)),
+    # Gemma 3: two local layers then a global one, q/k norms, local RoPE base 1e4 and
+    # global 1e6 with linear scaling, as Gemma 3's own.
+    "gemma3_text": ("Gemma3TextConfig", dict(
+        hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        num_hidden_layers=3, sliding_window=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                            "rope_theta": 1000000.0}})),
+}
+# Checkpoints whose every layer slides (Mistral-7B v0.1, Phi-3-mini-4k, Qwen2 with
+# use_sliding_window), with windows short enough for the prompts to run past them; Phi-3's
+# 24 is not a whole number of pages (16).
+WINDOWED = {
+    "mistral": dict(sliding_window=16),
+    "phi3": dict(sliding_window=24),
+    "qwen2": dict(use_sliding_window=True, sliding_window=16, max_window_layers=0),
 }
 
 
@@ -101,6 +124,13 @@ def checkpoints(tmp_path_factory):
             for i, t in enumerate(FAMILY_CONFIGS)}
 
 
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    return {t: write_family_checkpoint(tmp_path_factory.mktemp(f"{t}-window"), t, seed=10 + i,
+                                       **extra)
+            for i, (t, extra) in enumerate(WINDOWED.items())}
+
+
 def prompts(lengths=PROMPT_LENGTHS):
     return [[(7 * i + 3 * n) % 256 for i in range(n)] for n in lengths]
 
@@ -136,14 +166,43 @@ def test_greedy_tokens_equal_transformers(model_type, checkpoints):
     engine = tiny_engine(ckpt)
     seqs = engine.generate(prompts(), GREEDY)
     assert_transformers_agrees(ckpt, seqs)
-    # A second pass over cached prefixes: prefill reads K/V back from the pages.
     base = prompts((40,))[0]
     hits = engine.generate([base + [5, 6, 7]], GREEDY)
-    assert engine.scheduler.bm.hit_tokens >= 32
+    if cfg.sliding_window is None:
+        # A second pass over cached prefixes: prefill reads K/V back from the pages.
+        assert engine.scheduler.bm.hit_tokens >= 32
+    else:  # no prefix cache where local layers keep only their window
+        assert engine.scheduler.bm.hit_tokens == 0
     assert_transformers_agrees(ckpt, hits)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("model_type", list(FAMILY_CONFIGS))
+def test_prefill_logits_equal_transformers(model_type, checkpoints):
+    """The logits themselves, not only their argmax: Gemma 2's soft-capped logits keep
+    the argmax, so greedy tokens alone would not see a missing cap."""
+    ckpt = checkpoints[model_type]
+    engine = tiny_engine(ckpt)
+    prompt = prompts((40,))[0]
+    engine.scheduler.add(Sequence(prompt, GREEDY))
+    got = engine.runner.prefill(engine.scheduler.schedule().seqs)[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        want = hf(torch.tensor([prompt])).logits[0, -1].float()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", list(WINDOWED))
+def test_every_layer_in_a_window_equals_transformers(model_type, windowed):
+    ckpt = windowed[model_type]
+    cfg = load_config(ckpt)
+    assert all(cfg.local_layers) and cfg.sliding_window == WINDOWED[model_type]["sliding_window"]
+    engine = tiny_engine(ckpt)
+    pool = engine.scheduler.bm.pools[0]
+    assert len(engine.scheduler.bm.pools) == 1 and pool.ring_pages == -(-cfg.sliding_window // 16)
+    assert_transformers_agrees(ckpt, engine.generate(prompts(), GREEDY))
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"])
 def test_tp2_equals_tp1(model_type, checkpoints):
     ckpt = checkpoints[model_type]
     expected = [s.output for s in tiny_engine(ckpt).generate(prompts(), GREEDY)]
@@ -225,23 +284,21 @@ def test_the_qwen2_5_example_is_served_and_its_checkpoint_shape_loads(checkpoint
 # ---- refused at load -------------------------------------------------------------------------
 def test_an_unknown_model_type_fails_at_load_naming_it(tmp_path, checkpoints):
     d = json.loads((checkpoints["llama"] / "config.json").read_text())
-    with pytest.raises(ValueError, match="model_type 'gemma2' is not a family the worker serves"):
-        LlamaConfig.from_hf({**d, "model_type": "gemma2"})
+    with pytest.raises(ValueError, match="model_type 'gpt_neox' is not a family the worker serves"):
+        LlamaConfig.from_hf({**d, "model_type": "gpt_neox"})
 
 
 @pytest.mark.parametrize("model_type, extra, why", [
-    # Mistral-7B v0.1: every layer slides over 4096 of its 32768 positions.
-    ("mistral", {"sliding_window": 4096, "max_position_embeddings": 32768},
-     "model_type mistral: sliding-window attention (4096 tokens)"),
-    # Phi-3-mini-4k: 2047 of 4096.
-    ("phi3", {"sliding_window": 2047, "max_position_embeddings": 4096},
-     "model_type phi3: sliding-window attention (2047 tokens)"),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 0,
-               "layer_types": None}, "model_type qwen2: sliding-window attention"),
+    # Qwen2 with its first layer global and the rest sliding: not a pattern from layer 0.
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 1,
+               "layer_types": None}, "its sliding-window layers"),
     ("qwen3", {"attention_bias": True}, "model_type qwen3: attention biases"),
     ("llama", {"mlp_bias": True}, "model_type llama: MLP biases"),
-    ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ("llama", {"hidden_act": "gelu"}, "hidden activation 'gelu'"),
+    ("gemma2", {"hidden_activation": "gelu"}, "hidden activation 'gelu'"),
     ("phi3", {"partial_rotary_factor": 0.75}, "partial_rotary_factor 0.75"),
+    ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 4.0}}},
+     "rope_type 'yarn'"),
 ])
 def test_what_a_family_lacks_fails_at_load(model_type, extra, why, checkpoints):
     d = json.loads((checkpoints[model_type] / "config.json").read_text())

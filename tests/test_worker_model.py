@@ -75,12 +75,12 @@ def test_debug_checks_pass_on_real_batches_and_catch_a_bad_table(ckpt, reference
     seq = Sequence(prompts((20,))[0], GREEDY)
     engine.add(seq)
     engine.step()  # prefill
-    bm = engine.scheduler.bm
+    bm = engine.scheduler.bm.primary
     bm._tables[seq.seq_id].pages[0] = bm.num_pages + 3  # what a bug would hand the kernel
     with pytest.raises(TableError, match="out of range"):
         engine.runner.decode([seq])
     bm._tables[seq.seq_id].pages[0] = 0
-    engine.runner._h[4][0, 1] = 7  # a host row that is not the block manager's
+    engine.runner._h[4][0][0, 1] = 7  # a host row that is not the block manager's
     with pytest.raises(TableError, match="not the block manager's"):
         engine.runner.decode([seq])
 

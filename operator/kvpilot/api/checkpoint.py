@@ -423,7 +423,9 @@ def checkpoint_mismatches(spec: ModelSpec, config: Mapping[str, Any], weight_byt
     return out
 
 
-def _pattern(window: Mapping[str, int], layers: int) -> list[bool]:
+def local_layer_flags(window: Mapping[str, int], layers: int) -> list[bool]:
+    """Which layers of a model with ``architecture.slidingWindow`` ``window`` (camelCase
+    keys) slide: ``localLayers`` local then ``globalLayers`` global, from layer 0 on."""
     local, glob = window.get("localLayers", 1), window.get("globalLayers", 0)
     return [glob == 0 or i % (local + glob) < local for i in range(layers)]
 
@@ -448,7 +450,7 @@ def _window_mismatches(said: Optional[Mapping[str, int]], held: Optional[Mapping
     if said["tokens"] != held["tokens"]:
         out.append(f"architecture.slidingWindow.tokens: the Model says {said['tokens']}, "
                    f"config.json says {held['tokens']}")
-    if _pattern(said, layers) != _pattern(held, layers):
+    if local_layer_flags(said, layers) != local_layer_flags(held, layers):
         for field, default in (("localLayers", 1), ("globalLayers", 0)):
             a, b = said.get(field, default), held.get(field, default)
             if a != b:

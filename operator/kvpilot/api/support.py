@@ -2,20 +2,22 @@
 
 The API accepts every Model the memory model can plan: placement, ``kvpilot plan`` and
 the scale subresource work for it. The worker is narrower: GQA attention (multi-head
-included), one process per GPU and up to ``WORKER_MAX_TENSOR_PARALLEL`` GPUs of a node per
-replica (tensor parallel), every layer attending over the whole context, with Triton
-kernels that take the head dimensions of ``WORKER_HEAD_DIMS``. A Model outside that
-(DeepSeek's latent attention, Mistral-7B v0.1's or Gemma's sliding windows, a head
-dimension such as 112 or 192) is accepted and planned, and the operator marks it with a
-condition carrying the reason below instead of starting workers that would fail at load.
+included), sliding-window layers in any pattern ``architecture.slidingWindow`` states
+(each keeping only its window, as the memory model counts), one process per GPU and up
+to ``WORKER_MAX_TENSOR_PARALLEL`` GPUs of a node per replica (tensor parallel), with
+Triton kernels that take the head dimensions of ``WORKER_HEAD_DIMS``. A Model outside
+that (DeepSeek's latent attention, a head dimension such as 112 or 192) is accepted and
+planned, and the operator marks it with a condition carrying the reason below instead of
+starting workers that would fail at load.
 
 A Model has no ``model_type``, so this check goes by the architecture facts it states
-(attention kind, sliding window, head dimension). The worker serves the families of
-``kvpilot.worker.model.FAMILIES``: Llama, Mistral (v0.3 on: no window), Qwen2/2.5
-(q/k/v biases), Qwen3 (per-head q/k norms) and Phi-3 (fused checkpoint tensors). Their
-switches are read from the checkpoint's ``config.json`` when the worker loads it; a
-checkpoint of another ``model_type`` passes this check and fails at load, the worker
-exiting with ``LoadFailed`` and a message naming the model_type.
+(attention kind, head dimension). The worker serves the families of
+``kvpilot.worker.model.FAMILIES``: Llama, Mistral (v0.1's window included), Qwen2/2.5
+(q/k/v biases), Qwen3 (per-head q/k norms), Phi-3 (fused checkpoint tensors; the 4K
+model's window) and Gemma 2 and 3 (local and global layers, soft-capping, sandwich
+norms). Their switches are read from the checkpoint's ``config.json`` when the worker
+loads it; a checkpoint of another ``model_type`` passes this check and fails at load,
+the worker exiting with ``LoadFailed`` and a message naming the model_type.
 """
 
 from __future__ import annotations
@@ -46,10 +48,6 @@ def worker_support_problem(spec: ModelSpec, tp: Optional[int] = None) -> Optiona
         problems.append(
             f"architecture.attention {arch.attention}: the worker's engine runs "
             "Llama-style GQA attention only")
-    if arch.sliding_window is not None:
-        problems.append(
-            "architecture.slidingWindow: the worker's engine has no sliding-window "
-            "attention (every layer attends over the whole context)")
     head_dim = arch.head_dim
     if head_dim not in WORKER_HEAD_DIMS:
         problems.append(

@@ -31,6 +31,22 @@ Check-then-mutate
     ``can_allocate``/``allocate`` and ``can_append``/``append`` come in pairs; the
     mutators return None or False instead of raising when pages run out, and change
     nothing then.
+
+Sliding windows (``ring_pages``)
+    A pool for sliding-window layers gives each sequence at most ``ring_pages`` pages
+    (the window rounded up to pages) and uses them as a ring: position ``p`` lives in
+    page ``table[(p // page_size) % ring_pages]``. Writing a token overwrites the one
+    ``ring_pages x page_size`` positions earlier, which the window no longer reads, so
+    a sequence of any length holds its window and nothing more: what
+    ``kvpilot.api.memory`` counts for a local layer, to the page. ``row`` gives the
+    block-table row a kernel reads (the ring repeated); the decode kernel reads only
+    the window's slots. Such a pool has no prefix cache.
+
+KV groups (``KVGroups``)
+    A model whose layers keep different tokens (Gemma: global layers keep all, local
+    ones their window) has one pool per group of layers, each its own page ids; a
+    sequence holds pages in every pool at once. ``KVGroups`` allocates, grows and frees
+    in all of them together, all or nothing, and answers the scheduler as one manager.
 """
 
 from __future__ import annotations
@@ -75,12 +91,16 @@ class Allocation:
 
 
 class BlockManager:
-    def __init__(self, num_pages: int, page_size: int, *, prefix_caching: bool = True):
+    def __init__(self, num_pages: int, page_size: int, *, prefix_caching: bool = True,
+                 ring_pages: int | None = None):
         if num_pages < 1 or page_size < 1:
             raise ValueError("num_pages and page_size must be >= 1")
+        if ring_pages is not None and not 1 <= ring_pages <= num_pages:
+            raise ValueError(f"ring_pages must be 1..num_pages ({num_pages}), got {ring_pages}")
         self.num_pages = num_pages
         self.page_size = page_size
-        self.prefix_caching = prefix_caching
+        self.ring_pages = ring_pages
+        self.prefix_caching = prefix_caching and ring_pages is None
         self._pages = [_Page(i) for i in range(num_pages)]
         self._empty: deque[int] = deque(range(num_pages))
         self._cached_free: OrderedDict[int, None] = OrderedDict()
@@ -104,11 +124,31 @@ class BlockManager:
         return self.num_pages - self.num_free
 
     def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
+        """Pages a sequence of ``num_tokens`` tokens holds (a ring's at most)."""
+        pages = -(-num_tokens // self.page_size)
+        return pages if self.ring_pages is None else min(pages, self.ring_pages)
 
     def table(self, seq_id: int) -> list[int]:
         """The page table of a sequence (read it, never change it)."""
         return self._tables[seq_id].pages
+
+    def row(self, seq_id: int, entries: int) -> list[int]:
+        """The first ``entries`` entries of the block-table row a kernel reads: the page
+        table, or a ring's pages repeated."""
+        pages = self._tables[seq_id].pages
+        if self.ring_pages is None:
+            return pages[:entries]
+        return [pages[i % self.ring_pages] for i in range(entries)]
+
+    def slot(self, seq_id: int, position: int) -> int:
+        """Where the K/V of ``position`` goes (IndexError beyond the sequence's pages)."""
+        index = position // self.page_size
+        if self.ring_pages is not None:
+            index %= self.ring_pages
+        pages = self._tables[seq_id].pages
+        if not 0 <= index < len(pages):
+            raise IndexError(f"position {position} is beyond the sequence's pages")
+        return pages[index] * self.page_size + position % self.page_size
 
     def has(self, seq_id: int) -> bool:
         return seq_id in self._tables
@@ -247,6 +287,99 @@ class BlockManager:
             self._empty.append(page_id)
 
 
+class KVGroups:
+    """The pools of a model's KV groups, each its own ``BlockManager``, as one: a sequence
+    holds pages in every pool, and is admitted, grown and freed in all at once (all or
+    nothing). The first pool is the one that bounds a sequence's length (a global
+    layers' pool; a model of only sliding-window layers has only a ring); lengths, page
+    counts and the prefix cache are its. A model with a ring has no prefix cache at all:
+    a hit is of no use to its local layers, whose window would be missing."""
+
+    def __init__(self, pools: Sequence[BlockManager]):
+        if not pools or len({p.page_size for p in pools}) != 1:
+            raise ValueError("KV groups need at least one pool, all of one page size")
+        self.pools = list(pools)
+        if any(p.ring_pages is not None for p in self.pools):
+            for p in self.pools:
+                p.prefix_caching = False
+        self.primary = self.pools[0]
+        self.page_size = self.primary.page_size
+
+    # ---- the primary pool's counts ------------------------------------------------------
+    @property
+    def num_pages(self) -> int:
+        return self.primary.num_pages
+
+    @property
+    def num_free(self) -> int:
+        return self.primary.num_free
+
+    @property
+    def num_used(self) -> int:
+        return self.primary.num_used
+
+    @property
+    def num_cached_free(self) -> int:
+        return self.primary.num_cached_free
+
+    @property
+    def queried_tokens(self) -> int:
+        return self.primary.queried_tokens
+
+    @property
+    def hit_tokens(self) -> int:
+        return self.primary.hit_tokens
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.primary.prefix_caching
+
+    def pages_for(self, num_tokens: int) -> int:
+        return self.primary.pages_for(num_tokens)
+
+    def table(self, seq_id: int) -> list[int]:
+        return self.primary.table(seq_id)
+
+    def has(self, seq_id: int) -> bool:
+        return self.primary.has(seq_id)
+
+    def usage(self) -> float:
+        """The fullest pool's share of used pages: the one that runs out first."""
+        return max(p.num_used / p.num_pages for p in self.pools)
+
+    # ---- all pools at once ------------------------------------------------------------
+    def can_allocate(self, tokens: Sequence[int]) -> bool:
+        return all(p.can_allocate(tokens) for p in self.pools)
+
+    def allocate(self, seq_id: int, tokens: Sequence[int]) -> Allocation | None:
+        if not self.can_allocate(tokens):
+            return None
+        first = self.primary.allocate(seq_id, tokens)
+        for p in self.pools[1:]:
+            p.allocate(seq_id, tokens)
+        return first
+
+    def can_append(self, seq_id: int, num_tokens: int) -> bool:
+        return all(p.can_append(seq_id, num_tokens) for p in self.pools)
+
+    def append(self, seq_id: int, num_tokens: int) -> bool:
+        if not self.can_append(seq_id, num_tokens):
+            return False
+        for p in self.pools:
+            p.append(seq_id, num_tokens)
+        return True
+
+    def commit(self, seq_id: int, tokens: Sequence[int], num_computed: int) -> None:
+        self.primary.commit(seq_id, tokens, num_computed)
+
+    def free(self, seq_id: int) -> None:
+        for p in self.pools:
+            p.free(seq_id)
+
+    def reset_prefix_cache(self) -> None:
+        self.primary.reset_prefix_cache()
+
+
 class TableError(ValueError):
     """A table about to be handed to a kernel is not one the block manager gave out."""
 
@@ -255,7 +388,7 @@ def check_batch(manager: BlockManager, seq_ids: Sequence[int],
                 tables: Sequence[Sequence[int]], seq_lens: Sequence[int],
                 writes: Sequence[tuple[int, int, int]]) -> None:
     """Host-side check of what a step hands to the kernels (a debug setting): each row
-    is exactly its sequence's page table, every page id is in range and held, each
+    is exactly its sequence's page table (a ring's: ``row``), every page id is in range and held, each
     length fits its pages, and each write ``(seq_id, position, slot)`` goes to the slot
     of that position in a page the sequence holds alone (slot -1: padding, no write)."""
     ps, n = manager.page_size, manager.num_pages
@@ -264,7 +397,8 @@ def check_batch(manager: BlockManager, seq_ids: Sequence[int],
     for seq_id, row, length in zip(seq_ids, tables, seq_lens):
         if not manager.has(seq_id):
             raise TableError(f"sequence {seq_id} holds no pages")
-        if list(row) != manager.table(seq_id):
+        held = manager.table(seq_id)
+        if list(row) != manager.row(seq_id, len(row) if manager.ring_pages else len(held)):
             raise TableError(f"sequence {seq_id}: table is not the block manager's")
         for page_id in row:
             if not 0 <= page_id < n:
@@ -279,10 +413,12 @@ def check_batch(manager: BlockManager, seq_ids: Sequence[int],
             continue
         if not manager.has(seq_id):
             raise TableError(f"sequence {seq_id} holds no pages")
-        row = manager.table(seq_id)
-        if not 0 <= position < len(row) * ps:
-            raise TableError(f"sequence {seq_id}: position {position} beyond its pages")
-        expected = row[position // ps] * ps + position % ps
+        try:
+            if position < 0:
+                raise IndexError(position)
+            expected = manager.slot(seq_id, position)
+        except IndexError:
+            raise TableError(f"sequence {seq_id}: position {position} beyond its pages") from None
         if slot != expected:
             raise TableError(f"sequence {seq_id}: position {position} written to slot "
                              f"{slot}, its slot is {expected}")

@@ -31,10 +31,11 @@ log = logging.getLogger("kvpilot.worker")
 
 @dataclass(frozen=True)
 class PoolSize:
-    num_pages: int
+    num_pages: int  # of the first pool (kvpilot.worker.block_manager.KVGroups)
     capacity_tokens: int  # what the memory model grants (before rounding to pages)
     budget_bytes: int  # KV bytes placement reserved per GPU (0 when sized standalone)
     source: str  # how it was sized, for the log
+    group_pages: tuple[int, ...] = ()  # pages of each KV group's pool, the first included
 
 
 def spec_from_checkpoint(cfg: LlamaConfig, *, params_dtype: str, kv_dtype: str,
@@ -69,11 +70,18 @@ def tensor_parallel(spec: ModelSpec, env: Mapping[str, str]) -> int:
 
 
 def size_pool(spec: ModelSpec, *, page_size: int, tp: int = 1, hbm_per_gpu: int | None = None,
-              gpu_hbm: int | None = None, gpu_memory_utilization: float | None = None) -> PoolSize:
+              gpu_hbm: int | None = None, gpu_memory_utilization: float | None = None,
+              ring_pages: int | None = None, all_local: bool = False) -> PoolSize:
     """Pages of ``page_size`` tokens for the KV cache, by the memory model.
 
     ``hbm_per_gpu``: the budget placement reserved (the operator's env); else
-    ``gpu_memory_utilization`` of ``gpu_hbm`` (standalone on a GPU); else the SLA."""
+    ``gpu_memory_utilization`` of ``gpu_hbm`` (standalone on a GPU); else the SLA.
+
+    The memory model grants ``capacity_tokens`` tokens of sequences of the SLA's
+    context: that many tokens on global layers, and a window on local ones for each
+    of ``capacity_tokens / contextTokens`` sequences. A model with local layers
+    (``ring_pages``: a sequence's ring) gets a pool of rings for them, after the global
+    layers' pool, or as its only pool when ``all_local``."""
     budget = replica_budget(spec, tp)
     if hbm_per_gpu is not None:
         tokens = kv_capacity_tokens(spec, tp, hbm_per_gpu)
@@ -86,7 +94,12 @@ def size_pool(spec: ModelSpec, *, page_size: int, tp: int = 1, hbm_per_gpu: int 
         source = "the context SLA (contextTokens x concurrentSequences)"
     if tokens <= 0:
         raise ValueError(f"no room for a KV cache: {source} is taken by weights and overhead")
-    return PoolSize(math.ceil(tokens / page_size), tokens, budget.kv_cache, source)
+    pages = (math.ceil(tokens / page_size),)
+    if ring_pages is not None:
+        # Whole rings for the sequences the budget buys (at least one).
+        rings = max(ring_pages, math.ceil(tokens * ring_pages / spec.sla.context_tokens))
+        pages = (rings,) if all_local else pages + (rings,)
+    return PoolSize(pages[0], tokens, budget.kv_cache, source, pages)
 
 
 @dataclass

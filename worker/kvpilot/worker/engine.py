@@ -224,6 +224,8 @@ class Engine:
         with self.stats_lock:
             s = self.stats
             s.pages_used = bm.num_used
+            if len(bm.pools) > 1:
+                s.window_pages_used = bm.pools[1].num_used
             s.pages_cached = bm.num_cached_free
             s.running = len(sched.running)
             s.waiting = len(sched.waiting)

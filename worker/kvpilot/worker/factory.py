@@ -16,12 +16,12 @@ import logging
 
 import torch
 
-from kvpilot.worker.block_manager import BlockManager
+from kvpilot.worker.block_manager import BlockManager, KVGroups
 from kvpilot.worker.config import WorkerSettings, size_pool
 from kvpilot.worker.engine import Engine
 from kvpilot.worker.model import DTYPES, Llama, LlamaConfig, Partition, load_config, load_weights
 from kvpilot.worker.parallel import FailureHandler, RankSpec, start_replica
-from kvpilot.worker.runner import ModelRunner
+from kvpilot.worker.runner import ModelRunner, layer_groups, ring_pages
 from kvpilot.worker.scheduler import Scheduler
 from kvpilot.worker.stats import EngineStats
 from kvpilot.worker.tokenizer import Tokenizer
@@ -62,12 +62,19 @@ def create_engine(s: WorkerSettings, *, cfg: LlamaConfig | None = None,
                     "buys, at the checkpoint's bytes per token", arch.layers, arch.kv_heads,
                     arch.head_dim, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
     gpu_hbm = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    groups = layer_groups(cfg)
+    ring = ring_pages(cfg, s.page_size, s.max_model_len)
     pool = size_pool(s.spec, page_size=s.page_size, tp=tp, hbm_per_gpu=s.hbm_per_gpu,
-                     gpu_hbm=gpu_hbm, gpu_memory_utilization=s.gpu_memory_utilization)
-    bm = BlockManager(pool.num_pages, s.page_size, prefix_caching=s.prefix_caching)
+                     gpu_hbm=gpu_hbm, gpu_memory_utilization=s.gpu_memory_utilization,
+                     ring_pages=ring, all_local=ring is not None and max(groups) == 0)
+    rings = [None] * len(pool.group_pages)
+    if ring is not None:
+        rings[-1] = ring
+    bm = KVGroups([BlockManager(n, s.page_size, prefix_caching=s.prefix_caching, ring_pages=r)
+                   for n, r in zip(pool.group_pages, rings)])
     if tp > 1:
         spec = RankSpec(tp=tp, device=device.type, dtype=s.dtype, kv_dtype=s.kv_dtype,
-                        page_size=s.page_size, num_pages=pool.num_pages,
+                        page_size=s.page_size, num_pages=list(pool.group_pages),
                         max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
                         cuda_graphs=s.cuda_graphs, timeout_s=s.tp_timeout_s,
                         model_dir=s.model_dir)
@@ -81,16 +88,21 @@ def create_engine(s: WorkerSettings, *, cfg: LlamaConfig | None = None,
     scheduler = Scheduler(bm, max_num_seqs=s.max_num_seqs,
                           max_batched_tokens=max(s.max_batched_tokens, s.max_model_len),
                           max_waiting=s.max_waiting + s.max_num_seqs)
+    per_slot = runner.group_bytes_per_token
     stats = EngineStats(model=s.name, page_size=s.page_size,
-                        kv_bytes_per_token=runner.kv_bytes_per_token * tp,
-                        pages_total=pool.num_pages, kv_budget_bytes=pool.budget_bytes)
+                        kv_bytes_per_token=per_slot[0] * tp,
+                        pages_total=pool.num_pages, kv_budget_bytes=pool.budget_bytes,
+                        window_pages_total=sum(pool.group_pages[1:]),
+                        window_bytes_per_token=sum(per_slot[1:]) * tp)
     eos = set(cfg.eos_token_ids)
     tokenizer_eos = tokenizer.token_id(tokenizer.eos_token) if tokenizer is not None else None
     if tokenizer_eos is not None:
         eos.add(tokenizer_eos)
-    log.info("KV cache: %d pages of %d tokens = %d tokens, %d bytes per GPU x %d (%s); "
+    log.info("KV cache: %d pages of %d tokens = %d tokens%s, %d bytes per GPU x %d (%s); "
              "placement's KV budget %d bytes per GPU", pool.num_pages, s.page_size,
-             pool.num_pages * s.page_size, runner.kv_capacity_bytes, tp, pool.source,
-             pool.budget_bytes)
+             pool.num_pages * s.page_size,
+             "" if ring is None else (f"; sliding-window layers: rings of {ring} pages, "
+                                      f"{pool.group_pages[-1]} pages"),
+             runner.kv_capacity_bytes, tp, pool.source, pool.budget_bytes)
     return Engine(runner, scheduler, tokenizer, stats, max_model_len=s.max_model_len,
                   eos_token_ids=eos, seed=s.seed)

@@ -6,13 +6,18 @@ projections fused into one matrix each (one GEMM instead of three and two).
 
 Families (``FAMILIES``, by ``config.json``'s ``model_type``)
     One model with a few switches, as vLLM and nano-vllm do, rather than a copy per
-    family: ``llama`` and ``mistral`` (v0.3 and later: no window) are the plain layer;
-    ``qwen2`` adds biases to q/k/v (``qkv_bias``); ``qwen3`` RMSNorms each head of q and
-    k before RoPE (``qk_norm``); ``phi3`` stores q/k/v and gate/up already fused in the
-    checkpoint (``packed``: read by parts, so a rank still gets whole heads). A
-    checkpoint whose attention slides (Mistral v0.1, Phi-3-mini-4k, Qwen with
-    ``use_sliding_window``), by the same reading of config.json as
-    ``kvpilot.api.checkpoint``, or of any other ``model_type``, is refused at load.
+    family: ``llama`` and ``mistral`` are the plain layer; ``qwen2`` adds biases to q/k/v
+    (``qkv_bias``); ``qwen3`` RMSNorms each head of q and k before RoPE (``qk_norm``);
+    ``phi3`` stores q/k/v and gate/up already fused in the checkpoint (``packed``: read
+    by parts, so a rank still gets whole heads); ``gemma2`` and ``gemma3_text`` (and the
+    text model of a multimodal ``gemma3`` checkpoint) norm by ``1 + weight``, scale the
+    embedding, norm the attention's and the MLP's outputs, use GeGLU, scale scores by
+    ``query_pre_attn_scalar``, soft-cap scores and logits (Gemma 2), and give local
+    layers their own RoPE base (Gemma 3). Sliding windows (Mistral v0.1, Phi-3-mini-4k,
+    Gemma's local layers) are read as ``kvpilot.api.checkpoint`` reads them for the
+    memory model (``local_layers``, ``sliding_window``); the runner keeps and attends to
+    only a local layer's window. Any other ``model_type``, or a feature a family's
+    checkpoint has that the layer lacks, is refused at load with the reason.
 
 Attention is not here: ``forward`` hands each layer's rotated ``q, k, v`` to a callback
 that writes K/V into the paged cache and attends (``kvpilot.worker.runner``), so one
@@ -47,7 +52,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvpilot.api.checkpoint import architecture_from_config
+from kvpilot.api.checkpoint import architecture_from_config, local_layer_flags, text_config
 from kvpilot.worker.kernels import fused
 
 SUPPORTED_ROPE = ("default", "linear", "llama3")
@@ -61,6 +66,10 @@ class Family:
     qkv_bias: bool = False  # q/k/v projections have biases (o has none)
     qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE
     packed: bool = False  # the checkpoint holds qkv_proj and gate_up_proj, fused
+    # Gemma 2/3: RMSNorms scale by 1 + weight, the embedding is scaled by sqrt(hidden),
+    # the attention's and the MLP's outputs are normed before their residual adds
+    # ("sandwich" norms), the MLP is GeGLU (tanh GELU) and the word embeddings are tied.
+    gemma: bool = False
 
 
 FAMILIES = {
@@ -69,7 +78,33 @@ FAMILIES = {
     "qwen2": Family(qkv_bias=True),
     "qwen3": Family(qk_norm=True),
     "phi3": Family(packed=True),
+    "gemma2": Family(gemma=True),
+    "gemma3_text": Family(qk_norm=True, gemma=True),
 }
+# What transformers' config classes default to where a config.json leaves a field out.
+_FAMILY_DEFAULTS = {
+    "gemma2": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+               "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+               "hidden_activation": "gelu_pytorch_tanh"},
+    "gemma3_text": {"query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6,
+                    "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
+                    "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0},
+}
+
+
+def _rope(params: dict, theta: float | None, what: str) -> tuple[float, dict]:
+    """RoPE base and scaling of a layer kind from its ``rope_parameters`` (or the
+    config's ``rope_scaling``); ValueError for a kind the worker does not rotate by."""
+    params = dict(params or {})
+    partial = float(params.get("partial_rotary_factor") or 1.0)
+    if partial != 1.0:
+        raise ValueError(f"{what}: partial_rotary_factor {partial} is not supported "
+                         "(RoPE over the whole head)")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in SUPPORTED_ROPE:
+        raise ValueError(f"{what}: rope_type {kind!r} is not supported ({SUPPORTED_ROPE})")
+    params["rope_type"] = kind
+    return float(theta or params.get("rope_theta") or 10000.0), params
 
 
 @dataclass(frozen=True)
@@ -89,55 +124,87 @@ class LlamaConfig:
     eos_token_ids: tuple[int, ...] = ()
     model_type: str = "llama"
     family: Family = Family()
+    # Sliding windows: the layers that keep (and attend to) only their last
+    # ``sliding_window`` tokens, read as kvpilot.api.checkpoint reads them for the memory
+    # model; () when every layer is global.
+    sliding_window: int | None = None
+    local_layers: tuple[bool, ...] = ()
+    # Local layers' RoPE where it differs from the global one (Gemma 3), else None.
+    local_rope_theta: float | None = None
+    local_rope_scaling: dict = field(default_factory=dict)
+    attn_scale: float | None = None  # None: 1 / sqrt(head_dim)
+    attn_softcap: float | None = None  # scores become cap * tanh(score / cap)
+    final_softcap: float | None = None  # the same for the logits
 
     @classmethod
     def from_hf(cls, d: dict) -> LlamaConfig:
-        """From a Hugging Face ``config.json`` (transformers 4 or 5 keys); ValueError
-        naming the model_type for a family, or a feature of one, the model lacks."""
+        """From a Hugging Face ``config.json`` (transformers 4 or 5 keys; a multimodal
+        checkpoint's ``text_config``); ValueError naming the model_type for a family, or
+        a feature of one, the model lacks."""
+        d = text_config(d)
         model_type = d.get("model_type", "llama")
         family = FAMILIES.get(model_type)
         if family is None:
             raise ValueError(f"model_type {model_type!r} is not a family the worker serves "
                              f"({', '.join(FAMILIES)})")
+        d = {**_FAMILY_DEFAULTS.get(model_type, {}), **d}  # an explicit null stays null
         what = f"model_type {model_type}"
         if d.get("mlp_bias"):
             raise ValueError(f"{what}: MLP biases are not supported")
         if d.get("attention_bias") and not family.qkv_bias:
             raise ValueError(f"{what}: attention biases are not supported")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{what}: hidden_act {d['hidden_act']!r} is not supported (silu)")
-        window = architecture_from_config(d).get("slidingWindow")
-        if window is not None:
-            raise ValueError(f"{what}: sliding-window attention ({window['tokens']} tokens) "
-                             "is not supported (every layer attends over the whole context)")
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        partial = float(d.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
+        act = d.get("hidden_activation") if family.gemma else d.get("hidden_act", "silu")
+        wanted = "gelu_pytorch_tanh" if family.gemma else "silu"
+        if act != wanted:
+            raise ValueError(f"{what}: hidden activation {act!r} is not supported ({wanted})")
+        arch = architecture_from_config(d)
+        window = arch.get("slidingWindow")
+        heads = int(d["num_attention_heads"])
+        layers = int(d["num_hidden_layers"])
+        partial = float(d.get("partial_rotary_factor") or 1.0)
         if partial != 1.0:
             raise ValueError(f"{what}: partial_rotary_factor {partial} is not supported "
                              "(RoPE over the whole head)")
-        theta = float(d.get("rope_theta") or rope.get("rope_theta") or 10000.0)
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in SUPPORTED_ROPE:
-            raise ValueError(f"rope_type {rope_type!r} is not supported ({SUPPORTED_ROPE})")
-        rope["rope_type"] = rope_type
-        heads = int(d["num_attention_heads"])
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        local_theta, local_scaling = None, {}
+        if "full_attention" in rope or "sliding_attention" in rope:  # per layer kind (tf 5)
+            theta, scaling = _rope(rope.get("full_attention"), None, what)
+            if "sliding_attention" in rope:
+                local_theta, local_scaling = _rope(rope["sliding_attention"], None, what)
+        else:
+            theta, scaling = _rope(rope, d.get("rope_theta"), what)
+            if d.get("rope_local_base_freq"):  # Gemma 3's local layers (transformers 4)
+                local_theta, local_scaling = _rope({}, d["rope_local_base_freq"], what)
+        softcap = d.get("attn_logit_softcapping") if family.gemma else None
+        final = d.get("final_logit_softcapping") if family.gemma else None
         return cls(
             vocab_size=int(d["vocab_size"]),
             hidden_size=int(d["hidden_size"]),
             intermediate_size=int(d["intermediate_size"]),
-            num_layers=int(d["num_hidden_layers"]),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(d.get("num_key_value_heads") or heads),
             head_dim=int(d.get("head_dim") or d["hidden_size"] // heads),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
             rope_theta=theta,
-            rope_scaling=rope,
+            rope_scaling=scaling,
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             eos_token_ids=_eos_ids(d.get("eos_token_id")),
             model_type=model_type,
             family=family,
+            sliding_window=window["tokens"] if window else None,
+            local_layers=tuple(local_layer_flags(window, layers)) if window else (),
+            local_rope_theta=local_theta,
+            local_rope_scaling=local_scaling,
+            attn_scale=float(d["query_pre_attn_scalar"]) ** -0.5 if family.gemma else None,
+            attn_softcap=float(softcap) if softcap else None,
+            final_softcap=float(final) if final else None,
         )
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of ``layer``, None for a global layer."""
+        return self.sliding_window if self.local_layers and self.local_layers[layer] else None
 
     @property
     def q_size(self) -> int:
@@ -149,7 +216,8 @@ class LlamaConfig:
 
     def num_parameters(self) -> int:
         h, i = self.hidden_size, self.intermediate_size
-        layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        norms = 4 if self.family.gemma else 2
+        layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + norms * h
         if self.family.qkv_bias:
             layer += self.q_size + 2 * self.kv_size
         if self.family.qk_norm:
@@ -181,8 +249,12 @@ def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
     return inv.float()
 
 
-def rope_tables(cfg: LlamaConfig, max_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, float32 ``[max_positions, head_dim / 2]``."""
+def rope_tables(cfg: LlamaConfig, max_positions: int, device, *,
+                local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, float32 ``[max_positions, head_dim / 2]``; with ``local``, those of the
+    local layers (where they have their own base)."""
+    if local and cfg.local_rope_theta is not None:
+        cfg = replace(cfg, rope_theta=cfg.local_rope_theta, rope_scaling=cfg.local_rope_scaling)
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_frequencies(cfg))
     return angles.cos().to(device), angles.sin().to(device)
 
@@ -248,10 +320,13 @@ class LayerWeights:
     qkv_bias: torch.Tensor | None = None  # [q_size + 2 * kv_size] (Family.qkv_bias)
     q_norm: torch.Tensor | None = None  # [head_dim] (Family.qk_norm)
     k_norm: torch.Tensor | None = None  # [head_dim]
+    attn_out_norm: torch.Tensor | None = None  # [hidden] (Family.gemma)
+    mlp_out_norm: torch.Tensor | None = None  # [hidden] (Family.gemma)
 
     def tensors(self) -> list[torch.Tensor]:
         out = [self.input_norm, self.qkv, self.o, self.post_norm, self.gate_up, self.down]
-        return out + [t for t in (self.qkv_bias, self.q_norm, self.k_norm) if t is not None]
+        extra = (self.qkv_bias, self.q_norm, self.k_norm, self.attn_out_norm, self.mlp_out_norm)
+        return out + [t for t in extra if t is not None]
 
 
 @dataclass
@@ -282,7 +357,9 @@ class LlamaWeights:
 
 def hf_names(i: int) -> dict[str, str]:
     """Layer ``i``'s tensors under Hugging Face names, those of every family (a
-    checkpoint holds the ones its family uses: ``qkv`` and ``gate_up`` when packed)."""
+    checkpoint holds the ones its family uses: ``qkv`` and ``gate_up`` when packed;
+    Gemma's ``post_norm`` is the attention output's norm and ``pre_ff_norm`` the MLP
+    input's, which is ``LayerWeights.post_norm``)."""
     p = f"model.layers.{i}."
     return {k: p + v for k, v in {
         "input_norm": "input_layernorm.weight", "q": "self_attn.q_proj.weight",
@@ -294,6 +371,8 @@ def hf_names(i: int) -> dict[str, str]:
         "o": "self_attn.o_proj.weight", "post_norm": "post_attention_layernorm.weight",
         "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight",
         "gate_up": "mlp.gate_up_proj.weight",
+        "pre_ff_norm": "pre_feedforward_layernorm.weight",
+        "post_ff_norm": "post_feedforward_layernorm.weight",
         "down": "mlp.down_proj.weight"}.items()}
 
 
@@ -318,6 +397,12 @@ def weights_from_hf(cfg: LlamaConfig, get: Get, device, dtype: torch.dtype,
             return get(name, None).to(device=device, dtype=dtype)
         pieces = [get(name, (dim, start, start + count)) for start, count in runs]
         return torch.cat(pieces, dim=dim).to(device=device, dtype=dtype)
+
+    def norm(name: str) -> torch.Tensor:
+        """An RMSNorm weight as it multiplies: Gemma stores it as an offset from 1."""
+        if not fam.gemma:
+            return t(name)
+        return (1.0 + get(name, None).float()).to(device=device, dtype=dtype)
 
     def vocab(name: str) -> torch.Tensor:
         rows = t(name, 0, (p.vocab_start, min(p.vocab_rows, cfg.vocab_size - p.vocab_start)))
@@ -349,18 +434,21 @@ def weights_from_hf(cfg: LlamaConfig, get: Get, device, dtype: torch.dtype,
             bias = torch.cat([t(n["q_bias"], 0, q_rows), t(n["k_bias"], 0, kv_rows),
                               t(n["v_bias"], 0, kv_rows)])
         layers.append(LayerWeights(
-            input_norm=t(n["input_norm"]), qkv=qkv, o=t(n["o"], 1, q_rows),
-            post_norm=t(n["post_norm"]), gate_up=gate_up, down=t(n["down"], 1, inter),
+            input_norm=norm(n["input_norm"]), qkv=qkv, o=t(n["o"], 1, q_rows),
+            post_norm=norm(n["pre_ff_norm"] if fam.gemma else n["post_norm"]),
+            gate_up=gate_up, down=t(n["down"], 1, inter),
             qkv_bias=bias,
-            q_norm=t(n["q_norm"]) if fam.qk_norm else None,
-            k_norm=t(n["k_norm"]) if fam.qk_norm else None,
+            q_norm=norm(n["q_norm"]) if fam.qk_norm else None,
+            k_norm=norm(n["k_norm"]) if fam.qk_norm else None,
+            attn_out_norm=norm(n["post_norm"]) if fam.gemma else None,
+            mlp_out_norm=norm(n["post_ff_norm"]) if fam.gemma else None,
         ))
     embed = vocab("model.embed_tokens.weight") if p.size > 1 else t("model.embed_tokens.weight")
     if cfg.tie_word_embeddings:
         lm_head = embed
     else:
         lm_head = vocab("lm_head.weight") if p.size > 1 else t("lm_head.weight")
-    return LlamaWeights(embed, layers, t("model.norm.weight"), lm_head)
+    return LlamaWeights(embed, layers, norm("model.norm.weight"), lm_head)
 
 
 def load_config(model_dir: str | Path) -> LlamaConfig:
@@ -381,6 +469,9 @@ def _eos_ids(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, list) else (int(value),)
 
 
+_TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+
+
 def load_weights(model_dir: str | Path, cfg: LlamaConfig, device, dtype: torch.dtype,
                  part: Partition | None = None) -> LlamaWeights:
     """Weights from the ``*.safetensors`` files of a Hugging Face checkpoint directory;
@@ -396,7 +487,12 @@ def load_weights(model_dir: str | Path, cfg: LlamaConfig, device, dtype: torch.d
         for name in h.keys():
             where[name] = h
 
+    # A multimodal checkpoint (Gemma 3) keeps its language model under a prefix.
+    prefix = next((p for p in _TEXT_PREFIXES if p + "embed_tokens.weight" in where), "model.")
+
     def get(name: str, piece: tuple[int, int, int] | None) -> torch.Tensor:
+        if name.startswith("model."):
+            name = prefix + name[len("model."):]
         if name not in where:
             raise KeyError(f"checkpoint {model_dir} has no tensor {name!r}")
         if piece is None:
@@ -429,6 +525,8 @@ def random_weights(cfg: LlamaConfig, device, dtype: torch.dtype, *, seed: int = 
         qkv_bias=rnd(p.q_size + 2 * p.kv_size) if fam.qkv_bias else None,
         q_norm=ones(p.head_dim) if fam.qk_norm else None,
         k_norm=ones(p.head_dim) if fam.qk_norm else None,
+        attn_out_norm=ones(h) if fam.gemma else None,
+        mlp_out_norm=ones(h) if fam.gemma else None,
     ) for _ in range(cfg.num_layers)]
     vocab = cfg.vocab_size if p.size == 1 else p.vocab_rows
     embed = rnd(vocab, h)
@@ -440,14 +538,18 @@ def hf_state_dict(cfg: LlamaConfig, w: LlamaWeights) -> dict[str, torch.Tensor]:
     """The weights of a whole model under its family's Hugging Face names (views; q/k/v
     and gate/up unfused unless the family packs them), e.g. to load them into
     transformers' ``*ForCausalLM`` or to write a checkpoint."""
-    sd = {"model.embed_tokens.weight": w.embed, "model.norm.weight": w.norm}
+    fam = cfg.family
+
+    def norm(x: torch.Tensor) -> torch.Tensor:  # Gemma stores a norm's offset from 1
+        return (x.float() - 1.0).to(x.dtype) if fam.gemma else x
+
+    sd = {"model.embed_tokens.weight": w.embed, "model.norm.weight": norm(w.norm)}
     if not cfg.tie_word_embeddings:
         sd["lm_head.weight"] = w.lm_head
     q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
-    fam = cfg.family
     for i, lw in enumerate(w.layers):
         n = hf_names(i)
-        sd[n["input_norm"]] = lw.input_norm
+        sd[n["input_norm"]] = norm(lw.input_norm)
         if fam.packed:
             sd[n["qkv"]], sd[n["gate_up"]] = lw.qkv, lw.gate_up
         else:
@@ -457,9 +559,14 @@ def hf_state_dict(cfg: LlamaConfig, w: LlamaWeights) -> dict[str, torch.Tensor]:
             b = lw.qkv_bias
             sd[n["q_bias"]], sd[n["k_bias"]], sd[n["v_bias"]] = b[:q], b[q:q + kv], b[q + kv:]
         if lw.q_norm is not None:
-            sd[n["q_norm"]], sd[n["k_norm"]] = lw.q_norm, lw.k_norm
+            sd[n["q_norm"]], sd[n["k_norm"]] = norm(lw.q_norm), norm(lw.k_norm)
         sd[n["o"]] = lw.o
-        sd[n["post_norm"]] = lw.post_norm
+        if fam.gemma:
+            sd[n["post_norm"]] = norm(lw.attn_out_norm)
+            sd[n["pre_ff_norm"]] = norm(lw.post_norm)
+            sd[n["post_ff_norm"]] = norm(lw.mlp_out_norm)
+        else:
+            sd[n["post_norm"]] = lw.post_norm
         sd[n["down"]] = lw.down
     return sd
 
@@ -489,6 +596,12 @@ class Llama:
         self.device = weights.embed.device
         self.dtype = weights.embed.dtype
         self.cos, self.sin = rope_tables(cfg, max_positions, self.device)
+        # Per layer: its (cos, sin); local layers share a second table where their base
+        # differs (Gemma 3).
+        local = (rope_tables(cfg, max_positions, self.device, local=True)
+                 if cfg.local_rope_theta is not None else (self.cos, self.sin))
+        self.layer_rope = [local if cfg.window_of(i) is not None else (self.cos, self.sin)
+                           for i in range(cfg.num_layers)]
         self.fused = self.device.type == "cuda"
 
     def _norm(self, x, residual, weight):
@@ -503,6 +616,12 @@ class Llama:
         return fn(x.reshape(t * heads, d), None, weight, self.cfg.rms_norm_eps)[0].view(t, heads, d)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self._lookup(input_ids)
+        if self.cfg.family.gemma:  # scaled in the model's dtype, as Gemma does
+            x = x * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=x.dtype)
+        return x
+
+    def _lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.comm is None:
             return F.embedding(input_ids, self.w.embed)
         # Vocab-parallel: rows held elsewhere look up row 0 and are zeroed; the sum over
@@ -526,7 +645,10 @@ class Llama:
         p = self.part
         d = p.head_dim
         rope = fused.rope_ if self.fused else fused.rope_ref_
-        silu_mul = fused.silu_mul if self.fused else fused.silu_mul_ref
+        if self.cfg.family.gemma:
+            act_mul = _gelu_tanh_mul
+        else:
+            act_mul = fused.silu_mul if self.fused else fused.silu_mul_ref
         x = self._embed(input_ids)
         residual = None
         t = x.shape[0]
@@ -538,11 +660,15 @@ class Llama:
             v = qkv[:, p.q_size + p.kv_size:].view(t, p.num_kv_heads, d)
             if lw.q_norm is not None:
                 q, k = self._head_norm(q, lw.q_norm), self._head_norm(k, lw.k_norm)
-            rope(q, k, positions, self.cos, self.sin)
+            rope(q, k, positions, *self.layer_rope[i])
             o = attend(i, q, k, v)
             x = self._reduce(F.linear(o.reshape(t, p.q_size), lw.o))
+            if lw.attn_out_norm is not None:
+                x = self._norm(x, None, lw.attn_out_norm)[0]
             h, residual = self._norm(x, residual, lw.post_norm)
-            x = self._reduce(F.linear(silu_mul(F.linear(h, lw.gate_up)), lw.down))
+            x = self._reduce(F.linear(act_mul(F.linear(h, lw.gate_up)), lw.down))
+            if lw.mlp_out_norm is not None:
+                x = self._norm(x, None, lw.mlp_out_norm)[0]
         h, _ = self._norm(x, residual, self.w.norm)
         return h
 
@@ -552,4 +678,12 @@ class Llama:
         out = F.linear(hidden, self.w.lm_head)
         if self.comm is not None:
             out = self.comm.all_gather_columns(out)[:, :self.cfg.vocab_size]
-        return out.float()
+        out = out.float()
+        cap = self.cfg.final_softcap
+        return out if cap is None else torch.tanh(out / cap) * cap
+
+
+def _gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """GeGLU: ``gelu_tanh(gate) * up`` of ``[tokens, 2 * inter]`` (gate first)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up

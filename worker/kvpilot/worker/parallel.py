@@ -95,7 +95,7 @@ class RankSpec:
     dtype: str  # weights and activations: fp32, bf16, fp16
     kv_dtype: str
     page_size: int
-    num_pages: int
+    num_pages: list[int]  # of each KV group's pool
     max_model_len: int
     max_num_seqs: int
     cuda_graphs: bool = True
@@ -433,7 +433,7 @@ def run_follower(spec: RankSpec, rank: int, host: str, port: int, steps: BinaryI
     _wait_keys(store, [f"loaded/{r}" for r in range(spec.tp)], spec.load_timeout_s, "loaded")
     runner = shard_runner(spec, model)
     store.set(f"ready/{rank}", "1")
-    log.info("ready: %s, %d pages", device, spec.num_pages)
+    log.info("ready: %s, %s pages", device, "+".join(map(str, spec.num_pages)))
     while True:
         inputs = read_message(steps)
         if inputs is None:  # rank 0 is gone: nobody to leave the group with

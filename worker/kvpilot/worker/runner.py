@@ -41,6 +41,7 @@ Tensor parallelism
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -49,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kvpilot.worker.block_manager import BlockManager, check_batch
+from kvpilot.worker.block_manager import BlockManager, KVGroups, check_batch
 from kvpilot.worker.kernels import cache as kv_cache
 from kvpilot.worker.kernels.reference import (
     dequantize,
@@ -57,11 +58,71 @@ from kvpilot.worker.kernels.reference import (
     paged_attention_ref,
     reshape_and_cache_ref,
 )
-from kvpilot.worker.model import Llama
+from kvpilot.worker.model import Llama, LlamaConfig
 from kvpilot.worker.scheduler import Sequence
 
 KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": kv_cache.FP8_DTYPE,
              "fp32": torch.float32}
+
+
+def layer_groups(cfg: LlamaConfig) -> list[int]:
+    """The KV group of each layer: 0 for global layers; local (sliding-window) layers
+    are group 1, or group 0 where every layer is local. A group is one page pool."""
+    local = [cfg.window_of(i) is not None for i in range(cfg.num_layers)]
+    if all(local):
+        return [0] * cfg.num_layers
+    return [1 if x else 0 for x in local]
+
+
+def ring_pages(cfg: LlamaConfig, page_size: int, max_model_len: int) -> int | None:
+    """Pages of the ring a sequence holds in the local layers' pool: the window (or the
+    longest sequence, if shorter) rounded up to pages; None without local layers."""
+    if cfg.sliding_window is None:
+        return None
+    return -(-min(cfg.sliding_window, max_model_len) // page_size)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,
+              *, window: int | None = None, softcap: float | None = None,
+              scale: float | None = None, chunk: int = 1024) -> torch.Tensor:
+    """Causal attention of queries ``q`` (``[n, Hq, D]``, positions ``q_start ..``) over
+    keys and values ``k``, ``v`` (``[m, Hkv, D]``, positions ``k_start ..``, ending
+    where the queries end): a query attends to keys at or before it and, with
+    ``window``, after ``query - window``. With neither a window, a cap nor earlier keys
+    it is one causal ``scaled_dot_product_attention``; else queries go ``chunk`` at a
+    time against the keys they can see, so a long prompt in a window never builds a
+    ``prompt x prompt`` mask. ``softcap`` scores are computed by hand (float32)."""
+    n, hq, d = q.shape
+    group = hq // k.shape[1]
+
+    def heads(x):  # [m, Hkv, D] -> [1, Hq, m, D]
+        return x.transpose(0, 1).repeat_interleave(group, dim=0)[None]
+
+    if window is None and softcap is None and q_start == k_start:
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], heads(k), heads(v),
+                                           is_causal=True, scale=scale)
+        return o[0].transpose(0, 1)
+    out = torch.empty_like(q)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        first = q_start + c0 - (window - 1) if window is not None else k_start
+        k0, k1 = max(first, k_start) - k_start, q_start + c1 - k_start
+        qpos = torch.arange(q_start + c0, q_start + c1, device=q.device)[:, None]
+        kpos = torch.arange(k_start + k0, k_start + k1, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if window is not None:
+            mask &= kpos > qpos - window
+        qs, ks, vs = q[c0:c1].transpose(0, 1)[None], heads(k[k0:k1]), heads(v[k0:k1])
+        if softcap is None:
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+        else:
+            scores = torch.matmul(qs.float(), ks.float().transpose(-1, -2)) * scale
+            scores = torch.tanh(scores / softcap) * softcap
+            scores = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+            o = torch.matmul(scores, vs.float()).to(q.dtype)
+        out[c0:c1] = o[0].transpose(0, 1)
+    return out
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -87,24 +148,25 @@ class PrefillInputs:
 
     ids: np.ndarray  # int64 [tokens]: the new tokens of every sequence, in batch order
     positions: np.ndarray  # int64 [tokens]
-    slots: np.ndarray  # int64 [tokens]: where each token's K/V goes
+    slots: np.ndarray  # int64 [groups, tokens]: where each token's K/V goes, per KV group
     spans: np.ndarray  # int64 [seqs, 4]: first and end row in ids, first and end position
-    tables: list[np.ndarray]  # int64, each sequence's pages
+    tables: list[list[np.ndarray]]  # int64, per group, each sequence's block-table row
 
 
 @dataclass
 class DecodeInputs:
     """One decode step, as every rank runs it: the first ``rows`` entries of rank 0's
-    host buffer (``rows`` is the CUDA-graph bucket, or ``n`` when eager) and the block
-    table rows of the ``n`` sequences up to the last page any of them reads."""
+    host buffer (``rows`` is the CUDA-graph bucket, or ``n`` when eager) and, per KV
+    group, the block table rows of the ``n`` sequences up to the last page any of them
+    reads."""
 
     n: int
     rows: int
     ids: np.ndarray  # int32 [rows]
     positions: np.ndarray
-    slots: np.ndarray
+    slots: np.ndarray  # int32 [groups, rows]
     lens: np.ndarray
-    table: np.ndarray  # int32 [n, pages]
+    table: np.ndarray  # int32 [groups, n, pages]
 
 
 @dataclass
@@ -126,20 +188,46 @@ class Fanout(Protocol):
 
 
 class ModelRunner:
-    def __init__(self, model: Llama, block_manager: BlockManager | None, *, kv_dtype: str,
-                 max_model_len: int, max_num_seqs: int, cuda_graphs: bool = True,
+    def __init__(self, model: Llama, block_manager: KVGroups | BlockManager | None, *,
+                 kv_dtype: str, max_model_len: int, max_num_seqs: int, cuda_graphs: bool = True,
                  debug_checks: bool = False, followers: Fanout | None = None,
-                 num_pages: int | None = None, page_size: int | None = None):
-        """``block_manager`` on rank 0 (and at TP 1); a follower rank has none and is given
-        the pool's ``num_pages`` and ``page_size``. ``followers``: rank 0's link to the
-        other ranks of a tensor-parallel replica."""
+                 num_pages: list[int] | int | None = None, page_size: int | None = None):
+        """``block_manager`` on rank 0 (and at TP 1): the pools of the model's KV groups
+        (a bare ``BlockManager`` is one group); a follower rank has none and is given
+        each pool's ``num_pages`` and the ``page_size``. ``followers``: rank 0's link to
+        the other ranks of a tensor-parallel replica."""
         part = model.part
+        cfg = model.cfg
+        if isinstance(block_manager, BlockManager):
+            block_manager = KVGroups([block_manager])
         self.model = model
         self.bm = block_manager
         self.followers = followers
         self.device = model.device
+        self.group_of = layer_groups(cfg)
+        self.windows = [cfg.window_of(i) for i in range(cfg.num_layers)]
+        groups = max(self.group_of) + 1
+        if block_manager is not None:
+            if len(block_manager.pools) != groups:
+                raise ValueError(f"the model has {groups} KV groups, the block manager "
+                                 f"{len(block_manager.pools)} pools")
+            self.pools = block_manager.pools
+            pages = [p.num_pages for p in self.pools]
+            ring = [p.ring_pages for p in self.pools]
+        else:
+            self.pools = None
+            pages = [num_pages] * groups if isinstance(num_pages, int) else list(num_pages)
+            ring = [None] * groups
+        # A group's ring (its local layers keep their window; kvpilot.worker.block_manager).
+        ring_cap = ring_pages(cfg, page_size or block_manager.page_size, max_model_len)
+        self.ring = [ring_cap if any(self.windows[i] is not None and self.group_of[i] == g
+                                     for i in range(cfg.num_layers)) else None
+                     for g in range(groups)]
+        if block_manager is not None and ring != self.ring:
+            raise ValueError(f"pool rings {ring} are not the model's {self.ring}")
         self.page_size = page_size or block_manager.page_size
-        self.num_pages = num_pages or block_manager.num_pages
+        self.group_pages = pages
+        self.num_pages = pages[0]
         self.max_model_len = max_model_len
         self.max_pages = -(-max_model_len // self.page_size)
         self.max_num_seqs = max_num_seqs
@@ -153,42 +241,59 @@ class ModelRunner:
             raise ValueError(f"KV cache dtype {kv_dtype} must match the model's {model.dtype}")
         self.kv_dtype = dtype
         self.layers: list[kv_cache.LayerKV] = []
-        n = self.num_pages
-        for _ in range(model.cfg.num_layers):
+        for i in range(cfg.num_layers):
+            n = pages[self.group_of[i]]
             if dtype == torch.float32:
                 shape = (n, self.page_size, part.num_kv_heads, part.head_dim)
                 self.layers.append(kv_cache.LayerKV(torch.zeros(shape), torch.zeros(shape)))
             else:
                 self.layers.append(kv_cache.allocate_layer(
                     n, self.page_size, part.num_kv_heads, part.head_dim, dtype, self.device))
-        # Of this rank's pool: kvpilot.api.memory.kv_bytes_per_token(arch, dtype, tp).
-        self.kv_bytes_per_token = (2 * model.cfg.num_layers * part.num_kv_heads * part.head_dim
-                                   * self.layers[0].key.element_size())
+        # Of this rank's pool, while every layer keeps a token:
+        # kvpilot.api.memory.kv_bytes_per_token(arch, dtype, tp).
+        per_layer = 2 * part.num_kv_heads * part.head_dim * self.layers[0].key.element_size()
+        self.kv_bytes_per_token = per_layer * cfg.num_layers
+        # Per group: bytes one token slot of its pages costs (its layers' K and V).
+        self.group_bytes_per_token = [per_layer * self.group_of.count(g) for g in range(groups)]
         self._graphs: dict[int, _Graph] = {}
         self._buckets: list[int] = []  # batch sizes with a graph, ascending
-        # Decode inputs, int32, in one buffer: ids, positions, slots, lengths (one per row
-        # each), then the block table. The host fills a pinned copy and one transfer moves
-        # it; CUDA graphs read the device copy, whose address never changes.
+        # Decode inputs, int32, in one buffer: ids, positions, lengths (one per row each),
+        # then per KV group its slots (one per row) and block table. The host fills a
+        # pinned copy and one transfer moves it; CUDA graphs read the device copy, whose
+        # address never changes.
         b, p = max_num_seqs, self.max_pages
-        host = torch.zeros(4 * b + b * p, dtype=torch.int32, pin_memory=self.on_gpu)
-        host[2 * b:3 * b] = -1  # slots: no writes until a row is used
+        host = torch.zeros(3 * b + groups * (b + b * p), dtype=torch.int32,
+                           pin_memory=self.on_gpu)
         dev = host.to(self.device) if self.on_gpu else host
+
+        def views(buf):
+            ids, pos, lens = (buf[i * b:(i + 1) * b] for i in range(3))
+            slots, tables = [], []
+            for g in range(groups):
+                at = 3 * b + g * (b + b * p)
+                slots.append(buf[at:at + b])
+                tables.append(buf[at + b:at + b + b * p].reshape(b, p))
+            return ids, pos, lens, slots, tables
+
+        for slots in views(host)[3]:
+            slots[:] = -1  # no writes until a row is used
         self._host, self._dev = host, dev
-        h = host.numpy()
-        self._h = [h[i * b:(i + 1) * b] for i in range(4)] + [h[4 * b:].reshape(b, p)]
-        self._ids, self._pos, self._slots, self._lens = (dev[i * b:(i + 1) * b] for i in range(4))
-        self._table = dev[4 * b:].view(b, p)
-        # Which page table (the block manager's list, held, so never another) and length
-        # each host row holds: most rows are unchanged from one step to the next.
-        self._row_owner: list[tuple[list[int], int] | None] = [None] * b
+        self._h = views(host.numpy())
+        self._ids, self._pos, self._lens, self._slots, self._tables = views(dev)
+        # Which page table (the block manager's list, held, so never another) and how many
+        # row entries each host row holds, per group: most rows are unchanged from one
+        # step to the next.
+        self._row_owner: list[list[tuple[list[int], int] | None]] = [[None] * b
+                                                                    for _ in range(groups)]
         self.cuda_graphs = self.on_gpu and cuda_graphs
         if self.cuda_graphs:
             self.capture_graphs()
 
     @property
     def kv_capacity_bytes(self) -> int:
-        """Of this rank's pool."""
-        return self.num_pages * self.page_size * self.kv_bytes_per_token
+        """Of this rank's pools."""
+        return sum(n * self.page_size * b
+                   for n, b in zip(self.group_pages, self.group_bytes_per_token))
 
     def close(self) -> None:
         """Stop the other ranks of a tensor-parallel replica (nothing at TP 1)."""
@@ -215,11 +320,12 @@ class ModelRunner:
         if isinstance(inputs, PrefillInputs):
             self._prefill_run(inputs)
         elif isinstance(inputs, DecodeInputs):
-            ids, pos, slots, lens, table = self._h
+            ids, pos, lens, slots, tables = self._h
             r, n = inputs.rows, inputs.n
-            ids[:r], pos[:r], slots[:r], lens[:r] = (inputs.ids, inputs.positions,
-                                                     inputs.slots, inputs.lens)
-            table[:n, :inputs.table.shape[1]] = inputs.table
+            ids[:r], pos[:r], lens[:r] = inputs.ids, inputs.positions, inputs.lens
+            for g, (sl, table) in enumerate(zip(slots, tables)):
+                sl[:r] = inputs.slots[g]
+                table[:n, :inputs.table.shape[2]] = inputs.table[g]
             self._decode_run(n, r)
         elif isinstance(inputs, ProbeInputs):
             self._probe_run(inputs)
@@ -235,13 +341,24 @@ class ModelRunner:
             reshape_and_cache_ref(k, v, layer.key, layer.value, slots, layer.k_scale,
                                   layer.v_scale)
 
-    def _slots_of(self, seq: Sequence, start: int, end: int) -> list[int]:
-        table, ps = self.bm.table(seq.seq_id), self.page_size
-        return [table[p // ps] * ps + p % ps for p in range(start, end)]
+    def _slots_of(self, g: int, seq: Sequence, start: int, end: int) -> list[int]:
+        """Slots of positions ``start .. end-1`` in group ``g``'s pool; -1 (no write) for
+        those a ring would overwrite within the same step."""
+        pool = self.pools[g]
+        keep = 0 if pool.ring_pages is None else end - pool.ring_pages * self.page_size
+        return [pool.slot(seq.seq_id, p) if p >= keep else -1 for p in range(start, end)]
 
-    def _check(self, seqs: list[Sequence], writes: list[tuple[int, int, int]]) -> None:
-        check_batch(self.bm, [s.seq_id for s in seqs], [self.bm.table(s.seq_id) for s in seqs],
-                    [len(s) for s in seqs], writes)
+    def _rows(self, g: int, seqs: list[Sequence], ends: list[int]) -> list[list[int]]:
+        """Group ``g``'s block-table rows of ``seqs``: the page tables, or for a ring its
+        pages repeated over the positions before ``ends``."""
+        pool = self.pools[g]
+        if pool.ring_pages is None:
+            return [list(pool.table(s.seq_id)) for s in seqs]
+        return [pool.row(s.seq_id, -(-e // self.page_size)) for s, e in zip(seqs, ends)]
+
+    def _check(self, g: int, seqs: list[Sequence], rows: list, lens: list[int],
+               writes: list[tuple[int, int, int]]) -> None:
+        check_batch(self.pools[g], [s.seq_id for s in seqs], rows, lens, writes)
 
     # ---- prefill ----------------------------------------------------------------------
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -251,50 +368,63 @@ class ModelRunner:
         return self._fan_out(inputs, lambda: self._prefill_run(inputs))
 
     def _prefill_inputs(self, seqs: list[Sequence]) -> PrefillInputs:
-        ids, pos, slots, spans = [], [], [], []
+        ids, pos, spans = [], [], []
+        groups = range(len(self.pools))
+        slots: list[list[int]] = [[] for _ in groups]
         for s in seqs:
             start, end = s.num_computed, len(s)
             ids += s.tokens[start:end]
             pos += range(start, end)
-            slots += self._slots_of(s, start, end)
+            for g in groups:
+                slots[g] += self._slots_of(g, s, start, end)
             spans.append((len(ids) - (end - start), len(ids), start, end))
+        ends = [len(s) for s in seqs]
+        tables = [self._rows(g, seqs, ends) for g in groups]
         if self.debug_checks:
-            self._check(seqs, [(s.seq_id, p, sl) for s, (t0, t1, a, b) in zip(seqs, spans)
-                               for p, sl in zip(range(a, b), slots[t0:t1])])
+            for g in groups:
+                self._check(g, seqs, tables[g], ends,
+                            [(s.seq_id, p, sl) for s, (t0, t1, a, b) in zip(seqs, spans)
+                             for p, sl in zip(range(a, b), slots[g][t0:t1])])
         return PrefillInputs(
             ids=np.asarray(ids, dtype=np.int64), positions=np.asarray(pos, dtype=np.int64),
-            slots=np.asarray(slots, dtype=np.int64), spans=np.asarray(spans, dtype=np.int64),
-            tables=[np.asarray(self.bm.table(s.seq_id), dtype=np.int64) for s in seqs])
+            slots=np.asarray(slots, dtype=np.int64).reshape(len(groups), -1),
+            spans=np.asarray(spans, dtype=np.int64),
+            tables=[[np.asarray(row, dtype=np.int64) for row in t] for t in tables])
 
     @torch.inference_mode()
     def _prefill_run(self, inp: PrefillInputs) -> torch.Tensor:
         dev = self.device
+        cfg = self.model.cfg
         input_ids = torch.from_numpy(inp.ids).to(dev)
         positions = torch.from_numpy(inp.positions).to(dev)
         slot_t = torch.from_numpy(inp.slots).to(dev)
-        tables = [torch.from_numpy(t).to(dev) for t in inp.tables]
+        tables = [[torch.from_numpy(t).to(dev) for t in rows] for rows in inp.tables]
         spans = inp.spans.tolist()
-        part = self.model.part
-        group = part.num_heads // part.num_kv_heads
 
         def attend(i, q, k, v):
-            layer = self.layers[i]
-            self._write(layer, k, v, slot_t)
+            layer, g, window = self.layers[i], self.group_of[i], self.windows[i]
+            # What each sequence attends to beyond its new tokens is read back from the
+            # pages first (a cached prefix, or a window's earlier tokens), before this
+            # step's writes, which in a ring may overwrite it.
+            earlier = []
+            for (t0, t1, start, end), table in zip(spans, tables[g]):
+                first = 0 if window is None else max(0, start - window + 1)
+                if start == first:
+                    earlier.append(None)
+                    continue
+                ks = gather_sequence(layer.key, table, start, first)
+                vs = gather_sequence(layer.value, table, start, first)
+                earlier.append((first, dequantize(ks, layer.k_scale).to(q.dtype),
+                                dequantize(vs, layer.v_scale).to(q.dtype)))
+            self._write(layer, k, v, slot_t[g])
             out = torch.empty_like(q)
-            for (t0, t1, start, end), table in zip(spans, tables):
-                qs = q[t0:t1].transpose(0, 1)[None]  # [1, Hq, n, D]
-                if start == 0:
-                    ks, vs, causal, mask = k[t0:t1], v[t0:t1], True, None
-                else:  # a cached prefix: read the whole sequence back from the pages
-                    ks = dequantize(gather_sequence(layer.key, table, end), layer.k_scale)
-                    vs = dequantize(gather_sequence(layer.value, table, end), layer.v_scale)
-                    ks, vs = ks.to(q.dtype), vs.to(q.dtype)
-                    qpos = torch.arange(start, end, device=dev)[:, None]
-                    mask, causal = torch.arange(end, device=dev)[None, :] <= qpos, False
-                ks = ks.transpose(0, 1).repeat_interleave(group, dim=0)[None]
-                vs = vs.transpose(0, 1).repeat_interleave(group, dim=0)[None]
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal)
-                out[t0:t1] = o[0].transpose(0, 1)
+            for (t0, t1, start, end), before in zip(spans, earlier):
+                ks, vs, k_start = k[t0:t1], v[t0:t1], start
+                if before is not None:
+                    k_start = before[0]
+                    ks, vs = torch.cat([before[1], ks]), torch.cat([before[2], vs])
+                out[t0:t1] = attention(q[t0:t1], ks, vs, start, k_start, window=window,
+                                       softcap=cfg.attn_softcap, scale=cfg.attn_scale)
             return out
 
         hidden = self.model.forward(input_ids, positions, attend)
@@ -305,43 +435,58 @@ class ModelRunner:
     def _decode_inputs(self, seqs: list[Sequence], rows: int) -> None:
         """Fill the host buffer for one decode step, padded to ``rows`` (padding rows have
         length 0 and slot -1: nothing read, nothing written)."""
-        ids, pos, slots, lens, table = self._h
-        n = len(seqs)
+        ids, pos, lens, slots, tables = self._h
+        n, ps = len(seqs), self.page_size
         lengths = np.fromiter((len(s) for s in seqs), dtype=np.int32, count=n)
         ids[:n] = [s.tokens[-1] for s in seqs]
         lens[:n] = lengths
         pos[:n] = lengths - 1
         ids[n:rows] = pos[n:rows] = lens[n:rows] = 0
-        slots[n:rows] = -1
-        for r, s in enumerate(seqs):
-            pages = self.bm.table(s.seq_id)
-            owner = self._row_owner[r]
-            if owner is not None and owner[0] is pages and owner[1] == len(pages):
-                continue
-            start = owner[1] if owner is not None and owner[0] is pages and owner[1] < len(pages) else 0
-            table[r, start:len(pages)] = pages[start:]
-            self._row_owner[r] = (pages, len(pages))
-        ps = self.page_size
         last = lengths - 1
-        slots[:n] = table[np.arange(n), last // ps] * ps + last % ps
-        if self.debug_checks:  # what is handed over, not what should have been
-            check_batch(self.bm, [s.seq_id for s in seqs],
-                        [table[r, :len(self.bm.table(s.seq_id))].tolist() for r, s in enumerate(seqs)],
-                        lens[:n].tolist(),
-                        [(s.seq_id, int(pos[r]), int(slots[r])) for r, s in enumerate(seqs)])
+        for g, (pool, table, owners) in enumerate(zip(self.pools, tables, self._row_owner)):
+            ring = pool.ring_pages
+            for r, s in enumerate(seqs):
+                pages = pool.table(s.seq_id)
+                # Entries the kernel reads: the pages, or a ring repeated up to the length.
+                want = len(pages) if ring is None else -(-len(s) // ps)
+                owner = owners[r]
+                start = owner[1] if owner is not None and owner[0] is pages else 0
+                if start == want:
+                    continue
+                if start > want:
+                    start = 0
+                table[r, start:want] = (pages[start:want] if ring is None
+                                        else [pages[i % ring] for i in range(start, want)])
+                owners[r] = (pages, want)
+            slots[g][n:rows] = -1
+            slots[g][:n] = table[np.arange(n), last // ps] * ps + last % ps
+            if self.debug_checks:  # what is handed over, not what should have been
+                held = [len(pool.table(s.seq_id)) if ring is None else -(-len(s) // ps)
+                        for s in seqs]
+                self._check(g, seqs, [table[r, :m].tolist() for r, m in enumerate(held)],
+                            lens[:n].tolist(),
+                            [(s.seq_id, int(pos[r]), int(slots[g][r])) for r, s in enumerate(seqs)])
 
-    def _decode_forward(self, ids, pos, slots, table, lens, num_splits: int | None):
+    def _decode_forward(self, ids, pos, slots, tables, lens, num_splits):
+        """``slots`` and ``tables`` per KV group; ``num_splits`` per group, or None."""
         from kvpilot.worker.kernels.paged_attention import paged_attention_decode
 
+        cfg = self.model.cfg
+
         def attend(i, q, k, v):
-            layer = self.layers[i]
-            self._write(layer, k, v, slots)
+            layer, g, window = self.layers[i], self.group_of[i], self.windows[i]
+            self._write(layer, k, v, slots[g])
             if not self.on_gpu:
-                return paged_attention_ref(q, layer.key, layer.value, table, lens,
-                                           k_scale=layer.k_scale, v_scale=layer.v_scale).to(q.dtype)
-            return paged_attention_decode(q, layer.key, layer.value, table, lens,
+                return paged_attention_ref(q, layer.key, layer.value, tables[g], lens,
+                                           k_scale=layer.k_scale, v_scale=layer.v_scale,
+                                           sm_scale=cfg.attn_scale, window=window,
+                                           softcap=cfg.attn_softcap).to(q.dtype)
+            return paged_attention_decode(q, layer.key, layer.value, tables[g], lens,
                                           k_scale=layer.k_scale, v_scale=layer.v_scale,
-                                          max_seq_len=self.max_model_len, num_splits=num_splits)
+                                          sm_scale=cfg.attn_scale, window=window,
+                                          softcap=cfg.attn_softcap,
+                                          max_seq_len=self.max_model_len,
+                                          num_splits=num_splits and num_splits[g])
 
         return self.model.logits(self.model.forward(ids, pos, attend))
 
@@ -353,11 +498,11 @@ class ModelRunner:
         self._decode_inputs(seqs, rows)
         inputs = None
         if self.followers is not None:
-            ids, pos, slots, lens, table = self._h
+            ids, pos, lens, slots, tables = self._h
             pages = -(-int(lens[:n].max()) // self.page_size)
             inputs = DecodeInputs(n, rows, ids[:rows].copy(), pos[:rows].copy(),
-                                  slots[:rows].copy(), lens[:rows].copy(),
-                                  table[:n, :pages].copy())
+                                  np.stack([sl[:rows] for sl in slots]), lens[:rows].copy(),
+                                  np.stack([t[:n, :pages] for t in tables]))
         return self._fan_out(inputs, lambda: self._decode_run(n, rows))
 
     @torch.inference_mode()
@@ -370,26 +515,31 @@ class ModelRunner:
         if g is not None:
             g.graph.replay()
             return g.logits[:n]
-        return self._decode_forward(self._ids[:n], self._pos[:n], self._slots[:n],
-                                    self._table[:n], self._lens[:n], None)
+        return self._decode_forward(*self._decode_args(n), None)
+
+    def _decode_args(self, n: int) -> tuple:
+        return (self._ids[:n], self._pos[:n], [sl[:n] for sl in self._slots],
+                [t[:n] for t in self._tables], self._lens[:n])
 
     def capture_graphs(self) -> None:
         """Capture one decode graph per batch-size bucket, largest first, sharing one
         memory pool. Each is run eagerly once first (Triton compiles, and the paged
-        kernel learns its occupancy, which fixes the split count)."""
+        kernel learns its occupancy, which fixes the split count of each KV group)."""
         from kvpilot.worker.kernels.paged_attention import plan_num_splits
 
         part = self.model.part
         pool = torch.cuda.graph_pool_handle()
+        first_of = [self.group_of.index(g) for g in range(len(self.group_pages))]
         with torch.inference_mode():
             for b in reversed(graph_buckets(self.max_num_seqs)):
                 q = torch.empty(b, part.num_heads, part.head_dim, dtype=self.model.dtype,
                                 device=self.device)
-                args = (self._ids[:b], self._pos[:b], self._slots[:b], self._table[:b],
-                        self._lens[:b])
+                args = self._decode_args(b)
                 self._decode_forward(*args, None)  # compile, learn occupancy
-                splits = plan_num_splits(q, self.layers[0].key, self._table[:b],
-                                         max_seq_len=self.max_model_len)
+                splits = [plan_num_splits(q, self.layers[i].key, self._tables[g][:b],
+                                          max_seq_len=self.max_model_len,
+                                          window=self.windows[i])
+                          for g, i in enumerate(first_of)]
                 self._decode_forward(*args, splits)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from kvpilot.worker.block_manager import BlockManager
+from kvpilot.worker.block_manager import BlockManager, KVGroups
 
 
 class Status(enum.Enum):
@@ -135,12 +135,14 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int,
+    def __init__(self, block_manager: BlockManager | KVGroups, *, max_num_seqs: int,
                  max_batched_tokens: int, max_waiting: int):
         if max_num_seqs < 1 or max_batched_tokens < 1 or max_waiting < 0:
             raise ValueError("max_num_seqs and max_batched_tokens must be >= 1, "
                              "max_waiting >= 0")
-        self.bm = block_manager
+        # A bare pool is a model's one KV group.
+        self.bm = (block_manager if isinstance(block_manager, KVGroups)
+                   else KVGroups([block_manager]))
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
         self.max_waiting = max_waiting

@@ -42,6 +42,12 @@ class EngineStats:
     kv_bytes_per_token: int  # of the cache actually allocated (all layers, K and V)
     pages_total: int
     kv_budget_bytes: int  # what placement reserved for KV (the memory model), 0 if none
+    # A model with global and sliding-window layers has a second pool, of rings of pages
+    # for its local layers (kvpilot.worker.block_manager): the pages above are the global
+    # layers' (kv_bytes_per_token is theirs), these the local layers'.
+    window_pages_total: int = 0
+    window_bytes_per_token: int = 0
+    window_pages_used: int = 0
     pages_used: int = 0
     pages_cached: int = 0
     running: int = 0
@@ -63,7 +69,8 @@ class EngineStats:
 
     @property
     def capacity_bytes(self) -> int:
-        return self.capacity_tokens * self.kv_bytes_per_token
+        return (self.capacity_tokens * self.kv_bytes_per_token
+                + self.window_pages_total * self.page_size * self.window_bytes_per_token)
 
     @property
     def used_tokens(self) -> int:
@@ -72,8 +79,13 @@ class EngineStats:
 
     @property
     def used_bytes(self) -> int:
-        return self.used_tokens * self.kv_bytes_per_token
+        return (self.used_tokens * self.kv_bytes_per_token
+                + self.window_pages_used * self.page_size * self.window_bytes_per_token)
 
     @property
     def usage_ratio(self) -> float:
-        return self.pages_used / self.pages_total if self.pages_total else 0.0
+        """The fuller pool's share of used pages: the one that runs out first."""
+        ratio = self.pages_used / self.pages_total if self.pages_total else 0.0
+        if self.window_pages_total:
+            ratio = max(ratio, self.window_pages_used / self.window_pages_total)
+        return ratio

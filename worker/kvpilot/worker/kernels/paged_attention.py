@@ -96,7 +96,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -116,15 +116,19 @@ HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _attend_tile(
-    q, m_i, l_i, acc, toks, pages, end, k_head, v_head, qk_scale,
+    q, m_i, l_i, acc, toks, pages, lo, end, k_head, v_head, qk_scale, softcap,
     stride_kp, stride_kt, stride_vp, stride_vt,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, CVT_ASM: tl.constexpr, MASKED: tl.constexpr, SWAP: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Fold one tile of tokens ``toks`` (held in ``pages``, read off the block table by
-    the caller) into the running softmax. Only the last tile of a range is MASKED. A
-    head_dim that is not a power of two is padded to ``BLOCK_D`` columns read as 0."""
+    the caller) into the running softmax. Only a MASKED tile (the last of a range, or
+    the one a sliding window starts in) may hold tokens outside ``lo .. end``. A head_dim
+    that is not a power of two is padded to ``BLOCK_D`` columns read as 0. With SOFTCAP
+    ``qk_scale`` is the plain score scale and each score becomes
+    ``softcap * tanh(score / softcap)``, then goes to base 2."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = (offs_d < HEAD_DIM)[None, :]
@@ -137,7 +141,7 @@ def _attend_tile(
     # ---- loads: masked tokens read as 0, so stale slots never reach the products -----
     # Padded columns read as 0 too: they add 0 to Q K^T, and P V's are dropped at the store.
     if MASKED:
-        valid = toks < end
+        valid = (toks < end) & (toks >= lo)
         kv_ok = valid[:, None]
         if PAD_D:
             kv_ok = kv_ok & d_ok
@@ -155,6 +159,8 @@ def _attend_tile(
         # tiles only (the caller sends the masked one unswapped).
         tl.static_assert(not MASKED)
         s = tl.dot(k.to(DOT_DTYPE), tl.trans(q)) * qk_scale
+        if SOFTCAP:
+            s = _soft_cap(s, softcap)
         m_new = tl.maximum(m_i, tl.max(s, 0))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
@@ -163,6 +169,8 @@ def _attend_tile(
     else:
         # ---- S = Q K^T, online softmax (base 2), O += P V ------------------------------
         s = tl.dot(q, tl.trans(k.to(DOT_DTYPE))) * qk_scale
+        if SOFTCAP:
+            s = _soft_cap(s, softcap)
         if MASKED:
             s = tl.where(valid[None, :], s, float("-inf"))
         # Every tile holds at least one valid token, so m_new is finite.
@@ -186,16 +194,22 @@ def _attend_tile(
 
 
 @triton.jit
+def _soft_cap(s, softcap):
+    """``softcap * tanh(s / softcap)`` in base 2 (``tanh(x) = 2 sigmoid(2x) - 1``)."""
+    return softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0) * 1.4426950408889634
+
+
+@triton.jit
 def _tile_pages(bt_row, toks, end, PAGE_SIZE: tl.constexpr):
     """The block-table entries of a tile's tokens ``toks`` (0 from ``end`` on), as int64."""
     return tl.load(bt_row + toks // PAGE_SIZE, mask=toks < end, other=0).to(tl.int64)
 
 
-@triton.jit(do_not_specialize=["num_splits", "stride_bt", "len_hint", "max_pages"])
+@triton.jit(do_not_specialize=["num_splits", "stride_bt", "len_hint", "max_pages", "window"])
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr, v_scale_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
-    sm_scale, num_splits, len_hint, max_pages,
+    sm_scale, num_splits, len_hint, max_pages, window, softcap,
     stride_qb, stride_qh,
     stride_kp, stride_kt, stride_kh,
     stride_vp, stride_vt, stride_vh,
@@ -206,6 +220,7 @@ def _paged_decode_kernel(
     BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
     CVT_ASM: tl.constexpr, PDL: tl.constexpr, SWAP: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -224,7 +239,10 @@ def _paged_decode_kernel(
     # Same inputs, same run on an H200: FP8 1.2-3.7% faster, split bf16 launches 0-1.6%,
     # but unsplit bf16 launches 0.5-1.3% slower, so those read the entries after the
     # length. On an H100 every case is within 1%.
-    EARLY_TABLE: tl.constexpr = SPLIT or KV_FP8
+    # A sliding window (WINDOW) reads only tokens lo .. seq_len-1, lo = seq_len - window:
+    # the ranges cover the tiles from the one holding lo, and that tile is masked below
+    # lo (its earlier slots may belong to tokens a ring of pages has overwritten).
+    EARLY_TABLE: tl.constexpr = (SPLIT or KV_FP8) and not WINDOW
     bt_row = block_table_ptr + b.to(tl.int64) * stride_bt
     offs_n = tl.arange(0, BLOCK_N)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -232,8 +250,13 @@ def _paged_decode_kernel(
         guess = split * tl.cdiv(tl.cdiv(len_hint, BLOCK_N), num_splits) * BLOCK_N
         guess_idx = (guess + offs_n) // PAGE_SIZE
         pages = tl.load(bt_row + guess_idx, mask=guess_idx < max_pages, other=0).to(tl.int64)
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
-    start = split * tiles_per_split * BLOCK_N
+    if WINDOW:
+        lo = tl.maximum(seq_len - window, 0)
+    else:
+        lo = 0
+    first = lo - lo % BLOCK_N
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len - first, BLOCK_N), num_splits)
+    start = first + split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
     full_end = tl.maximum(start, end - end % BLOCK_N)  # tiles before it need no mask
 
@@ -247,7 +270,10 @@ def _paged_decode_kernel(
     # ---- the query heads of this KV group, one tile --------------------------------
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=gd_mask, other=0.0).to(DOT_DTYPE)
-    qk_scale = sm_scale * 1.4426950408889634  # log2(e): softmax in base 2
+    if SOFTCAP:
+        qk_scale = sm_scale  # capped first, then to base 2 (_soft_cap)
+    else:
+        qk_scale = sm_scale * 1.4426950408889634  # log2(e): softmax in base 2
     if KV_FP8:
         qk_scale = qk_scale * tl.load(k_scale_ptr + kvh * scale_stride)
 
@@ -270,13 +296,22 @@ def _paged_decode_kernel(
             pages = _tile_pages(bt_row, start + offs_n, end, PAGE_SIZE)
     else:
         pages = _tile_pages(bt_row, start + offs_n, end, PAGE_SIZE)
+    if WINDOW:
+        if start < lo:  # the tile the window starts in (never swapped: WINDOW turns SWAP off)
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, start + offs_n, pages, lo, end, k_head, v_head, qk_scale,
+                softcap, stride_kp, stride_kt, stride_vp, stride_vt,
+                PAGE_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_DTYPE, CVT_ASM, True, False, SOFTCAP)
+            start += BLOCK_N
+            full_end = tl.maximum(start, full_end)
+            pages = _tile_pages(bt_row, start + offs_n, end, PAGE_SIZE)
     for tok0 in range(start, full_end, BLOCK_N):
         toks = tok0 + offs_n
         next_pages = _tile_pages(bt_row, toks + BLOCK_N, end, PAGE_SIZE)
         m_i, l_i, acc = _attend_tile(
-            q, m_i, l_i, acc, toks, pages, end, k_head, v_head, qk_scale,
+            q, m_i, l_i, acc, toks, pages, lo, end, k_head, v_head, qk_scale, softcap,
             stride_kp, stride_kt, stride_vp, stride_vt,
-            PAGE_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_DTYPE, CVT_ASM, False, SWAP)
+            PAGE_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_DTYPE, CVT_ASM, False, SWAP, SOFTCAP)
         pages = next_pages
     if SWAP:
         # The partial last tile goes through the unswapped products: compiled swapped,
@@ -285,9 +320,9 @@ def _paged_decode_kernel(
         acc = tl.trans(acc)
     if full_end < end:
         m_i, l_i, acc = _attend_tile(
-            q, m_i, l_i, acc, full_end + offs_n, pages, end, k_head, v_head, qk_scale,
-            stride_kp, stride_kt, stride_vp, stride_vt,
-            PAGE_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_DTYPE, CVT_ASM, True, False)
+            q, m_i, l_i, acc, full_end + offs_n, pages, lo, end, k_head, v_head, qk_scale,
+            softcap, stride_kp, stride_kt, stride_vp, stride_vt,
+            PAGE_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_DTYPE, CVT_ASM, True, False, SOFTCAP)
 
     # ---- epilogue -------------------------------------------------------------------
     if KV_FP8:
@@ -566,7 +601,8 @@ def _length_bound(k_cache: torch.Tensor, block_table: torch.Tensor, max_seq_len:
 
 
 def plan_num_splits(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, *,
-                    config: DecodeConfig | None = None, max_seq_len: int | None = None) -> int:
+                    config: DecodeConfig | None = None, max_seq_len: int | None = None,
+                    window: int | None = None) -> int:
     """The split count ``paged_attention_decode`` uses when none is given.
 
     ``max_seq_len`` defaults to what the block table can hold (``max_pages x
@@ -574,9 +610,17 @@ def plan_num_splits(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.T
     """
     facts = _device_facts(q.device)
     cfg = config or _config_on(facts, q, k_cache)
-    bound = _length_bound(k_cache, block_table, max_seq_len)
+    if window is not None and cfg.swap:
+        cfg = replace(cfg, swap=False)
+    bound = _read_bound(_length_bound(k_cache, block_table, max_seq_len), window, cfg)
     return _planned_splits(q.shape[0] * k_cache.shape[2], bound, cfg, facts.sms,
                            _occupancy_key(q, k_cache, cfg))
+
+
+def _read_bound(length_bound: int, window: int | None, cfg: DecodeConfig) -> int:
+    """Tokens a program range may cover: the length bound, or within a window the window
+    and the tile it starts in."""
+    return length_bound if window is None else min(length_bound, window + cfg.block_n)
 
 
 def _planned_splits(units: int, max_seq_len: int, cfg: DecodeConfig, sms: int, key: tuple) -> int:
@@ -608,6 +652,8 @@ def paged_attention_decode(
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
     out: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of ``q`` (``[batch, q_heads, head_dim]``, bf16/fp16) over paged K/V.
 
@@ -618,8 +664,11 @@ def paged_attention_decode(
     ``max_pages * page_size``) steers the split count and where each program reads its
     first block-table entries before the lengths arrive: the tightest bound is fastest,
     and any value gives the same result. ``num_splits`` overrides the split count (fix
-    it when capturing a CUDA graph). Returns ``[batch, q_heads, head_dim]`` in the dtype
-    of ``q``.
+    it when capturing a CUDA graph). ``window``: a sliding-window layer's window, the
+    query (the last token) attends only to the last ``window`` tokens (a page table that
+    is a ring of pages, repeated, works: the slots of earlier tokens are never read).
+    ``softcap``: scores become ``softcap * tanh(score / softcap)`` (Gemma 2). Returns
+    ``[batch, q_heads, head_dim]`` in the dtype of ``q``.
     """
     # ---- shapes, dtypes, strides ----------------------------------------------------
     _check(q.dim() == 3, f"q must be [batch, q_heads, head_dim], got {tuple(q.shape)}")
@@ -659,8 +708,12 @@ def paged_attention_decode(
            "out must be shaped and typed like q, head_dim contiguous")
 
     # ---- launch shape ----------------------------------------------------------------
+    _check(window is None or window >= 1, "window must be >= 1")
+    _check(softcap is None or softcap > 0, "softcap must be > 0")
     facts = _device_facts(q.device)
     cfg = config or _config_on(facts, q, k_cache)
+    if window is not None and cfg.swap:
+        cfg = replace(cfg, swap=False)  # the window's first tile is masked
     key = _occupancy_key(q, k_cache, cfg)
     # Unpipelined, the swapped products compile wrong on Hopper (triton 3.6: wrong values
     # for masked tiles, illegal addresses with num_stages=1), so they need a pipeline.
@@ -670,7 +723,8 @@ def paged_attention_decode(
     _check(max_seq_len is None or 0 <= max_seq_len < 2**31, "max_seq_len must be 0..2**31-1")
     len_hint = _length_bound(k_cache, block_table, max_seq_len)
     if num_splits is None:
-        num_splits = _planned_splits(batch * kv_heads, len_hint, cfg, facts.sms, key)
+        num_splits = _planned_splits(batch * kv_heads, _read_bound(len_hint, window, cfg),
+                                     cfg, facts.sms, key)
     _check(1 <= num_splits <= MAX_SPLITS, f"num_splits must be 1..{MAX_SPLITS}")
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
@@ -694,7 +748,7 @@ def paged_attention_decode(
     kernel = _paged_decode_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale,
         out, part_out, part_lse,
-        sm_scale, num_splits, len_hint, block_table.shape[1],
+        sm_scale, num_splits, len_hint, block_table.shape[1], window or 0, softcap or 1.0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -705,7 +759,7 @@ def paged_attention_decode(
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
         SPLIT=split, KV_FP8=kv_fp8, DOT_DTYPE=dot_dtype,
         CVT_ASM=kv_fp8 and cfg.convert_v and capability >= (8, 9),  # cvt from e4m3: sm_89 on
-        PDL=pdl, SWAP=cfg.swap,
+        PDL=pdl, SWAP=cfg.swap, WINDOW=window is not None, SOFTCAP=softcap is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
     )
     if key not in _OCCUPANCY:

@@ -2,8 +2,8 @@
 
 Nothing here imports Triton. The decode reference gathers each sequence's pages into a
 contiguous ``[seq_len, kv_heads, head_dim]`` tensor (dequantizing an FP8 cache with its
-scales) and runs ``scaled_dot_product_attention`` in float32 with the query heads grouped
-onto their KV head, one sequence at a time.
+scales) and computes softmax attention in float32 with the query heads grouped onto
+their KV head, one sequence at a time.
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ def dequantize(pages: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return pages.float() * _per_head(scale, pages.shape[-2])[:, None]
 
 
-def gather_sequence(pages: torch.Tensor, block_table_row: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Tokens ``0..seq_len-1`` of one sequence: ``[seq_len, kv_heads, head_dim]``."""
+def gather_sequence(pages: torch.Tensor, block_table_row: torch.Tensor, seq_len: int,
+                    first: int = 0) -> torch.Tensor:
+    """Tokens ``first..seq_len-1`` of one sequence: ``[seq_len - first, kv_heads, head_dim]``."""
     page_size = pages.shape[1]
-    positions = torch.arange(seq_len, device=pages.device)
+    positions = torch.arange(first, seq_len, device=pages.device)
     page_ids = block_table_row.long()[positions // page_size]
     return pages[page_ids, positions % page_size]
 
@@ -63,12 +64,15 @@ def paged_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.T
                         block_table: torch.Tensor, seq_lens: torch.Tensor, *,
                         sm_scale: float | None = None,
                         k_scale: torch.Tensor | None = None,
-                        v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                        v_scale: torch.Tensor | None = None,
+                        window: int | None = None,
+                        softcap: float | None = None) -> torch.Tensor:
     """Decode attention of one query token per sequence, in float32.
 
     ``q``: ``[batch, q_heads, head_dim]``; pages, block table and lengths as in
-    ``kvpilot.worker.kernels.cache``. Returns float32 ``[batch, q_heads, head_dim]``; a
-    sequence of length 0 gives zeros.
+    ``kvpilot.worker.kernels.cache``. ``window``: only the last ``window`` tokens are
+    attended to; ``softcap``: scores become ``softcap * tanh(score / softcap)``. Returns
+    float32 ``[batch, q_heads, head_dim]``; a sequence of length 0 gives zeros.
     """
     batch, q_heads, head_dim = q.shape
     kv_heads = k_pages.shape[2]
@@ -78,11 +82,14 @@ def paged_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.T
         n = int(seq_lens[b])
         if n == 0:
             continue
-        k = dequantize(gather_sequence(k_pages, block_table[b], n), k_scale)
-        v = dequantize(gather_sequence(v_pages, block_table[b], n), v_scale)
-        out[b] = F.scaled_dot_product_attention(
-            q[b].float()[:, None, :],           # [q_heads, 1, head_dim]
-            k.transpose(0, 1), v.transpose(0, 1),  # [kv_heads, n, head_dim]
-            scale=scale, enable_gqa=q_heads != kv_heads,
-        )[:, 0, :]
+        lo = 0 if window is None else max(0, n - window)
+        k = dequantize(gather_sequence(k_pages, block_table[b], n, lo), k_scale)
+        v = dequantize(gather_sequence(v_pages, block_table[b], n, lo), v_scale)
+        group = q_heads // kv_heads
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [q_heads, n, head_dim]
+        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        scores = torch.einsum("hd,hnd->hn", q[b].float(), k) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        out[b] = torch.einsum("hn,hnd->hd", scores.softmax(-1), v)
     return out
