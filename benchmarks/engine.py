@@ -29,6 +29,12 @@ heads of 128, MLP 14336, vocabulary 128256, Llama-3 rope scaling).
    embedding of ``[batch, hidden]``, and the all-gather of the logits, captured in one
    CUDA graph and replayed: ``ModelRunner.probe_collectives``). Steps 1, 3 and 4 run at
    TP 1 only, and TP 1 runs only when listed (it is the default).
+6. ``--compare-shapes qwen2.5-7b,gemma-2-9b``: step 2 again on other families' shapes
+   (their switches from their config.json; Gemma-2-9B's local layers read their window
+   only, which the bytes per step count), as a share of the read ceiling against the
+   main shape's. An 80 GB GPU does not hold 16 x 32K of bf16 KV beside the 8B weights:
+   step 4 then runs the largest batch that fits, and says so; transformers at a batch
+   that runs out of memory is skipped with a note.
 
 Everything is printed with the GPU's name, and each baseline next to the result.
 """
@@ -36,6 +42,7 @@ Everything is printed with the GPU's name, and each baseline next to the result.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -47,11 +54,11 @@ sys.path[:0] = [str(ROOT / "worker"), str(ROOT / "operator"), str(ROOT / "benchm
 import torch  # noqa: E402
 
 from decode_kernel import read_ceiling  # noqa: E402
-from kvpilot.worker.block_manager import BlockManager  # noqa: E402
+from kvpilot.worker.block_manager import BlockManager, KVGroups  # noqa: E402
 from kvpilot.worker.engine import Engine, _Request  # noqa: E402
 from kvpilot.worker.model import Llama, LlamaConfig, hf_state_dict, random_weights  # noqa: E402
 from kvpilot.worker.parallel import RankSpec, start_replica  # noqa: E402
-from kvpilot.worker.runner import ModelRunner  # noqa: E402
+from kvpilot.worker.runner import ModelRunner, layer_groups, ring_pages  # noqa: E402
 from kvpilot.worker.scheduler import SamplingParams, Scheduler, Sequence, Status  # noqa: E402
 from kvpilot.worker.stats import EngineStats  # noqa: E402
 
@@ -68,9 +75,45 @@ LLAMA3_70B = LlamaConfig(
     rope_scaling=dict(LLAMA3_8B.rope_scaling), max_position_embeddings=131072,
     eos_token_ids=(128001,),
 )
-SHAPES = {"8b": LLAMA3_8B, "70b": LLAMA3_70B}
-NAMES = {"8b": "Llama-3-8B", "70b": "Llama-3.1-70B"}
+# Other families' shapes, from their config.json (family switches included): q/k/v
+# biases and 4 KV heads (Qwen2.5-7B); heads of 256, local and global layers with a 4K
+# window, soft-capping and GeGLU (Gemma-2-9B).
+QWEN25_7B = LlamaConfig.from_hf({
+    "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584,
+    "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+    "num_key_value_heads": 4, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 32768, "use_sliding_window": False, "sliding_window": 131072,
+    "max_window_layers": 28, "tie_word_embeddings": False, "eos_token_id": 151645})
+GEMMA2_9B = LlamaConfig.from_hf({
+    "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 3584,
+    "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "head_dim": 256, "sliding_window": 4096,
+    "max_position_embeddings": 8192, "query_pre_attn_scalar": 256,
+    "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "eos_token_id": 1})
+SHAPES = {"8b": LLAMA3_8B, "70b": LLAMA3_70B, "qwen2.5-7b": QWEN25_7B, "gemma-2-9b": GEMMA2_9B}
+NAMES = {"8b": "Llama-3-8B", "70b": "Llama-3.1-70B", "qwen2.5-7b": "Qwen2.5-7B",
+         "gemma-2-9b": "Gemma-2-9B"}
 PAGE = 16
+
+
+def pools(cfg: LlamaConfig, pool_tokens: int, max_num_seqs: int, max_model_len: int) -> KVGroups:
+    """A pool of ``pool_tokens`` tokens for the global layers and, with local layers, a
+    ring per sequence for them (as the worker sizes them)."""
+    ring = ring_pages(cfg, PAGE, max_model_len)
+    sizes = [(-(-pool_tokens // PAGE), None)]
+    if ring is not None:
+        rings = (ring * max_num_seqs, ring)
+        sizes = [rings] if max(layer_groups(cfg)) == 0 else sizes + [rings]
+    return KVGroups([BlockManager(n, PAGE, ring_pages=r) for n, r in sizes])
+
+
+def kv_read_bytes(engine: Engine, seqs: list[Sequence]) -> int:
+    """KV bytes a decode step reads: every layer's tokens of every sequence, a local
+    layer's up to its window."""
+    cfg = engine.runner.model.cfg
+    per_layer = engine.runner.kv_bytes_per_token // cfg.num_layers
+    windows = [cfg.window_of(i) for i in range(cfg.num_layers)]
+    return per_layer * sum(len(s) if w is None else min(len(s), w) for s in seqs for w in windows)
 
 
 def log(*a):
@@ -79,7 +122,7 @@ def log(*a):
 
 def make_engine(model: Llama, *, kv_dtype: str, max_model_len: int, max_num_seqs: int,
                 pool_tokens: int) -> Engine:
-    bm = BlockManager(-(-pool_tokens // PAGE), PAGE)
+    bm = pools(model.cfg, pool_tokens, max_num_seqs, max_model_len)
     runner = ModelRunner(model, bm, kv_dtype=kv_dtype, max_model_len=max_model_len,
                          max_num_seqs=max_num_seqs)
     sched = Scheduler(bm, max_num_seqs=max_num_seqs, max_batched_tokens=16384,
@@ -91,9 +134,9 @@ def make_engine(model: Llama, *, kv_dtype: str, max_model_len: int, max_num_seqs
 def make_tp_engine(cfg: LlamaConfig, tp: int, *, kv_dtype: str, max_model_len: int,
                    max_num_seqs: int, pool_tokens: int) -> Engine:
     """Rank 0 of a replica on ``tp`` GPUs, random weights; the engine runs here."""
-    bm = BlockManager(-(-pool_tokens // PAGE), PAGE)
+    bm = pools(cfg, pool_tokens, max_num_seqs, max_model_len)
     spec = RankSpec(tp=tp, device="cuda", dtype="bf16", kv_dtype=kv_dtype, page_size=PAGE,
-                    num_pages=bm.num_pages, max_model_len=max_model_len,
+                    num_pages=[p.num_pages for p in bm.pools], max_model_len=max_model_len,
                     max_num_seqs=max_num_seqs, random_config=cfg)
     runner = start_replica(spec, bm)
     sched = Scheduler(bm, max_num_seqs=max_num_seqs, max_batched_tokens=16384,
@@ -108,13 +151,12 @@ def timed_decode(engine: Engine, seqs: list[Sequence], steps: int) -> dict:
         engine.step()
     assert all(s.status is Status.RUNNING for s in seqs)
     engine.step()  # one decode step untimed
-    kv_per_token = engine.runner.kv_bytes_per_token
     weights = engine.weight_read_bytes
     total_bytes = 0
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        total_bytes += weights + sum(len(s) for s in seqs) * kv_per_token
+        total_bytes += weights + kv_read_bytes(engine, seqs)
         outs = engine.step()
         assert len(outs) == len(seqs)
     torch.cuda.synchronize()
@@ -189,15 +231,23 @@ def bench_transformers(cfg: LlamaConfig, weights, batches, context, steps) -> di
             assert r.shape[1] == context + n
             return time.perf_counter() - t0
 
-        gen(2)  # warm-up
-        t1 = gen(1)
-        tn = gen(steps + 1)
+        try:
+            gen(2)  # warm-up
+            t1 = gen(1)
+            tn = gen(steps + 1)
+        except torch.cuda.OutOfMemoryError:
+            log(f"  transformers batch {b:3d}: out of memory on this GPU, skipped")
+            del ids
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
         step = (tn - t1) / steps
         out[b] = {"step_ms": step * 1e3, "tokens_per_s": b / step}
         log(f"  transformers batch {b:3d}: {out[b]['step_ms']:7.2f} ms/step "
             f"{out[b]['tokens_per_s']:9.1f} tok/s")
         torch.cuda.empty_cache()
     del hf
+    gc.collect()
     torch.cuda.empty_cache()
     return out
 
@@ -209,6 +259,14 @@ def fill_pages(engine: Engine) -> None:
             for i in range(0, t.shape[0], 4096):
                 chunk = t[i:i + 4096]
                 chunk.copy_((torch.randn(chunk.shape, generator=g, device="cuda") * 0.5).to(t.dtype))
+
+
+def long_batch_that_fits(model, batch: int, context: int) -> int:
+    """The batch (at most ``batch``) whose bf16 KV at ``context`` fits in 90% of the free
+    memory (an 80 GB GPU holds 8B weights and 14 x 32K, not 16)."""
+    free, _ = torch.cuda.mem_get_info()
+    per_sequence = context * model.cfg.num_layers * 2 * model.cfg.num_kv_heads * model.cfg.head_dim * 2
+    return max(1, min(batch, int(0.9 * free) // per_sequence))
 
 
 def bench_long(model, kv_dtype: str, batch: int, context: int, steps: int) -> dict:
@@ -246,6 +304,9 @@ def main() -> None:
                     help="degrees to run step 2 at, e.g. 1,2,4,8 (TP 1 also runs 1, 3, 4)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="8b",
                     help="model shape (70b needs TP >= 4 on 80 GB GPUs)")
+    ap.add_argument("--compare-shapes", default="",
+                    help="more shapes to run step 2 on at TP 1, e.g. qwen2.5-7b,gemma-2-9b: "
+                         "their share of the read ceiling against --shape's")
     ap.add_argument("--json")
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
@@ -282,10 +343,26 @@ def main() -> None:
     t0 = time.perf_counter()
     ours = bench_engine_4k(model, batches, a.context, a.steps)
     log(f"  (engine part took {time.perf_counter() - t0:.0f} s)")
-    theirs = {} if a.skip_transformers else bench_transformers(cfg, weights, batches, a.context,
-                                                                a.hf_steps)
-    long = {k: bench_long(model, k, a.long_batch, a.long_context, a.steps // 2)
+    llama = cfg.model_type == "llama"
+    if not llama:
+        log("  transformers: compared on Llama shapes only")
+    theirs = ({} if a.skip_transformers or not llama
+              else bench_transformers(cfg, weights, batches, a.context, a.hf_steps))
+    long_batch = long_batch_that_fits(model, a.long_batch, a.long_context + a.steps)
+    if long_batch < a.long_batch:
+        log(f"  FP8 vs bf16 KV: {a.long_batch} x {a.long_context // 1024}K bf16 does not fit "
+            f"beside the weights on this GPU; batch {long_batch}")
+    long = {k: bench_long(model, k, long_batch, a.long_context, a.steps // 2)
             for k in ("bf16", "fp8")}
+    others = {}
+    for name in [x for x in a.compare_shapes.split(",") if x and x != a.shape]:
+        del model, weights
+        gc.collect()
+        torch.cuda.empty_cache()
+        weights = random_weights(SHAPES[name], "cuda", torch.bfloat16, seed=0)
+        model = Llama(SHAPES[name], weights, max_positions=a.context + a.steps + 64)
+        log(f"{NAMES[name]} shape: weights {weights.nbytes() / 1e9:.2f} GB")
+        others[name] = bench_engine_4k(model, batches, a.context, a.steps)
 
     log(f"\n{gpu}, {NAMES[a.shape]} shape, random bf16 weights, {a.context // 1024}K context, "
         f"read ceiling {ceiling:.0f} GB/s")
@@ -306,14 +383,25 @@ def main() -> None:
                                    "speedup": o["tokens_per_s"] / t["tokens_per_s"]}
         log(line)
         rows.append(row)
+    if others:
+        log(f"\nOther families' shapes against {NAMES[a.shape]}'s, same GPU, random bf16 "
+            f"weights, {a.context // 1024}K context, share of the read ceiling")
+        log("shape        | batch | ms/step  tok/s | of ceiling | vs " + NAMES[a.shape])
+        for name, res in others.items():
+            for b in batches:
+                o, base = res[b], ours[b]["gb_per_s"] / ceiling
+                share = o["gb_per_s"] / ceiling
+                log(f"{NAMES[name]:12s} | {b:5d} | {o['step_ms']:7.2f} {o['tokens_per_s']:6.0f} "
+                    f"| {share:10.1%} | {100 * (share - base):+5.1f} points")
     ratio = long["fp8"]["tokens_per_s"] / long["bf16"]["tokens_per_s"]
-    log(f"FP8 KV vs bf16 KV, batch {a.long_batch}, {a.long_context // 1024}K context: "
+    log(f"FP8 KV vs bf16 KV, batch {long_batch}, {a.long_context // 1024}K context: "
         f"{long['fp8']['tokens_per_s']:.0f} vs {long['bf16']['tokens_per_s']:.0f} tok/s "
         f"= {ratio:.2f} x (bf16 {long['bf16']['gb_per_s'] / ceiling:.0%} of ceiling)")
     if a.json:
         Path(a.json).write_text(json.dumps({
             "gpu": gpu, "torch": torch.__version__, "ceiling_gb_per_s": ceiling, "rows": rows,
-            "long": long, "fp8_over_bf16": ratio, "shape": a.shape,
+            "long": long, "long_batch": long_batch, "fp8_over_bf16": ratio, "shape": a.shape,
+            "other_shapes": others,
             "tensor_parallel": tp_results}, indent=2))
 
 
