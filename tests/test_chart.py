@@ -102,6 +102,7 @@ CLUSTER_RULES = {  # (group, resource) -> verbs: exactly the operator's calls
     ("", "nodes"): WATCH,
     ("", "events"): {"create"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): WATCH,
+    ("inference.networking.k8s.io", "inferencepools"): WATCH | {"create", "patch"},
 }
 
 
@@ -123,6 +124,20 @@ def test_the_operator_gets_exactly_the_calls_it_makes():
                                   "namespace": NAMESPACE}]
     deployment = one(objs, "Deployment", OPERATOR)
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "kvpilot"
+
+
+def test_inference_pools_turned_off_take_their_grants_with_them():
+    objs = render({"inferencePool": {"enabled": False}})
+    cluster = grants(one(objs, "ClusterRole", OPERATOR)["rules"])
+    assert cluster == {(g, r, ()): v for (g, r), v in CLUSTER_RULES.items()
+                       if g != "inference.networking.k8s.io"}
+    env = container_env(one(objs, "Deployment", OPERATOR), POD)
+    assert Settings.from_env(env).inference_pool == "false"
+    on = render({"inferencePool": {"enabled": True}})
+    assert Settings.from_env(container_env(one(on, "Deployment", OPERATOR), POD)
+                             ).inference_pool == "true"
+    assert one(on, "ClusterRole", OPERATOR)["rules"] == one(
+        render(), "ClusterRole", OPERATOR)["rules"]
 
 
 def test_no_role_in_the_chart_grants_wildcards_or_secrets():
@@ -189,7 +204,8 @@ def test_the_default_env_is_valid_settings_and_sets_every_one():
         weights_cache_dir="/var/cache/kvpilot/models", hub_endpoint="", reconcile_seconds=30,
         debounce_seconds=0.2, write_concurrency=16, namespace=NAMESPACE,
         lease_name=OPERATOR, lease_seconds=15, identity=POD, metrics_port=8080,
-        health_port=8081)
+        health_port=8081, inference_pool="auto", endpoint_picker="{model}-epp",
+        endpoint_picker_port=9002, endpoint_picker_failure_mode="FailClose")
 
 
 CHANGED = {
@@ -204,6 +220,8 @@ CHANGED = {
                "hubEndpoint": "http://hub-mirror.ml.svc:8080"},
     "operator": {"reconcileSeconds": 10, "debounceSeconds": 0, "writeConcurrency": 4,
                  "leaseSeconds": 30, "metricsPort": 9090, "healthPort": 9091, "verbose": True},
+    "inferencePool": {"enabled": True, "endpointPicker": {
+        "name": "gie-{model}", "port": 9100, "failureMode": "FailOpen"}},
 }
 
 
@@ -218,7 +236,9 @@ def test_values_flow_into_the_operators_settings():
         worker_port=9000, worker_command=("/opt/kvpilot/bin/python", "-m", "kvpilot.worker"),
         scrape_seconds=5, scrape_timeout_seconds=1.5, drain_timeout_seconds=600,
         weights_cache_dir="", hub_endpoint="http://hub-mirror.ml.svc:8080", reconcile_seconds=10, debounce_seconds=0, write_concurrency=4, lease_seconds=30,
-        metrics_port=9090, health_port=9091)
+        metrics_port=9090, health_port=9091, inference_pool="true",
+        endpoint_picker="gie-{model}", endpoint_picker_port=9100,
+        endpoint_picker_failure_mode="FailOpen")
     c = deployment["spec"]["template"]["spec"]["containers"][0]
     assert c["args"] == ["operator", "--verbose"]
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 9090,
@@ -245,6 +265,9 @@ SETTINGS_OF_VALUES = {
     ("operator", "writeConcurrency"): "write_concurrency",
     ("operator", "leaseSeconds"): "lease_seconds",
     ("operator", "metricsPort"): "metrics_port", ("operator", "healthPort"): "health_port",
+    ("inferencePool", "endpointPicker", "name"): "endpoint_picker",
+    ("inferencePool", "endpointPicker", "port"): "endpoint_picker_port",
+    ("inferencePool", "endpointPicker", "failureMode"): "endpoint_picker_failure_mode",
 }
 BOUNDS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
           "minLength", "minItems")
@@ -253,13 +276,15 @@ BOUNDS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMa
 def test_the_values_schema_bounds_the_settings_as_the_settings_model_does():
     schema = json.loads((CHART / "values.schema.json").read_text())
     model = Settings.model_json_schema()["properties"]
-    for (section, key), field in SETTINGS_OF_VALUES.items():
-        ours = {k: v for k, v in schema["properties"][section]["properties"][key].items()
-                if k in BOUNDS}
+    for path, field in SETTINGS_OF_VALUES.items():
+        node = schema
+        for key in path:
+            node = node["properties"][key]
+        ours = {k: v for k, v in node.items() if k in BOUNDS}
         theirs = {k: v for k, v in model[field].items() if k in BOUNDS}
         if field in ("metrics_port", "health_port"):
             theirs["minimum"] = 1  # 0 turns the endpoint off; the chart always serves it
-        assert ours == theirs, (section, key)
+        assert ours == theirs, path
 
 
 @pytest.mark.parametrize("values, message", [
@@ -287,6 +312,11 @@ def test_the_values_schema_bounds_the_settings_as_the_settings_model_does():
      "router.image.tag: latest is a moving tag; pin a version or a digest"),
     ({"router": {"serviceAccount": {"create": False}}},
      "router.serviceAccount.name is required when router.serviceAccount.create is false"),
+    ({"inferencePool": {"enabled": "yes"}}, "at '/inferencePool/enabled': value must be one of"),
+    ({"inferencePool": {"endpointPicker": {"name": "EPP_{model}"}}},
+     "at '/inferencePool/endpointPicker/name'"),
+    ({"inferencePool": {"endpointPicker": {"failureMode": "failopen"}}},
+     "at '/inferencePool/endpointPicker/failureMode'"),
 ])
 def test_values_that_break_the_schema_are_refused_with_the_path(values, message):
     proc = template(values, check=False)

@@ -10,6 +10,10 @@
   loop has removed its replicas.
 - Startup: kopf's own configuration, the fleet loop and the scrape loop; cleanup stops
   them.
+- InferencePools (:func:`serve_inference_pools`, unless the settings turn them off): an
+  index of kvpilot's pools and one of the pool CRD, so the fleet loop knows, without a
+  request per pass, whether the cluster serves them and what exists. Kopf starts
+  watching the pools when their CRD appears and stops when it goes.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from pydantic import ValidationError
 
 from kvpilot.api.files import one_line
 from kvpilot.api.model import GROUP, PLURAL, VERSION, ModelSpec
-from kvpilot.operator.objects import LABEL_MODEL, MANAGED_BY, MANAGER
+from kvpilot.operator.objects import (
+    LABEL_MODEL, MANAGED_BY, MANAGER, POOL_CRD, POOL_GROUP, POOL_VERSION,
+)
 from kvpilot.operator.runner import Fleet, Indexes
 from kvpilot.operator.scaling import Scaler
 from kvpilot.operator.view import signature, trimmed
@@ -33,6 +39,8 @@ FINALIZER = "kvpilot.dev/finalizer"
 MODELS = (GROUP, VERSION, PLURAL)
 RESOURCE = ("resource.k8s.io", "v1")
 WORKERS = {MANAGED_BY: MANAGER}
+POOLS = (POOL_GROUP, POOL_VERSION, "inferencepools")
+CRDS = ("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 
 
 def _raw(body: kopf.Body) -> dict[str, Any]:
@@ -132,6 +140,62 @@ def model_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _changed("Model", type, body, memo)
 
 
+# -- InferencePools: registered by serve_inference_pools, or not at all -----------------
+
+def inference_pools(body: kopf.Body, **_: Any) -> dict:
+    return {_key(body): trimmed("InferencePool", _raw(body))}
+
+
+def inference_pool_crds(body: kopf.Body, **_: Any) -> dict:
+    return {_key(body): trimmed("CustomResourceDefinition", _raw(body))}
+
+
+def pool_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _changed("InferencePool", type, body, memo)
+
+
+def pool_crd_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _changed("CustomResourceDefinition", type, body, memo)
+
+
+def _is_pool_crd(name: str, **_: Any) -> bool:
+    return name == POOL_CRD
+
+
+class _PoolsUnserved(logging.Filter):
+    """Drops kopf's warning that InferencePools cannot be served while their CRD is
+    missing (it repeats it whenever any CRD in the cluster changes): for kvpilot that is
+    a state, which the fleet loop logs once, not a problem. Kopf's warning about any
+    other resource passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Unresolved resources")
+                    and message.count("Selector(") == 1 and f"'{POOL_GROUP}'" in message)
+
+
+_serving_pools = False
+
+
+def serve_inference_pools() -> None:
+    """Register the InferencePool indexes and their wake-ups (before kopf starts).
+
+    Not decorators, because settings decide: with InferencePools off, kopf must not
+    watch them (the chart then grants nothing on them). Kopf watches every CRD anyway
+    (to follow resources that come and go), so knowing whether the pool CRD is there
+    costs no request of its own.
+    """
+    global _serving_pools
+    if _serving_pools:
+        return
+    kopf.index(*POOLS, labels=WORKERS)(inference_pools)
+    kopf.on.event(*POOLS, labels=WORKERS)(pool_event)
+    kopf.index(*CRDS, when=_is_pool_crd)(inference_pool_crds)
+    kopf.on.event(*CRDS, when=_is_pool_crd)(pool_crd_event)
+    logging.getLogger("kopf._core.reactor.observation").addFilter(_PoolsUnserved())
+    _serving_pools = True
+
+
 # -- lifecycle --------------------------------------------------------------------------
 
 @kopf.on.startup()
@@ -146,7 +210,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: An
     settings.networking.request_timeout = 60
     indexes = Indexes(models=kwargs["models"], nodes=kwargs["gpu_nodes"],
                       pods=kwargs["worker_pods"], claims=kwargs["resource_claims"],
-                      slices=kwargs["resource_slices"], services=kwargs["model_services"])
+                      slices=kwargs["resource_slices"], services=kwargs["model_services"],
+                      pools=kwargs.get("inference_pools", {}),
+                      crds=kwargs.get("inference_pool_crds", {}))
     health = memo.get("health")
 
     def passed(_) -> None:

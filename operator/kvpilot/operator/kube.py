@@ -26,6 +26,7 @@ PATHS = {
     "Service": ("/api/v1", "services"),
     "ResourceClaim": ("/apis/resource.k8s.io/v1", "resourceclaims"),
     "Model": ("/apis/kvpilot.dev/v1alpha1", "models"),
+    "InferencePool": ("/apis/inference.networking.k8s.io/v1", "inferencepools"),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
 }
 

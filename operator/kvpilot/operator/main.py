@@ -41,12 +41,13 @@ async def run(settings: Settings, kubeconfig: str | None = None) -> int:
     """Run until stopped (0) or until the Lease is lost (1)."""
     import kopf
 
-    import kvpilot.operator.handlers  # noqa: F401  (registers the handlers)
-    from kvpilot.operator import metrics
+    from kvpilot.operator import handlers, metrics  # importing handlers registers them
     from kvpilot.operator.health import Health
     from kvpilot.operator.kube import Kube, load_credentials
     from kvpilot.operator.leader import Lease
 
+    if settings.inference_pool != "false":
+        handlers.serve_inference_pools()
     kube = Kube(load_credentials(kubeconfig), settings.write_concurrency)
     lease = Lease(kube, settings.namespace, settings.lease_name, settings.identity,
                   settings.lease_seconds)

@@ -1,4 +1,5 @@
-"""Pure builders of the Kubernetes objects the operator writes: pods, claims, status, events.
+"""Pure builders of the Kubernetes objects the operator writes: pods, claims, Services,
+InferencePools, status, events.
 
 Handlers only send what these return, so every object is tested here with exact
 expectations, without a cluster. Names and labels are deterministic: the replica
@@ -54,6 +55,11 @@ FETCH_CONTAINER = "fetch-weights"
 SHM_VOLUME = "dshm"  # /dev/shm of a tensor-parallel replica (the runtime's is 64 MiB)
 HUB_TOKEN_KEY = "HF_TOKEN"  # the key of spec.sourceSecret that holds the hub token
 SERVICE_PORT = 80
+# Gateway API Inference Extension: an InferencePool per Model where its CRD is served.
+POOL_GROUP = "inference.networking.k8s.io"
+POOL_VERSION = "v1"
+POOL_KIND = "InferencePool"
+POOL_CRD = f"inferencepools.{POOL_GROUP}"  # the CustomResourceDefinition's name
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,24 @@ class Replica:
     @property
     def tp(self) -> int:
         return len(self.gpus)
+
+
+@dataclass(frozen=True)
+class EndpointPicker:
+    """The endpoint picker (EPP) every InferencePool names, from the operator's settings.
+
+    kvpilot ships no EPP: a gateway asks the one a pool names which worker takes each
+    request. ``name`` is its Service, ``{model}`` standing for the Model's name; the
+    default follows the extension's own convention (``<pool>-epp``, gRPC on 9002). An
+    empty name leaves the reference out, which the CRDs allow from release v1.5 on (the
+    gateway then picks by itself, where it can). ``failure_mode``: what the gateway does
+    when the picker does not answer (``FailClose`` refuses the request, ``FailOpen``
+    sends it to an endpoint of its own choosing).
+    """
+
+    name: str = "{model}-epp"
+    port: int = 9002
+    failure_mode: str = "FailClose"
 
 
 @dataclass(frozen=True)
@@ -189,6 +213,12 @@ def endpoint(model: str, namespace: str) -> str:
     return f"http://{model}.{namespace}.svc/v1"
 
 
+def serving_labels(model: str) -> dict[str, str]:
+    """Labels of a Model's worker pods that take requests (not draining): what its
+    Service and its InferencePool select."""
+    return {**selector_labels(model), LABEL_COMPONENT: COMPONENT_WORKER, LABEL_SERVING: "true"}
+
+
 def service_for(model: str, namespace: str, uid: str) -> dict[str, Any]:
     """The Model's Service: port 80 to the workers' ``http`` port, selecting its worker
     pods that take requests (ready and not draining), owned by the Model."""
@@ -199,12 +229,66 @@ def service_for(model: str, namespace: str, uid: str) -> dict[str, Any]:
                      "ownerReferences": [owner_reference(model, uid)]},
         "spec": {
             "type": "ClusterIP",
-            "selector": {**selector_labels(model), LABEL_COMPONENT: COMPONENT_WORKER,
-                         LABEL_SERVING: "true"},
+            "selector": serving_labels(model),
             "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http",
                        "protocol": "TCP"}],
         },
     }
+
+
+def inference_pool_for(model: str, namespace: str, uid: str, worker_port: int,
+                       picker: EndpointPicker = EndpointPicker()) -> dict[str, Any]:
+    """The Model's InferencePool (``inference.networking.k8s.io/v1``): the same serving
+    workers as its Service, on the workers' own port (a gateway sends to pod IPs), and
+    the endpoint picker the settings name; owned by the Model, so it goes with it."""
+    spec: dict[str, Any] = {"selector": {"matchLabels": serving_labels(model)},
+                            "targetPorts": [{"number": worker_port}]}
+    if picker.name:
+        spec["endpointPickerRef"] = {"name": picker.name.replace("{model}", model),
+                                     "port": {"number": picker.port},
+                                     "failureMode": picker.failure_mode}
+    return {
+        "apiVersion": f"{POOL_GROUP}/{POOL_VERSION}",
+        "kind": POOL_KIND,
+        "metadata": {"name": model, "namespace": namespace, "labels": selector_labels(model),
+                     "ownerReferences": [owner_reference(model, uid)]},
+        "spec": spec,
+    }
+
+
+def _covers(stored: Any, wanted: Any) -> bool:
+    """Whether ``stored`` holds every field of ``wanted`` with its value (it may have
+    more: defaults the API server filled in)."""
+    if isinstance(wanted, dict):
+        return isinstance(stored, dict) and all(_covers(stored.get(k), v)
+                                                for k, v in wanted.items())
+    return stored == wanted
+
+
+def inference_pool_patch(wanted: Mapping[str, Any],
+                         stored: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The JSON merge patch that makes a stored InferencePool's spec the one
+    :func:`inference_pool_for` built; None when it is that already.
+
+    The selector's labels and the target ports must be exactly kvpilot's (a label added
+    by hand would shrink the pool); of the picker reference, the fields kvpilot sets
+    (the API server fills in ``group`` and ``kind``). ``appProtocol`` is left alone.
+    """
+    want, have = wanted["spec"], stored.get("spec") or {}
+    patch: dict[str, Any] = {}
+    labels = want["selector"]["matchLabels"]
+    stored_labels = (have.get("selector") or {}).get("matchLabels") or {}
+    if stored_labels != labels:
+        patch["selector"] = {"matchLabels": {**{k: None for k in stored_labels
+                                                if k not in labels}, **labels}}
+    if have.get("targetPorts") != want["targetPorts"]:
+        patch["targetPorts"] = want["targetPorts"]
+    ref = want.get("endpointPickerRef")
+    if ref is None and have.get("endpointPickerRef") is not None:
+        patch["endpointPickerRef"] = None
+    elif ref is not None and not _covers(have.get("endpointPickerRef"), ref):
+        patch["endpointPickerRef"] = ref
+    return {"spec": patch} if patch else None
 
 
 def spec_hash(spec_json: Mapping[str, Any]) -> str:

@@ -2,9 +2,9 @@
 
 ``reconcile(models, view, config, now) -> Actions`` plans every Model at once (placement
 is global: all Models compete for the same GPUs), keeping existing replicas where they
-run, and returns the difference: objects to create, objects to delete, statuses that
-changed and events to post. A second pass over the same world returns nothing, so an
-idle operator makes no API writes.
+run, and returns the difference: objects to create, objects to delete, objects that
+drifted to patch (InferencePools), statuses that changed and events to post. A second
+pass over the same world returns nothing, so an idle operator makes no API writes.
 
 Level-triggered: nothing here remembers a previous pass. Names are deterministic (the
 plan names a replica ``<model>-<i>``, the lowest index not taken), so a pass repeated
@@ -25,8 +25,9 @@ from kvpilot.api.model import MAX_MODEL_NAME, ModelSpec
 from kvpilot.api.support import worker_support_problem
 from kvpilot.api.quantity import format_bytes
 from kvpilot.operator.objects import (
-    Device, Replica, WeightsCache, claim_for, condition, endpoint, event_for, pod_for,
-    selector_string, service_for, spec_hash,
+    POOL_KIND, Device, EndpointPicker, Replica, WeightsCache, claim_for, condition, endpoint,
+    event_for, inference_pool_for, inference_pool_patch, pod_for, selector_string,
+    service_for, spec_hash,
 )
 from kvpilot.operator.placement import (
     Assignment, Demand, Plan, Policy, Snapshot, Unplaced, demand_for, place, servable,
@@ -51,6 +52,7 @@ class Config:
     worker_image: str | None = None
     drain_seconds: float = 120
     cache: WeightsCache = WeightsCache()
+    picker: EndpointPicker = EndpointPicker()  # the one every InferencePool names
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,21 @@ class Delete:
     name: str
 
 
+@dataclass(frozen=True)
+class Patch:
+    """A JSON merge patch of an object that drifted from what its builder makes."""
+
+    kind: str  # "InferencePool"
+    namespace: str
+    name: str
+    body: dict
+
+
 @dataclass
 class Actions:
     creates: list[dict] = field(default_factory=list)  # claims before their pods
     deletes: list[Delete] = field(default_factory=list)
+    patches: list[Patch] = field(default_factory=list)
     drains: list[tuple[str, str]] = field(default_factory=list)  # pods (ns, name) to drain
     statuses: list[tuple[str, str, dict]] = field(default_factory=list)  # ns, name, status
     events: list[dict] = field(default_factory=list)
@@ -71,8 +84,8 @@ class Actions:
 
     @property
     def writes(self) -> int:
-        return (len(self.creates) + len(self.deletes) + len(self.drains) + len(self.statuses)
-                + len(self.events))
+        return (len(self.creates) + len(self.deletes) + len(self.patches) + len(self.drains)
+                + len(self.statuses) + len(self.events))
 
 
 @dataclass
@@ -185,6 +198,8 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
         if not m.deleting and m.key not in view.services:
             actions.creates.append(service_for(m.name, m.namespace,
                                                m.raw["metadata"].get("uid", "")))
+        if not m.deleting and view.pools is not None:
+            _pool(actions, m, view.pools.get(m.key), config)
         if m.spec is None or m.deleting or m.problem:
             continue
         created = []
@@ -224,6 +239,19 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
             actions.statuses.append((m.namespace, m.name, status))
             actions.events.extend(_transition_events(m, old, status, now))
     return actions
+
+
+def _pool(actions: Actions, m: _Model, stored: Obj | None, config: Config) -> None:
+    """The Model's InferencePool: made when missing, patched when it drifted from what
+    kvpilot makes (one being deleted is left to go; the next pass makes it again). Like
+    the Service, every Model gets one, servable or not: it selects whatever serves."""
+    pool = inference_pool_for(m.name, m.namespace, m.raw["metadata"].get("uid", ""),
+                              config.worker_port, config.picker)
+    if stored is None:
+        actions.creates.append(pool)
+    elif not stored["metadata"].get("deletionTimestamp") and (
+            patch := inference_pool_patch(pool, stored)):
+        actions.patches.append(Patch(POOL_KIND, m.namespace, m.name, patch))
 
 
 def _evacuation_surge(parsed: list[_Model], live: Mapping[str, list[ReplicaObjects]],

@@ -30,12 +30,16 @@ from kvpilot.api import contract
 from kvpilot.api.model import ModelSpec
 from kvpilot.operator import metrics
 from kvpilot.operator.kube import ApiError, Kube
-from kvpilot.operator.objects import ANN_DRAIN, LABEL_SERVING, WeightsCache
+from kvpilot.operator.objects import (
+    ANN_DRAIN, LABEL_SERVING, POOL_CRD, POOL_KIND, EndpointPicker, WeightsCache,
+)
 from kvpilot.operator.placement import Policy
-from kvpilot.operator.reconcile import Actions, Config, Delete, reconcile
+from kvpilot.operator.reconcile import Actions, Config, Delete, Patch, reconcile
 from kvpilot.operator.scrape import drain
 from kvpilot.operator.settings import Settings
-from kvpilot.operator.view import ClusterView, cluster_view, dra_available, live_by_model
+from kvpilot.operator.view import (
+    ClusterView, cluster_view, dra_available, inference_pool_served, live_by_model,
+)
 
 log = logging.getLogger("kvpilot.fleet")
 EXPECTATION_SECONDS = 60.0  # after this, trust the indexes again
@@ -57,6 +61,9 @@ class Indexes:
     claims: Mapping[Any, Iterable[Obj]] = field(default_factory=dict)
     slices: Mapping[Any, Iterable[Obj]] = field(default_factory=dict)
     services: Mapping[Any, Iterable[Obj]] = field(default_factory=dict)
+    # Only where the settings leave InferencePools on: kvpilot's pools, and the pool CRD.
+    pools: Mapping[Any, Iterable[Obj]] = field(default_factory=dict)
+    crds: Mapping[Any, Iterable[Obj]] = field(default_factory=dict)
 
     @staticmethod
     def items(index: Mapping[Any, Iterable[Obj]]) -> list[Obj]:
@@ -90,6 +97,7 @@ class Fleet:
         self.passes = 0
         self.last: PassResult | None = None
         self.drain_silent: dict[str, int] = {}  # replica key -> drain asks unanswered
+        self.pools_served: bool | None = None  # as the last pass found it; None: not yet
         self.client = httpx.AsyncClient()  # to the workers, for drains
 
     def wake(self) -> None:
@@ -132,7 +140,27 @@ class Fleet:
                       worker_port=s.worker_port, worker_command=s.worker_command,
                       worker_image=s.worker_image, drain_seconds=s.drain_timeout_seconds,
                       cache=WeightsCache(host_path=s.weights_cache_dir,
-                                         hub_endpoint=s.hub_endpoint))
+                                         hub_endpoint=s.hub_endpoint),
+                      picker=EndpointPicker(s.endpoint_picker, s.endpoint_picker_port,
+                                            s.endpoint_picker_failure_mode))
+
+    def pools_wanted(self, crds: list[Obj]) -> bool:
+        """Whether this pass makes InferencePools: the settings allow them and the API
+        server serves them (read from the watched CRD, so no request per pass). Said in
+        the log when it changes."""
+        if self.settings.inference_pool == "false":
+            return False
+        served = inference_pool_served(crds)
+        if served != self.pools_served:
+            if served:
+                log.info("%s is served: an InferencePool per Model", POOL_CRD)
+            elif self.settings.inference_pool == "true":
+                log.warning("%s is not served (the Gateway API Inference Extension's CRDs "
+                            "are not installed): no InferencePools until it is", POOL_CRD)
+            else:
+                log.info("%s is not served: no InferencePools", POOL_CRD)
+            self.pools_served = served
+        return served
 
     def _overlay(self, kind: str, objects: list[Obj]) -> list[Obj]:
         """The index's objects with this loop's recent writes laid over them."""
@@ -170,10 +198,12 @@ class Fleet:
         pods = self._overlay("Pod", ix.items(ix.pods))
         claims = self._overlay("ResourceClaim", ix.items(ix.claims))
         services = self._overlay("Service", ix.items(ix.services))
+        pools = (self._overlay(POOL_KIND, ix.items(ix.pools))
+                 if self.pools_wanted(ix.items(ix.crds)) else None)
         view = await asyncio.to_thread(cluster_view, nodes, slices, pods, claims, mode,
                                        self.settings.dra_driver, time.time(),
                                        self.settings.not_ready_grace_seconds,
-                                       self.settings.reserved_pods_per_node, services)
+                                       self.settings.reserved_pods_per_node, services, pools)
         drained = await self.drain_progress(view)
         actions = await asyncio.to_thread(reconcile, models, view, self.config(mode),
                                           utc_now(), drained)
@@ -185,9 +215,10 @@ class Fleet:
         self.observe(result, models)
         metrics.API_WRITES.inc(self.kube.writes - writes)
         if actions.writes:
-            log.info("pass %d (%s): %d created, %d deleted, %d statuses, %d events in %.2fs",
-                     self.passes, mode, len(actions.creates), len(actions.deletes),
-                     len(actions.statuses), len(actions.events), result.seconds)
+            log.info("pass %d (%s): %d created, %d deleted, %d patched, %d statuses, "
+                     "%d events in %.2fs", self.passes, mode, len(actions.creates),
+                     len(actions.deletes), len(actions.patches), len(actions.statuses),
+                     len(actions.events), result.seconds)
         if self.on_pass is not None:
             self.on_pass(result)
         return result
@@ -251,11 +282,13 @@ class Fleet:
         # Deletes first: they free HBM the creates may be planned into (DRA: the scheduler
         # holds a new claim Pending until the old one is gone, never overcommitting).
         await asyncio.gather(*(self._delete(d) for d in actions.deletes))
-        groups: dict[tuple[bool, str, str], list[dict]] = {}
+        groups: dict[tuple[str, str, str], list[dict]] = {}
         for obj in actions.creates:  # a replica's claim, then its pod, in order
-            groups.setdefault((obj["kind"] == "Service", obj["metadata"]["namespace"],
-                               obj["metadata"]["name"]), []).append(obj)
+            kind = "replica" if obj["kind"] in ("Pod", "ResourceClaim") else obj["kind"]
+            groups.setdefault((kind, obj["metadata"]["namespace"], obj["metadata"]["name"]),
+                              []).append(obj)
         await asyncio.gather(*(self._create_in_order(objs) for objs in groups.values()))
+        await asyncio.gather(*(self._patch(p) for p in actions.patches))
         await asyncio.gather(*(self._drain(ns, name, view) for ns, name in actions.drains))
         await asyncio.gather(*(self._status(ns, name, status)
                                for ns, name, status in actions.statuses))
@@ -293,6 +326,12 @@ class Fleet:
             self.deleted[(d.kind, d.namespace, d.name)] = time.monotonic()
         except ApiError as err:
             log.warning("delete %s %s/%s: %s", d.kind, d.namespace, d.name, err)
+
+    async def _patch(self, p: Patch) -> None:
+        try:
+            await self.kube.patch(p.kind, p.namespace, p.name, p.body)
+        except ApiError as err:
+            log.warning("patch %s %s/%s: %s", p.kind, p.namespace, p.name, err)
 
     async def _status(self, namespace: str, name: str, status: dict) -> None:
         try:

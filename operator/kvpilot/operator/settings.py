@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 from typing import Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kvpilot.api.contract import WORKER_PORT
 
 ENV_PREFIX = "KVPILOT_"
 RealizationMode = Literal["auto", "dra", "devicePlugin"]
+PoolMode = Literal["auto", "true", "false"]
 
 
 class Settings(BaseModel):
@@ -69,6 +70,27 @@ class Settings(BaseModel):
     health_port: int = Field(8081, ge=0, le=65535, description="0 turns /healthz off.")
     write_concurrency: int = Field(16, ge=1, le=256,
                                    description="API writes in flight at once.")
+    inference_pool: PoolMode = Field(
+        "auto", description="An InferencePool (Gateway API Inference Extension, "
+        "inference.networking.k8s.io/v1) per Model. auto: while its CRD is served (it is "
+        "watched, so installing it later is enough); true: the same, and a missing CRD is "
+        "a warning; false: never, and InferencePools are not watched.")
+    endpoint_picker: str = Field(
+        "{model}-epp", max_length=63, pattern=r"^([a-z0-9-]|\{model\})*$",
+        description="The endpoint picker Service every InferencePool names, {model} "
+        "standing for the Model's name; empty: none (CRDs from v1.5 on allow that).")
+    endpoint_picker_port: int = Field(9002, ge=1, le=65535,
+                                      description="Port of the endpoint picker Service.")
+    endpoint_picker_failure_mode: Literal["FailClose", "FailOpen"] = Field(
+        "FailClose", description="What a gateway does when the endpoint picker does not "
+        "answer: refuse the request, or send it to an endpoint of its own choosing.")
+
+    @field_validator("inference_pool", mode="before")
+    @classmethod
+    def _pool_mode(cls, value: object) -> object:
+        if isinstance(value, bool):  # a YAML true/false, given as an override
+            return "true" if value else "false"
+        return value.lower() if isinstance(value, str) else value
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":

@@ -34,7 +34,7 @@ from kvpilot.api.gpus import LABEL_MEMORY_MIB, LABEL_PRODUCT, RESOURCE_GPU, labe
 from kvpilot.api.quantity import MiB, parse_bytes
 from kvpilot.operator.objects import (
     ANN_DRAIN, ANN_GPUS, ANN_HBM, ANN_NODE, ANN_SPEC_HASH, FETCH_CONTAINER, LABEL_MODEL,
-    MANAGED_BY, MANAGER, Device,
+    MANAGED_BY, MANAGER, POOL_CRD, POOL_VERSION, Device,
 )
 from kvpilot.operator.placement import Existing, Node, Snapshot
 
@@ -183,6 +183,9 @@ class ClusterView:
     node_problems: dict[str, str] = field(default_factory=dict)
     services: frozenset[str] = frozenset()  # model keys whose Service exists
     evacuate: frozenset[str] = frozenset()  # cordoned nodes: replicas move off, one by one
+    # model key -> its InferencePool as stored; None: the cluster serves no InferencePool
+    # (or the settings turned them off), so the operator makes none.
+    pools: dict[str, Obj] | None = None
 
 
 def _taints(node: Obj) -> list[Obj]:
@@ -391,10 +394,12 @@ def _allocated(claim: Obj, driver: str) -> list[tuple[str, str, int | None]]:
 def cluster_view(nodes: Iterable[Obj], slices: Iterable[Obj], pods: Iterable[Obj],
                  claims: Iterable[Obj], mode: str, driver: str = "gpu.nvidia.com",
                  now_s: float | None = None, not_ready_grace: float = 0.0,
-                 reserved_pods: int = 0, services: Iterable[Obj] = ()) -> ClusterView:
+                 reserved_pods: int = 0, services: Iterable[Obj] = (),
+                 pools: Iterable[Obj] | None = None) -> ClusterView:
     """The placement snapshot and the replica objects, from raw API objects (``now_s``
     and ``not_ready_grace``: see :func:`node_state`; ``reserved_pods``: see
-    :func:`max_pods`; ``services``: the Models' Services)."""
+    :func:`max_pods`; ``services``: the Models' Services; ``pools``: their
+    InferencePools, None where none are to be made)."""
     by_name = {n["metadata"]["name"]: n for n in nodes}
     states = {name: node_state(obj, now_s, not_ready_grace) for name, obj in by_name.items()}
     devices: dict[tuple[str, int], Device] = {}
@@ -443,8 +448,27 @@ def cluster_view(nodes: Iterable[Obj], slices: Iterable[Obj], pods: Iterable[Obj
     served = frozenset(model_key(s["metadata"]["namespace"], s["metadata"]["name"])
                        for s in services if _ours(s)
                        and not s["metadata"].get("deletionTimestamp"))
+    pooled = None if pools is None else {
+        model_key(p["metadata"]["namespace"], p["metadata"]["name"]): p
+        for p in pools if _ours(p)}
     return ClusterView(Snapshot(tuple(gpu_nodes), tuple(existing + foreign)), devices,
-                       replicas, problems, served, evacuate)
+                       replicas, problems, served, evacuate, pooled)
+
+
+def inference_pool_served(crds: Iterable[Obj]) -> bool:
+    """Whether the API server serves InferencePool at the version kvpilot writes: its
+    CRD (the Gateway API Inference Extension's) is Established, not being deleted, and
+    serves that version."""
+    for crd in crds:
+        meta = crd.get("metadata") or {}
+        if meta.get("name") != POOL_CRD or meta.get("deletionTimestamp"):
+            continue
+        versions = (crd.get("spec") or {}).get("versions") or []
+        conditions = (crd.get("status") or {}).get("conditions") or []
+        return (any(v.get("name") == POOL_VERSION and v.get("served") for v in versions)
+                and any(c.get("type") == "Established" and c.get("status") == "True"
+                        for c in conditions))
+    return False
 
 
 def _existing(r: ReplicaObjects, where: Mapping[tuple[str, str], tuple[str, int]],
@@ -500,6 +524,9 @@ def signature(kind: str, obj: Obj) -> tuple:
         return (gone, repr(status.get("allocation")), repr(meta.get("labels")))
     if kind == "Model":
         return (gone, meta.get("generation"))
+    if kind in ("InferencePool", "CustomResourceDefinition"):
+        # a gateway writing a pool's status, or a CRD's schema changing, plans alike
+        return (gone, repr(trimmed(kind, obj)))
     return (gone, meta.get("resourceVersion"))  # ResourceSlices: rare, always read
 
 
@@ -518,7 +545,8 @@ def _condition(c: Obj) -> dict:
 def trimmed(kind: str, obj: Obj) -> dict:
     """The parts of an object the operator reads, for its indexes: a worker pod carries
     its Model's spec in its env, a node its images and heartbeat times, and thousands of
-    them are held in memory. Models and ResourceSlices are kept whole."""
+    them are held in memory. Models and ResourceSlices are kept whole; of a CRD, only
+    what says which versions it serves."""
     meta = obj.get("metadata") or {}
     if kind == "Node":
         status = obj.get("status") or {}
@@ -544,4 +572,14 @@ def trimmed(kind: str, obj: Obj) -> dict:
         else:
             out["status"] = _pick(status, "allocation")
         return out
+    if kind == "InferencePool":
+        return {"kind": kind,
+                "metadata": _pick(meta, "name", "namespace", "labels", "deletionTimestamp"),
+                "spec": dict(obj.get("spec") or {})}
+    if kind == "CustomResourceDefinition":  # its schema alone can be 100 kB
+        return {"metadata": _pick(meta, "name", "deletionTimestamp"),
+                "spec": {"versions": [_pick(v, "name", "served")
+                                      for v in (obj.get("spec") or {}).get("versions") or []]},
+                "status": {"conditions": [_pick(c, "type", "status") for c in
+                                          (obj.get("status") or {}).get("conditions") or []]}}
     return dict(obj)
