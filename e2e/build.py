@@ -103,7 +103,9 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
     log(f"{what}: done in {time.monotonic() - start:.0f}s")
 
 
-def _module_dir(module: str, version: str, workdir: Path) -> Path:
+def module_dir(module: str, version: str, workdir: Path) -> Path:
+    """The source of a published Go module, downloaded into Go's module cache from the
+    module proxy and checked against the checksum database (``go mod download``)."""
     out = subprocess.run(
         ["go", "mod", "download", "-json", f"{module}@{version}"],
         cwd=workdir, env=_go_env(), capture_output=True, text=True, check=True,
@@ -139,7 +141,7 @@ def build_kubernetes() -> None:
         return
     version = KUBERNETES_VERSION
     work = _work_module(f"kubernetes-{version}")
-    k8s_dir = _module_dir("k8s.io/kubernetes", version, work)
+    k8s_dir = module_dir("k8s.io/kubernetes", version, work)
     replaces = staging_replacements((k8s_dir / "go.mod").read_text(), version)
     go_version = re.search(r"^go (\S+)", (k8s_dir / "go.mod").read_text(), re.M).group(1)
     (work / "go.mod").write_text(
