@@ -1,6 +1,7 @@
 """The worker's HTTP server, served for real by uvicorn on a loopback port, over a tiny
-random checkpoint on CPU: OpenAI-compatible answers, bad input, 429, drain, metrics,
-client disconnects; and the command line as the operator starts it."""
+random checkpoint on CPU, with its engine core in a process of its own as in a pod:
+OpenAI-compatible answers, bad input, 429, drain, metrics, client disconnects; and the
+command line as the operator starts it."""
 
 from __future__ import annotations
 
@@ -22,24 +23,32 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from kvpilot.api import contract  # noqa: E402
 from kvpilot.api.memory import replica_budget  # noqa: E402
-from kvpilot.worker.engine import EngineLoop  # noqa: E402
+from kvpilot.worker.client import EngineClient  # noqa: E402
+from kvpilot.worker.ipc import CoreStart  # noqa: E402
+from kvpilot.worker.model import load_config  # noqa: E402
 from kvpilot.worker.scheduler import SamplingParams  # noqa: E402
 from kvpilot.worker.server import ServerSettings, WorkerState, create_app, uvicorn_config  # noqa: E402
 from kvpilot.worker.tiny import write_tiny_checkpoint  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
-from tests.worker_helpers import tiny_engine  # noqa: E402
+from tests.worker_helpers import tiny_engine, tiny_settings  # noqa: E402
 
 NAME = "tiny"
 
 
 class Served:
-    """An engine loop and app served by uvicorn on 127.0.0.1 in this process."""
+    """A worker on 127.0.0.1: its engine core in a process of its own (started as
+    ``python -m kvpilot.worker`` starts it, with the tiny checkpoint's settings), and the
+    app served by uvicorn in this process, which is the server's process. ``engine`` is
+    the app's view of the core (``EngineClient``: its facts, tokenizer and stats)."""
 
-    def __init__(self, ckpt, settings: ServerSettings | None = None, **kw):
-        self.engine = tiny_engine(ckpt, **kw)
-        self.loop = EngineLoop(self.engine, max_waiting=8)
-        self.loop.start()
-        self.state = WorkerState(name=NAME, loop=self.loop)
+    def __init__(self, ckpt, settings: ServerSettings | None = None, *, max_waiting=8, **kw):
+        self.ckpt = ckpt
+        self.engine = EngineClient(CoreStart(settings=tiny_settings(ckpt, **kw)),
+                                   model_dir=str(ckpt), max_waiting=max_waiting,
+                                   stop_timeout=30)
+        self.engine.start()
+        self.engine.wait_ready(timeout=120)
+        self.state = WorkerState(name=NAME, engine=self.engine)
         self.app = create_app(self.state, settings or ServerSettings())
         config = uvicorn_config(self.app, host="127.0.0.1", port=0, log_level="warning")
         self.server = uvicorn.Server(config)
@@ -56,16 +65,18 @@ class Served:
         self.client.close()
         self.server.should_exit = True
         self.thread.join(timeout=10)
-        self.loop.stop()
+        self.engine.close()
 
     def wait_idle(self, timeout=20.0):
+        """The engine's stats once nothing runs or waits and no page is held, each look
+        taken after everything sent so far reached the core."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            s = self.engine.snapshot()
+            s = self.engine.fresh_stats()
             if s.running == 0 and s.waiting == 0 and s.pages_used == 0:
                 return s
             time.sleep(0.02)
-        raise AssertionError(f"engine still busy: {self.engine.snapshot()}")
+        raise AssertionError(f"engine still busy: {self.engine.fresh_stats()}")
 
 
 @pytest.fixture(scope="module")
@@ -222,11 +233,11 @@ def test_unknown_path_and_method(served):
 
 
 def test_full_waiting_queue_answers_429_with_retry_after(served):
-    served.loop.max_waiting = 0
+    served.engine.max_waiting = 0
     try:
         r = served.client.post("/v1/completions", json=greedy(prompt="x"))
     finally:
-        served.loop.max_waiting = 8
+        served.engine.max_waiting = 8
     assert r.status_code == 429 and r.headers["retry-after"] == "1"
     assert r.json()["error"]["code"] == "queue_full"
 
@@ -237,7 +248,7 @@ def test_client_disconnect_mid_stream_frees_its_pages(served):
                               json=greedy(prompt="go on", max_tokens=240, stream=True)) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
-        assert served.engine.snapshot().pages_used > 0
+        assert served.engine.fresh_stats().pages_used > 0
     after = served.wait_idle()  # aborted: nothing runs, no page is held
     assert after.generation_tokens - before < 240
 
@@ -250,9 +261,8 @@ def test_metrics_use_the_contract_names_and_bytes(served):
         for s in fam.samples:
             samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
     label = (("model", NAME),)
-    e = served.engine
-    pages = e.scheduler.bm.num_pages
-    per_token = e.runner.kv_bytes_per_token
+    pages = served.engine.facts.num_pages
+    per_token = served.engine.snapshot().kv_bytes_per_token
     assert per_token == 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads of 16, fp32
     assert samples[(contract.PAGES_TOTAL, label)] == pages == 256 * 4 // 16
     assert samples[(contract.KV_CAPACITY_TOKENS, label)] == pages * 16
@@ -278,7 +288,7 @@ def test_metrics_use_the_contract_names_and_bytes(served):
 def _spec_of(served):
     from kvpilot.worker.config import spec_from_checkpoint
 
-    return spec_from_checkpoint(served.engine.runner.model.cfg, params_dtype="fp32",
+    return spec_from_checkpoint(load_config(served.ckpt), params_dtype="fp32",
                                 kv_dtype="fp32", max_model_len=256, concurrent=4)
 
 

@@ -246,16 +246,22 @@ class Worker:
             time.sleep(0.2)
 
     def ranks(self) -> list[int]:
-        """The pids of ranks 1..tp-1: this worker's children running kvpilot.worker.parallel."""
-        out = []
-        for pid in _children(self.proc.pid):
+        """The pids of ranks 1..tp-1: the processes under this worker (children of its
+        engine core, rank 0) running kvpilot.worker.parallel."""
+        below, todo = [], [self.proc.pid]
+        while todo:
+            children = _children(todo.pop())
+            below += children
+            todo += children
+        found = []
+        for pid in below:
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
             if b"kvpilot.worker.parallel" in cmdline:
-                out.append(pid)
-        return out
+                found.append(pid)
+        return found
 
     def stream_in_background(self, max_tokens=400, wait=True) -> threading.Thread:
         """A long streamed completion, read until the worker goes away; ``wait``: until
@@ -289,7 +295,7 @@ def test_the_worker_serves_a_completion_at_tp2_over_http(tmp_path):
     try:
         w.wait_ready()
         ranks = w.ranks()
-        assert len(ranks) == 1  # rank 1; rank 0 is the worker itself
+        assert len(ranks) == 1  # rank 1; rank 0 is the worker's engine core
         r = httpx.post(w.url + "/v1/completions", timeout=60, json={
             "model": "tiny-llama", "prompt": "hi", "max_tokens": 8, "temperature": 0,
             "ignore_eos": True})

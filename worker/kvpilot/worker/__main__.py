@@ -3,21 +3,28 @@
 The Model comes from ``--spec`` (a Model YAML file), else from the environment the
 operator sets (``kvpilot.api.contract``: the spec as JSON, the name, the HBM budget per
 GPU, the TP degree), else it is described from the checkpoint (``--max-model-len`` x
-``--concurrent-sequences``). The HTTP server answers ``/health`` at once and ``/ready``
-once the model has loaded.
+``--concurrent-sequences``).
 
-Given a Model, the worker first checks the checkpoint against it (config.json and the
+Two processes: this one is the HTTP server (it parses, tokenizes, detokenizes and
+streams; it never imports torch) and starts the engine core
+(``python -m kvpilot.worker.core``, the only process that touches a GPU), which reads
+the same command line and environment. The server answers ``/health`` at once and
+``/ready`` once the core has loaded the model.
+
+Given a Model, the core first checks the checkpoint against it (config.json and the
 safetensors headers, :func:`kvpilot.api.checkpoint.checkpoint_mismatches`): the operator
 placed the replica with the Model's numbers, so a checkpoint that disagrees would not fit
 what was reserved for it. A checkpoint that disagrees or cannot be opened, and a model
-that fails to load, end the process with status 1 and a reason in the termination
-message file (``WeightsMismatch``, ``WeightsUnavailable``, ``LoadFailed``).
+that fails to load, end the worker with status 1 and a reason in the termination
+message file (``WeightsMismatch``, ``WeightsUnavailable``, ``LoadFailed``): the core
+writes it to a file of the server's, which passes it on.
 
-At a TP degree above 1 (``KVPILOT_TENSOR_PARALLEL``, else the spec's fixed degree) this
-process is rank 0 and starts one process per further GPU (``kvpilot.worker.parallel``).
+At a TP degree above 1 (``KVPILOT_TENSOR_PARALLEL``, else the spec's fixed degree) the
+core is rank 0 and starts one process per further GPU (``kvpilot.worker.parallel``).
 A rank that dies or hangs ends the worker at once with status 1 and ``RankFailed``
 (``LoadFailed`` while loading) and the rank's reason: a replica missing a rank cannot
-serve, and the operator replaces it.
+serve, and the operator replaces it. So does a core that exits (``RankFailed``: it is
+rank 0), after every request in flight has ended with an error.
 """
 
 from __future__ import annotations
@@ -141,57 +148,71 @@ def check_checkpoint(model_dir: str, spec: "ModelSpec", name: str) -> tuple[str,
     return None
 
 
+def served_name(args: argparse.Namespace, env) -> str:
+    """The name the worker serves under, as ``settings_from`` names it, without loading
+    anything: ``--name``, else the Model's (``--spec`` or the environment), else the
+    checkpoint directory's."""
+    if args.name:
+        return args.name
+    if args.spec:
+        from kvpilot.api.files import load_models
+
+        return load_models(args.spec)[0].metadata.name
+    return env.get(contract.ENV_MODEL_NAME) or os.path.basename(os.path.normpath(args.model))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
-    from kvpilot.worker.engine import EngineLoop
+    from kvpilot.worker.client import EngineClient, EngineFailed
+    from kvpilot.worker.ipc import CoreStart
     from kvpilot.worker.server import ServerSettings, WorkerState, create_app, uvicorn_config
     from kvpilot.worker.termination import write_termination
 
-    settings = settings_from(args, os.environ)
-    if args.spec or os.environ.get(contract.ENV_MODEL_SPEC):  # not one described from it
-        stop = check_checkpoint(args.model, settings.spec, settings.name)
-        if stop is not None:
-            write_termination(*stop)
-            return 1
-    state = WorkerState(name=settings.name)
+    state = WorkerState(name=served_name(args, os.environ))
     app = create_app(state, ServerSettings(
         special_tokens_in_chat=args.allow_special_tokens_in_chat))
     server = uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port,
                                            log_level=args.log_level))
+    failed: list[str] = []
 
-    def rank_failed(reason: str, message: str) -> None:
-        # Called with the other ranks already stopped; this rank may be stuck in a
-        # collective on another thread, so nothing waits for a graceful shutdown.
+    def engine_failed(reason: str, message: str) -> None:
+        # The core wrote its reason to a file of ours; the pod's termination message is
+        # this process's to write. Requests in flight have had their error already.
+        if state.engine is None:
+            state.load_error = message
+        failed.append(reason)
         write_termination(reason, message)
-        logging.shutdown()
-        os._exit(1)
+        server.should_exit = True
+
+    # The engine core reads the same command line and environment (``settings_from``).
+    client = EngineClient(CoreStart(argv=argv), model_dir=args.model,
+                          max_waiting=args.max_waiting, on_dead=engine_failed)
 
     def load() -> None:
-        from kvpilot.worker.factory import create_engine
-
         try:
-            engine = create_engine(settings, on_rank_failure=rank_failed)
-        except Exception as err:  # noqa: BLE001 - reported, then the process exits
-            log.exception("the model failed to load")
-            state.load_error = f"{type(err).__name__}: {err}"
-            write_termination(contract.REASON_LOAD_FAILED, state.load_error)
-            server.should_exit = True
+            client.start()
+            client.wait_ready()
+        except EngineFailed:
+            return  # engine_failed has seen to it
+        except Exception as err:  # noqa: BLE001 - the core could not even start
+            log.exception("the engine core failed to start")
+            engine_failed(contract.REASON_LOAD_FAILED, f"{type(err).__name__}: {err}")
             return
-        loop = EngineLoop(engine, max_waiting=settings.max_waiting)
-        loop.start()
-        state.loop = loop
-        log.info("serving %s on %s:%d (%s)", settings.name, args.host, args.port, settings.device)
+        state.engine = client
+        log.info("serving %s on %s:%d (engine core pid %d, %s)", state.name, args.host,
+                 args.port, client.facts.pid, client.facts.device)
 
     threading.Thread(target=load, name="kvpilot-load", daemon=True).start()
-    server.run()
-    if state.loop is not None:
-        state.loop.stop()
-        state.loop.engine.runner.close()  # the other ranks of a tensor-parallel replica
-    return 1 if state.load_error else 0
+    try:
+        server.run()
+    finally:
+        client.close()  # the core closes the other ranks of a tensor-parallel replica
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

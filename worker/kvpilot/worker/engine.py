@@ -1,5 +1,4 @@
-"""The engine: ``schedule -> run -> postprocess``, one step at a time, and the thread
-that runs it for the HTTP server.
+"""The engine: ``schedule -> run -> postprocess``, one step at a time.
 
 ``Engine.step`` asks the scheduler for a batch, runs it through the model runner,
 samples one token per sequence, and turns tokens into text (stop strings are matched on
@@ -10,10 +9,8 @@ whose forward pass raises is run again in halves until the sequences that break 
 alone, so only they finish with an error (their pages freed, none of their pages put in
 the prefix cache) and the others go on. The worker never goes down for a bad batch.
 
-``EngineLoop`` runs ``step`` on its own thread. Requests and aborts arrive from the
-server's event loop through a locked inbox; outputs go back through a callback per
-request. The waiting queue is bounded: ``submit`` raises ``QueueFull`` beyond it (the
-server's 429) and ``Draining`` once draining started (503).
+A worker runs it in its engine core process (``kvpilot.worker.core``), which adds
+requests without detokenizing: text and stop strings are the HTTP server's process's.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvpilot.worker.runner import ModelRunner
@@ -45,13 +41,6 @@ log = logging.getLogger("kvpilot.worker")
 
 class QueueFull(Exception):
     """The waiting queue is at its bound."""
-
-
-QUEUE_FULL = "the waiting queue is full"
-
-
-class Draining(Exception):
-    """The worker is draining and admits nothing new."""
 
 
 @dataclass
@@ -224,8 +213,6 @@ class Engine:
         with self.stats_lock:
             s = self.stats
             s.pages_used = bm.num_used
-            if len(bm.pools) > 1:
-                s.window_pages_used = bm.pools[1].num_used
             s.pages_cached = bm.num_cached_free
             s.running = len(sched.running)
             s.waiting = len(sched.waiting)
@@ -248,85 +235,3 @@ class Engine:
             self.step()
         return seqs
 
-
-Sink = Callable[[Output], None]
-
-
-class EngineLoop:
-    """Runs an Engine on a background thread for the server."""
-
-    def __init__(self, engine: Engine, *, max_waiting: int):
-        self.engine = engine
-        self.max_waiting = max_waiting
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._inbox: list[tuple[Sequence, bool, Sink]] = []
-        self._aborts: list[int] = []
-        self._sinks: dict[int, Sink] = {}
-        self._stop = False
-        self.draining = False
-        self._thread = threading.Thread(target=self._run, name="kvpilot-engine", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=10)
-
-    def submit(self, seq: Sequence, sink: Sink, *, detokenize: bool = True) -> None:
-        with self._lock:
-            if self.draining:
-                raise Draining
-            if len(self._inbox) + len(self.engine.scheduler.waiting) >= self.max_waiting:
-                raise QueueFull
-            self._inbox.append((seq, detokenize, sink))
-        self._wake.set()
-
-    def abort(self, seq_id: int) -> None:
-        with self._lock:
-            self._aborts.append(seq_id)
-        self._wake.set()
-
-    def drain(self) -> None:
-        with self._lock:
-            self.draining = True
-        with self.engine.stats_lock:
-            self.engine.stats.draining = True
-
-    def counts(self) -> tuple[int, int]:
-        """(running, waiting), the inbox counted as waiting."""
-        with self._lock:
-            inbox = len(self._inbox)
-        s = self.engine.snapshot()
-        return s.running, s.waiting + inbox
-
-    def _run(self) -> None:
-        while not self._stop:
-            with self._lock:
-                inbox, self._inbox = self._inbox, []
-                aborts, self._aborts = self._aborts, []
-            for seq, detokenize, sink in inbox:
-                try:
-                    self.engine.add(seq, detokenize=detokenize)
-                except QueueFull:  # preempted sequences filled the queue meanwhile
-                    sink(Output(seq.seq_id, "", [], FinishReason.ERROR, seq.num_prompt, 0,
-                                error=QUEUE_FULL))
-                    continue
-                self._sinks[seq.seq_id] = sink
-            for seq_id in aborts:
-                self.engine.abort(seq_id)
-                self._sinks.pop(seq_id, None)
-            if aborts:
-                self.engine._refresh_stats()
-            if not self.engine.has_work():
-                self._wake.wait(timeout=1.0)
-                self._wake.clear()
-                continue
-            for out in self.engine.step():
-                sink = self._sinks.get(out.seq_id)
-                if out.finished:
-                    self._sinks.pop(out.seq_id, None)
-                if sink is not None:
-                    sink(out)

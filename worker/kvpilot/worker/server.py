@@ -15,6 +15,13 @@ that did not end: a sequence the engine failed on ends a stream with an error ev
 no ``[DONE]``, or a 500. A client that disconnects has its sequence aborted and its
 pages freed.
 
+This process never runs the engine: the engine core is a process of its own
+(``kvpilot.worker.core``, the only one that touches a GPU), reached through
+``kvpilot.worker.client.EngineClient``, which turns the core's token ids into text. The
+server checks requests against the core's ``EngineFacts`` and tokenizes them itself. A core that exits fails ``/health`` (500) and ``/ready`` (503),
+ends every request in flight with an error (an error event in a stream, a 500 before
+one), and new requests get 503.
+
 Bounds (``ServerSettings``): a body is read up to ``max_body_bytes`` (413 from its
 Content-Length, or as soon as a chunked body passes it) within ``body_timeout`` (408);
 it is then parsed, validated, templated and tokenized on ``prepare_threads`` threads, at
@@ -51,7 +58,14 @@ from starlette.requests import ClientDisconnect
 
 from kvpilot import http_bounds
 from kvpilot.api import contract
-from kvpilot.worker.engine import QUEUE_FULL, Draining, EngineLoop, Output, QueueFull
+from kvpilot.worker.client import (
+    Draining,
+    EngineClient,
+    EngineFailed,
+    Output,
+    QueueFull,
+)
+from kvpilot.worker.ipc import QUEUE_FULL
 from kvpilot.worker.metrics import registry_for, render
 from kvpilot.worker.scheduler import FinishReason, SamplingParams, Sequence
 
@@ -138,6 +152,11 @@ def _engine_failed(error: str | None) -> ApiError:
     return ApiError(500, f"the engine failed on this request: {error}", type="server_error")
 
 
+def _engine_gone(err: EngineFailed) -> ApiError:
+    return ApiError(503, f"the engine core is gone ({err.reason}: {err.message})",
+                    type="service_unavailable", code="engine_failed")
+
+
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the request body is larger than {limit} bytes",
                     code="request_too_large", headers={"Connection": "close"})
@@ -203,16 +222,13 @@ _MESSAGE_LIST = TypeAdapter(list[Message])
 # ---- worker state -----------------------------------------------------------------------
 @dataclass
 class WorkerState:
-    """What the app serves. ``loop`` is None until the model has loaded."""
+    """What the app serves. ``engine`` (the engine core, as this process sees it) is None
+    until the model has loaded; ``load_error`` says why it never will."""
 
     name: str
-    loop: EngineLoop | None = None
+    engine: EngineClient | None = None
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
-
-    @property
-    def engine(self):
-        return self.loop.engine if self.loop else None
 
 
 # A \uD800..\uDFFF escape: the only way a lone surrogate gets into parsed JSON.
@@ -401,12 +417,15 @@ def create_app(state: WorkerState, settings: ServerSettings | None = None) -> Fa
         return ApiError(405, f"{request.method} is not allowed on {request.url.path}",
                         code="method_not_allowed").response()
 
-    def engine_loop() -> EngineLoop:
-        if state.loop is None:
+    def engine_client() -> EngineClient:
+        engine = state.engine
+        if engine is None:
             raise _loading(retry=True)
-        if state.loop.draining:
+        if engine.error is not None:
+            raise _engine_gone(engine.error)
+        if engine.draining:
             raise _draining()
-        return state.loop
+        return engine
 
     def check_model(name: str) -> None:
         if name != state.name:
@@ -419,38 +438,44 @@ def create_app(state: WorkerState, settings: ServerSettings | None = None) -> Fa
         if state.load_error:
             raise ApiError(500, f"the model failed to load: {state.load_error}",
                            type="server_error")
+        if state.engine is not None and state.engine.error is not None:
+            err = state.engine.error
+            raise ApiError(500, f"the engine core is gone ({err.reason}: {err.message})",
+                           type="server_error", code="engine_failed")
         return {"status": "ok"}
 
     @app.get(contract.PATH_READY)
     async def ready():
-        if state.loop is None:
+        if state.engine is None:
             raise _loading()
-        if state.loop.draining:
+        if state.engine.error is not None:
+            raise _engine_gone(state.engine.error)
+        if state.engine.draining:
             raise ApiError(503, "draining", type="service_unavailable", code="draining")
         return {"status": "ready"}
 
     @app.get(contract.PATH_METRICS)
     async def metrics():
-        if state.loop is None:
+        if state.engine is None:
             raise _loading()
         if "r" not in registry:
-            registry["r"] = registry_for(state.loop.engine.snapshot)
+            registry["r"] = registry_for(state.engine.snapshot)
         return Response(render(registry["r"]),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def drain_status() -> dict:
-        if state.loop is None:
+        if state.engine is None:
             return {"draining": False, "drained": False, "running": 0, "waiting": 0}
-        running, waiting = state.loop.counts()
-        draining = state.loop.draining
+        running, waiting = state.engine.counts()
+        draining = state.engine.draining
         return {"draining": draining, "drained": draining and running == 0 and waiting == 0,
                 "running": running, "waiting": waiting}
 
     @app.post(contract.PATH_DRAIN)
     async def drain():
-        if state.loop is None:
+        if state.engine is None:
             raise _loading()
-        state.loop.drain()
+        state.engine.drain()
         return drain_status()
 
     @app.get(contract.PATH_DRAIN)
@@ -462,14 +487,14 @@ def create_app(state: WorkerState, settings: ServerSettings | None = None) -> Fa
         data = {"id": state.name, "object": "model", "created": state.created,
                 "owned_by": "kvpilot"}
         if state.engine is not None:
-            data["max_model_len"] = state.engine.max_model_len
+            data["max_model_len"] = state.engine.facts.max_model_len
         return {"object": "list", "data": [data]}
 
     # ---- generation ---------------------------------------------------------------------
     def prepare(body: _Body, prompt: list[int], default_max: int | None) -> Sequence:
-        engine = engine_loop().engine
-        limit = engine.max_model_len
-        vocab = engine.runner.model.cfg.vocab_size
+        facts = engine_client().facts
+        limit = facts.max_model_len
+        vocab = facts.vocab_size
         if not prompt:
             raise ApiError(400, "the prompt is empty", param="prompt")
         if any(not 0 <= t < vocab for t in prompt):
@@ -488,24 +513,25 @@ def create_app(state: WorkerState, settings: ServerSettings | None = None) -> Fa
                            f"{len(prompt)} in the prompt + {max_tokens} max_tokens is "
                            f"{len(prompt) + max_tokens}.", param="max_tokens",
                            code="context_length_exceeded")
-        bm = engine.scheduler.bm
-        if bm.pages_for(len(prompt) + max_tokens) > bm.num_pages:
+        if facts.pages_for(len(prompt) + max_tokens) > facts.num_pages:
             raise ApiError(400, f"{len(prompt) + max_tokens} tokens exceed this worker's KV "
-                           f"cache ({bm.num_pages * bm.page_size} tokens)", param="max_tokens",
-                           code="context_length_exceeded")
+                           f"cache ({facts.num_pages * facts.page_size} tokens)",
+                           param="max_tokens", code="context_length_exceeded")
         params = _sampling(body, max_tokens)
         return Sequence(prompt, params, arrival=time.monotonic())
 
     async def outputs(seq: Sequence) -> AsyncIterator[Output]:
         """The engine's outputs for one sequence; aborts it if the consumer stops early."""
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Output] = asyncio.Queue()
+        engine = engine_client()
         try:
-            engine_loop().submit(seq, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+            engine.submit(seq, asyncio.get_running_loop(), queue)
         except QueueFull:
             raise _queue_full() from None
         except Draining:
             raise _draining() from None
+        except EngineFailed as err:
+            raise _engine_gone(err) from None
         finished = False
         try:
             while not finished:
@@ -514,7 +540,7 @@ def create_app(state: WorkerState, settings: ServerSettings | None = None) -> Fa
                 yield out
         finally:
             if not finished:
-                state.loop.abort(seq.seq_id)
+                engine.abort(seq.seq_id)
 
     async def first(gen: AsyncIterator[Output]) -> Output:
         """The first output, so that errors before any token are HTTP errors."""
@@ -618,10 +644,10 @@ def create_app(state: WorkerState, settings: ServerSettings | None = None) -> Fa
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    def check_text(engine, text: str, param: str) -> None:
+    def check_text(engine: EngineClient, text: str, param: str) -> None:
         """Refuse text that no context can hold before tokenizing it: a token stands for
         at most ``max_token_chars`` characters (after a normalizer, which may shrink)."""
-        limit = engine.max_model_len
+        limit = engine.facts.max_model_len
         if len(text) > limit * engine.tokenizer.max_token_chars * _NORMALIZER_SHRINK:
             raise ApiError(400, f"This model's maximum context length is {limit} tokens; the "
                            f"prompt has {len(text)} characters, more than {limit} tokens "
@@ -631,7 +657,7 @@ def create_app(state: WorkerState, settings: ServerSettings | None = None) -> Fa
         """Runs on a Preparer thread."""
         body = _parse(raw, CompletionBody)
         check_model(body.model)
-        engine = engine_loop().engine
+        engine = engine_client()
         if body.echo:
             raise ApiError(400, "echo is not supported", param="echo")
         if body.suffix:
@@ -655,7 +681,7 @@ def create_app(state: WorkerState, settings: ServerSettings | None = None) -> Fa
         """Runs on a Preparer thread."""
         body = _parse(raw, ChatBody)
         check_model(body.model)
-        engine = engine_loop().engine
+        engine = engine_client()
         tokenizer = engine.tokenizer
         if tokenizer is None:
             raise ApiError(400, "this worker has no tokenizer", param="messages")
