@@ -193,6 +193,19 @@ INVALID: list[Case] = [
          "spec.architecture.mla.kvLoraRank", "less than or equal to 16384"),
     Case("attention-unknown", {"architecture": {**ARCH, "attention": "mha"}},
          "spec.architecture.attention", "'gqa' or 'mla'", server='Unsupported value: "mha"'),
+    # --- placement: a spread is one of three failure domains ---------------------------
+    Case("spread-unknown", {"placement": {"spread": "rack"}}, "spec.placement.spread",
+         "'gpu', 'node' or 'none'", server='Unsupported value: "rack"'),
+    Case("spread-capitalized", {"placement": {"spread": "Node"}}, "spec.placement.spread",
+         "'gpu', 'node' or 'none'", server='Unsupported value: "Node"'),
+    Case("spread-bool", {"placement": {"spread": True}}, "spec.placement.spread",
+         "'gpu', 'node' or 'none'", server="must be of type string"),
+    Case("spread-empty", {"placement": {"spread": ""}}, "spec.placement.spread",
+         "'gpu', 'node' or 'none'", server='Unsupported value: ""'),
+    Case("placement-unknown-field", {"placement": {"spreads": "node"}}, "spec.placement.spreads",
+         "Extra inputs are not permitted", server='unknown field "spec.placement.spreads"'),
+    Case("placement-not-an-object", {"placement": "node"}, "spec.placement",
+         "valid dictionary", server="must be of type object"),
     # --- 4. the worker section, checked as a container is -----------------------------
     Case("image-empty", _worker(image=""), "spec.worker.image", IMAGE),
     Case("image-uppercase-path", _worker(image="Kvpilot/Worker:1"), "spec.worker.image", IMAGE),
@@ -345,6 +358,8 @@ VALID: list[Case] = [
         "oci://llama", "host:///var/lib/models/llama", "file:///weights"))],
     Case("source-secret", {"source": "hf://meta-llama/Llama-3.1-8B", "sourceSecret": "hub"},
          "", ""),
+    *[Case(f"spread-{s}", {"placement": {"spread": s}}, "", "") for s in ("gpu", "node", "none")],
+    Case("placement-empty", {"placement": {}}, "", ""),
     Case("mla-with-window", {"architecture": {
         **ARCH, **MLA, "kvHeads": 32, "headDim": 192,
         "slidingWindow": {"tokens": 4096, "localLayers": 1, "globalLayers": 1}}}, "", ""),

@@ -72,3 +72,16 @@ def test_subresources_and_columns():
         field = column["jsonPath"].split(".")[-1]
         if column["jsonPath"].startswith(".status."):
             assert field in status, column
+
+
+def test_placement_spread_has_its_default_but_placement_is_not_filled_in():
+    # The API server fills in spread: node where placement is given; placement itself
+    # stays absent on Models that do not state it, so their spec (and the hash their
+    # pods carry) does not change when the operator is upgraded.
+    spec_schema = crd.model_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
+        "properties"]["spec"]
+    placement = spec_schema["properties"]["placement"]
+    assert "default" not in placement
+    spread = placement["properties"]["spread"]
+    assert spread["enum"] == ["gpu", "node", "none"] and spread["default"] == "node"
+    assert spread["description"].endswith("Default: node.")

@@ -1,7 +1,9 @@
 """Properties of every plan (hypothesis): no GPU holds more than it has nor streams more
 per decode step than the tightest ITL budget among its tenants, no TP group leaves its
 node, nothing lands on a disallowed product or an unschedulable node, every
-replica is placed or has a reason, and equal inputs give equal plans.
+replica is placed or has a reason, a new replica of a model that spreads shares a node
+(or GPU) with another only when no node (or GPU) holding none has room for it, and equal
+inputs give equal plans.
 
 The checks here are written out again, independently of ``placement.check``, so that a
 mistake shared by the engine and its checker still fails a test.
@@ -15,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvpilot.operator.placement import (
-    Demand, Existing, Node, Policy, Requirement, Snapshot, place, without,
+    SPREADS, Demand, Existing, Node, Policy, Requirement, Snapshot, place, without,
 )
 from kvpilot.operator.placement.check import violations
 
@@ -47,7 +49,8 @@ def worlds(draw):
                           if draw(st.integers(0, 2)) == 0 else None)
                 reqs[product] = Requirement(tp, hbm, step_bytes=step, step_budget=budget)
         allowed = tuple(p for p in sorted(PRODUCTS) if draw(st.booleans()))
-        demands.append(Demand(f"m{m}", draw(st.integers(0, 6)), reqs, allowed))
+        demands.append(Demand(f"m{m}", draw(st.integers(0, 6)), reqs, allowed,
+                              spread=draw(st.sampled_from(SPREADS))))
     policy = Policy(
         packing=draw(st.sampled_from([0.0, 0.5, 1.0])),
         reserve=draw(st.sampled_from([0.0, 0.1])),
@@ -104,6 +107,60 @@ def check_independently(snapshot: Snapshot, demands, policy: Policy, plan) -> No
         placed = sum(1 for a in plan.assignments if a.model == d.model)
         reasons = [u.reason for u in plan.unplaced if u.model == d.model]
         assert placed + len(reasons) == d.replicas and all(reasons)
+    check_spread(snapshot, demands, policy, plan, usable, load, streamed, budgets)
+
+
+def check_spread(snapshot, demands, policy, plan, usable, load, streamed, budgets) -> None:
+    """Where a new replica of a spreading model shares its node ("node") or a GPU ("gpu")
+    with another replica of it, no node (GPUs) holding none of them takes one more."""
+    tenants: dict[tuple[str, int], int] = {}
+    pods: dict[str, int] = {}
+    for a in plan.assignments:
+        pods[a.node] = pods.get(a.node, 0) + 1
+        for g in a.gpus:
+            tenants[(a.node, g)] = tenants.get((a.node, g), 0) + 1
+
+    def room(d, n, holding) -> bool:
+        """Node n takes one more replica of d on GPUs that ``holding`` says hold none."""
+        if not (n.ready and not n.cordoned) or (d.products and n.product not in d.products):
+            return False
+        if n.max_pods is not None and pods.get(n.name, 0) >= n.max_pods:
+            return False
+        req = d.requirements.get(n.product) or d.requirements.get("*")
+        if req is None:
+            return False
+        ok = 0
+        for g in range(n.gpus):
+            key = (n.name, g)
+            if holding.get(key) or usable[n.name] - load.get(key, 0) < req.hbm_per_gpu:
+                continue
+            if tenants.get(key) and not policy.share_gpus:
+                continue
+            tightest = min(budgets.get(key, []) + ([req.step_budget] if req.step_budget
+                                                   is not None else []), default=None)
+            if tightest is None or streamed.get(key, 0) + req.step_bytes <= tightest:
+                ok += 1
+        return ok >= req.tp
+
+    for d in demands:
+        if d.spread == "none":
+            continue
+        mine = [a for a in plan.assignments if a.model == d.model]
+        on_gpu: dict[tuple[str, int], int] = {}
+        on_node: dict[str, int] = {}
+        for a in mine:
+            on_node[a.node] = on_node.get(a.node, 0) + 1
+            for g in a.gpus:
+                on_gpu[(a.node, g)] = on_gpu.get((a.node, g), 0) + 1
+        if d.spread == "node":
+            crowded = [a for a in mine if not a.existing and on_node[a.node] > 1]
+            free = [n.name for n in snapshot.nodes if n.name not in on_node
+                    and room(d, n, on_gpu)]
+        else:
+            crowded = [a for a in mine if not a.existing
+                       and any(on_gpu[(a.node, g)] > 1 for g in a.gpus)]
+            free = [n.name for n in snapshot.nodes if room(d, n, on_gpu)]
+        assert not (crowded and free), (d.model, d.spread, crowded, free)
 
 
 SETTINGS = settings(max_examples=60, deadline=None,

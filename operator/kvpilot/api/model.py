@@ -355,6 +355,25 @@ class Autoscaling(KubeModel):
     )
 
 
+Spread = Literal["gpu", "node", "none"]
+
+
+class ReplicaPlacement(KubeModel):
+    """How the replicas of one Model stand towards each other on the fleet's GPUs."""
+
+    spread: Spread = Field(
+        "node",
+        description="Failure domain the replicas are spread over, so that losing one "
+        "never takes the whole Model down. node: no two replicas on one node, nor on one "
+        "GPU, while a node without one has room for it; gpu: no two replicas on one GPU "
+        "while a GPU without one has room (they may share a node); none: replicas pack "
+        "as tightly as any, on one GPU if it holds them. When every node (or GPU) with "
+        "room already holds a replica, the rest share the least crowded ones and the "
+        "Model's Spread condition says so. Changing it replaces the replicas one at a "
+        "time, make-before-break.",
+    )
+
+
 # Container resource names as a pod takes them: the standard ones, or an extended
 # resource named domain/name (kubernetes.io names are reserved). Hugepages are not
 # offered to workers.
@@ -596,6 +615,11 @@ class ModelSpec(KubeModel):
         description="HBM reserved per GPU for the CUDA context, activations and graphs.",
     )
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    # None (absent) means the defaults: Models stored before the field existed keep the
+    # spec their pods' hash was taken of, so upgrading the operator replaces nothing.
+    placement: Optional[ReplicaPlacement] = Field(
+        None, description="How the replicas stand towards each other (spread); absent: "
+        "spread node.")
     worker: WorkerSpec = Field(default_factory=WorkerSpec)
 
     RULES = (
@@ -660,6 +684,12 @@ class ModelSpec(KubeModel):
     def replica_ceiling(self) -> int:
         """The most replicas: ``maxReplicas``, else ``replicas``."""
         return self.max_replicas if self.max_replicas is not None else self.replicas
+
+    @property
+    def spread(self) -> str:
+        """``placement.spread``, its default when absent."""
+        placement = self.placement or ReplicaPlacement()
+        return placement.spread
 
     @property
     def desired_replicas(self) -> int:

@@ -12,14 +12,15 @@ from kvpilot.operator.placement.inputs import (
     demand_for, demands_from_models, requirement, servable, snapshot_from_fleet,
 )
 from kvpilot.operator.placement.model import (
-    ANY_PRODUCT, Assignment, Demand, Existing, Move, Node, NodeUsage, Plan, Policy,
-    Requirement, Snapshot, Unplaced,
+    ANY_PRODUCT, SPREADS, Assignment, Crowded, Demand, Existing, Move, Node, NodeUsage, Plan,
+    Policy, Requirement, Snapshot, Unplaced,
 )
 from kvpilot.operator.placement.simulate import Simulation, snapshot_without, without
 
 __all__ = [
-    "ANY_PRODUCT", "Assignment", "Demand", "Existing", "Move", "Node", "NodeUsage", "Plan",
-    "Policy", "Requirement", "Simulation", "Snapshot", "Unplaced", "demand_for",
+    "ANY_PRODUCT", "SPREADS", "Assignment", "Crowded", "Demand", "Existing", "Move", "Node",
+    "NodeUsage", "Plan", "Policy", "Requirement", "Simulation", "Snapshot", "Unplaced",
+    "demand_for",
     "demands_from_models", "place", "requirement", "servable", "snapshot_from_fleet",
     "snapshot_without", "without",
 ]

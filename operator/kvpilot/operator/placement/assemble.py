@@ -10,7 +10,7 @@ from kvpilot.api.memory import (
     DECODE_STEP_FIXED_SECONDS, decode_fixed_seconds, decode_step_seconds,
 )
 from kvpilot.operator.placement.model import (
-    Assignment, Existing, Move, NodeUsage, Plan, Unplaced,
+    Assignment, Crowded, Existing, Move, NodeUsage, Plan, Unplaced,
 )
 from kvpilot.operator.placement.state import NodeState, Placed, existing_load, natural
 
@@ -78,7 +78,37 @@ def assemble(world: "World", kept: list[Existing], removals: list[str],
         for s in world.states
     )
     return Plan(assignments, tuple(_name_unplaced(world, unplaced)), tuple(removals),
-                tuple(moves), avoided, nodes)
+                tuple(moves), avoided, nodes, _crowded(world, assignments))
+
+
+# A model crowded by replicas that ran before this plan, none of its new ones: they
+# stay put, as every running replica does.
+RUNNING_STAY = ("replicas that run stay where they are (a move restarts one); a rollout or "
+                "a scale-down spreads them again")
+
+
+def _crowded(world: "World", assignments: tuple[Assignment, ...]) -> tuple[Crowded, ...]:
+    """The spreading models some of whose replicas share a node ("node") or a GPU
+    ("gpu") with another of them, in demand order."""
+    out = []
+    for d in world.demands:
+        if not d.apart_gpus:
+            continue
+        mine = [a for a in assignments if a.model == d.model]
+        count: dict[tuple, int] = {}
+        for a in mine:
+            for key in _domains(a, d.apart_nodes):
+                count[key] = count.get(key, 0) + 1
+        sharing = [a for a in mine if any(count[k] > 1 for k in _domains(a, d.apart_nodes))]
+        if sharing:
+            new = any(not a.existing for a in sharing)
+            reason = (world.crowd_reason(d) if new else None) or RUNNING_STAY
+            out.append(Crowded(d.model, d.spread, len(sharing), len(mine), reason))
+    return tuple(out)
+
+
+def _domains(a: Assignment, nodes: bool) -> list[tuple]:
+    return [(a.node,)] if nodes else [(a.node, g) for g in a.gpus]
 
 
 def _row(name: str, model: str, spot: tuple, existing: bool) -> tuple:

@@ -7,6 +7,10 @@ existing replicas already did), no node holds more replicas than its pod limit (
 existing replicas already did), no TP group leaves its node, nothing new lands on a node
 that is cordoned or not Ready or on a product the model does not allow, and every demanded replica is either placed or has a reason. The
 benchmark and the tests run it on every plan, the engine's and the exact solver's.
+
+And spread: a new replica of a model that spreads over nodes shares its node with
+another replica of the model only while no node that holds none of them has room for
+one (tp GPUs where it fits, by the plan's final load); over GPUs, the same of a GPU.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from collections import Counter
 from typing import Sequence
 
 from kvpilot.api.memory import usable_hbm
-from kvpilot.operator.placement.model import Demand, Plan, Policy, Snapshot
-from kvpilot.operator.placement.state import existing_load
+from kvpilot.operator.placement.model import Demand, Node, Plan, Policy, Snapshot
+from kvpilot.operator.placement.state import existing_load, gpu_fits
 
 
 def violations(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
@@ -113,9 +117,71 @@ def violations(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
     for u in plan.unplaced:
         if not u.reason:
             out.append(f"{u.replica}: unplaced without a reason")
+    final = _Final(nodes, policy, load, tenants, streamed, budgets, pods)
+    for d in demands:
+        if d.apart_gpus:
+            out.extend(_spread(d, plan, final))
     for n in plan.nodes:
         for g, used in enumerate(n.used):
             if used != load.get((n.name, g), 0):
                 out.append(f"{n.name} GPU {g}: reports {used} used, assignments hold "
                            f"{load.get((n.name, g), 0)}")
     return out
+
+
+class _Final:
+    """Every GPU as the plan leaves it: does one more shard of a requirement fit there?"""
+
+    def __init__(self, nodes: dict[str, Node], policy: Policy, load, tenants, streamed,
+                 budgets, pods) -> None:
+        self.nodes, self.policy, self.pods = nodes, policy, pods
+        self.load, self.tenants, self.streamed, self.budgets = load, tenants, streamed, budgets
+
+    def gpus_with_room(self, d: Demand, name: str, holding: dict) -> int:
+        """GPUs of node ``name`` that hold no replica of ``d`` (``holding``: (node, GPU)
+        -> its replicas) and take one more shard of it; 0 where the node takes none."""
+        node = self.nodes[name]
+        req = d.requirement(node.product)
+        if req is None or not node.schedulable or req.tp > node.gpus:
+            return 0
+        if node.max_pods is not None and self.pods[name] >= node.max_pods:
+            return 0
+        cap = usable_hbm(node.gpu_hbm, self.policy.reserve)
+        room = 0
+        for g in range(node.gpus):
+            key = (name, g)
+            if holding.get(key):
+                continue
+            limit = min(self.budgets[key]) if self.budgets.get(key) else None
+            if gpu_fits(cap - self.load.get(key, 0), self.tenants.get(key, 0),
+                        self.streamed.get(key, 0), limit, req, self.policy.share_gpus):
+                room += 1
+        return room // req.tp * req.tp
+
+
+def _spread(d: Demand, plan: Plan, final: _Final) -> list[str]:
+    """A new replica of ``d`` that shares its node (spread node) or a GPU (spread gpu)
+    with another replica of ``d`` while a node, or GPUs, holding none has room for it."""
+    mine = [a for a in plan.assignments if a.model == d.model]
+    per_gpu: dict[tuple[str, int], int] = Counter((a.node, g) for a in mine for g in a.gpus)
+    if d.apart_nodes:
+        per_node = Counter(a.node for a in mine)
+        crowded = sorted({a.node for a in mine if not a.existing and per_node[a.node] > 1})
+        if not crowded:
+            return []
+        free = [n for n in sorted(final.nodes) if not per_node[n]
+                and final.gpus_with_room(d, n, per_gpu)]
+        if free:
+            return [f"{d.model}: {per_node[crowded[0]]} replicas on {crowded[0]} while "
+                    f"{free[0]}, holding none, has room for one (spread node)"]
+        return []
+    crowded_gpus = sorted({(a.node, g) for a in mine if not a.existing for g in a.gpus
+                           if per_gpu[(a.node, g)] > 1})
+    if not crowded_gpus:
+        return []
+    free = [n for n in sorted(final.nodes) if final.gpus_with_room(d, n, per_gpu)]
+    if free:
+        node, g = crowded_gpus[0]
+        return [f"{d.model}: {per_gpu[(node, g)]} replicas on {node} GPU {g} while {free[0]} "
+                f"has GPUs holding none with room for one (spread gpu)"]
+    return []

@@ -21,6 +21,14 @@ All only ever choose among placements the filters allow. The plan may also be ma
 other ways (fresh GPUs valued otherwise, other model orders on small instances) and the
 best kept; on small instances the ILP (``ilp``), started from that plan, improves it
 within a work limit: see ``place``.
+
+A model that spreads (``Demand.spread``) is held to its limits (``state.Apart``) by every
+one of those steps: a node or GPU at the limit takes none of its replicas. The limits
+start at one replica per node ("node") or GPU ("gpu") and rise, for that model and that
+run only, when one of its replicas fits nowhere within them (``World.relax``): so
+replicas share a node or GPU only when every one with room holds one already, and then
+the least crowded. When the packing steps have since made room on a less crowded node or
+GPU, ``World.respread`` moves the replicas of this run there, last.
 """
 
 from __future__ import annotations
@@ -31,14 +39,14 @@ from typing import Optional, Sequence
 from kvpilot.api.memory import usable_hbm
 from kvpilot.operator.placement.assemble import assemble
 from kvpilot.operator.placement.existing import resolve_existing
-from kvpilot.operator.placement.filters import BEFORE_SCORING, first_failure
+from kvpilot.operator.placement.filters import BEFORE_SCORING, first_failure, spread_allows
 from kvpilot.operator.placement.ilp import solve_world
 from kvpilot.operator.placement.model import Demand, Plan, Policy, Requirement, Snapshot, Unplaced
 from kvpilot.operator.placement.orders import alternative_orders, largest_first
 from kvpilot.operator.placement.packing import best_fill, consolidate, repair, stack_groups
-from kvpilot.operator.placement.reasons import explain
+from kvpilot.operator.placement.reasons import crowding, explain
 from kvpilot.operator.placement.scores import score_node
-from kvpilot.operator.placement.state import NodeState, Placed, Pool, natural
+from kvpilot.operator.placement.state import Apart, NodeState, Placed, Pool, natural
 
 # Candidate nodes taken from each end of each index: enough that pure packing and pure
 # spreading find their best node, few enough that 5,000 replicas on 2,000 nodes plan in
@@ -69,6 +77,8 @@ EXACT_VARIABLES_INCOMPLETE = 4_000
 EXACT_REPLICAS = 300
 EXACT_SECONDS = 60.0
 FILL_ITEMS = 24  # kinds of pending replica offered to complete one GPU, largest first
+RESPREAD_MOVES = 4  # moves per replica of a crowded model, at most, to spread it again
+NO_LIMIT = 1 << 30  # replicas of a model on one GPU: no limit
 
 __all__ = ["World", "place", "natural"]
 
@@ -126,6 +136,7 @@ def _plan_exact(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
     kept, removals, previous = world.load_existing()
     if not 0 < sum(world.pending.values()) <= EXACT_REPLICAS:
         return None
+    world.limits_of(start)
     begun = [(world.by_model[a.model], world.by_name[a.node], a.gpus)
              for a in start.assignments if not a.existing]
     work, variables = ((EXACT_WORK, EXACT_VARIABLES) if start.complete
@@ -143,6 +154,7 @@ def _plan_exact(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
         if world.pending[demand.model] > 0:
             world.place_demand(demand)
     world.moves = consolidate(world, CONSOLIDATE_MOVES)
+    world.respread()
     return assemble(world, kept, removals, previous, world.placed, _unplaced(world, policy))
 
 
@@ -179,6 +191,7 @@ def _plan_once(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
         if moves is None:
             moves = CONSOLIDATE_MOVES if world.small else CONSOLIDATE_MOVES_LARGE
         world.moves = consolidate(world, moves)
+    world.respread()
     unplaced = _unplaced(world, policy)
     return assemble(world, kept, removals, previous, world.placed, unplaced), world
 
@@ -227,6 +240,12 @@ class World:
         self.moves = 0  # replica moves consolidation spent
         self.pending: dict[str, int] = {}  # model -> replicas still to place
         self.placed: list[Placed] = []
+        # model -> its spread limits now (``Apart``), for models that spread; and why a
+        # model's limits first had to rise (``reasons.crowding``).
+        self.aparts: dict[str, Apart] = {
+            d.model: Apart(d.model, 1 if d.apart_nodes else None, 1)
+            for d in self.demands if d.apart_gpus}
+        self.crowded: dict[str, str] = {}
         # product -> single-GPU requirements, largest first (see ``fill_items``)
         self.fill_index: dict[str, list[tuple]] = {}
 
@@ -266,10 +285,15 @@ class World:
         while self.pending[demand.model] > 0:
             best = self.best_node(demand, options, fresh, cache)
             if best is None:
-                return False
+                if not self.relax(demand):
+                    return False
+                cache.clear()  # scores were of the limits before
+                continue
             s, gpus, pool, req = best
             sets = [gpus]
-            if self.optimizes and req.tp > 1 and self.pending[demand.model] > 1:
+            # Several replicas on one node, sharing GPUs: not for a model that spreads.
+            if (self.optimizes and req.tp > 1 and self.pending[demand.model] > 1
+                    and not demand.apart_gpus):
                 sets = stack_groups(s, req, self.pending[demand.model], share) or sets
             opened = sorted({g for group in sets for g in group if s.tenants[g] == 0})
             for group in sets:
@@ -280,13 +304,17 @@ class World:
         return True
 
     def best_node(self, demand: Demand, options: list[tuple[Pool, Requirement]],
-                  fresh: dict[str, float], cache: Optional[dict] = None
+                  fresh: dict[str, float], cache: Optional[dict] = None,
+                  apart: Optional[Apart] = None,
                   ) -> Optional[tuple[NodeState, tuple[int, ...], Pool, Requirement]]:
         """(node, GPUs, pool, requirement) of the best feasible node for one replica, or
         None when none fits: the candidate windows first, every node when none of
-        them passes the filters."""
+        them passes the filters. A model that spreads is held to its limits now, or to
+        ``apart`` when given."""
         cache = {} if cache is None else cache
         best: Optional[tuple] = None
+        if apart is None:
+            apart = self.aparts.get(demand.model)
 
         def consider(idx: int, pool: Pool, req: Requirement) -> None:
             nonlocal best
@@ -294,9 +322,11 @@ class World:
             hit = cache.get(idx)
             if hit is None or hit[0] != s.version:
                 score, gpus = None, ()  # the spreading window may hold nodes that do not fit
-                if first_failure(s, demand, self.policy, BEFORE_SCORING) is None:
+                if (first_failure(s, demand, self.policy, BEFORE_SCORING) is None
+                        and spread_allows(s, apart) is None):
                     score, gpus = score_node(s, demand, req, self.weights, self.max_cap,
-                                             self.policy.share_gpus, fresh.get(pool.product, 1.0))
+                                             self.policy.share_gpus, fresh.get(pool.product, 1.0),
+                                             apart)
                     if len(gpus) < req.tp:
                         score, gpus = None, ()
                 hit = cache[idx] = (s.version, score, gpus, pool, req)
@@ -316,6 +346,118 @@ class World:
             return None
         idx, _, gpus, pool, req = best
         return self.states[idx], gpus, pool, req
+
+    # -- spread ------------------------------------------------------------------------
+
+    def relax(self, demand: Demand) -> bool:
+        """Raise a spreading model's limits by one step because one of its replicas fits
+        nowhere within them; False when neither limit binds (it fits nowhere at all).
+
+        The node limit rises first ("node"): a second replica on a node, on a GPU of its
+        own there while one has room; the GPU limit only once no node below the node
+        limit has a GPU below the GPU limit. Only the limits of this model, in this run,
+        rise; the reason is kept from the first time (``reasons.crowding``).
+        """
+        apart = self.aparts.get(demand.model)
+        if apart is None:
+            return False
+        model = demand.model
+        most_node = max((s.models.get(model, 0) for s in self.states), default=0)
+        most_gpu = max((c.get(model, 0) for s in self.states for c in s.on_gpu), default=0)
+        if apart.node_cap is not None and apart.node_cap <= most_node:
+            raised = Apart(model, apart.node_cap + 1, apart.gpu_cap)
+        elif apart.gpu_cap <= most_gpu:
+            raised = Apart(model, apart.node_cap, apart.gpu_cap + 1)
+        else:
+            return False
+        if model not in self.crowded:
+            self.crowded[model] = crowding(demand, self.states, self.policy, apart)
+        self.aparts[model] = raised
+        return True
+
+    def limits_of(self, plan: Plan) -> None:
+        """The spread limits for a run that improves on ``plan`` (the ILP's): a model
+        that plan keeps apart keeps its limits of one; one it crowds, or leaves replicas
+        of unplaced, gets none, since its replicas may then fit only packed otherwise;
+        ``respread`` spreads what the run crowds where there is room, last."""
+        loose = {c.model for c in plan.crowded} | {u.model for u in plan.unplaced}
+        for model in loose & set(self.aparts):
+            self.aparts[model] = Apart(model, None, NO_LIMIT)
+        self.crowded.update({c.model: c.reason for c in plan.crowded})
+
+    def relaxed(self, model: str) -> bool:
+        """Whether the model's spread limits stand above one replica per node or GPU."""
+        apart = self.aparts.get(model)
+        return apart is not None and (apart.gpu_cap > 1 or (apart.node_cap or 1) > 1)
+
+    def respread(self) -> int:
+        """Move this run's replicas of a model whose limits had to rise to a less
+        crowded node (then GPU) where one has room now: consolidation, repair and the
+        ILP move other replicas away and may leave such room. A replica on a node with c
+        replicas of its model goes to a node with at most c - 2 (so c - 1 there after),
+        never to a GPU beyond the model's GPU limit; then, at GPU level, a replica on a
+        GPU with c goes to GPUs with at most c - 2 each, its node's count not growing.
+        At most ``RESPREAD_MOVES`` moves per replica. Returns the replicas moved."""
+        moved = 0
+        for demand in self.demands:
+            apart = self.aparts.get(demand.model)
+            if apart is None or not self.relaxed(demand.model):
+                continue
+            budget = RESPREAD_MOVES * self.by_model[demand.model].replicas
+            levels = (["node"] if demand.apart_nodes else []) + ["gpu"]
+            for level in levels:
+                changed = True
+                while changed and budget > 0:
+                    changed = False
+                    mine = [p for p in self.placed if p.demand is demand and p.state is not None]
+                    mine.sort(key=lambda p: (-self._crowding(p, level), p.state.index, p.gpus))
+                    for p in mine:
+                        c = self._crowding(p, level)
+                        if c < 2:
+                            break
+                        if level == "node":
+                            limit = Apart(demand.model, c - 1, apart.gpu_cap)
+                        else:
+                            node_cap = p.state.models[demand.model] if demand.apart_nodes else None
+                            limit = Apart(demand.model, node_cap, c - 1)
+                        if self._move(p, limit):
+                            moved += 1
+                            budget -= 1
+                            changed = True
+                            break
+        return moved
+
+    def crowd_reason(self, demand: Demand) -> Optional[str]:
+        """Why this run had to crowd the model's replicas (None: it did not). A run that
+        began from another plan's limits (``limits_of``) may find it only now."""
+        if demand.model in self.crowded:
+            return self.crowded[demand.model]
+        if not self.relaxed(demand.model):
+            return None
+        strict = Apart(demand.model, 1 if demand.apart_nodes else None, 1)
+        return crowding(demand, self.states, self.policy, strict)
+
+    def _crowding(self, p: Placed, level: str) -> int:
+        """Replicas of p's model on p's node ("node"), or on its most crowded GPU."""
+        s, model = p.state, p.demand.model
+        if level == "node":
+            return s.models.get(model, 0)
+        return max(s.on_gpu[g].get(model, 0) for g in p.gpus)
+
+    def _move(self, p: Placed, limit: Apart) -> bool:
+        """Move ``p`` to the best node within ``limit``, or leave it where it is."""
+        pools = {pool.product: pool for pool in self.pools}
+        s, gpus, req = p.state, p.gpus, p.req
+        pools[s.node.product].release(s, p.demand.model, gpus, req)
+        options = self.options(p.demand)
+        found = self.best_node(p.demand, options, self.fresh_values(options), apart=limit)
+        if found is None:
+            pools[s.node.product].update(s, p.demand.model, gpus, req)
+            return False
+        t, gpus_t, pool_t, req_t = found
+        pool_t.update(t, p.demand.model, gpus_t, req_t)
+        p.state, p.gpus, p.req = t, gpus_t, req_t
+        return True
 
     def commit(self, demand: Demand, pool: Pool, s: NodeState, gpus: tuple[int, ...],
                req: Requirement) -> None:
@@ -352,12 +494,24 @@ class World:
         items = self.fill_items(pool.product, s.free[g])
         if not items:
             return
-        _, counts = best_fill(s.free[g], [(need, count) for need, count, _, _ in items])
+        counts = [self._room(d, s, g, count) for _, count, d, _ in items]
+        _, counts = best_fill(s.free[g], [(need, count) for (need, _, _, _), count
+                                          in zip(items, counts)])
         for (need, _, d, req), k in zip(items, counts):
+            apart = self.aparts.get(d.model)
             for _ in range(k):
-                if not s.fits(g, req, self.policy.share_gpus):
+                if not s.fits(g, req, self.policy.share_gpus, apart) or spread_allows(
+                        s, apart) is not None:
                     break
                 self.commit(d, pool, s, (g,), req)
+
+    def _room(self, demand: Demand, s: NodeState, g: int, count: int) -> int:
+        """Of ``count`` replicas of ``demand``, how many GPU ``g`` of ``s`` may take by
+        the model's spread limits."""
+        apart = self.aparts.get(demand.model)
+        if apart is None:
+            return count
+        return max(0, min(count, apart.gpu_room(s, g), apart.node_room(s)))
 
     @property
     def small(self) -> bool:

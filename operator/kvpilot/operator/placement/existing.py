@@ -56,11 +56,18 @@ def _load(world: "World", e: Existing, add: bool) -> None:
 
 
 def _removal_key(world: "World", e: Existing) -> tuple:
-    """Which surplus replica goes first: one on a cordoned node (being drained), then the
-    one that is alone on the most GPUs (removing it frees whole GPUs), then the one on
-    the least loaded node, then the newest name."""
+    """Which surplus replica goes first: one on a cordoned node (being drained), then,
+    for a model that spreads, the one on its most crowded node ("node") or GPU ("gpu"),
+    then the one that is alone on the most GPUs (removing it frees whole GPUs), then the
+    one on the least loaded node, then the newest name."""
     s = world.by_name[e.node]
+    d = world.by_model.get(e.model)
+    crowd = 0
+    if d is not None and d.apart_nodes:
+        crowd = s.models.get(e.model, 0)
+    elif d is not None and d.apart_gpus:
+        crowd = max((s.on_gpu[g].get(e.model, 0) for g in e.gpus), default=0)
     alone = sum(1 for g in e.gpus if s.tenants[g] == 1)
     used = sum(s.cap - f for f in s.free)
-    return (not s.node.cordoned, -alone, used,
+    return (not s.node.cordoned, -crowd, -alone, used,
             [-x if isinstance(x, int) else x for x in natural(e.name)])

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from kvpilot.operator.placement.model import Demand, Policy, Requirement
-from kvpilot.operator.placement.state import NodeState
+from kvpilot.operator.placement.state import Apart, NodeState
 
 Filter = Callable[[NodeState, Demand, Optional[Requirement], Policy], Optional[str]]
 
@@ -63,6 +63,19 @@ def fits_bandwidth(s: NodeState, demand: Demand, req: Optional[Requirement],
     if len(s.fitting_gpus(req, policy.share_gpus)) >= req.tp:
         return None
     return "not enough HBM bandwidth for the ITL targets"
+
+
+def spread_allows(s: NodeState, apart: Optional[Apart]) -> Optional[str]:
+    """The spread filter of a model whose replicas keep to distinct nodes
+    (``Demand.spread``): a node that holds as many of them as the model's limit stands
+    at takes no more. Its limit moves within a run (``engine.World.relax``), so it is
+    not one of ``FILTERS``; the engine, the packing steps and the ILP ask it beside
+    them. At GPU level the same limit is part of the fit (``NodeState.fits``)."""
+    if apart is None or apart.node_allows(s):
+        return None
+    if apart.node_cap == 1:
+        return "holding a replica of it"
+    return f"holding {apart.node_cap} replicas of it"
 
 
 FILTERS: tuple[Filter, ...] = (

@@ -28,7 +28,9 @@ Valid inequalities tighten the relaxation: at most j shards larger than 1/(j+1) 
 GPU's free HBM fit on it (``sum w <= j u`` over those, j = 1..3). Symmetry breaking: of
 identical GPUs of a node the lower index is used first, and of identical empty nodes
 the earlier one carries at least as many used GPUs. A node's pod limit is a row over
-its ``v``.
+its ``v``. A model that spreads (``state.Apart``) bounds its variables: ``v[m,n]`` by
+what its node limit leaves on n, ``w[m,n,g]`` by what its GPU limit leaves on g, and a
+node or GPU at the limit gets no variable at all.
 """
 
 from __future__ import annotations
@@ -99,15 +101,18 @@ def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[f
         if r_m <= 0:
             continue
         per_model = []
+        apart = world.aparts.get(d.model)
         for s in nodes:
             req = d.requirement(s.node.product)
             if req is None or req.tp > s.node.gpus:
                 continue
-            gpus = s.fitting_gpus(req, share)
-            if len(gpus) < req.tp:
+            gpus = s.fitting_gpus(req, share, apart)
+            if len(gpus) < req.tp or (apart is not None and not apart.node_allows(s)):
                 continue
-            v = var(0.0, float(r_m), -float(big))
-            w = {g: var(0.0, float(r_m), 0.0) for g in gpus}
+            most = r_m if apart is None else min(r_m, apart.node_room(s))
+            v = var(0.0, float(most), -float(big))
+            w = {g: var(0.0, float(most if apart is None else min(most, apart.gpu_room(s, g))),
+                        0.0) for g in gpus}
             pairs.append((d, req, s, v, w))
             per_model.append(v)
             on_node.setdefault(s.index, []).append(v)

@@ -176,8 +176,9 @@ def requirement(spec: ModelSpec, gpu_hbm: int, max_gpus: int, reserve: float = 0
 
 
 def demand_for(name: str, spec: ModelSpec, snapshot: Snapshot, policy: Policy,
-               replicas: int | None = None) -> Demand:
-    """One model's demand over the products of ``snapshot``."""
+               replicas: int | None = None, spread: str | None = None) -> Demand:
+    """One model's demand over the products of ``snapshot``, spread as the Model's
+    ``placement.spread`` says (``spread``, when given, instead)."""
     reqs: dict[str, Requirement] = {}
     unfit: dict[str, str] = {}
     for product, (hbm, gpus, facts) in sorted(gpu_kinds(snapshot).items()):
@@ -191,6 +192,7 @@ def demand_for(name: str, spec: ModelSpec, snapshot: Snapshot, policy: Policy,
     return Demand(
         model=name, replicas=spec.replicas if replicas is None else replicas,
         requirements=reqs, products=tuple(spec.gpu_products), unfit=unfit, spec=spec,
+        spread=spec.spread if spread is None else spread,
     )
 
 
@@ -215,11 +217,13 @@ class Refused:
 
 
 def demands_from_models(models: Sequence[Model], snapshot: Snapshot, policy: Policy,
-                        worker_limits: bool = True) -> tuple[list[Demand], dict[str, Refused]]:
+                        worker_limits: bool = True, spread: str | None = None,
+                        ) -> tuple[list[Demand], dict[str, Refused]]:
     """Demands of Model objects, in their order, as the operator makes them; a name may
     appear once. The second result: the Models the operator would refuse, by name; they
     are not demanded. Without ``worker_limits``, every Model is planned as placement
-    alone allows (for capacity planning with another engine)."""
+    alone allows (for capacity planning with another engine). ``spread``, when given,
+    stands for every Model's ``placement.spread`` (what if they all spread so)."""
     seen: set[str] = set()
     out, refused = [], {}
     for m in models:
@@ -228,9 +232,10 @@ def demands_from_models(models: Sequence[Model], snapshot: Snapshot, policy: Pol
             raise ValueError(f"model {name!r} appears twice")
         seen.add(name)
         if not worker_limits:
-            out.append(demand_for(name, m.spec, snapshot, policy))
+            out.append(demand_for(name, m.spec, snapshot, policy, spread=spread))
         elif problem := worker_support_problem(m.spec):
             refused[name] = Refused(problem, m.spec.desired_replicas)
         else:
-            out.append(servable(demand_for(name, m.spec, snapshot, policy), m.spec))
+            out.append(servable(demand_for(name, m.spec, snapshot, policy, spread=spread),
+                                m.spec))
     return out, refused

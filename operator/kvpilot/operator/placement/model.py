@@ -13,6 +13,10 @@ from kvpilot.api.gpus import GPUProduct, gpu_facts
 from kvpilot.api.quantity import MiB, format_bytes
 
 ANY_PRODUCT = "*"
+# A Model's failure domain (``spec.placement.spread``): replicas of one model go to
+# distinct GPUs ("gpu"), or distinct nodes and so distinct GPUs ("node"), while the fleet
+# has room for that; "none" packs them as any replicas.
+SPREADS = ("none", "gpu", "node")
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,13 @@ class Demand:
     and then ``unfit`` says why. ``spec`` (a ``kvpilot.api.model.ModelSpec``), when
     present, lets an unplaced replica's reason suggest fixes worked out by the memory
     model.
+
+    ``spread`` (one of ``SPREADS``) is a constraint, not a score: with "gpu" a GPU that
+    holds a replica of the model takes no second one, with "node" a node that holds one
+    takes no second one (nor, then, does a GPU), as long as some GPU or node without one
+    has room. Only when none has are the limits raised, one replica at a time and only as
+    far as needed: the replicas then share the least crowded domains (``Plan.crowded``
+    says so). See ``engine.World.relax``.
     """
 
     model: str
@@ -106,6 +117,22 @@ class Demand:
     products: tuple[str, ...] = ()
     unfit: Mapping[str, str] = field(default_factory=dict)
     spec: Any = None
+    spread: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.spread not in SPREADS:
+            raise ValueError(f"model {self.model!r}: spread must be one of "
+                             f"{', '.join(SPREADS)}: {self.spread!r}")
+
+    @property
+    def apart_gpus(self) -> bool:
+        """Replicas of this model keep to distinct GPUs while they can ("gpu", "node")."""
+        return self.spread != "none"
+
+    @property
+    def apart_nodes(self) -> bool:
+        """Replicas of this model keep to distinct nodes while they can ("node")."""
+        return self.spread == "node"
 
     def allows(self, product: str) -> bool:
         return not self.products or product in self.products
@@ -130,7 +157,8 @@ class Policy:
     ``packing`` weighs the most-allocated score (fill GPUs that are already in use, so
     fewer GPUs carry load) against the spreading scores (KV headroom on the chosen GPUs,
     least-allocated node). ``reserve`` is the fraction of every GPU's HBM kept free.
-    ``spread_replicas`` prefers nodes that hold fewer replicas of the same model.
+    ``spread_replicas`` prefers nodes that hold fewer replicas of the same model (a
+    score; the constraint a Model asks for is ``Demand.spread``).
     ``share_gpus`` lets replicas of different (or the same) models share a GPU when
     their budgets fit. ``rebalance`` re-places existing replicas as if new.
     ``worker_limits``: a fix suggested for a replica that fits nowhere must be one
@@ -217,6 +245,19 @@ class Unplaced:
 
 
 @dataclass(frozen=True)
+class Crowded:
+    """A model whose spread the plan keeps only in part: ``sharing`` of its ``replicas``
+    share their node ("node") or a GPU ("gpu") with another replica of it. ``reason``
+    says why, in one line."""
+
+    model: str
+    spread: str
+    sharing: int
+    replicas: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class Move:
     """In a rebalance: an existing replica that the plan puts somewhere else."""
 
@@ -253,7 +294,8 @@ class Plan:
 
     ``removals`` are existing replicas to delete (beyond the desired count, of a model no
     longer demanded, or on a node that is not Ready). ``moves_avoided`` counts existing
-    replicas left exactly where they were.
+    replicas left exactly where they were. ``crowded``: the models whose replicas share
+    a node or GPU that their spread would keep apart, and why.
     """
 
     assignments: tuple[Assignment, ...] = ()
@@ -262,6 +304,7 @@ class Plan:
     moves: tuple[Move, ...] = ()
     moves_avoided: int = 0
     nodes: tuple[NodeUsage, ...] = ()
+    crowded: tuple[Crowded, ...] = ()
 
     @property
     def gpus_used(self) -> int:
@@ -302,6 +345,11 @@ class Plan:
             "unplaced": [
                 {"replica": u.replica, "model": u.model, "reason": u.reason}
                 for u in self.unplaced
+            ],
+            "crowded": [
+                {"model": c.model, "spread": c.spread, "sharing": c.sharing,
+                 "replicas": c.replicas, "reason": c.reason}
+                for c in self.crowded
             ],
             "removals": list(self.removals),
             "moves": [

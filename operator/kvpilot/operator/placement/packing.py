@@ -34,8 +34,9 @@ import random
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Optional
 
+from kvpilot.operator.placement.filters import spread_allows
 from kvpilot.operator.placement.model import Requirement
-from kvpilot.operator.placement.state import NodeState, Placed, Pool
+from kvpilot.operator.placement.state import Apart, NodeState, Placed, Pool
 
 if TYPE_CHECKING:  # pragma: no cover
     from kvpilot.operator.placement.engine import World
@@ -47,17 +48,20 @@ REPAIR_MOVES = 5_000
 HOME_LOOKS = 16  # GPUs in use looked at, tightest first, for a replica that moves  # replicas moved, at most, while repairing one plan
 
 
-def stack_groups(s: NodeState, req: Requirement, count: int, share: bool
-                 ) -> list[tuple[int, ...]]:
+def stack_groups(s: NodeState, req: Requirement, count: int, share: bool,
+                 apart: Optional[Apart] = None) -> list[tuple[int, ...]]:
     """GPU sets for as many of ``count`` replicas of ``req`` (TP > 1) as node ``s``
     holds, over the fewest fresh GPUs: GPUs in use first, then fresh ones holding the
-    most shards, dealt out by McNaughton's wrap-around. Empty when not one fits."""
+    most shards, dealt out by McNaughton's wrap-around; within the model's spread
+    limits (``apart``). Empty when not one fits."""
     t = req.tp
-    caps = [(g, s.shards(g, req, share)) for g in range(s.node.gpus)]
+    caps = [(g, s.shards(g, req, share, apart)) for g in range(s.node.gpus)]
     caps = [(g, c) for g, c in caps if c > 0]
     if len(caps) < t:
         return []
     k = min(count, s.pods_left, sum(c for _, c in caps) // t)
+    if apart is not None:
+        k = min(k, apart.node_room(s))
     while k > 0 and sum(min(c, k) for _, c in caps) < t * k:
         k -= 1
     if k == 0:
@@ -99,6 +103,7 @@ def _make_room(world: "World", demand, budget: int) -> Optional[int]:
         if p.state is not None:
             on_node.setdefault(p.state.index, []).append(p)
     tries = []
+    apart = world.aparts.get(demand.model)
     for pool, req in world.options(demand):
         for s in pool.states:
             mine = on_node.get(s.index, [])
@@ -110,19 +115,23 @@ def _make_room(world: "World", demand, budget: int) -> Optional[int]:
         mine = on_node[n]
         for p in mine:
             pools[s.node.product].release(s, p.demand.model, p.gpus, p.req)
-        gpus = s.fitting_gpus(req, share)
-        if len(gpus) < req.tp:
+        gpus = s.fitting_gpus(req, share, apart)
+        if len(gpus) < req.tp or spread_allows(s, apart) is not None:
             for p in mine:
                 pools[s.node.product].update(s, p.demand.model, p.gpus, p.req)
             continue
         home = {id(p): (p.state, p.gpus) for p in mine}
         for p in mine:
             p.state = None
-        world.commit(demand, pool, s, stack_groups(s, req, 1, share)[0], req)
+        world.commit(demand, pool, s, stack_groups(s, req, 1, share, apart)[0], req)
         ok = True
         for p in sorted(mine, key=lambda p: (-p.req.hbm_per_gpu * p.req.tp, p.demand.model)):
-            found = world.best_node(p.demand, world.options(p.demand),
-                                    {pl.product: 1.0 for pl in world.pools})
+            options, fresh = world.options(p.demand), {pl.product: 1.0 for pl in world.pools}
+            found = world.best_node(p.demand, options, fresh)
+            # A spreading model's replica that only fits beyond its limits: they rise,
+            # as in the constructive pass (the repair is worth more replicas placed).
+            while found is None and world.relax(p.demand):
+                found = world.best_node(p.demand, options, fresh)
             if found is None:
                 ok = False
                 break
@@ -310,6 +319,7 @@ def _home(world: "World", p: Placed, fresh: dict[str, float]
     share = world.policy.share_gpus
     best: Optional[tuple] = None
     options = world.options(p.demand)
+    apart = world.aparts.get(p.demand.model)
     for pool, req in options:
         if req.tp != 1:
             continue
@@ -317,7 +327,7 @@ def _home(world: "World", p: Placed, fresh: dict[str, float]
         start = bisect_left(lst, (req.hbm_per_gpu,))
         for free, n, g in lst[start:start + HOME_LOOKS]:
             s = world.states[n]
-            if s.fits(g, req, share):
+            if s.fits(g, req, share, apart) and spread_allows(s, apart) is None:
                 key = ((s.cap - free + req.hbm_per_gpu) / s.cap, -n, -g)
                 if best is None or key > best[0]:
                     best = (key, s, (g,), req)

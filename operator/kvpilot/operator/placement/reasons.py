@@ -24,10 +24,10 @@ from kvpilot.api.memory import (
 )
 from kvpilot.api.quantity import format_bytes
 from kvpilot.api.support import WORKER_MAX_TENSOR_PARALLEL, worker_support_problem
-from kvpilot.operator.placement.filters import first_failure, product_fits
+from kvpilot.operator.placement.filters import first_failure, product_fits, spread_allows
 from kvpilot.operator.placement.inputs import requirement
 from kvpilot.operator.placement.model import Demand, Policy, Requirement
-from kvpilot.operator.placement.state import NodeState, tighter
+from kvpilot.operator.placement.state import Apart, NodeState, tighter
 
 
 class _Free:
@@ -128,6 +128,29 @@ def explain(demand: Demand, states: list[NodeState], policy: Policy) -> str:
     fixes = (_fixes(demand, free, allowed, products, closest, states, policy)
              or _no_fix(demand, free, allowed, closest))
     return f"{main}; {best}; {fixes} ({summary})"
+
+
+def crowding(demand: Demand, states: list[NodeState], policy: Policy, apart: Apart) -> str:
+    """Why a replica of a model that spreads must share a node or GPU with another of
+    it: no node or GPU within the model's limits ``apart`` has room, with the tally of
+    what stops each node ("0/4 nodes fit: 2 holding a replica of it, 2 not enough free
+    HBM")."""
+    tally: Counter = Counter()
+    for s in states:
+        reason = first_failure(s, demand, policy) or spread_allows(s, apart)
+        if reason is None:
+            req = demand.requirement(s.node.product)
+            reason = ("fits" if req is not None and len(s.fitting_gpus(
+                req, policy.share_gpus, apart)) >= req.tp
+                else "room only on GPUs holding a replica of it")
+        tally[reason] += 1
+    summary = f"0/{len(states)} nodes fit: " + ", ".join(
+        f"{n} {r}" for r, n in sorted(tally.items(), key=lambda x: (-x[1], x[0])))
+    if demand.apart_nodes and apart.gpu_cap == 1 and apart.node_cap == 1:
+        main = "every node with room for another replica of the Model holds one already"
+    else:
+        main = "every GPU with room for another replica of the Model holds one already"
+    return f"spread {demand.spread}: {main} ({summary})"
 
 
 def _gb(n: int) -> str:

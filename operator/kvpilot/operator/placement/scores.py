@@ -7,8 +7,10 @@ eligible GPUs with the best weighted GPU score. Packing vs spreading is the weig
 
 from __future__ import annotations
 
+from typing import Optional
+
 from kvpilot.operator.placement.model import Demand, Requirement
-from kvpilot.operator.placement.state import NodeState, tighter
+from kvpilot.operator.placement.state import Apart, NodeState, tighter
 
 
 def gpu_most_allocated(free: int, tenants: int, cap: int, need: int, fresh: float,
@@ -57,17 +59,18 @@ def model_spread(s: NodeState, demand: Demand) -> float:
 
 def score_node(
     s: NodeState, demand: Demand, req: Requirement, weights: dict[str, float],
-    max_cap: int, share: bool, fresh: float,
+    max_cap: int, share: bool, fresh: float, apart: Optional[Apart] = None,
 ) -> tuple[float, tuple[int, ...]]:
     """(score, chosen GPUs) of a node that passed the filters; ``fresh`` is the value of
     opening a fresh GPU on it (see ``gpu_most_allocated``). Fewer GPUs than the TP
-    degree (and score 0) where fewer fit (``NodeState.fits``)."""
+    degree (and score 0) where fewer fit (``NodeState.fits``, within the model's spread
+    limit per GPU, ``apart``)."""
     need, cap = req.hbm_per_gpu, s.cap
     w_pack, w_head = weights["most_allocated"], weights["kv_headroom"]
     node_used = 1.0 - sum(s.free) / (cap * s.node.gpus)
     ranked = []
     for g, (free, tenants) in enumerate(zip(s.free, s.tenants)):
-        if not s.fits(g, req, share):
+        if not s.fits(g, req, share, apart):
             continue
         fill = stream_fill(s, g, req)
         pack = gpu_most_allocated(free, tenants, cap, need, fresh, node_used, fill)

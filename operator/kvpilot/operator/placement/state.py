@@ -43,6 +43,31 @@ def gpu_fits(free: int, tenants: int, streamed: int, limit: Optional[int],
     return budget is None or streamed + req.step_bytes <= budget
 
 
+@dataclass(frozen=True, slots=True)
+class Apart:
+    """A spread model's limits as they stand in one run: a node that holds ``node_cap``
+    replicas of ``model`` takes no more of them (None: no limit), nor does a GPU that
+    holds ``gpu_cap``. They start at one ("node": one per node and per GPU; "gpu": one
+    per GPU) and rise only when nothing fits within them (``engine.World.relax``)."""
+
+    model: str
+    node_cap: Optional[int]
+    gpu_cap: int
+
+    def node_allows(self, s: "NodeState") -> bool:
+        return self.node_cap is None or s.models.get(self.model, 0) < self.node_cap
+
+    def gpu_room(self, s: "NodeState", g: int) -> int:
+        """Replicas of the model GPU ``g`` may still take (shards of them)."""
+        return self.gpu_cap - s.on_gpu[g].get(self.model, 0)
+
+    def node_room(self, s: "NodeState") -> int:
+        """Replicas of the model node ``s`` may still take."""
+        if self.node_cap is None:
+            return 1 << 30
+        return self.node_cap - s.models.get(self.model, 0)
+
+
 def natural(name: str) -> list:
     """'m-10' after 'm-9': digits compare as numbers."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
@@ -77,7 +102,7 @@ class NodeState:
     """Free HBM, streamed bytes, budgets and tenants of each GPU of one node."""
 
     __slots__ = ("node", "index", "cap", "free", "tenants", "streamed", "budgets", "models",
-                 "pods_left", "version")
+                 "on_gpu", "pods_left", "version")
 
     def __init__(self, node: Node, index: int, cap: int) -> None:
         self.node = node
@@ -88,6 +113,8 @@ class NodeState:
         self.streamed = [0] * node.gpus  # bytes per decode step, all tenants
         self.budgets: list[list[int]] = [[] for _ in range(node.gpus)]  # tenants' budgets
         self.models: dict[str, int] = {}  # model -> replicas on this node
+        # model -> replicas with a shard on the GPU, per GPU (the spread at GPU level)
+        self.on_gpu: list[dict[str, int]] = [{} for _ in range(node.gpus)]
         # Replicas it may still take (the node's pod limit; negative when it holds more).
         self.pods_left = node.max_pods if node.max_pods is not None else 1 << 30
         self.version = 0
@@ -96,20 +123,27 @@ class NodeState:
         """The step-byte budget of GPU ``g``: its tightest tenant's; None: no target."""
         return min(self.budgets[g]) if self.budgets[g] else None
 
-    def fits(self, g: int, req: Requirement, share: bool) -> bool:
-        """``gpu_fits`` on GPU ``g``, on a node whose pod limit takes one more replica."""
-        return self.pods_left > 0 and gpu_fits(self.free[g], self.tenants[g],
-                                               self.streamed[g], self.limit(g), req, share)
+    def fits(self, g: int, req: Requirement, share: bool,
+             apart: Optional[Apart] = None) -> bool:
+        """``gpu_fits`` on GPU ``g``, on a node whose pod limit takes one more replica
+        and, for a spread model (``apart``), on a GPU below its limit of the model."""
+        return (self.pods_left > 0
+                and (apart is None or self.on_gpu[g].get(apart.model, 0) < apart.gpu_cap)
+                and gpu_fits(self.free[g], self.tenants[g], self.streamed[g], self.limit(g),
+                             req, share))
 
-    def shards(self, g: int, req: Requirement, share: bool) -> int:
-        """How many shards of ``req`` GPU ``g`` holds at once (by both resources and the
-        node's pod limit)."""
-        if not self.fits(g, req, share):
+    def shards(self, g: int, req: Requirement, share: bool,
+               apart: Optional[Apart] = None) -> int:
+        """How many shards of ``req`` GPU ``g`` holds at once (by both resources, the
+        node's pod limit and the model's spread limit on the GPU)."""
+        if not self.fits(g, req, share, apart):
             return 0
         if not share:
             return 1
         k = self.free[g] // req.hbm_per_gpu if req.hbm_per_gpu else 1 << 20
         k = min(k, self.pods_left)
+        if apart is not None:
+            k = min(k, apart.gpu_room(self, g))
         budget = tighter(self.limit(g), req.step_budget)
         if budget is not None and req.step_bytes:
             k = min(k, (budget - self.streamed[g]) // req.step_bytes)
@@ -121,9 +155,10 @@ class NodeState:
             return sorted(self.free, reverse=True)
         return sorted((f for f, t in zip(self.free, self.tenants) if t == 0), reverse=True)
 
-    def fitting_gpus(self, req: Requirement, share: bool) -> list[int]:
-        """GPUs a shard of ``req`` fits (``gpu_fits``)."""
-        return [g for g in range(self.node.gpus) if self.fits(g, req, share)]
+    def fitting_gpus(self, req: Requirement, share: bool,
+                     apart: Optional[Apart] = None) -> list[int]:
+        """GPUs a shard of ``req`` fits (``gpu_fits``, and below the spread limit)."""
+        return [g for g in range(self.node.gpus) if self.fits(g, req, share, apart)]
 
     def add(self, model: str, gpus: tuple[int, ...], hbm: int, step: int = 0,
             budget: Optional[int] = None) -> None:
@@ -133,6 +168,7 @@ class NodeState:
             self.streamed[g] += step
             if budget is not None:
                 self.budgets[g].append(budget)
+            self.on_gpu[g][model] = self.on_gpu[g].get(model, 0) + 1
         self.models[model] = self.models.get(model, 0) + 1
         self.pods_left -= 1
         self.version += 1
@@ -145,6 +181,7 @@ class NodeState:
             self.streamed[g] -= step
             if budget is not None:
                 self.budgets[g].remove(budget)
+            self.on_gpu[g][model] -= 1
         self.models[model] -= 1
         self.pods_left += 1
         self.version += 1
