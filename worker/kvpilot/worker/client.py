@@ -346,6 +346,8 @@ class EngineClient:
             if isinstance(message, Step):
                 self._step(message)
             elif isinstance(message, Ready):
+                with self._stats_cond:
+                    self._stats = message.stats
                 self.facts = message.facts
                 self._ready.set()
         self._died()

@@ -176,8 +176,9 @@ def serve(channel: Channel) -> int:
         write_termination(contract.REASON_LOAD_FAILED, f"{type(err).__name__}: {err}")
         return 1
     try:
-        channel.send(Ready(engine_facts(engine, settings.name, max_num_seqs=settings.max_num_seqs,
-                                        device=settings.device, tensor_parallel=settings.tp)))
+        facts = engine_facts(engine, settings.name, max_num_seqs=settings.max_num_seqs,
+                             device=settings.device, tensor_parallel=settings.tp)
+        channel.send(Ready(facts, engine.snapshot()))
         log.info("engine core ready: %s on %s, pid %d", settings.name, settings.device,
                  os.getpid())
         EngineCore(engine, channel, stats_interval=start.stats_interval).run()

@@ -86,6 +86,7 @@ class Commands:
 @dataclass(frozen=True)
 class Ready:
     facts: EngineFacts
+    stats: EngineStats  # the first snapshot, so that /metrics has one from the start
 
 
 @dataclass(slots=True)
