@@ -174,10 +174,10 @@ def test_a_sequence_that_breaks_its_batch_fails_alone(ckpt):
     def poisoned(seqs, marker):
         return any(s.prompt[0] == marker for s in seqs)
 
-    def bad_prefill(seqs):
+    def bad_prefill(seqs, chunks=None):
         if poisoned(seqs, BAD_PREFILL):
             raise RuntimeError("poisoned prefill")
-        return prefill(seqs)
+        return prefill(seqs, chunks)
 
     def bad_decode(seqs):
         if poisoned(seqs, BAD_DECODE):

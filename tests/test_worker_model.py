@@ -91,7 +91,7 @@ def test_a_failing_batch_finishes_its_sequences_with_an_error(ckpt):
 
     seq = Sequence([1, 2, 3], GREEDY)
     engine.add(seq)
-    engine.runner.prefill = lambda seqs: (_ for _ in ()).throw(RuntimeError("boom"))
+    engine.runner.prefill = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
     (out,) = engine.step()
     assert out.finish_reason is FinishReason.ERROR and "boom" in out.error
     assert engine.scheduler.bm.num_used == 0 and not engine.has_work()

@@ -1,5 +1,5 @@
-"""Continuous batching, preemption by recompute and the bounded waiting queue, in a tiny
-world of 10 pages of 16 tokens."""
+"""Continuous batching with chunked prefill, preemption by recompute and the bounded
+waiting queue, in a tiny world of 10 pages of 16 tokens."""
 
 from __future__ import annotations
 
@@ -30,12 +30,15 @@ def seq(n: int, start: int = 0, max_tokens: int = 100) -> Sequence:
 
 
 def run_step(sched: Scheduler, token: int = 1):
-    """What the engine does around the forward pass: one new token per sequence."""
+    """What the engine does around the forward pass: the chunks are computed, and each
+    sequence whose chunk reached its end gets one new token."""
     batch = sched.schedule()
     if batch is not None:
-        sched.computed(batch)
-        for s in batch.seqs:
-            s.tokens.append(token)
+        samples = [batch.samples(i) for i in range(len(batch.seqs))]
+        sched.computed(batch.seqs, batch.chunks)
+        for s, sample in zip(batch.seqs, samples):
+            if sample:
+                s.tokens.append(token)
     return batch
 
 
@@ -53,7 +56,7 @@ def test_prefill_then_decode_every_step():
     assert a.num_computed == 21 and len(a) == 22
 
 
-def test_new_arrivals_join_between_decode_steps():
+def test_new_arrivals_join_the_running_decodes_in_one_step():
     _, sched = make()
     a = seq(20)
     sched.add(a)
@@ -61,12 +64,13 @@ def test_new_arrivals_join_between_decode_steps():
     b = seq(3, 100)
     sched.add(b)
     batch = run_step(sched)
-    assert batch.kind is BatchKind.PREFILL and batch.seqs == [b]
+    assert batch.kind is BatchKind.MIXED and batch.seqs == [a, b] and batch.chunks == [1, 3]
+    assert batch.decodes == 1 and batch.num_tokens == 4
     batch = run_step(sched)
     assert batch.kind is BatchKind.DECODE and batch.seqs == [a, b]
 
 
-def test_admission_stops_at_max_num_seqs_and_token_budget():
+def test_admission_stops_at_max_num_seqs_and_prompts_are_chunked_to_the_budget():
     _, sched = make(max_num_seqs=2)
     s1, s2, s3 = seq(4), seq(4, 10), seq(4, 20)
     for s in (s1, s2, s3):
@@ -78,10 +82,34 @@ def test_admission_stops_at_max_num_seqs_and_token_budget():
     s1, s2, s3 = seq(20), seq(20, 100), seq(40, 200)
     for s in (s1, s2, s3):
         sched.add(s)
-    assert run_step(sched).seqs == [s1]  # 20 + 20 > 30
-    assert run_step(sched).seqs == [s2]
-    # A sequence longer than the budget still runs, alone.
-    assert run_step(sched).seqs == [s3]
+    batch = run_step(sched)  # s1 whole, the first 10 of s2
+    assert (batch.seqs, batch.chunks) == ([s1, s2], [20, 10])
+    assert (len(s1), len(s2), s2.num_computed) == (21, 20, 10)  # only s1 sampled
+    batch = run_step(sched)  # s1's decode, the rest of s2, s3's first 19
+    assert (batch.seqs, batch.chunks) == ([s1, s2, s3], [1, 10, 19])
+    assert batch.kind is BatchKind.MIXED and (len(s2), s3.num_computed) == (21, 19)
+    batch = run_step(sched)  # the rest of s3 (21) fits beside two decodes
+    assert (batch.seqs, batch.chunks) == ([s1, s2, s3], [1, 1, 21]) and len(s3) == 41
+    assert run_step(sched).kind is BatchKind.DECODE
+
+
+def test_a_long_prompt_never_holds_the_decodes_for_more_than_one_step_budget():
+    bm, sched = make(max_batched_tokens=32)
+    a = seq(8)
+    sched.add(a)
+    run_step(sched)
+    long = seq(100, 1000)
+    sched.add(long)
+    chunks = []
+    while len(long) == 100:
+        batch = run_step(sched)
+        assert batch.seqs[0] is a and batch.chunks[0] == 1  # a decodes every step
+        assert batch.num_tokens <= 32
+        chunks.append(batch.chunks[1])
+    assert chunks == [31, 31, 31, 7]
+    assert long.num_computed == 100 and len(long) == 101 and len(a) == 13
+    # Its pages were allocated whole at admission: a chunk never waits for pages.
+    assert len(bm.table(long.seq_id)) == 7
 
 
 def test_waiting_queue_is_bounded():
@@ -126,7 +154,8 @@ def test_newest_is_preempted_when_pages_run_out_and_recomputed_later():
     # a finishes: b is recomputed (prompt + its 2 generated tokens), mostly from the cache.
     sched.finish(a, FinishReason.LENGTH)
     batch = run_step(sched)
-    assert batch.kind is BatchKind.PREFILL and batch.seqs == [b]
+    # 80 of its 81 tokens were found: only the last is computed, as a decode would.
+    assert batch.seqs == [b] and batch.chunks == [1] and batch.kind is BatchKind.DECODE
     assert len(b) == 82 and b.output == [1, 1, 1]
     assert bm.hit_tokens == 80  # 5 whole pages of b found again
 
@@ -159,9 +188,10 @@ def test_oldest_keeps_running_under_pressure():
         assert run_step(sched).seqs == seqs[:2]
     sched.finish(seqs[0], FinishReason.LENGTH)
     batch = run_step(sched)
-    assert batch.kind is BatchKind.PREFILL and batch.seqs == [seqs[2]]
-    # Its first 2 pages were still cached; its last one went to seqs[1] (evicted first).
-    assert bm.hit_tokens == 32
+    assert batch.kind is BatchKind.MIXED and batch.seqs == seqs[1:]
+    # Of its 2 full pages still cached, seqs[1]'s next page (scheduled first: running
+    # sequences go before admissions) evicted one.
+    assert bm.hit_tokens == 16
 
 
 def test_finish_and_abort_free_pages_wherever_the_sequence_is():
@@ -200,3 +230,20 @@ def test_finishing_during_postprocess_leaves_the_batch_whole():
     batch = sched.schedule()
     sched.finish(a, FinishReason.LENGTH)  # what the engine does while walking the batch
     assert batch.seqs == [a, b] and sched.running == [b]
+
+
+def test_a_partly_prefilled_sequence_can_be_preempted_and_starts_over():
+    bm, sched = make(num_pages=6, max_batched_tokens=10)
+    a, b = seq(47), seq(40, 1000)  # 3 pages each: the whole pool
+    sched.add(a)
+    sched.add(b)
+    for _ in range(4):
+        assert run_step(sched).seqs == [a]  # 40 of a's 47; b waits for budget
+    batch = run_step(sched)
+    assert (batch.seqs, batch.chunks) == ([a, b], [7, 3]) and bm.num_free == 0
+    batch = run_step(sched)
+    assert batch.chunks == [1, 9] and b.num_computed == 12
+    # a's position 48 needs a 4th page: b, the newest, half prefilled, is preempted.
+    batch = run_step(sched)
+    assert batch.seqs == [a] and batch.preempted == [b]
+    assert b.num_computed == 0 and b.status is Status.WAITING and b.output == []

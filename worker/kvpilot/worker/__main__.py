@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch")
     ap.add_argument("--max-waiting", type=int, default=256,
                     help="waiting requests beyond which new ones get 429")
-    ap.add_argument("--max-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-batched-tokens", type=int, default=2048)
     ap.add_argument("--gpu-memory-utilization", type=float, default=None,
                     help="standalone: size the KV pool from this share of the GPU's memory")
     ap.add_argument("--max-model-len", type=int, default=2048,

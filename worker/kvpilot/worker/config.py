@@ -117,7 +117,7 @@ class WorkerSettings:
     gpu_memory_utilization: float | None = None
     max_num_seqs: int = 64
     max_waiting: int = 256
-    max_batched_tokens: int = 8192
+    max_batched_tokens: int = 2048  # new tokens per step: decodes, then prefill chunks
     prefix_caching: bool = True
     cuda_graphs: bool = True
     debug_checks: bool = False

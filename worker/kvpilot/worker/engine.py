@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from kvpilot.worker.runner import ModelRunner
 from kvpilot.worker.sampler import Sampler
 from kvpilot.worker.scheduler import (
-    Batch,
-    BatchKind,
     FinishReason,
     SamplingParams,
     Scheduler,
@@ -112,56 +110,67 @@ class Engine:
         outputs: list[Output] = []
         if batch is not None and batch.seqs:
             start = time.monotonic()
-            tokens, errors = self._run(batch.kind, batch.seqs)
+            samples = [batch.samples(i) for i in range(len(batch.seqs))]
+            decodes = batch.decodes  # before the chunks are counted as computed
+            tokens, errors = self._run(batch.seqs, batch.chunks, samples)
             now = time.monotonic()
-            done = [s for s in batch.seqs if s.seq_id in tokens]
-            # Only sequences computed cleanly commit their pages to the prefix cache.
-            self.scheduler.computed(Batch(batch.kind, done))
+            failed = {seq.seq_id for seq, _ in errors}
+            ran = [(s, c) for s, c in zip(batch.seqs, batch.chunks) if s.seq_id not in failed]
+            # Only chunks computed cleanly commit their pages to the prefix cache.
+            self.scheduler.computed([s for s, _ in ran], [c for _, c in ran])
             with self.stats_lock:
-                if batch.kind is BatchKind.DECODE:
+                if decodes:  # what a running stream waited for this step
                     self.stats.decode_step.observe(now - start)
+                if decodes == len(batch.seqs):
                     kv = sum(len(s) for s in batch.seqs) * self.runner.kv_bytes_per_token
                     self.stats.step_read_bytes = self.weight_read_bytes + kv
+                done = [s for s in batch.seqs if s.seq_id in tokens]
                 self.stats.generation_tokens += len(done)
                 outputs = [self._postprocess(s, tokens[s.seq_id], now) for s in done]
             outputs += [self._fail(seq, message) for seq, message in errors]
         self._refresh_stats()
         return outputs
 
-    def _run(self, kind: BatchKind, seqs: list[Sequence], *, retry: bool = False
-             ) -> tuple[dict[int, int], list[tuple[Sequence, str]]]:
-        """Forward and sample ``seqs``: the new token of each sequence that got one (by
-        seq_id) and why each of the others failed.
+    def _run(self, seqs: list[Sequence], chunks: list[int], samples: list[bool], *,
+             retry: bool = False) -> tuple[dict[int, int], list[tuple[Sequence, str]]]:
+        """Forward ``seqs`` by their ``chunks`` and sample those whose chunk ends them
+        (``samples``): the new token of each sequence that got one (by seq_id) and why
+        each failed sequence failed.
 
         A forward pass that raises is retried in halves, down to single sequences, so one
         sequence that breaks its batch costs about 2*log2(n) extra passes and fails alone;
         rerunning a pass rewrites the same KV slots with the same values. When every
         sequence fails alone (a dead device), all of them fail, as before."""
         try:
-            logits = (self.runner.prefill(seqs) if kind is BatchKind.PREFILL
-                      else self.runner.decode(seqs))
-            sampled = self.sampler.sample(logits, [s.seq_id for s in seqs],
-                                          [s.params for s in seqs])
+            logits = self.runner.run(seqs, chunks)
+            rows = [r for r, sample in enumerate(samples) if sample]
+            sampled = None
+            if rows:
+                sampled = self.sampler.sample(logits[rows] if len(rows) < len(seqs) else logits,
+                                              [seqs[r].seq_id for r in rows],
+                                              [seqs[r].params for r in rows])
         except Exception as err:  # noqa: BLE001 - the worker must outlive a bad batch
             if not retry:  # one traceback per failed batch, not one per half
-                log.exception("a %s batch of %d sequences failed", kind.value, len(seqs))
+                log.exception("a batch of %d sequences failed", len(seqs))
             if len(seqs) == 1:
                 if retry:
-                    log.error("sequence %d fails its %s alone: %s: %s", seqs[0].seq_id,
-                              kind.value, type(err).__name__, err)
+                    log.error("sequence %d fails alone: %s: %s", seqs[0].seq_id,
+                              type(err).__name__, err)
                 return {}, [(seqs[0], f"{type(err).__name__}: {err}")]
             half = len(seqs) // 2
-            tokens, errors = self._run(kind, seqs[:half], retry=True)
-            more_tokens, more_errors = self._run(kind, seqs[half:], retry=True)
+            tokens, errors = self._run(seqs[:half], chunks[:half], samples[:half], retry=True)
+            more_tokens, more_errors = self._run(seqs[half:], chunks[half:], samples[half:],
+                                                 retry=True)
             return tokens | more_tokens, errors + more_errors
         tokens: dict[int, int] = {}
         errors: list[tuple[Sequence, str]] = []
-        for r, seq in enumerate(seqs):
-            if r in sampled.failed:
-                log.error("sequence %d could not be sampled: %s", seq.seq_id, sampled.failed[r])
-                errors.append((seq, sampled.failed[r]))
+        for i, r in enumerate(rows):
+            seq = seqs[r]
+            if i in sampled.failed:
+                log.error("sequence %d could not be sampled: %s", seq.seq_id, sampled.failed[i])
+                errors.append((seq, sampled.failed[i]))
             else:
-                tokens[seq.seq_id] = sampled.tokens[r]
+                tokens[seq.seq_id] = sampled.tokens[i]
         return tokens, errors
 
     def _postprocess(self, seq: Sequence, token: int, now: float) -> Output:
@@ -213,6 +222,8 @@ class Engine:
         with self.stats_lock:
             s = self.stats
             s.pages_used = bm.num_used
+            if len(bm.pools) > 1:
+                s.window_pages_used = bm.pools[1].num_used
             s.pages_cached = bm.num_cached_free
             s.running = len(sched.running)
             s.waiting = len(sched.waiting)

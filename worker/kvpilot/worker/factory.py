@@ -85,8 +85,9 @@ def create_engine(s: WorkerSettings, *, cfg: LlamaConfig | None = None,
                              cuda_graphs=s.cuda_graphs and device.type == "cuda",
                              debug_checks=s.debug_checks)
     # Preempted sequences re-enter the waiting queue over its bound: leave them room.
+    # Every running decode fits a step's budget; prompts are chunked to what is left.
     scheduler = Scheduler(bm, max_num_seqs=s.max_num_seqs,
-                          max_batched_tokens=max(s.max_batched_tokens, s.max_model_len),
+                          max_batched_tokens=max(s.max_batched_tokens, s.max_num_seqs),
                           max_waiting=s.max_waiting + s.max_num_seqs)
     per_slot = runner.group_bytes_per_token
     stats = EngineStats(model=s.name, page_size=s.page_size,

@@ -59,7 +59,7 @@ from kvpilot.worker.kernels.reference import (
     reshape_and_cache_ref,
 )
 from kvpilot.worker.model import Llama, LlamaConfig
-from kvpilot.worker.scheduler import Sequence
+from kvpilot.worker.scheduler import Sequence, is_decode
 
 KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": kv_cache.FP8_DTYPE,
              "fp32": torch.float32}
@@ -167,6 +167,14 @@ class DecodeInputs:
     slots: np.ndarray  # int32 [groups, rows]
     lens: np.ndarray
     table: np.ndarray  # int32 [groups, n, pages]
+
+
+@dataclass
+class MixedInputs:
+    """One step of decodes (the first ``decode.n`` tokens) and prefill chunks."""
+
+    decode: DecodeInputs
+    prefill: PrefillInputs
 
 
 @dataclass
@@ -320,18 +328,25 @@ class ModelRunner:
         if isinstance(inputs, PrefillInputs):
             self._prefill_run(inputs)
         elif isinstance(inputs, DecodeInputs):
-            ids, pos, lens, slots, tables = self._h
-            r, n = inputs.rows, inputs.n
-            ids[:r], pos[:r], lens[:r] = inputs.ids, inputs.positions, inputs.lens
-            for g, (sl, table) in enumerate(zip(slots, tables)):
-                sl[:r] = inputs.slots[g]
-                table[:n, :inputs.table.shape[2]] = inputs.table[g]
-            self._decode_run(n, r)
+            self._fill_host(inputs)
+            self._decode_run(inputs.n, inputs.rows)
+        elif isinstance(inputs, MixedInputs):
+            self._fill_host(inputs.decode)
+            self._mixed_run(inputs.decode.n, inputs.prefill)
         elif isinstance(inputs, ProbeInputs):
             self._probe_run(inputs)
         else:
             raise TypeError(f"not a step: {type(inputs).__name__}")
         self._sync()
+
+    def _fill_host(self, inputs: DecodeInputs) -> None:
+        """A follower: rank 0's decode rows into this rank's host buffer."""
+        ids, pos, lens, slots, tables = self._h
+        r, n = inputs.rows, inputs.n
+        ids[:r], pos[:r], lens[:r] = inputs.ids, inputs.positions, inputs.lens
+        for g, (sl, table) in enumerate(zip(slots, tables)):
+            sl[:r] = inputs.slots[g]
+            table[:n, :inputs.table.shape[2]] = inputs.table[g]
 
     # ---- K/V writes -------------------------------------------------------------------
     def _write(self, layer: kv_cache.LayerKV, k, v, slots) -> None:
@@ -361,24 +376,47 @@ class ModelRunner:
         check_batch(self.pools[g], [s.seq_id for s in seqs], rows, lens, writes)
 
     # ---- prefill ----------------------------------------------------------------------
-    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Compute tokens ``num_computed..len-1`` of each sequence; logits of each last
-        token, float32 ``[len(seqs), vocab]``."""
-        inputs = self._prefill_inputs(seqs)
+    def run(self, seqs: list[Sequence], chunks: list[int]) -> torch.Tensor:
+        """One step: sequence ``seqs[i]`` computes ``chunks[i]`` tokens from its
+        ``num_computed`` on. Float32 logits ``[len(seqs), vocab]`` of each one's last
+        computed token. All decodes (a chunk of one ending the sequence) go through
+        ``decode`` (CUDA graphs); otherwise one forward pass carries the decodes first,
+        then the prefill chunks (``mixed``)."""
+        decode = [is_decode(s, c) for s, c in zip(seqs, chunks)]
+        if all(decode):
+            return self.decode(seqs)
+        if not any(decode):
+            return self.prefill(seqs, chunks)
+        order = [i for i, d in enumerate(decode) if d] + [i for i, d in enumerate(decode) if not d]
+        logits = self.mixed([seqs[i] for i in order if decode[i]],
+                            [seqs[i] for i in order if not decode[i]],
+                            [chunks[i] for i in order if not decode[i]])
+        out = torch.empty_like(logits)
+        out[torch.tensor(order, device=logits.device)] = logits
+        return out
+
+    def prefill(self, seqs: list[Sequence], chunks: list[int] | None = None) -> torch.Tensor:
+        """Compute tokens ``num_computed .. num_computed + chunk - 1`` of each sequence (by
+        default up to its end); logits of each one's last computed token, float32
+        ``[len(seqs), vocab]``."""
+        inputs = self._prefill_inputs(seqs, chunks)
         return self._fan_out(inputs, lambda: self._prefill_run(inputs))
 
-    def _prefill_inputs(self, seqs: list[Sequence]) -> PrefillInputs:
+    def _prefill_inputs(self, seqs: list[Sequence], chunks: list[int] | None = None
+                        ) -> PrefillInputs:
         ids, pos, spans = [], [], []
         groups = range(len(self.pools))
         slots: list[list[int]] = [[] for _ in groups]
-        for s in seqs:
-            start, end = s.num_computed, len(s)
+        if chunks is None:
+            chunks = [len(s) - s.num_computed for s in seqs]
+        for s, chunk in zip(seqs, chunks):
+            start, end = s.num_computed, s.num_computed + chunk
             ids += s.tokens[start:end]
             pos += range(start, end)
             for g in groups:
                 slots[g] += self._slots_of(g, s, start, end)
             spans.append((len(ids) - (end - start), len(ids), start, end))
-        ends = [len(s) for s in seqs]
+        ends = [int(e) for _, _, _, e in spans]
         tables = [self._rows(g, seqs, ends) for g in groups]
         if self.debug_checks:
             for g in groups:
@@ -394,9 +432,17 @@ class ModelRunner:
     @torch.inference_mode()
     def _prefill_run(self, inp: PrefillInputs) -> torch.Tensor:
         dev = self.device
-        cfg = self.model.cfg
         input_ids = torch.from_numpy(inp.ids).to(dev)
         positions = torch.from_numpy(inp.positions).to(dev)
+        hidden = self.model.forward(input_ids, positions, self._prefill_attend(inp))
+        last = torch.tensor([t1 - 1 for _, t1, _, _ in inp.spans.tolist()], dtype=torch.long,
+                            device=dev)
+        return self.model.logits(hidden[last])
+
+    def _prefill_attend(self, inp: PrefillInputs):
+        """The attention of a prefill step's tokens, layer by layer (``model.Attend``)."""
+        dev = self.device
+        cfg = self.model.cfg
         slot_t = torch.from_numpy(inp.slots).to(dev)
         tables = [[torch.from_numpy(t).to(dev) for t in rows] for rows in inp.tables]
         spans = inp.spans.tolist()
@@ -427,9 +473,40 @@ class ModelRunner:
                                        softcap=cfg.attn_softcap, scale=cfg.attn_scale)
             return out
 
+        return attend
+
+    # ---- decodes and prefill chunks in one pass ---------------------------------------
+    def mixed(self, decodes: list[Sequence], prefills: list[Sequence],
+              chunks: list[int]) -> torch.Tensor:
+        """One forward pass over the last token of each of ``decodes`` (the paged decode
+        kernel, eager) and the chunks of ``prefills``: the weights are read once for
+        both. Logits ``[len(decodes) + len(prefills), vocab]``, decodes first."""
+        n = len(decodes)
+        self._decode_inputs(decodes, n)
+        pre = self._prefill_inputs(prefills, chunks)
+        inputs = None
+        if self.followers is not None:
+            inputs = MixedInputs(self._decode_message(n, n), pre)
+        return self._fan_out(inputs, lambda: self._mixed_run(n, pre))
+
+    @torch.inference_mode()
+    def _mixed_run(self, n: int, pre: PrefillInputs) -> torch.Tensor:
+        dev = self.device
+        if self.on_gpu:
+            self._dev.copy_(self._host, non_blocking=True)
+        ids, pos, slots, tables, lens = self._decode_args(n)
+        input_ids = torch.cat([ids.long(), torch.from_numpy(pre.ids).to(dev)])
+        positions = torch.cat([pos.long(), torch.from_numpy(pre.positions).to(dev)])
+        decode = self._decode_attend(slots, tables, lens, None)
+        prefill = self._prefill_attend(pre)
+
+        def attend(i, q, k, v):
+            return torch.cat([decode(i, q[:n], k[:n], v[:n]), prefill(i, q[n:], k[n:], v[n:])])
+
         hidden = self.model.forward(input_ids, positions, attend)
-        last = torch.tensor([t1 - 1 for _, t1, _, _ in spans], dtype=torch.long, device=dev)
-        return self.model.logits(hidden[last])
+        last = torch.tensor([n + t1 - 1 for _, t1, _, _ in pre.spans.tolist()],
+                            dtype=torch.long, device=dev)
+        return self.model.logits(torch.cat([hidden[:n], hidden[last]]))
 
     # ---- decode -----------------------------------------------------------------------
     def _decode_inputs(self, seqs: list[Sequence], rows: int) -> None:
@@ -469,6 +546,11 @@ class ModelRunner:
 
     def _decode_forward(self, ids, pos, slots, tables, lens, num_splits):
         """``slots`` and ``tables`` per KV group; ``num_splits`` per group, or None."""
+        attend = self._decode_attend(slots, tables, lens, num_splits)
+        return self.model.logits(self.model.forward(ids, pos, attend))
+
+    def _decode_attend(self, slots, tables, lens, num_splits):
+        """The attention of one token per sequence over its pages (``model.Attend``)."""
         from kvpilot.worker.kernels.paged_attention import paged_attention_decode
 
         cfg = self.model.cfg
@@ -488,7 +570,7 @@ class ModelRunner:
                                           max_seq_len=self.max_model_len,
                                           num_splits=num_splits and num_splits[g])
 
-        return self.model.logits(self.model.forward(ids, pos, attend))
+        return attend
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """Compute the last token of each sequence; float32 logits ``[len(seqs), vocab]``."""
@@ -496,14 +578,16 @@ class ModelRunner:
         bucket = next((b for b in self._buckets if b >= n), None)
         rows = bucket or n
         self._decode_inputs(seqs, rows)
-        inputs = None
-        if self.followers is not None:
-            ids, pos, lens, slots, tables = self._h
-            pages = -(-int(lens[:n].max()) // self.page_size)
-            inputs = DecodeInputs(n, rows, ids[:rows].copy(), pos[:rows].copy(),
-                                  np.stack([sl[:rows] for sl in slots]), lens[:rows].copy(),
-                                  np.stack([t[:n, :pages] for t in tables]))
+        inputs = self._decode_message(n, rows) if self.followers is not None else None
         return self._fan_out(inputs, lambda: self._decode_run(n, rows))
+
+    def _decode_message(self, n: int, rows: int) -> DecodeInputs:
+        """The host buffer's first ``rows`` rows, for the other ranks."""
+        ids, pos, lens, slots, tables = self._h
+        pages = -(-int(lens[:n].max()) // self.page_size)
+        return DecodeInputs(n, rows, ids[:rows].copy(), pos[:rows].copy(),
+                            np.stack([sl[:rows] for sl in slots]), lens[:rows].copy(),
+                            np.stack([t[:n, :pages] for t in tables]))
 
     @torch.inference_mode()
     def _decode_run(self, n: int, rows: int) -> torch.Tensor:

@@ -1,18 +1,25 @@
 """Sequences and the continuous-batching scheduler. Plain Python.
 
-Each engine step is one forward pass over one batch (``schedule -> run -> postprocess``):
+Each engine step is one forward pass over one batch (``schedule -> run -> postprocess``),
+built within a budget of ``max_batched_tokens`` new tokens (chunked prefill, as vLLM's
+V1 scheduler does):
 
-* **Prefill** whenever a waiting sequence can be admitted: waiting sequences are taken
-  first in, first out while the block manager has pages for all their tokens, the
-  running count stays under ``max_num_seqs`` and the batch under ``max_batched_tokens``
-  (a single sequence longer than that still goes alone). A prompt's prefix found in the
-  prefix cache is not computed again.
-* **Decode** otherwise: every running sequence computes its last token. A sequence whose
-  next token needs a page that is not there takes it from the newest running sequence,
-  which is preempted: its pages are freed and it goes back to the front of the waiting
-  queue, to be recomputed (prompt + what it had generated) when pages allow. Its full
-  pages usually survive in the prefix cache, so the recompute is mostly cache hits.
-  Nothing fails for lack of pages; the oldest sequences keep running.
+* **Running sequences first**, oldest first: a decoding one computes its last token (one
+  token of the budget); one whose prompt is still being prefilled computes its next chunk,
+  as much of the rest as the budget left allows. A sequence whose next token needs a page
+  that is not there takes it from the newest running sequence, which is preempted: its
+  pages are freed and it goes back to the front of the waiting queue, to be recomputed
+  (prompt + what it had generated) when pages allow. Its full pages usually survive in
+  the prefix cache, so the recompute is mostly cache hits. Nothing fails for lack of
+  pages; the oldest sequences keep running.
+* **Then waiting sequences**, first in, first out, while the block manager has pages for
+  all their tokens (allocated at admission, so a prompt never stalls half-way for
+  pages), the running count stays under ``max_num_seqs`` and budget is left: each gets a
+  first chunk. A prompt's prefix found in the prefix cache is not computed again.
+
+So a step mixes every running decode with prefill chunks, and a long prompt never holds
+the decodes for more than one step's budget. A sequence samples its next token in the
+step whose chunk reaches its last token; a chunk short of that only fills its KV.
 
 The waiting queue is bounded (``max_waiting``): ``can_add`` says no beyond it, which the
 server answers with 429 and Retry-After. Preempted sequences re-enter it regardless:
@@ -114,24 +121,44 @@ def token_finish(seq: Sequence, eos_ids: Iterable[int], max_model_len: int) -> F
 
 
 class BatchKind(enum.Enum):
-    PREFILL = "prefill"
-    DECODE = "decode"
+    PREFILL = "prefill"  # prefill chunks only
+    DECODE = "decode"  # one token of each sequence, its last
+    MIXED = "mixed"  # decodes and prefill chunks in one pass
 
 
 @dataclass
 class Batch:
-    """One step's work. Prefill computes tokens ``seq.num_computed .. len(seq)-1`` of each
-    sequence; decode computes the last token of each."""
+    """One step's work: sequence ``seqs[i]`` computes its tokens ``num_computed ..
+    num_computed + chunks[i] - 1``. A decode is a chunk of one that ends the sequence."""
 
-    kind: BatchKind
     seqs: list[Sequence]
+    chunks: list[int]
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
-        if self.kind is BatchKind.DECODE:
-            return len(self.seqs)
-        return sum(len(s) - s.num_computed for s in self.seqs)
+        return sum(self.chunks)
+
+    @property
+    def decodes(self) -> int:
+        """How many of the sequences are decodes."""
+        return sum(1 for s, c in zip(self.seqs, self.chunks) if is_decode(s, c))
+
+    @property
+    def kind(self) -> BatchKind:
+        decodes = self.decodes
+        if decodes == len(self.seqs):
+            return BatchKind.DECODE
+        return BatchKind.PREFILL if decodes == 0 else BatchKind.MIXED
+
+    def samples(self, i: int) -> bool:
+        """Whether ``seqs[i]``'s chunk reaches its last token (it samples a new one)."""
+        return self.seqs[i].num_computed + self.chunks[i] == len(self.seqs[i])
+
+
+def is_decode(seq: Sequence, chunk: int) -> bool:
+    """A chunk of one token that ends the sequence: what a decode step computes."""
+    return chunk == 1 and seq.num_computed + 1 == len(seq)
 
 
 class Scheduler:
@@ -167,11 +194,11 @@ class Scheduler:
 
     # ---- one step ---------------------------------------------------------------------
     def schedule(self) -> Batch | None:
-        prefill = self._admit()
-        if prefill:
-            return Batch(BatchKind.PREFILL, prefill)
+        budget = self.max_batched_tokens
         preempted: list[Sequence] = []
-        scheduled: list[Sequence] = []
+        seqs: list[Sequence] = []
+        chunks: list[int] = []
+        kept: list[Sequence] = []
         queue = deque(self.running)  # oldest first; the newest is preempted first
         while queue:
             seq = queue.popleft()
@@ -182,28 +209,34 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                scheduled.append(seq)
-        self.running = scheduled
-        if not scheduled and not preempted:
+                kept.append(seq)
+                chunk = min(len(seq) - seq.num_computed, budget)
+                if chunk > 0:
+                    seqs.append(seq)
+                    chunks.append(chunk)
+                    budget -= chunk
+        self.running = kept
+        for seq, chunk in self._admit(budget):
+            seqs.append(seq)
+            chunks.append(chunk)
+        if not seqs and not preempted:
             return None
-        return Batch(BatchKind.DECODE, list(scheduled), preempted)  # running changes as they finish
+        return Batch(seqs, chunks, preempted)
 
-    def _admit(self) -> list[Sequence]:
-        admitted: list[Sequence] = []
-        tokens = 0
-        while self.waiting and len(self.running) < self.max_num_seqs:
+    def _admit(self, budget: int) -> list[tuple[Sequence, int]]:
+        admitted: list[tuple[Sequence, int]] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if admitted and tokens + len(seq) > self.max_batched_tokens:
-                break
             allocation = self.bm.allocate(seq.seq_id, seq.tokens)
             if allocation is None:
                 break  # first in, first out: later ones wait behind it
             self.waiting.popleft()
             seq.num_computed = allocation.cached_tokens
             seq.status = Status.RUNNING
-            tokens += len(seq) - seq.num_computed
+            chunk = min(len(seq) - seq.num_computed, budget)
+            budget -= chunk
             self.running.append(seq)
-            admitted.append(seq)
+            admitted.append((seq, chunk))
         return admitted
 
     def _preempt(self, seq: Sequence) -> None:
@@ -215,11 +248,11 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     # ---- after a step -----------------------------------------------------------------
-    def computed(self, batch: Batch) -> None:
-        """The batch ran: every token of its sequences now has its K/V in the cache, and
-        their full pages join the prefix cache."""
-        for seq in batch.seqs:
-            seq.num_computed = len(seq)
+    def computed(self, seqs: Iterable[Sequence], chunks: Iterable[int]) -> None:
+        """These chunks ran: their tokens' K/V is in the cache, and the sequences' full
+        pages join the prefix cache."""
+        for seq, chunk in zip(seqs, chunks):
+            seq.num_computed += chunk
             self.bm.commit(seq.seq_id, seq.tokens, seq.num_computed)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
