@@ -144,12 +144,13 @@ def cond(status: dict, type_: str) -> dict:
 
 
 def test_first_pass_creates_the_pods_and_the_second_writes_nothing():
-    w = World([node("a"), node("b")], [model("m", 3)])
+    w = World([node("a"), node("b"), node("c")], [model("m", 3)])
     first = w.step()
     assert [(o["kind"], o["metadata"]["name"]) for o in first.creates] == [
         ("Service", "m"), ("Pod", "m-0"), ("Pod", "m-1"), ("Pod", "m-2")]
     assert [e["reason"] for e in first.events] == ["Placed"]
-    assert w.placements() == {"m-0": ("a", (0,)), "m-1": ("a", (1,)), "m-2": ("b", (0,))}
+    # Spread node, the default: a node each.
+    assert w.placements() == {"m-0": ("a", (0,)), "m-1": ("b", (0,)), "m-2": ("c", (0,))}
     second = w.step()  # status catches up with the pods that now exist
     assert (second.creates, second.deletes, len(second.statuses)) == ([], [], 1)
     assert w.step().writes == 0
@@ -168,7 +169,46 @@ def test_first_pass_creates_the_pods_and_the_second_writes_nothing():
     assert "reason" not in s  # every desired replica ready
     assert [(c["type"], c["status"]) for c in s["conditions"]] == [
         ("Placed", "True"), ("Ready", "True"), ("Unschedulable", "False"),
-        ("Degraded", "False")]
+        ("Degraded", "False"), ("Spread", "True")]
+    assert cond(s, "Spread")["message"] == "spread node: each of 3 replicas on a node of its own"
+
+
+def test_replicas_that_must_share_a_node_say_why_once():
+    # Three replicas, two nodes: the third shares a node (on a GPU of its own there).
+    w = World([node("a"), node("b")], [model("m", 3)])
+    first = w.step()
+    assert w.placements() == {"m-0": ("a", (0,)), "m-1": ("b", (0,)), "m-2": ("a", (1,))}
+    spread = cond(w.status("m"), "Spread")
+    assert (spread["status"], spread["reason"]) == ("False", "ReplicasShareNode")
+    assert spread["message"] == (
+        "2 of 3 replicas share a node; spread node: every node with room for another "
+        "replica of the Model holds one already (0/2 nodes fit: 2 holding a replica of it)")
+    assert [(e["reason"], e["type"], e["message"]) for e in first.events][1:] == [
+        ("ReplicasShareNode", "Warning", spread["message"])]
+    w.settle()
+    assert [e["reason"] for e in w.events].count("ReplicasShareNode") == 1
+    # A node joins: the replicas that run stay, and the condition says so.
+    w.nodes.append(node("c"))
+    w.step()
+    assert cond(w.status("m"), "Spread")["message"].startswith(
+        "2 of 3 replicas share a node; replicas that run stay where they are")
+    # Scaling down takes a replica off the crowded node first.
+    w.models[0]["spec"]["replicas"] = 2
+    assert w.step().drains == [("default", "m-2")]
+    w.step(drained={"default/m-2": True})
+    assert cond(w.status("m"), "Spread")["status"] == "True"
+
+
+def test_spread_gpu_and_none():
+    w = World([node("a")], [model("m", 2, placement={"spread": "gpu"}),
+                            model("n", 2, placement={"spread": "none"})],
+              slices=[gpu_slice("a")], mode="dra")
+    w.settle()
+    assert w.placements() == {"m-0": ("a", (0,)), "m-1": ("a", (1,)), "n-0": ("a", (0,)),
+                              "n-1": ("a", (0,))}
+    assert cond(w.status("m"), "Spread")["message"] == (
+        "spread gpu: each of 2 replicas on a GPU of its own")
+    assert "Spread" not in [c["type"] for c in w.status("n")["conditions"]]
 
 
 def test_dra_workers_get_the_budget_their_claim_asks():
@@ -200,10 +240,10 @@ def test_device_plugin_mode_never_shares_a_gpu():
 
 
 def test_dra_mode_shares_gpus_by_budget_and_claims_the_planned_devices():
-    w = World([node("a")], [model("m", 2), model("n", 1)], slices=[gpu_slice("a")],
-              mode="dra")
+    w = World([node("a")], [model("m", 2, placement={"spread": "none"}), model("n", 1)],
+              slices=[gpu_slice("a")], mode="dra")
     w.settle()
-    # 21 GiB each: three fit one 80 GiB GPU.
+    # 21 GiB each: three fit one 80 GiB GPU (m packs: spread none).
     assert w.placements() == {"m-0": ("a", (0,)), "m-1": ("a", (0,)), "n-0": ("a", (0,))}
     claim = w.claims[("default", "m-0")]
     (request,) = claim["spec"]["devices"]["requests"]
@@ -766,3 +806,11 @@ def test_metrics_count_desired_and_unplaced_of_models_the_worker_cannot_serve_to
     # m: two wanted, one GPU: one placed and one not
     assert (_gauge(metrics.DESIRED, "m"), _gauge(metrics.UNPLACED, "m")) == (2, 1)
     assert _gauge(metrics.ACTUAL, "m") == 1
+
+
+def test_one_replica_has_none_to_keep_apart():
+    w = World([node("a")], [model("m", 1)])
+    w.settle()
+    spread = cond(w.status("m"), "Spread")
+    assert (spread["status"], spread["message"]) == (
+        "True", "spread node: 1 replica, none to keep apart")

@@ -129,9 +129,17 @@ RUNNING = (Existing("m-0", "m", "a", (0,), 10 * GiB), Existing("m-1", "m", "a", 
            Existing("m-2", "m", "b", (1,), 10 * GiB))
 
 
-def test_crowded_running_replicas_stay_and_the_plan_says_so():
+def test_crowded_running_replicas_stay_and_the_plan_says_why():
+    # Two nodes for three replicas: the reason is the one they were placed with, so it
+    # reads the same on every pass after.
     snap = Snapshot(nodes=(node("a"), node("b")), replicas=RUNNING)
     plan = planned(snap, [demand("m", 3, spread="node")])
+    assert where(plan) == {"m-0": ("a", (0,)), "m-1": ("a", (1,)), "m-2": ("b", (1,))}
+    assert [(c.sharing, c.reason) for c in plan.crowded] == [
+        (2, f"{NODE_FULL} (0/2 nodes fit: 2 holding a replica of it)")]
+    # A third node joins: they stay, and the plan says that is why.
+    joined = Snapshot(nodes=(node("a"), node("b"), node("c")), replicas=RUNNING)
+    plan = planned(joined, [demand("m", 3, spread="node")])
     assert where(plan) == {"m-0": ("a", (0,)), "m-1": ("a", (1,)), "m-2": ("b", (1,))}
     assert [(c.sharing, c.reason) for c in plan.crowded] == [(2, RUNNING_STAY)]
 

@@ -82,8 +82,12 @@ def parser() -> argparse.ArgumentParser:
                       help="pack: fewest GPUs with load (default); spread: most headroom")
     plan.add_argument("--reserve", type=_fraction, default=0.0, metavar="FRACTION",
                       help="fraction of every GPU's HBM kept free (default 0)")
-    plan.add_argument("--spread-replicas", action="store_true",
-                      help="prefer nodes with fewer replicas of the same model")
+    plan.add_argument("--spread", choices=("gpu", "node", "none"),
+                      help="plan every Model as if its spec.placement.spread were this "
+                           "(default: each Model's own, as the operator does; node when "
+                           "absent)")
+    plan.add_argument("--spread-replicas", action="store_const", const="node",
+                      dest="spread", help="the same as --spread node (kept for scripts)")
     plan.add_argument("--all-models", action="store_true",
                       help="plan every Model as placement alone allows, also those kvpilot's "
                            "worker does not serve (by default the plan is the operator's, "
@@ -300,12 +304,11 @@ def _plan(args: argparse.Namespace) -> int:
     kind = Policy.pack if args.policy == "pack" else Policy.spread
     options: dict[str, Any] = {"reserve": args.reserve, "share_gpus": args.mode == "dra",
                                "worker_limits": not args.all_models}
-    if args.spread_replicas:
-        options["spread_replicas"] = True
     policy = kind(**options)
     snapshot = snapshot_from_fleet(fleet.expand(), args.reserved_pods)
     demands, refused = demands_from_models(models, snapshot, policy,
-                                           worker_limits=not args.all_models)
+                                           worker_limits=not args.all_models,
+                                           spread=args.spread)
     plan = place(snapshot, demands, policy)
     if args.output == "table":
         sys.stdout.write(render_table(plan, demands, refused))
@@ -324,15 +327,19 @@ def model_summary(plan, demands, refused) -> list[dict[str, Any]]:
     no worker for says so in ``refused``, with nothing placed."""
     out: list[dict[str, Any]] = [{"name": name, "replicas": r.replicas, "placed": 0,
                                   "refused": r.reason} for name, r in refused.items()]
+    crowded = {c.model: c for c in plan.crowded}
     for d in demands:
         reasons: list[str] = []
         for u in plan.unplaced:
             if u.model == d.model and u.reason not in reasons:
                 reasons.append(u.reason)
+        c = crowded.get(d.model)
         out.append({
             "name": d.model,
             "replicas": d.replicas,
             "placed": plan.placed(d.model),
+            "spread": d.spread,
+            "notSpread": None if c is None else {"sharing": c.sharing, "reason": c.reason},
             "perReplica": {
                 p: {"tensorParallel": r.tp, "hbmPerGpu": r.hbm_per_gpu, "kvTokens": r.kv_tokens,
                     "stepBytes": r.step_bytes, "stepBudget": r.step_budget}
@@ -495,6 +502,12 @@ def render_table(plan, demands, refused) -> str:
         for (model, reason), names in groups_u.items():
             who = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)})"
             lines.extend(_wrap(f"{who}: {reason}", 0))
+    if plan.crowded:
+        lines += ["", "NOT SPREAD (replicas that share what their spread keeps apart)"]
+        for c in plan.crowded:
+            domain = "node" if c.spread == "node" else "GPU"
+            lines.extend(_wrap(f"{c.model}: {c.sharing} of {c.replicas} replicas share a "
+                               f"{domain}; {c.reason}", 0))
     if refused:
         lines += ["", "NOT SERVED (the operator starts no worker for these Models: "
                   "WorkerUnsupported)"]

@@ -30,7 +30,7 @@ from kvpilot.operator.objects import (
     service_for, spec_hash,
 )
 from kvpilot.operator.placement import (
-    Assignment, Demand, Plan, Policy, Snapshot, Unplaced, demand_for, place, servable,
+    Assignment, Crowded, Demand, Plan, Policy, Snapshot, Unplaced, demand_for, place, servable,
 )
 from kvpilot.operator.view import (
     DRAINING, ClusterView, ReplicaObjects, epoch, live_by_model, model_key, split_key,
@@ -219,6 +219,7 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
     unplaced_by_model: dict[str, list[Unplaced]] = {}
     for u in plan.unplaced:
         unplaced_by_model.setdefault(u.model, []).append(u)
+    crowded = {c.model: c for c in plan.crowded}
     for m in parsed:
         if m.deleting:
             continue
@@ -233,7 +234,7 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
                      if placed and m.spec is not None and not m.problem else None)
         status = status_for(m, live.get(m.key, []), placed, unplaced, now,
                             served=m.key in view.services, moving=moving,
-                            kv_tokens=kv_tokens)
+                            kv_tokens=kv_tokens, crowded=crowded.get(m.key))
         old = m.raw.get("status") or {}
         if _comparable(status) != _comparable({k: old.get(k) for k in status}):
             actions.statuses.append((m.namespace, m.name, status))
@@ -436,12 +437,14 @@ def _realize(a: Assignment, m: _Model, view: ClusterView, config: Config) -> lis
 
 def status_for(m: _Model, live: list[ReplicaObjects], placed: list[Assignment],
                unplaced: list[Unplaced], now: str, served: bool = False,
-               moving: str = "", kv_tokens: int | None = None) -> dict:
+               moving: str = "", kv_tokens: int | None = None,
+               crowded: Crowded | None = None) -> dict:
     """The Model's status after this pass (``live``: its replicas with a pod not being
     deleted; ``placed``, ``unplaced``: the plan's for it; ``served``: its Service
     exists; ``moving``: said of a replica moving off a cordoned node; ``kv_tokens``: the
-    KV tokens its workers hold, :func:`replica_budget_on`): what runs, where, and the
-    conditions.
+    KV tokens its workers hold, :func:`replica_budget_on`; ``crowded``: the plan's word
+    that some of its replicas share what its spread keeps apart): what runs, where, and
+    the conditions.
 
     ``Degraded`` says the first thing wrong, most fundamental first: a spec that cannot
     be served, then replicas whose weights or worker fail (a crash loop is never hidden
@@ -499,6 +502,8 @@ def status_for(m: _Model, live: list[ReplicaObjects], placed: list[Assignment],
                   gen, conditions, now),
         condition("Degraded", degraded[0] != "AsSpecified", *degraded, gen, conditions, now),
     ]
+    if m.spec.spread != "none":
+        cond.append(spread_condition(m.spec.spread, placed, crowded, gen, conditions, now))
     status["conditions"] = cond
     if ready < desired:
         status["reason"] = (degraded[0] if failed else "Unschedulable" if unplaced
@@ -506,6 +511,22 @@ def status_for(m: _Model, live: list[ReplicaObjects], placed: list[Assignment],
                             else "Draining" if any(r.drain_started for r in live)
                             else "Starting")
     return status
+
+
+def spread_condition(spread: str, placed: list[Assignment], crowded: Crowded | None,
+                     gen: int | None, conditions: Sequence[Obj], now: str) -> dict:
+    """``Spread``: True while no two of the Model's replicas share a node ("node") or a
+    GPU ("gpu"); False, with placement's reason, while some must."""
+    domain = "node" if spread == "node" else "GPU"
+    if crowded is None:
+        n = len(placed)
+        message = (f"spread {spread}: each of {n} replicas on a {domain} of its own" if n > 1
+                   else f"spread {spread}: {n} replica{'' if n == 1 else 's'}, none to keep "
+                   "apart")
+        return condition("Spread", True, "ReplicasApart", message, gen, conditions, now)
+    return condition("Spread", False, f"ReplicasShare{'Node' if spread == 'node' else 'GPU'}",
+                     f"{crowded.sharing} of {crowded.replicas} replicas share a {domain}; "
+                     f"{crowded.reason}", gen, conditions, now)
 
 
 def _comparable(status: Obj) -> dict:
@@ -523,16 +544,21 @@ def _without_tally(message: str) -> str:
     return _TALLY.sub("", message)
 
 
+# Conditions that warn, and the status in which they do.
+_WARNING_WHEN = {"Unschedulable": "True", "Degraded": "True", "Spread": "False"}
+
+
 def _transition_events(m: _Model, old: Obj, new: Obj, now: str) -> list[dict]:
-    """Events for conditions that turned True, or whose message changed while True (a
-    change of the node tally alone is not news)."""
+    """Events for conditions that turned to their warning status (``_WARNING_WHEN``), or
+    whose message changed while in it (a change of the node tally alone is not news)."""
     before = {c.get("type"): c for c in old.get("conditions") or []}
     out = []
     for c in new.get("conditions") or []:
-        if c["type"] not in ("Unschedulable", "Degraded") or c["status"] != "True":
+        warn = _WARNING_WHEN.get(c["type"])
+        if warn is None or c["status"] != warn:
             continue
         prev = before.get(c["type"])
-        if prev and prev.get("status") == "True" and _without_tally(
+        if prev and prev.get("status") == warn and _without_tally(
                 prev.get("message", "")) == _without_tally(c["message"]):
             continue
         out.append(event_for(m.raw, c["reason"], c["message"], now, warning=True))

@@ -81,8 +81,8 @@ def assemble(world: "World", kept: list[Existing], removals: list[str],
                 tuple(moves), avoided, nodes, _crowded(world, assignments))
 
 
-# A model crowded by replicas that ran before this plan, none of its new ones: they
-# stay put, as every running replica does.
+# A model crowded by replicas that ran before this plan while a node or GPU without one
+# has room now: they stay put, as every running replica does.
 RUNNING_STAY = ("replicas that run stay where they are (a move restarts one); a rollout or "
                 "a scale-down spreads them again")
 
@@ -101,9 +101,8 @@ def _crowded(world: "World", assignments: tuple[Assignment, ...]) -> tuple[Crowd
                 count[key] = count.get(key, 0) + 1
         sharing = [a for a in mine if any(count[k] > 1 for k in _domains(a, d.apart_nodes))]
         if sharing:
-            new = any(not a.existing for a in sharing)
-            reason = (world.crowd_reason(d) if new else None) or RUNNING_STAY
-            out.append(Crowded(d.model, d.spread, len(sharing), len(mine), reason))
+            out.append(Crowded(d.model, d.spread, len(sharing), len(mine),
+                               world.crowd_reason(d) or RUNNING_STAY))
     return tuple(out)
 
 

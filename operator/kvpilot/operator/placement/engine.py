@@ -44,7 +44,7 @@ from kvpilot.operator.placement.ilp import solve_world
 from kvpilot.operator.placement.model import Demand, Plan, Policy, Requirement, Snapshot, Unplaced
 from kvpilot.operator.placement.orders import alternative_orders, largest_first
 from kvpilot.operator.placement.packing import best_fill, consolidate, repair, stack_groups
-from kvpilot.operator.placement.reasons import crowding, explain
+from kvpilot.operator.placement.reasons import crowding, crowding_tally, explain
 from kvpilot.operator.placement.scores import score_node
 from kvpilot.operator.placement.state import Apart, NodeState, Placed, Pool, natural
 
@@ -428,13 +428,15 @@ class World:
         return moved
 
     def crowd_reason(self, demand: Demand) -> Optional[str]:
-        """Why this run had to crowd the model's replicas (None: it did not). A run that
-        began from another plan's limits (``limits_of``) may find it only now."""
+        """Why the model's replicas share a node or GPU after this run: why this run had
+        to crowd them; else, asked of the final state, that no node or GPU without one
+        has room (the same words as when they were placed, so the reason holds still
+        from one run to the next), or None when one has (they ran so before)."""
         if demand.model in self.crowded:
             return self.crowded[demand.model]
-        if not self.relaxed(demand.model):
-            return None
         strict = Apart(demand.model, 1 if demand.apart_nodes else None, 1)
+        if crowding_tally(demand, self.states, self.policy, strict)["fits"]:
+            return None
         return crowding(demand, self.states, self.policy, strict)
 
     def _crowding(self, p: Placed, level: str) -> int:

@@ -130,11 +130,10 @@ def explain(demand: Demand, states: list[NodeState], policy: Policy) -> str:
     return f"{main}; {best}; {fixes} ({summary})"
 
 
-def crowding(demand: Demand, states: list[NodeState], policy: Policy, apart: Apart) -> str:
-    """Why a replica of a model that spreads must share a node or GPU with another of
-    it: no node or GPU within the model's limits ``apart`` has room, with the tally of
-    what stops each node ("0/4 nodes fit: 2 holding a replica of it, 2 not enough free
-    HBM")."""
+def crowding_tally(demand: Demand, states: list[NodeState], policy: Policy,
+                   apart: Apart) -> Counter:
+    """What stops each node from taking one more replica of a spreading model within its
+    limits ``apart``, tallied; "fits" counts the nodes that would take it."""
     tally: Counter = Counter()
     for s in states:
         reason = first_failure(s, demand, policy) or spread_allows(s, apart)
@@ -144,6 +143,15 @@ def crowding(demand: Demand, states: list[NodeState], policy: Policy, apart: Apa
                 req, policy.share_gpus, apart)) >= req.tp
                 else "room only on GPUs holding a replica of it")
         tally[reason] += 1
+    return tally
+
+
+def crowding(demand: Demand, states: list[NodeState], policy: Policy, apart: Apart) -> str:
+    """Why a replica of a model that spreads must share a node or GPU with another of
+    it: no node or GPU within the model's limits ``apart`` has room, with the tally of
+    what stops each node ("0/4 nodes fit: 2 holding a replica of it, 2 not enough free
+    HBM")."""
+    tally = crowding_tally(demand, states, policy, apart)
     summary = f"0/{len(states)} nodes fit: " + ", ".join(
         f"{n} {r}" for r, n in sorted(tally.items(), key=lambda x: (-x[1], x[0])))
     if demand.apart_nodes and apart.gpu_cap == 1 and apart.node_cap == 1:
