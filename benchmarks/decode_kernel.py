@@ -54,7 +54,7 @@ from kvpilot.worker.kernels.paged_attention import (  # noqa: E402
     paged_attention_decode,
     plan_num_splits,
 )
-from kvpilot.worker.kernels.reference import quantize_fp8  # noqa: E402
+from kvpilot.worker.kernels.cpu import quantize_fp8  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 CONFIGS = [(1, 4096), (1, 32768), (1, 131072), (8, 4096), (32, 4096), (64, 2048),

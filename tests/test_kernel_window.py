@@ -22,9 +22,9 @@ from kvpilot.worker.kernels.paged_attention import (  # noqa: E402
     paged_attention_decode,
     plan_num_splits,
 )
-from kvpilot.worker.kernels.reference import (  # noqa: E402
+from kvpilot.worker.kernels.cpu import (  # noqa: E402
     FP8_DTYPE,
-    paged_attention_ref,
+    paged_attention as paged_attention_ref,
 )
 from tests.test_paged_attention import FP8_TOL, TOL, World, rel_err  # noqa: E402
 

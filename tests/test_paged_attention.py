@@ -26,13 +26,13 @@ from kvpilot.worker.kernels.paged_attention import (  # noqa: E402
     paged_attention_decode,
     programs_per_sm,
 )
-from kvpilot.worker.kernels.reference import (  # noqa: E402
+from kvpilot.worker.kernels.cpu import (  # noqa: E402
     FP8_DTYPE,
     dequantize,
     gather_sequence,
-    paged_attention_ref,
+    paged_attention as paged_attention_ref,
     quantize_fp8,
-    reshape_and_cache_ref,
+    reshape_and_cache as reshape_and_cache_ref,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,8 +13,8 @@ Prefill
     last token of each sequence goes through the LM head.
 
 Decode
-    One token per sequence; attention is the Triton paged kernel on a GPU and the PyTorch
-    reference on CPU. On a GPU each step replays a CUDA graph captured for the smallest
+    One token per sequence; attention is the Triton paged kernel on a GPU and the CPU
+    backend (``kernels.cpu``) on CPU. On a GPU each step replays a CUDA graph captured for the smallest
     batch-size bucket that holds the batch (padding rows write to slot -1 and have length
     0): the kernel launcher's host work, 116-173 us a call, and the Python of 32 layers
     would otherwise cost more than the kernels at small batches. The split count of the
@@ -52,12 +52,8 @@ import torch.nn.functional as F
 
 from kvpilot.worker.block_manager import BlockManager, KVGroups, check_batch
 from kvpilot.worker.kernels import cache as kv_cache
-from kvpilot.worker.kernels.reference import (
-    dequantize,
-    gather_sequence,
-    paged_attention_ref,
-    reshape_and_cache_ref,
-)
+from kvpilot.worker.kernels import cpu as cpu_kernels
+from kvpilot.worker.kernels.cpu import dequantize, gather_sequence
 from kvpilot.worker.model import Llama, LlamaConfig
 from kvpilot.worker.scheduler import Sequence, is_decode
 
@@ -353,7 +349,7 @@ class ModelRunner:
         if self.on_gpu:
             kv_cache.reshape_and_cache(k, v, layer, slots)
         else:
-            reshape_and_cache_ref(k, v, layer.key, layer.value, slots, layer.k_scale,
+            cpu_kernels.reshape_and_cache(k, v, layer.key, layer.value, slots, layer.k_scale,
                                   layer.v_scale)
 
     def _slots_of(self, g: int, seq: Sequence, start: int, end: int) -> list[int]:
@@ -559,7 +555,7 @@ class ModelRunner:
             layer, g, window = self.layers[i], self.group_of[i], self.windows[i]
             self._write(layer, k, v, slots[g])
             if not self.on_gpu:
-                return paged_attention_ref(q, layer.key, layer.value, tables[g], lens,
+                return cpu_kernels.paged_attention(q, layer.key, layer.value, tables[g], lens,
                                            k_scale=layer.k_scale, v_scale=layer.v_scale,
                                            sm_scale=cfg.attn_scale, window=window,
                                            softcap=cfg.attn_softcap).to(q.dtype)

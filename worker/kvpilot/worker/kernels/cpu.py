@@ -1,4 +1,5 @@
-"""Plain PyTorch references for the kernels: slow, obvious, and the ground truth in tests.
+"""The CPU backend of the paged-KV kernels, in plain PyTorch: what the worker runs without
+a GPU, and, being slow and obvious, what the Triton kernels are tested against.
 
 Nothing here imports Triton. The decode reference gathers each sequence's pages into a
 contiguous ``[seq_len, kv_heads, head_dim]`` tensor (dequantizing an FP8 cache with its
@@ -45,7 +46,7 @@ def gather_sequence(pages: torch.Tensor, block_table_row: torch.Tensor, seq_len:
     return pages[page_ids, positions % page_size]
 
 
-def reshape_and_cache_ref(key: torch.Tensor, value: torch.Tensor, k_pages: torch.Tensor,
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_pages: torch.Tensor,
                           v_pages: torch.Tensor, slots: torch.Tensor,
                           k_scale: torch.Tensor | None = None,
                           v_scale: torch.Tensor | None = None) -> None:
@@ -60,7 +61,7 @@ def reshape_and_cache_ref(key: torch.Tensor, value: torch.Tensor, k_pages: torch
     v_pages[slots // page_size, slots % page_size] = value.to(v_pages.dtype)
 
 
-def paged_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                         block_table: torch.Tensor, seq_lens: torch.Tensor, *,
                         sm_scale: float | None = None,
                         k_scale: torch.Tensor | None = None,
