@@ -26,7 +26,7 @@ Work split
     tensor-core product and the group's few heads its narrow side, which on Hopper lets
     four warps issue one warpgroup MMA per product straight from the tile in shared
     memory. The default takes it on Hopper under a quarter (sequence, KV head) unit per
-    SM (1 x 32K bf16: 3.0% faster on an H100, 3.7% on an H200). The partial last tile of
+    SM (measured: docs/worker.md, "Decode kernel"). The partial last tile of
     a range always goes unswapped (``_paged_decode_kernel``).
 
     Per tile of ``BLOCK_N`` tokens the kernel turns token positions into
@@ -54,11 +54,10 @@ Split-KV (flash-decoding)
     log-sum-exp (base 2), and a second kernel merges the splits of each query head in
     one pass with weights ``2^(lse_s - max lse)``. Beyond 16 splits each merge program
     loads every split of a 16-wide slice of the head at once, so its loads form no
-    chain (132 splits of 32 heads: 2.2 us against 6.1 us in chunks of 32 on an H100).
+    chain.
     On Hopper and later the merge is launched with programmatic dependent launch: the
     decode programs let it be scheduled as they start, and it waits in the kernel for
-    the decode grid to finish, so its launch overlaps the decode (1 x 4K bf16 9% faster,
-    1 x 32K 2.4% on an H200).
+    the decode grid to finish, so its launch overlaps the decode.
 
     How many splits: programs of equal length run in waves of as many as fit on the GPU
     at once (SMs x programs per SM, the latter asked of the CUDA driver for the compiled
@@ -236,9 +235,8 @@ def _paged_decode_kernel(
     # lengths) would get, and kept where the actual range starts there too (with one
     # split always, else for the longest sequences). That saves a dependent load before
     # the first K/V tile; entries past the sequence are only used for masked tokens.
-    # Same inputs, same run on an H200: FP8 1.2-3.7% faster, split bf16 launches 0-1.6%,
-    # but unsplit bf16 launches 0.5-1.3% slower, so those read the entries after the
-    # length. On an H100 every case is within 1%.
+    # Measured faster for FP8 and split launches, slower for unsplit bf16 ones (which
+    # read the entries after the length): docs/worker.md, "Decode kernel".
     # A sliding window (WINDOW) reads only tokens lo .. seq_len-1, lo = seq_len - window:
     # the ranges cover the tiles from the one holding lo, and that tile is masked below
     # lo (its earlier slots may belong to tokens a ring of pages has overwritten).
@@ -428,10 +426,10 @@ def default_config(kv_dtype: torch.dtype, head_dim: int, units: int, num_sms: in
     in registers, so the kernel is bound by latency more than by bytes; small one-warp
     programs fit 8 to an SM and need no warp to wait on another for a tile's softmax.
     Where memory is slow for the SMs (under ``FP8_MEMORY_BOUND_PER_SM``: H100) the
-    kernel waits on memory, and V converted by hand with 16-token tiles was 2-8%
-    faster (FP8 / bf16 at 1 x 32K: 1.58 -> 1.71 x). Where it is fast (H200) the kernel
-    waits on its own instructions, and the extra shared-memory round trip made it up to
-    16% slower than the compiler's conversion with 32-token tiles, which it keeps.
+    kernel waits on memory, and V converted by hand with 16-token tiles was faster.
+    Where it is fast (H200) the kernel waits on its own instructions, and the extra
+    shared-memory round trip made it slower than the compiler's conversion with 32-token
+    tiles, which it keeps (figures: docs/worker.md, "Decode kernel").
     16-bit, by (sequence, KV head) units per SM: under a quarter (long sequences,
     batches of 1-4): 64-token tiles, four warps, the sequences split to fill the GPU, on
     Hopper and later three tiles in flight with the products swapped (``swap``), else
