@@ -4,22 +4,34 @@ It owns the paged KV cache (one ``LayerKV`` per layer, ``kvpilot.worker.kernels.
 and turns a scheduled batch into tensors: token ids, positions, slots (where each new
 token's K/V goes), block tables and lengths, all read off the block manager's tables.
 
-Prefill
-    All new tokens of the batch go through the model as one ``[tokens, hidden]`` matrix.
-    Per layer, ``reshape_and_cache`` first writes their K/V into the pages, then each
-    sequence attends with ``scaled_dot_product_attention``: causal over its own new
-    tokens when nothing of it was cached, else over its whole length gathered back from
-    the pages (a prefix-cache hit), with the causal mask aligned to the end. Only the
-    last token of each sequence goes through the LM head.
+KV groups
+    Layers that keep the same tokens share a page pool (``layer_groups``): global layers
+    one, sliding-window layers another, a ring of pages per sequence
+    (``kvpilot.worker.block_manager``). Each group has its own slots and block-table
+    rows in every step's inputs.
 
-Decode
+Prefill (``prefill``: chunks of prompts)
+    All new tokens of the batch go through the model as one ``[tokens, hidden]`` matrix.
+    Per layer, each sequence first reads back from the pages what it attends to beyond
+    its new tokens (a cached prefix or an earlier chunk; in a window only the window),
+    then ``reshape_and_cache`` writes the new K/V (in a ring only what the ring keeps),
+    then each sequence attends (``attention``): causal over its own new tokens, after
+    what it read back, within its window. Only the last token of each sequence goes
+    through the LM head.
+
+Decode (``decode``)
     One token per sequence; attention is the Triton paged kernel on a GPU and the CPU
-    backend (``kernels.cpu``) on CPU. On a GPU each step replays a CUDA graph captured for the smallest
-    batch-size bucket that holds the batch (padding rows write to slot -1 and have length
-    0): the kernel launcher's host work, 116-173 us a call, and the Python of 32 layers
+    backend (``kernels.cpu``) on CPU. On a GPU each step replays a CUDA graph captured
+    for the smallest batch-size bucket that holds the batch (padding rows write to slot
+    -1 and have length 0): the kernel launcher's host work and the Python of 32 layers
     would otherwise cost more than the kernels at small batches. The split count of the
-    paged kernel is fixed per bucket at capture, planned for the longest sequence the
-    engine admits.
+    paged kernel is fixed per bucket and KV group at capture, planned for the longest
+    sequence the engine admits (for a window, the window).
+
+Mixed (``mixed``)
+    Decodes and prefill chunks of one step in one forward pass: the decode rows attend
+    through the paged kernel, the chunks as in prefill, and the weights are read once.
+    It runs eagerly. ``run`` picks among the three by the step's chunks.
 
 With ``debug_checks`` every table, length and slot is checked against the block manager
 on the host before it reaches a kernel (``block_manager.check_batch``): the kernels trust
@@ -28,7 +40,8 @@ their inputs, and a bad page id reads garbage or kills the CUDA context.
 Tensor parallelism
     Each rank has a runner over its shard of the model (``Llama.part``) and its own page
     pool of the same page count, holding its KV heads. Rank 0's runner is the engine's:
-    it turns the block manager's tables into a ``PrefillInputs`` or ``DecodeInputs``,
+    it turns the block manager's tables into a ``PrefillInputs``, ``DecodeInputs`` or
+    ``MixedInputs``,
     sends it to the other ranks (``kvpilot.worker.parallel.Followers``), then runs its
     shard; the other ranks' runners have no block manager and run what they are sent
     (``follow``). The all-reduces inside the model keep the ranks in step, decode graphs
