@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,13 +23,11 @@ import httpx  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from kvpilot.api import contract  # noqa: E402
-from kvpilot.api.memory import replica_budget  # noqa: E402
-from kvpilot.worker.config import spec_from_checkpoint  # noqa: E402
 from kvpilot.worker.model import load_config  # noqa: E402
 from kvpilot.worker.tiny import write_tiny_checkpoint  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
 from tests.test_layering import imported_heavy  # noqa: E402
-from tests.test_worker_server import NAME, Served, free_port, greedy  # noqa: E402
+from tests.test_worker_server import NAME, Served, greedy  # noqa: E402
+from tests.worker_helpers import WorkerProcess, proc_parent  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -220,60 +216,18 @@ def test_a_dead_engine_core_fails_health_and_ends_requests_with_an_error(ckpt):
 
 
 # ---- the command line -------------------------------------------------------------------
-class Worker:
-    """``python -m kvpilot.worker`` on CPU with the operator's environment."""
+class Worker(WorkerProcess):
+    """The worker at TP 1 (``WorkerProcess``)."""
 
     def __init__(self, tmp_path: Path, spec_update=None):
-        model_dir = write_tiny_checkpoint(tmp_path / "m", seed=1)
-        spec = spec_from_checkpoint(load_config(model_dir), params_dtype="fp32",
-                                    kv_dtype="bf16", max_model_len=512, concurrent=2)
-        raw = spec.model_dump(by_alias=True, mode="json")
-        if spec_update:
-            spec_update(raw)
-        self.termination = tmp_path / "termination-log"
-        self.log = tmp_path / "worker.log"
-        env = {**os.environ, "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'worker'}",
-               contract.ENV_MODEL_SPEC: json.dumps(raw), contract.ENV_MODEL_NAME: "tiny-llama",
-               contract.ENV_HBM_PER_GPU: str(replica_budget(spec, 1).per_gpu),
-               contract.ENV_TENSOR_PARALLEL: "1",
-               contract.ENV_TERMINATION_LOG: str(self.termination)}
-        self.url = f"http://127.0.0.1:{free_port()}"
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kvpilot.worker", "--model", str(model_dir),
-                 "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
-                 "--device", "cpu"], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout=120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(self.url + contract.PATH_READY, timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "worker not ready:\n" + self.log.read_text()
-            time.sleep(0.2)
+        super().__init__(tmp_path, spec_update=spec_update)
 
     def core(self) -> int:
         """The pid of the worker's one child: its engine core."""
         (pid,) = [int(p.name) for p in Path("/proc").glob("[0-9]*")
-                  if _parent(p) == self.proc.pid]
+                  if proc_parent(p) == self.proc.pid]
         assert b"kvpilot.worker.core" in Path(f"/proc/{pid}/cmdline").read_bytes()
         return pid
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-
-def _parent(proc_dir: Path) -> int | None:
-    try:
-        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _loads_torch(pid: int) -> bool:

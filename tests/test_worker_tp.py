@@ -9,9 +9,6 @@ import json
 import math
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,14 +22,13 @@ import httpx  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from kvpilot.api import contract  # noqa: E402
-from kvpilot.api.memory import kv_bytes_per_token, replica_budget  # noqa: E402
+from kvpilot.api.memory import kv_bytes_per_token  # noqa: E402
 from kvpilot.api.model import ModelSpec  # noqa: E402
-from kvpilot.worker.config import spec_from_checkpoint  # noqa: E402
 from kvpilot.worker.model import LlamaConfig, Partition, load_config, load_weights  # noqa: E402
 from kvpilot.worker.scheduler import SamplingParams  # noqa: E402
 from kvpilot.worker.tiny import write_tiny_checkpoint  # noqa: E402
-from tests.conftest import ROOT, llama_spec  # noqa: E402
-from tests.worker_helpers import assert_greedy_matches, tiny_engine  # noqa: E402
+from tests.conftest import llama_spec  # noqa: E402
+from tests.worker_helpers import WorkerProcess, assert_greedy_matches, tiny_engine  # noqa: E402
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 PROMPT_LENGTHS = (1, 15, 17, 40)  # around page boundaries (16)
@@ -183,24 +179,6 @@ def test_stats_count_kv_bytes_over_all_ranks(checkpoints):
 
 
 # ---- the worker as the operator starts it ----------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return sorted(out)
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -209,59 +187,15 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-class Worker:
-    """``python -m kvpilot.worker --device cpu`` with the operator's environment at TP 2."""
+class Worker(WorkerProcess):
+    """The worker at TP 2 (``WorkerProcess``), and what its tests do to it."""
 
     def __init__(self, tmp_path: Path, *args: str):
-        self.model_dir = write_tiny_checkpoint(tmp_path / "m", seed=1)
-        spec = spec_from_checkpoint(load_config(self.model_dir), params_dtype="fp32",
-                                    kv_dtype="bf16", max_model_len=512, concurrent=2)
-        self.budget = replica_budget(spec, 2)
-        self.termination = tmp_path / "termination-log"
-        self.log = tmp_path / "worker.log"
-        env = {**os.environ, "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'worker'}",
-               contract.ENV_MODEL_SPEC: json.dumps(spec.model_dump(by_alias=True, mode="json")),
-               contract.ENV_MODEL_NAME: "tiny-llama",
-               contract.ENV_HBM_PER_GPU: str(self.budget.per_gpu),
-               contract.ENV_TENSOR_PARALLEL: "2",
-               contract.ENV_TERMINATION_LOG: str(self.termination)}
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kvpilot.worker", "--model", str(self.model_dir),
-                 "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", *args],
-                env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout=120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(self.url + contract.PATH_READY, timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "worker not ready:\n" + self.log.read_text()
-            time.sleep(0.2)
+        super().__init__(tmp_path, *args, tp=2)
 
     def ranks(self) -> list[int]:
-        """The pids of ranks 1..tp-1: the processes under this worker (children of its
-        engine core, rank 0) running kvpilot.worker.parallel."""
-        below, todo = [], [self.proc.pid]
-        while todo:
-            children = _children(todo.pop())
-            below += children
-            todo += children
-        found = []
-        for pid in below:
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"kvpilot.worker.parallel" in cmdline:
-                found.append(pid)
-        return found
+        """The pids of ranks 1..tp-1 (children of its engine core, rank 0)."""
+        return self.running("kvpilot.worker.parallel")
 
     def stream_in_background(self, max_tokens=400, wait=True) -> threading.Thread:
         """A long streamed completion, read until the worker goes away; ``wait``: until
@@ -283,11 +217,6 @@ class Worker:
         t.start()
         assert not wait or started.wait(60)
         return t
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
 
 
 def test_the_worker_serves_a_completion_at_tp2_over_http(tmp_path):

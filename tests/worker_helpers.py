@@ -1,9 +1,17 @@
-"""Shared by the worker tests: a tiny checkpoint, engines over it, and a plain
-full-recompute Llama to check the engine against."""
+"""Shared by the worker tests: a tiny checkpoint, engines over it, a plain
+full-recompute Llama to check the engine against, and the worker as a process started
+as the operator starts it."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -100,3 +108,97 @@ BF16_TOL = 0.25
 def gpu_prompts(lengths):
     """Prompts of these lengths, the same tokens in every run."""
     return [[(11 * i + 5 * n) % 256 for i in range(n)] for n in lengths]
+
+
+# ---- the worker as the operator starts it ------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def proc_parent(pid_dir: Path) -> int | None:
+    """The parent pid of ``/proc/PID`` (None once it is gone)."""
+    try:
+        return int((pid_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``."""
+    procs = list(Path("/proc").glob("[0-9]*"))
+    below, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        children = [int(p.name) for p in procs if proc_parent(p) == parent]
+        below += children
+        todo += children
+    return below
+
+
+class WorkerProcess:
+    """``python -m kvpilot.worker --device cpu`` on a tiny checkpoint, with the operator's
+    environment: the Model spec (``spec_update`` may change its JSON), the HBM budget of
+    a replica at ``tp``, the termination-log path; ``args`` go on its command line."""
+
+    def __init__(self, tmp_path: Path, *args: str, tp: int = 1, spec_update=None):
+        from kvpilot.api import contract
+        from kvpilot.api.memory import replica_budget
+        from kvpilot.worker.tiny import write_tiny_checkpoint
+        from tests.conftest import ROOT
+
+        self.model_dir = write_tiny_checkpoint(tmp_path / "m", seed=1)
+        spec = spec_from_checkpoint(load_config(self.model_dir), params_dtype="fp32",
+                                    kv_dtype="bf16", max_model_len=512, concurrent=2)
+        raw = spec.model_dump(by_alias=True, mode="json")
+        if spec_update:
+            spec_update(raw)
+        self.budget = replica_budget(spec, tp)
+        self.termination = tmp_path / "termination-log"
+        self.log = tmp_path / "worker.log"
+        env = {**os.environ, "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'worker'}",
+               contract.ENV_MODEL_SPEC: json.dumps(raw), contract.ENV_MODEL_NAME: "tiny-llama",
+               contract.ENV_HBM_PER_GPU: str(self.budget.per_gpu),
+               contract.ENV_TENSOR_PARALLEL: str(tp),
+               contract.ENV_TERMINATION_LOG: str(self.termination)}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kvpilot.worker", "--model", str(self.model_dir),
+                 "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", *args],
+                env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout=120.0) -> None:
+        import httpx
+
+        from kvpilot.api import contract
+
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(self.url + contract.PATH_READY, timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "worker not ready:\n" + self.log.read_text()
+            time.sleep(0.2)
+
+    def running(self, module: str) -> list[int]:
+        """The pids of the processes below the worker running ``python -m module``."""
+        found = []
+        for pid in descendants(self.proc.pid):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if module.encode() in cmdline:
+                found.append(pid)
+        return found
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
