@@ -22,11 +22,10 @@ from kvpilot.worker.kernels import fused  # noqa: E402
 from kvpilot.worker.kernels.paged_attention import (  # noqa: E402
     HEAD_DIMS,
     DecodeConfig,
-    paged_attention_decode,
 )
 from kvpilot.worker.kernels.cpu import FP8_DTYPE  # noqa: E402
 from kvpilot.worker.kernels.cpu import reshape_and_cache as reshape_and_cache_ref  # noqa: E402
-from tests.test_paged_attention import FP8_TOL, TOL, World, rel_err  # noqa: E402
+from tests.kernel_helpers import FP8_TOL, TOL, World, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SERVED = [64, 80, 96, 128, 256]

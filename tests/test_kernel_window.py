@@ -26,7 +26,7 @@ from kvpilot.worker.kernels.cpu import (  # noqa: E402
     FP8_DTYPE,
     paged_attention as paged_attention_ref,
 )
-from tests.test_paged_attention import FP8_TOL, TOL, World, rel_err  # noqa: E402
+from tests.kernel_helpers import FP8_TOL, TOL, World, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from kvpilot.worker.scheduler import BatchKind, SamplingParams, Sequence  # noqa: E402
-from tests.test_worker_families import (  # noqa: E402
+from tests.family_helpers import (  # noqa: E402
     GREEDY,
     assert_transformers_agrees,
     write_family_checkpoint,

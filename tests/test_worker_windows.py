@@ -97,7 +97,7 @@ def test_a_window_that_is_not_whole_pages_is_rounded_up_to_the_page():
 
 
 def test_a_tiny_gemma3_decodes_far_past_its_window_in_a_fixed_ring(tmp_path):
-    from tests.test_worker_families import GREEDY, prompts, write_family_checkpoint
+    from tests.family_helpers import GREEDY, prompts, write_family_checkpoint
     from tests.worker_helpers import tiny_engine
 
     ckpt = write_family_checkpoint(tmp_path, "gemma3_text")
