@@ -3,9 +3,10 @@ ServiceAccount), the operator, a tiny Model of 4 replicas served by real CPU wor
 and `kvpilot router` run as processes with the token of the chart's router account.
 
 - A shared-prefix chat workload (8 conversations x 10 turns, a system prompt common to
-  all) goes once through a router with ``--policy round-robin`` and once through one
-  with prefix affinity: the workers' own prefix-cache counters give each run's hit
-  ratio, the client each request's time to first token. Affinity must hit more.
+  all, then one per conversation) goes once through a router with ``--policy
+  round-robin`` and once through one with prefix affinity: the workers' own prefix-cache
+  counters give each run's hit ratio, the client each request's time to first token.
+  Affinity must hit more.
 - A scale-down from 4 replicas to 2 under load through the router: the draining
   replicas leave its EndpointSlices (a request that reaches one in the moment between
   gets its 503 and is retried on another); no request fails or is cut short.
@@ -35,6 +36,7 @@ from e2e.test_operator import FLEET
 from e2e.workers import Workers, endpoints, tiny_checkpoint, tiny_model
 
 ROUTER_ACCOUNT = "kvpilot-router"
+PICK_REASONS = ("prefix", "hash", "spill", "least-load", "round-robin")
 MODEL = "chat"
 REPLICAS = 4
 CONVERSATIONS, TURNS = 8, 10
@@ -94,21 +96,24 @@ def conversation_turns(phase: str, c: int) -> list[str]:
     return out
 
 
-def system_prompt(phase: str) -> str:
-    # The phase first, so neither run finds the other's pages in a cache.
-    return (f"({phase}) You are a terse assistant for an inference fleet. Answer in one "
-            "line, name the unit of every number, and never repeat the question. "
+def system_prompt(phase: str, owner: str = "") -> str:
+    # The phase first, so no run finds another's pages in a cache; ``owner`` gives each
+    # conversation a system prompt of its own.
+    return (f"({phase}{owner}) You are a terse assistant for an inference fleet. Answer "
+            "in one line, name the unit of every number, and never repeat the question. "
             "Prefer bytes per token, tokens per second and milliseconds. ") * 2
 
 
-async def chat_run(url: str, phase: str) -> dict:
+async def chat_run(url: str, phase: str, shared_system: bool = True) -> dict:
     """8 conversations at once, each 10 turns in order; per request the time to its
-    first streamed token and whether it completed."""
+    first streamed token and whether it completed. Without ``shared_system`` each
+    conversation has a system prompt of its own."""
     ttfts: list[float] = []
     outcomes: list[str] = []
 
     async def one(client: httpx.AsyncClient, c: int) -> None:
-        messages = [{"role": "system", "content": system_prompt(phase)}]
+        owner = "" if shared_system else f" c{c}"
+        messages = [{"role": "system", "content": system_prompt(phase, owner)}]
         for t, text in enumerate(conversation_turns(phase, c)):
             messages.append({"role": "user", "content": text})
             started = time.perf_counter()
@@ -147,12 +152,20 @@ def prefix_counters(workers: Workers) -> tuple[float, float]:
     return hits, queried
 
 
-def test_prefix_affinity_hits_the_workers_prefix_caches_more_than_round_robin(fleet):
+@pytest.mark.parametrize("shared_system", [True, False], ids=["shared-system", "own-system"])
+def test_prefix_affinity_hits_the_workers_prefix_caches_more_than_round_robin(
+        fleet, shared_system):
+    """With a system prompt common to all conversations, round robin finds it on every
+    replica too, which bounds what affinity can gain; with one of their own, only the
+    replica that served a conversation's last turn holds its prefix."""
     op, workers, prefix, round_robin, state, logs = fleet
     figures = {}
     for name, router in (("round-robin", round_robin), ("prefix", prefix)):
         before = prefix_counters(workers)
-        run = asyncio.run(chat_run(router.url, name))
+        picks_before = {reason: router.metric("kvpilot_router_picks_total", model=MODEL,
+                                              reason=reason) for reason in PICK_REASONS}
+        phase = name if shared_system else f"{name}-own"
+        run = asyncio.run(chat_run(router.url, phase, shared_system))
         after = prefix_counters(workers)
         hits, queried = after[0] - before[0], after[1] - before[1]
         assert run["outcomes"] == ["complete"] * CONVERSATIONS * TURNS, (
@@ -164,16 +177,18 @@ def test_prefix_affinity_hits_the_workers_prefix_caches_more_than_round_robin(fl
             "hit_tokens": int(hits), "queried_tokens": int(queried),
             "ttft_p50_ms": round(1000 * statistics.median(ttfts), 1),
             "ttft_p90_ms": round(1000 * ttfts[int(0.9 * (len(ttfts) - 1))], 1),
-            "picks": {reason: router.metric("kvpilot_router_picks_total", model=MODEL,
-                                            reason=reason)
-                      for reason in ("prefix", "hash", "spill", "least-load", "round-robin")
-                      if router.metric("kvpilot_router_picks_total", model=MODEL,
-                                       reason=reason)},
+            "picks": {reason: n - picks_before[reason] for reason in PICK_REASONS
+                      if (n := router.metric("kvpilot_router_picks_total", model=MODEL,
+                                             reason=reason)) > picks_before[reason]},
         }
+    figures["hit_ratio_prefix_over_round_robin"] = round(
+        figures["prefix"]["prefix_hit_ratio"] / figures["round-robin"]["prefix_hit_ratio"], 2)
     figures["ttft_p50_ratio_prefix_over_round_robin"] = round(
         figures["prefix"]["ttft_p50_ms"] / figures["round-robin"]["ttft_p50_ms"], 2)
-    print("\nrouter chat workload:", json.dumps(figures, indent=1))
-    (state / "router-figures.json").write_text(json.dumps(figures, indent=1))
+    label = "shared system prompt" if shared_system else "a system prompt per conversation"
+    print(f"\nrouter chat workload, {label}:", json.dumps(figures, indent=1))
+    suffix = "" if shared_system else "-own-system"
+    (state / f"router-figures{suffix}.json").write_text(json.dumps(figures, indent=1))
     assert figures["prefix"]["prefix_hit_ratio"] > figures["round-robin"]["prefix_hit_ratio"], \
         figures
 
