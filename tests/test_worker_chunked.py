@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 
 from kvpilot.worker.scheduler import BatchKind, SamplingParams, Sequence  # noqa: E402
 from tests.family_helpers import (  # noqa: E402
+    BF16_TOL,
     GREEDY,
     assert_transformers_agrees,
     write_family_checkpoint,
@@ -105,3 +106,18 @@ def test_tp2_mixed_steps_equal_tp1(checkpoints):
         assert [s.output for s in got] == [s.output for s in expected]
     finally:
         engine.runner.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_gpu_mixed_steps_agree_with_transformers(model_type, checkpoints):
+    """Mixed steps (eager, the paged kernel for their decode rows) between decode steps
+    replayed from CUDA graphs, bf16."""
+    ckpt = checkpoints[model_type]
+    engine = tiny_engine(ckpt, device="cuda", dtype="bf16", kv_dtype="bf16",
+                         max_batched_tokens=24, max_num_seqs=4)
+    assert engine.runner.cuda_graphs
+    got, kinds = staggered(engine, PROMPTS)
+    assert BatchKind.MIXED in kinds and BatchKind.DECODE in kinds
+    assert_transformers_agrees(ckpt, got, tol=BF16_TOL)

@@ -168,6 +168,17 @@ def test_gpu_greedy_tokens_agree_with_transformers(model_type, kv_dtype, checkpo
                                first=NEW_TOKENS if kv_dtype == "bf16" else 1)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model_type", list(WINDOWED))
+def test_gpu_every_layer_in_a_window_agrees_with_transformers(model_type, windowed):
+    """The decode kernel's window over a ring of pages, compiled, in CUDA graphs."""
+    ckpt = windowed[model_type]
+    engine = tiny_engine(ckpt, device="cuda", dtype="bf16", kv_dtype="bf16")
+    assert engine.runner.cuda_graphs
+    assert_transformers_agrees(ckpt, engine.generate(prompts(), GREEDY), tol=BF16_TOL)
+
+
 # ---- Qwen2.5-0.5B: the example Model and its checkpoint's shape ----------------------------
 def test_the_qwen2_5_example_is_served_and_its_checkpoint_shape_loads(checkpoints):
     doc = yaml.safe_load((EXAMPLES / "qwen2.5-0.5b.yaml").read_text())
