@@ -78,9 +78,11 @@ def test_json_and_yaml_carry_the_same_plan(capsys):
 
 
 def test_policies_and_reserve(capsys):
-    _, out, _ = run(capsys, FLEET, *MODELS, "-o", "json", "--policy", "spread")
+    # The policy alone (the Models' own spread off): spreading by headroom keeps 56 GiB
+    # beside a 70B shard rather than take an L4.
+    _, out, _ = run(capsys, FLEET, *MODELS, "-o", "json", "--policy", "spread",
+                    "--spread", "none")
     spread = json.loads(out)
-    # Spreading keeps 56 GiB of headroom beside a 70B shard rather than take an L4.
     assert spread["gpusUsed"] == 15 and spread["sharedGpus"] == [{"node": "h100-0", "gpu": 0}]
     _, out, _ = run(capsys, FLEET, *MODELS, "-o", "json", "--mode", "devicePlugin")
     assert json.loads(out)["sharedGpus"] == []

@@ -120,14 +120,19 @@ def check_spread(snapshot, demands, policy, plan, usable, load, streamed, budget
         for g in a.gpus:
             tenants[(a.node, g)] = tenants.get((a.node, g), 0) + 1
 
-    def room(d, n, holding) -> bool:
-        """Node n takes one more replica of d on GPUs that ``holding`` says hold none."""
+    def sized(d, n):
         if not (n.ready and not n.cordoned) or (d.products and n.product not in d.products):
-            return False
-        if n.max_pods is not None and pods.get(n.name, 0) >= n.max_pods:
-            return False
+            return None
         req = d.requirements.get(n.product) or d.requirements.get("*")
-        if req is None:
+        return req if req is not None and req.tp <= n.gpus else None
+
+    def room(d, n, holding) -> bool:
+        """Node n takes one more replica of d on GPUs that ``holding`` says hold none,
+        at the fewest GPUs a replica of d takes anywhere."""
+        req = sized(d, n)
+        if req is None or (n.max_pods is not None and pods.get(n.name, 0) >= n.max_pods):
+            return False
+        if req.tp > min(r.tp for m in snapshot.nodes if (r := sized(d, m)) is not None):
             return False
         ok = 0
         for g in range(n.gpus):

@@ -68,13 +68,14 @@ def test_node_puts_each_replica_on_its_own_node():
     assert plan.gpus_used == 3 and plan.crowded == ()
 
 
-def test_node_with_more_replicas_than_nodes_shares_the_least_crowded_on_other_gpus():
-    # Two per node, each on a GPU of its own: the node limit rises to 2, the GPU limit
-    # stays at 1. All four run; the plan says why two share a node.
+def test_node_with_more_replicas_than_nodes_shares_the_least_crowded_and_packs_there():
+    # Two per node: the node limit rises to 2, and on a node they share, the replicas
+    # pack as any (spread gpu would keep them off one GPU). All four run; the plan says
+    # why two share a node.
     snap = Snapshot(nodes=(node("a"), node("b")))
     plan = planned(snap, [demand("m", 4, spread="node")])
-    assert where(plan) == {"m-0": ("a", (0,)), "m-1": ("b", (0,)), "m-2": ("a", (1,)),
-                           "m-3": ("b", (1,))}
+    assert where(plan) == {"m-0": ("a", (0,)), "m-1": ("b", (0,)), "m-2": ("a", (0,)),
+                           "m-3": ("b", (0,))}
     (c,) = plan.crowded
     assert (c.model, c.spread, c.sharing, c.replicas) == ("m", "node", 4, 4)
     assert c.reason == f"{NODE_FULL} (0/2 nodes fit: 2 holding a replica of it)"
@@ -163,7 +164,7 @@ def test_whole_gpus_per_replica_and_node_spread():
 def test_a_node_at_its_pod_limit_is_named_in_the_reason():
     snap = Snapshot(nodes=(node("a", max_pods=1), node("b")))
     plan = planned(snap, [demand("m", 3, spread="node")])
-    assert where(plan) == {"m-0": ("a", (0,)), "m-1": ("b", (0,)), "m-2": ("b", (1,))}
+    assert where(plan) == {"m-0": ("a", (0,)), "m-1": ("b", (0,)), "m-2": ("b", (0,))}
     assert plan.crowded[0].reason == (
         f"{NODE_FULL} (0/2 nodes fit: 1 holding a replica of it, 1 pod limit reached (1 pods))")
 
@@ -285,3 +286,20 @@ def test_kept_apart_on_as_few_gpus_as_the_exact_solver(instance):
         assert len(plan.assignments) >= ex.placed
         if plan.complete and ex.placed == ex.demanded:
             assert plan.gpus_used == ex.gpus_used
+
+
+def test_sharing_a_node_comes_before_a_larger_tensor_parallel():
+    # One P80 GPU holds a replica, a P40 replica needs two GPUs: with both P80 nodes
+    # holding one, the third shares a P80 node (on its other GPU) rather than take two
+    # P40s; once the P80s are full, the fifth takes two P40s, as packing would.
+    snap = Snapshot(nodes=(node("h1"), node("h2"), Node("a1", "P40", 4, 40 * GiB),
+                           Node("a2", "P40", 4, 40 * GiB)))
+    reqs = {"P80": Requirement(1, 60 * GiB), "P40": Requirement(2, 35 * GiB)}
+    plan = planned(snap, [Demand("m", 3, reqs, spread="node")])
+    assert where(plan) == {"m-0": ("h1", (0,)), "m-1": ("h2", (0,)), "m-2": ("h1", (1,))}
+    assert plan.crowded[0].reason == (
+        f"{NODE_FULL} (0/4 nodes fit: 2 holding a replica of it, 2 needing tensorParallel 2 "
+        "there)")
+    plan = planned(snap, [Demand("m", 5, reqs, spread="node")])
+    assert sorted(where(plan).values()) == [("a1", (0, 1)), ("h1", (0,)), ("h1", (1,)),
+                                            ("h2", (0,)), ("h2", (1,))]

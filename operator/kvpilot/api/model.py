@@ -364,13 +364,14 @@ class ReplicaPlacement(KubeModel):
     spread: Spread = Field(
         "node",
         description="Failure domain the replicas are spread over, so that losing one "
-        "never takes the whole Model down. node: no two replicas on one node, nor on one "
-        "GPU, while a node without one has room for it; gpu: no two replicas on one GPU "
-        "while a GPU without one has room (they may share a node); none: replicas pack "
-        "as tightly as any, on one GPU if it holds them. When every node (or GPU) with "
-        "room already holds a replica, the rest share the least crowded ones and the "
-        "Model's Spread condition says so. Changing it replaces the replicas one at a "
-        "time, make-before-break.",
+        "never takes the whole Model down. node: no two replicas on one node while a node "
+        "without one has room for it; gpu: no two replicas on one GPU while a GPU without "
+        "one has room (they may share a node); none: replicas pack as tightly as any, on "
+        "one GPU if it holds them. When every node (or GPU) with room already holds a "
+        "replica, the rest go to the least crowded ones (replicas sharing a node pack "
+        "there as any) and the Model's Spread condition says so. Spreading never gives a "
+        "replica more GPUs than it takes on its best-fitting product (it shares a node "
+        "first). Changing it replaces the replicas one at a time, make-before-break.",
     )
 
 

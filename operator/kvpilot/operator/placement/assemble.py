@@ -92,7 +92,7 @@ def _crowded(world: "World", assignments: tuple[Assignment, ...]) -> tuple[Crowd
     ("gpu") with another of them, in demand order."""
     out = []
     for d in world.demands:
-        if not d.apart_gpus:
+        if not d.spreads:
             continue
         mine = [a for a in assignments if a.model == d.model]
         count: dict[tuple, int] = {}

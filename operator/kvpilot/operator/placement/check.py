@@ -10,13 +10,15 @@ benchmark and the tests run it on every plan, the engine's and the exact solver'
 
 And spread: a new replica of a model that spreads over nodes shares its node with
 another replica of the model only while no node that holds none of them has room for
-one (tp GPUs where it fits, by the plan's final load); over GPUs, the same of a GPU.
+one (tp GPUs where it fits, by the plan's final load, on a product where a replica takes
+its fewest GPUs: spreading never raises its tensorParallel); over GPUs, the same of a
+GPU.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from typing import Optional, Sequence
 
 from kvpilot.api.memory import usable_hbm
 from kvpilot.operator.placement.model import Demand, Node, Plan, Policy, Snapshot
@@ -119,7 +121,7 @@ def violations(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
             out.append(f"{u.replica}: unplaced without a reason")
     final = _Final(nodes, policy, load, tenants, streamed, budgets, pods)
     for d in demands:
-        if d.apart_gpus:
+        if d.spreads:
             out.extend(_spread(d, plan, final))
     for n in plan.nodes:
         for g, used in enumerate(n.used):
@@ -137,12 +139,21 @@ class _Final:
         self.nodes, self.policy, self.pods = nodes, policy, pods
         self.load, self.tenants, self.streamed, self.budgets = load, tenants, streamed, budgets
 
+    def fewest_gpus(self, d: Demand) -> Optional[int]:
+        """The fewest GPUs a replica of ``d`` takes on a schedulable node that holds it."""
+        return min((r.tp for n in self.nodes.values() if n.schedulable
+                    and (r := d.requirement(n.product)) is not None and r.tp <= n.gpus),
+                   default=None)
+
     def gpus_with_room(self, d: Demand, name: str, holding: dict) -> int:
         """GPUs of node ``name`` that hold no replica of ``d`` (``holding``: (node, GPU)
-        -> its replicas) and take one more shard of it; 0 where the node takes none."""
+        -> its replicas) and take one more shard of it; 0 where the node takes none, or
+        only at more GPUs than the replica's fewest."""
         node = self.nodes[name]
         req = d.requirement(node.product)
         if req is None or not node.schedulable or req.tp > node.gpus:
+            return 0
+        if req.tp > (self.fewest_gpus(d) or 0):
             return 0
         if node.max_pods is not None and self.pods[name] >= node.max_pods:
             return 0

@@ -22,10 +22,10 @@ other ways (fresh GPUs valued otherwise, other model orders on small instances) 
 best kept; on small instances the ILP (``ilp``), started from that plan, improves it
 within a work limit: see ``place``.
 
-A model that spreads (``Demand.spread``) is held to its limits (``state.Apart``) by every
-one of those steps: a node or GPU at the limit takes none of its replicas. The limits
-start at one replica per node ("node") or GPU ("gpu") and rise, for that model and that
-run only, when one of its replicas fits nowhere within them (``World.relax``): so
+A model that spreads (``Demand.spread``) is held to its limit (``state.Apart``) by every
+one of those steps: a node or GPU at the limit takes none of its replicas. The limit
+starts at one replica per node ("node") or GPU ("gpu") and rises, for that model and that
+run only, when one of its replicas fits nowhere within it (``World.relax``): so
 replicas share a node or GPU only when every one with room holds one already, and then
 the least crowded. When the packing steps have since made room on a less crowded node or
 GPU, ``World.respread`` moves the replicas of this run there, last.
@@ -46,7 +46,7 @@ from kvpilot.operator.placement.orders import alternative_orders, largest_first
 from kvpilot.operator.placement.packing import best_fill, consolidate, repair, stack_groups
 from kvpilot.operator.placement.reasons import crowding, crowding_tally, explain
 from kvpilot.operator.placement.scores import score_node
-from kvpilot.operator.placement.state import Apart, NodeState, Placed, Pool, natural
+from kvpilot.operator.placement.state import NO_LIMIT, Apart, NodeState, Placed, Pool, natural
 
 # Candidate nodes taken from each end of each index: enough that pure packing and pure
 # spreading find their best node, few enough that 5,000 replicas on 2,000 nodes plan in
@@ -78,7 +78,6 @@ EXACT_REPLICAS = 300
 EXACT_SECONDS = 60.0
 FILL_ITEMS = 24  # kinds of pending replica offered to complete one GPU, largest first
 RESPREAD_MOVES = 4  # moves per replica of a crowded model, at most, to spread it again
-NO_LIMIT = 1 << 30  # replicas of a model on one GPU: no limit
 
 __all__ = ["World", "place", "natural"]
 
@@ -243,8 +242,11 @@ class World:
         # model -> its spread limits now (``Apart``), for models that spread; and why a
         # model's limits first had to rise (``reasons.crowding``).
         self.aparts: dict[str, Apart] = {
-            d.model: Apart(d.model, 1 if d.apart_nodes else None, 1)
-            for d in self.demands if d.apart_gpus}
+            d.model: Apart.strict(d) for d in self.demands if d.spreads}
+        # Spreading models whose replicas go only where they take their fewest GPUs: a
+        # spread never raises a replica's tensorParallel while its limit can rise
+        # instead (``relax``).
+        self.narrow: set[str] = set(self.aparts)
         self.crowded: dict[str, str] = {}
         # product -> single-GPU requirements, largest first (see ``fill_items``)
         self.fill_index: dict[str, list[tuple]] = {}
@@ -273,7 +275,20 @@ class World:
     # -- new replicas ------------------------------------------------------------------
 
     def options(self, demand: Demand) -> list[tuple[Pool, Requirement]]:
-        return [(pool, req) for pool, req in self.sized(demand) if req.tp <= pool.max_gpus]
+        """(pool, requirement) of every product the demand may use and whose nodes are
+        large enough; for a spreading model whose limit has not had to reach further
+        (``narrow``), only the products where a replica takes its fewest GPUs."""
+        options = [(pool, req) for pool, req in self.sized(demand)
+                   if req.tp <= pool.max_gpus]
+        if demand.model in self.narrow and options:
+            fewest = min(req.tp for _, req in options)
+            options = [(pool, req) for pool, req in options if req.tp == fewest]
+        return options
+
+    def fewest_gpus(self, demand: Demand) -> Optional[int]:
+        """The fewest GPUs one replica of the demand takes on any product it may use."""
+        return min((req.tp for pool, req in self.sized(demand) if req.tp <= pool.max_gpus),
+                   default=None)
 
     def place_demand(self, demand: Demand) -> bool:
         """Place the model's pending replicas; False when one fits nowhere (it and the
@@ -288,12 +303,14 @@ class World:
                 if not self.relax(demand):
                     return False
                 cache.clear()  # scores were of the limits before
+                options = self.options(demand)
+                fresh = self.fresh_values(options)
                 continue
             s, gpus, pool, req = best
             sets = [gpus]
             # Several replicas on one node, sharing GPUs: not for a model that spreads.
             if (self.optimizes and req.tp > 1 and self.pending[demand.model] > 1
-                    and not demand.apart_gpus):
+                    and not demand.spreads):
                 sets = stack_groups(s, req, self.pending[demand.model], share) or sets
             opened = sorted({g for group in sets for g in group if s.tenants[g] == 0})
             for group in sets:
@@ -322,8 +339,8 @@ class World:
             hit = cache.get(idx)
             if hit is None or hit[0] != s.version:
                 score, gpus = None, ()  # the spreading window may hold nodes that do not fit
-                if (first_failure(s, demand, self.policy, BEFORE_SCORING) is None
-                        and spread_allows(s, apart) is None):
+                if (spread_allows(s, apart) is None  # the cheapest, and often the one
+                        and first_failure(s, demand, self.policy, BEFORE_SCORING) is None):
                     score, gpus = score_node(s, demand, req, self.weights, self.max_cap,
                                              self.policy.share_gpus, fresh.get(pool.product, 1.0),
                                              apart)
@@ -336,7 +353,7 @@ class World:
                 best = (idx, hit[1], hit[2], hit[3], hit[4])
 
         for pool, req in options:
-            for idx in pool.candidates(req.tp, req.hbm_per_gpu, WINDOW, self.spread):
+            for idx in pool.candidates(req.tp, req.hbm_per_gpu, WINDOW, self.spread, apart):
                 consider(idx, pool, req)
         if best is None:
             for pool, req in options:
@@ -350,13 +367,16 @@ class World:
     # -- spread ------------------------------------------------------------------------
 
     def relax(self, demand: Demand) -> bool:
-        """Raise a spreading model's limits by one step because one of its replicas fits
-        nowhere within them; False when neither limit binds (it fits nowhere at all).
+        """Let a spreading model reach further because one of its replicas fits nowhere
+        within its limit: raise the limit by one replica per node ("node") or per GPU
+        ("gpu") while it binds; once it does not (the products where a replica takes its
+        fewest GPUs are full), let its replicas take more GPUs on other products. False
+        when nothing is left to relax (it fits nowhere at all). Only this model, in this
+        run, reaches further; the reason is kept from the first time
+        (``reasons.crowding``).
 
-        The node limit rises first ("node"): a second replica on a node, on a GPU of its
-        own there while one has room; the GPU limit only once no node below the node
-        limit has a GPU below the GPU limit. Only the limits of this model, in this run,
-        rise; the reason is kept from the first time (``reasons.crowding``).
+        Sharing a node comes before a larger tensorParallel: a replica that needs one
+        H200 shares a node with another rather than take four L4s.
         """
         apart = self.aparts.get(demand.model)
         if apart is None:
@@ -368,44 +388,55 @@ class World:
             raised = Apart(model, apart.node_cap + 1, apart.gpu_cap)
         elif apart.gpu_cap <= most_gpu:
             raised = Apart(model, apart.node_cap, apart.gpu_cap + 1)
+        elif model in self.narrow:
+            self.narrow.discard(model)
+            return True
         else:
             return False
         if model not in self.crowded:
-            self.crowded[model] = crowding(demand, self.states, self.policy, apart)
+            self.crowded[model] = crowding(demand, self.states, self.policy, apart,
+                                           self.fewest_gpus(demand))
         self.aparts[model] = raised
         return True
 
     def limits_of(self, plan: Plan) -> None:
         """The spread limits for a run that improves on ``plan`` (the ILP's): a model
-        that plan keeps apart keeps its limits of one; one it crowds, or leaves replicas
-        of unplaced, gets none, since its replicas may then fit only packed otherwise;
-        ``respread`` spreads what the run crowds where there is room, last."""
-        loose = {c.model for c in plan.crowded} | {u.model for u in plan.unplaced}
+        that plan crowds gets none; when the plan leaves replicas unplaced, no model
+        gets any (one model kept apart may be what leaves no room for another's replica:
+        a replica placed is worth more than replicas apart); else a model keeps its
+        limits of one. ``respread`` spreads what the run crowds where there is room,
+        last."""
+        loose = {c.model for c in plan.crowded}
+        if plan.unplaced:
+            loose = set(self.aparts)
         for model in loose & set(self.aparts):
             self.aparts[model] = Apart(model, None, NO_LIMIT)
+            self.narrow.discard(model)
+        # A model the plan placed beyond its fewest GPUs reached further already.
+        for a in plan.assignments:
+            if a.model in self.narrow and a.tp > (self.fewest_gpus(self.by_model[a.model]) or 0):
+                self.narrow.discard(a.model)
         self.crowded.update({c.model: c.reason for c in plan.crowded})
 
     def relaxed(self, model: str) -> bool:
-        """Whether the model's spread limits stand above one replica per node or GPU."""
+        """Whether the model's spread limit stands above its start."""
         apart = self.aparts.get(model)
-        return apart is not None and (apart.gpu_cap > 1 or (apart.node_cap or 1) > 1)
+        return apart is not None and apart != Apart.strict(self.by_model[model])
 
     def respread(self) -> int:
-        """Move this run's replicas of a model whose limits had to rise to a less
-        crowded node (then GPU) where one has room now: consolidation, repair and the
-        ILP move other replicas away and may leave such room. A replica on a node with c
-        replicas of its model goes to a node with at most c - 2 (so c - 1 there after),
-        never to a GPU beyond the model's GPU limit; then, at GPU level, a replica on a
-        GPU with c goes to GPUs with at most c - 2 each, its node's count not growing.
-        At most ``RESPREAD_MOVES`` moves per replica. Returns the replicas moved."""
+        """Move this run's replicas of a model whose limit had to rise to a less
+        crowded node ("node") or GPU ("gpu") where one has room now: consolidation,
+        repair and the ILP move other replicas away and may leave such room. A replica
+        on a node (GPU) with c replicas of its model goes to one with at most c - 2 (so
+        c - 1 there after), where it takes no more GPUs. At most ``RESPREAD_MOVES``
+        moves per replica. Returns the replicas moved."""
         moved = 0
         for demand in self.demands:
             apart = self.aparts.get(demand.model)
             if apart is None or not self.relaxed(demand.model):
                 continue
             budget = RESPREAD_MOVES * self.by_model[demand.model].replicas
-            levels = (["node"] if demand.apart_nodes else []) + ["gpu"]
-            for level in levels:
+            for level in ["node" if demand.apart_nodes else "gpu"]:
                 changed = True
                 while changed and budget > 0:
                     changed = False
@@ -416,10 +447,9 @@ class World:
                         if c < 2:
                             break
                         if level == "node":
-                            limit = Apart(demand.model, c - 1, apart.gpu_cap)
+                            limit = Apart(demand.model, c - 1, NO_LIMIT)
                         else:
-                            node_cap = p.state.models[demand.model] if demand.apart_nodes else None
-                            limit = Apart(demand.model, node_cap, c - 1)
+                            limit = Apart(demand.model, None, c - 1)
                         if self._move(p, limit):
                             moved += 1
                             budget -= 1
@@ -434,10 +464,10 @@ class World:
         from one run to the next), or None when one has (they ran so before)."""
         if demand.model in self.crowded:
             return self.crowded[demand.model]
-        strict = Apart(demand.model, 1 if demand.apart_nodes else None, 1)
-        if crowding_tally(demand, self.states, self.policy, strict)["fits"]:
+        strict, fewest = Apart.strict(demand), self.fewest_gpus(demand)
+        if crowding_tally(demand, self.states, self.policy, strict, fewest)["fits"]:
             return None
-        return crowding(demand, self.states, self.policy, strict)
+        return crowding(demand, self.states, self.policy, strict, fewest)
 
     def _crowding(self, p: Placed, level: str) -> int:
         """Replicas of p's model on p's node ("node"), or on its most crowded GPU."""
@@ -447,11 +477,12 @@ class World:
         return max(s.on_gpu[g].get(model, 0) for g in p.gpus)
 
     def _move(self, p: Placed, limit: Apart) -> bool:
-        """Move ``p`` to the best node within ``limit``, or leave it where it is."""
+        """Move ``p`` to the best node within ``limit`` where it takes no more GPUs than
+        now (spreading never raises a tensorParallel), or leave it where it is."""
         pools = {pool.product: pool for pool in self.pools}
         s, gpus, req = p.state, p.gpus, p.req
         pools[s.node.product].release(s, p.demand.model, gpus, req)
-        options = self.options(p.demand)
+        options = [(pool, r) for pool, r in self.options(p.demand) if r.tp <= req.tp]
         found = self.best_node(p.demand, options, self.fresh_values(options), apart=limit)
         if found is None:
             pools[s.node.product].update(s, p.demand.model, gpus, req)

@@ -38,6 +38,11 @@ def _residual(snapshot: Snapshot, demands: Sequence[Demand], policy: Policy):
     replicas still to place per model (the engine's ``pending``)."""
     world = World(snapshot, demands, policy)
     kept, _, _ = world.load_existing()
+    # Spreading models are held to one replica per node (GPU), on any product they may
+    # use: the limits place() starts from, without its preference for the products where
+    # a replica takes its fewest GPUs (a plan of place() that crowds no model is one of
+    # this reference's).
+    world.narrow.clear()
     return world, kept, dict(world.pending)
 
 

@@ -65,7 +65,7 @@ def _removal_key(world: "World", e: Existing) -> tuple:
     crowd = 0
     if d is not None and d.apart_nodes:
         crowd = s.models.get(e.model, 0)
-    elif d is not None and d.apart_gpus:
+    elif d is not None and d.spreads:
         crowd = max((s.on_gpu[g].get(e.model, 0) for g in e.gpus), default=0)
     alone = sum(1 for g in e.gpus if s.tenants[g] == 1)
     used = sum(s.cap - f for f in s.free)

@@ -102,9 +102,10 @@ def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[f
             continue
         per_model = []
         apart = world.aparts.get(d.model)
+        products = {pool.product for pool, _ in world.options(d)}
         for s in nodes:
             req = d.requirement(s.node.product)
-            if req is None or req.tp > s.node.gpus:
+            if req is None or req.tp > s.node.gpus or s.node.product not in products:
                 continue
             gpus = s.fitting_gpus(req, share, apart)
             if len(gpus) < req.tp or (apart is not None and not apart.node_allows(s)):

@@ -105,10 +105,12 @@ class Demand:
 
     ``spread`` (one of ``SPREADS``) is a constraint, not a score: with "gpu" a GPU that
     holds a replica of the model takes no second one, with "node" a node that holds one
-    takes no second one (nor, then, does a GPU), as long as some GPU or node without one
-    has room. Only when none has are the limits raised, one replica at a time and only as
-    far as needed: the replicas then share the least crowded domains (``Plan.crowded``
-    says so). See ``engine.World.relax``.
+    takes no second one, as long as some GPU or node without one has room. Only when
+    none has is the limit raised, one replica at a time and only as far as needed: the
+    replicas then share the least crowded domains (``Plan.crowded`` says so), and
+    within a node they share, "node" replicas pack as any. "Room" is on the products
+    where a replica takes its fewest GPUs: spreading shares a node before it raises a
+    replica's tensorParallel elsewhere. See ``engine.World.relax``.
     """
 
     model: str
@@ -125,14 +127,20 @@ class Demand:
                              f"{', '.join(SPREADS)}: {self.spread!r}")
 
     @property
-    def apart_gpus(self) -> bool:
-        """Replicas of this model keep to distinct GPUs while they can ("gpu", "node")."""
+    def spreads(self) -> bool:
+        """Replicas of this model keep apart while they can ("gpu", "node")."""
         return self.spread != "none"
 
     @property
     def apart_nodes(self) -> bool:
-        """Replicas of this model keep to distinct nodes while they can ("node")."""
+        """Replicas of this model keep to distinct nodes while they can ("node"); else,
+        when it spreads, to distinct GPUs ("gpu")."""
         return self.spread == "node"
+
+    @property
+    def apart_gpus(self) -> bool:
+        """Replicas of this model keep to distinct GPUs while they can ("gpu")."""
+        return self.spread == "gpu"
 
     def allows(self, product: str) -> bool:
         return not self.products or product in self.products

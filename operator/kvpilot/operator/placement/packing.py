@@ -126,12 +126,12 @@ def _make_room(world: "World", demand, budget: int) -> Optional[int]:
         world.commit(demand, pool, s, stack_groups(s, req, 1, share, apart)[0], req)
         ok = True
         for p in sorted(mine, key=lambda p: (-p.req.hbm_per_gpu * p.req.tp, p.demand.model)):
-            options, fresh = world.options(p.demand), {pl.product: 1.0 for pl in world.pools}
-            found = world.best_node(p.demand, options, fresh)
+            fresh = {pl.product: 1.0 for pl in world.pools}
+            found = world.best_node(p.demand, world.options(p.demand), fresh)
             # A spreading model's replica that only fits beyond its limits: they rise,
             # as in the constructive pass (the repair is worth more replicas placed).
             while found is None and world.relax(p.demand):
-                found = world.best_node(p.demand, options, fresh)
+                found = world.best_node(p.demand, world.options(p.demand), fresh)
             if found is None:
                 ok = False
                 break

@@ -131,14 +131,18 @@ def explain(demand: Demand, states: list[NodeState], policy: Policy) -> str:
 
 
 def crowding_tally(demand: Demand, states: list[NodeState], policy: Policy,
-                   apart: Apart) -> Counter:
+                   apart: Apart, fewest: Optional[int] = None) -> Counter:
     """What stops each node from taking one more replica of a spreading model within its
-    limits ``apart``, tallied; "fits" counts the nodes that would take it."""
+    limits ``apart`` at its ``fewest`` GPUs (a product where it needs more does not
+    count: spreading never raises its tensorParallel), tallied; "fits" counts the nodes
+    that would take it."""
     tally: Counter = Counter()
     for s in states:
         reason = first_failure(s, demand, policy) or spread_allows(s, apart)
+        req = demand.requirement(s.node.product)
+        if reason is None and req is not None and fewest is not None and req.tp > fewest:
+            reason = f"needing tensorParallel {req.tp} there"
         if reason is None:
-            req = demand.requirement(s.node.product)
             reason = ("fits" if req is not None and len(s.fitting_gpus(
                 req, policy.share_gpus, apart)) >= req.tp
                 else "room only on GPUs holding a replica of it")
@@ -146,15 +150,16 @@ def crowding_tally(demand: Demand, states: list[NodeState], policy: Policy,
     return tally
 
 
-def crowding(demand: Demand, states: list[NodeState], policy: Policy, apart: Apart) -> str:
+def crowding(demand: Demand, states: list[NodeState], policy: Policy, apart: Apart,
+             fewest: Optional[int] = None) -> str:
     """Why a replica of a model that spreads must share a node or GPU with another of
-    it: no node or GPU within the model's limits ``apart`` has room, with the tally of
-    what stops each node ("0/4 nodes fit: 2 holding a replica of it, 2 not enough free
-    HBM")."""
-    tally = crowding_tally(demand, states, policy, apart)
+    it: no node or GPU within the model's limits ``apart`` has room at its ``fewest``
+    GPUs, with the tally of what stops each node ("0/4 nodes fit: 2 holding a replica
+    of it, 2 not enough free HBM")."""
+    tally = crowding_tally(demand, states, policy, apart, fewest)
     summary = f"0/{len(states)} nodes fit: " + ", ".join(
         f"{n} {r}" for r, n in sorted(tally.items(), key=lambda x: (-x[1], x[0])))
-    if demand.apart_nodes and apart.gpu_cap == 1 and apart.node_cap == 1:
+    if demand.apart_nodes:
         main = "every node with room for another replica of the Model holds one already"
     else:
         main = "every GPU with room for another replica of the Model holds one already"

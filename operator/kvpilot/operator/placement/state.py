@@ -43,16 +43,27 @@ def gpu_fits(free: int, tenants: int, streamed: int, limit: Optional[int],
     return budget is None or streamed + req.step_bytes <= budget
 
 
+NO_LIMIT = 1 << 30  # replicas of a model on one GPU: no limit
+
+
 @dataclass(frozen=True, slots=True)
 class Apart:
     """A spread model's limits as they stand in one run: a node that holds ``node_cap``
     replicas of ``model`` takes no more of them (None: no limit), nor does a GPU that
-    holds ``gpu_cap``. They start at one ("node": one per node and per GPU; "gpu": one
-    per GPU) and rise only when nothing fits within them (``engine.World.relax``)."""
+    holds ``gpu_cap``. They start at one per node ("node") or per GPU ("gpu"), the other
+    without limit (``NO_LIMIT``), and rise only when nothing fits within them
+    (``engine.World.relax``)."""
 
     model: str
     node_cap: Optional[int]
     gpu_cap: int
+
+    @classmethod
+    def strict(cls, demand: Demand) -> "Apart":
+        """The limits a spreading demand starts with: one replica per node or GPU."""
+        if demand.apart_nodes:
+            return cls(demand.model, 1, NO_LIMIT)
+        return cls(demand.model, None, 1)
 
     def node_allows(self, s: "NodeState") -> bool:
         return self.node_cap is None or s.models.get(self.model, 0) < self.node_cap
@@ -187,6 +198,11 @@ class NodeState:
         self.version += 1
 
 
+# Entries at a spreading model's limits a candidate window passes over, at most, before
+# it stops: enough to find GPUs in use elsewhere, bounded at fleet scale.
+APART_SKIP = 1024
+
+
 def _remove(lst: list, key: tuple) -> None:
     i = bisect_left(lst, key)
     if i < len(lst) and lst[i] == key:
@@ -211,6 +227,7 @@ class Pool:
         self.share = share
         self.spread = spread  # by_total is kept only when something spreads
         self.states = states
+        self.by_index = {s.index: s for s in states}
         self.max_gpus = max((s.node.gpus for s in states), default=0)
         self.open_gpus: list[tuple[int, int, int]] = []
         self.by_total: list[tuple[int, int]] = []
@@ -277,6 +294,28 @@ class Pool:
         self._change(s, gpus, lambda: s.remove(model, gpus, req.hbm_per_gpu, req.step_bytes,
                                                req.step_budget))
 
+    def _window(self, lst: list, i: int, k: int, apart: Optional[Apart],
+                gpu: bool) -> Iterator[int]:
+        """Nodes of the first ``k`` entries of ``lst`` from ``i`` on that ``apart``
+        allows (a node below the node limit; for a GPU entry, a GPU below the GPU
+        limit), passing over at most ``APART_SKIP`` others."""
+        if apart is None:
+            for j in range(i, min(len(lst), i + k)):
+                yield lst[j][1]
+            return
+        found = skipped = 0
+        for j in range(i, len(lst)):
+            s = self.by_index[lst[j][1]]
+            if apart.node_allows(s) and (not gpu or apart.gpu_room(s, lst[j][2]) > 0):
+                yield s.index
+                found += 1
+                if found == k:
+                    return
+            else:
+                skipped += 1
+                if skipped > APART_SKIP:
+                    return
+
     def fitting_nodes(self, tp: int, need: int) -> Iterator[int]:
         """Every node with ``tp`` eligible GPUs of ``need`` free HBM, tightest first (by
         HBM: the fit predicate still decides)."""
@@ -284,24 +323,24 @@ class Pool:
         for j in range(bisect_left(lst, (need,)), len(lst)):
             yield lst[j][1]
 
-    def candidates(self, tp: int, need: int, k: int, spread: bool) -> Iterator[int]:
+    def candidates(self, tp: int, need: int, k: int, spread: bool,
+                   apart: Optional[Apart] = None) -> Iterator[int]:
         """A bounded set of nodes to score (node indices, may repeat).
 
         Pure packing's best node is among the first: the tightest GPU in use that fits,
         or the tightest node that fits the whole TP group. Pure spreading's is the most
         free node. With mixed weights the best may lie between the windows and is
         missed: that biases the plan towards the nearest end, never towards a node
-        that does not fit (every candidate still passes the filters).
+        that does not fit (every candidate still passes the filters). For a model that
+        spreads (``apart``), the windows pass over GPUs and nodes at its limits (at most
+        ``APART_SKIP`` of them each): the tightest GPUs in use are mostly its own.
         """
         if self.share and self.open_gpus:
             lst = self.open_gpus
-            i = bisect_left(lst, (need,))
-            for j in range(i, min(len(lst), i + k)):
-                yield lst[j][1]
+            yield from self._window(lst, bisect_left(lst, (need,)), k, apart, True)
         lst = self.tp_index(tp)
         i = bisect_left(lst, (need,))
-        for j in range(i, min(len(lst), i + k)):
-            yield lst[j][1]
+        yield from self._window(lst, i, k, apart, False)
         # And the node at the other end, with the most free: where a fresh GPU is.
         # Packing values a fresh GPU by its product, so when the tightest nodes of a
         # small product offer one, a large product's fresh GPU must be in the running.
