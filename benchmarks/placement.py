@@ -1,5 +1,7 @@
 """Placement quality and speed: kvpilot's place() against the exact optimum, an LP lower
-bound and count-based scheduling (whole GPUs per replica, least-allocated spreading).
+bound and count-based scheduling (whole GPUs per replica, least-allocated spreading), and
+what keeping a Model's replicas apart (spec.placement.spread gpu/node) costs in GPUs
+against packing them (none), on the same instances.
 
     python benchmarks/placement.py            # everything
     python benchmarks/placement.py --quick    # fewer instances, shorter ILP limit
@@ -302,12 +304,14 @@ def bench_speed(nodes: int, gpus: int, replicas: int, repeat: int) -> None:
     print(f"\n## Planning time: {nodes} nodes x {gpus} GPUs, {replicas} replicas, 12 models")
     rng = random.Random(42)
     snap = fleet(rng, nodes, gpus=gpus)
-    for label, policy, models in (("pack, all models", Policy(), list(MODELS)),
-                                  ("pack, small models", Policy(), SMALL),
-                                  ("spread, all models", Policy.spread(), list(MODELS))):
+    for label, policy, models, spread in (
+            ("pack, all models", Policy(), list(MODELS), "none"),
+            ("pack, small models", Policy(), SMALL, "none"),
+            ("spread, all models", Policy.spread(), list(MODELS), "none"),
+            ("pack, spread node", Policy(), list(MODELS), "node")):
         t = time.perf_counter()
-        demands = workload(random.Random(43), snap, policy, models, kinds=12,
-                           replicas=replicas)
+        demands = spread_as(workload(random.Random(43), snap, policy, models, kinds=12,
+                                     replicas=replicas), spread)
         t_demands = time.perf_counter() - t
         times = []
         for i in range(repeat):
@@ -346,16 +350,86 @@ def bench_many_models(nodes: int, models: int) -> None:
           f"(count-based {used}: {plan.gpus_used / used:.3f} x)", flush=True)
 
 
+SPREADS = ("none", "gpu", "node")
+
+
+def spread_as(demands: list[Demand], spread: str) -> list[Demand]:
+    return [replace(d, spread=spread) for d in demands]
+
+
+def bench_spread(sizes: list[int], seeds: int, nodes: int, big_seeds: int,
+                 exact_limit: float) -> None:
+    """What spreading costs in GPUs: each instance planned three times, its models
+    spreading by none (packing), gpu and node; nothing else differs."""
+    print("\n## Spread vs pack: GPUs with load for the same demands (spec.placement.spread "
+          "none / gpu / node)")
+    print("crowded: models some of whose replicas share a node (GPU) because none without "
+          "one has room.\nexact: the ILP's optimum with every model held to one replica per "
+          f"node (GPU), {exact_limit:.0f} s limit, where place() crowds none.")
+    print(f"{'nodes':>5} {'seed':>4} {'shape':<12} {'repl':>5} {'GPUs none':>9} {'gpu':>5} "
+          f"{'node':>5} {'placed n/g/n':>13} {'crowded g/n':>11} {'exact g/n':>11} "
+          f"{'secs n/g/n':>15}")
+
+    def row(label: str, n: int, seed: int, snap, demands, exact: bool) -> tuple:
+        gpus, placed, crowded, secs, opt = [], [], [], [], []
+        for spread in SPREADS:
+            ds = spread_as(demands, spread)
+            t = time.perf_counter()
+            plan = place(snap, ds, Policy())
+            secs.append(time.perf_counter() - t)
+            checked(snap, ds, Policy(), plan)
+            gpus.append(plan.gpus_used)
+            placed.append(len(plan.assignments))
+            crowded.append(len(plan.crowded))
+            if spread != "none":
+                ex = solve(snap, ds, Policy(), time_limit=exact_limit) if (
+                    exact and not plan.crowded) else None
+                opt.append("-" if ex is None or ex.plan is None else
+                           f"{ex.gpus_used}{'' if ex.optimal else '*'}"
+                           if ex.placed == len(plan.assignments) else f"({ex.placed} pl)")
+        total = sum(d.replicas for d in demands)
+        print(f"{n:>5} {seed:>4} {label:<12} {total:>5} {gpus[0]:>9} {gpus[1]:>5} {gpus[2]:>5} "
+              f"{'/'.join(map(str, placed)):>13} {'/'.join(map(str, crowded[1:])):>11} "
+              f"{'/'.join(opt):>11} {'/'.join(f'{x:.2f}' for x in secs):>15}", flush=True)
+        return tuple(gpus), tuple(placed)
+
+    totals = {s: 0 for s in SPREADS}
+    for n in sizes:
+        for seed in range(seeds):
+            kind, snap, demands = exact_instance(n, seed)
+            if kind == "infeasible":
+                continue
+            gpus, placed = row(kind, n, seed, snap, demands, exact=n <= 8)
+            if len(set(placed)) == 1:
+                for s, g in zip(SPREADS, gpus):
+                    totals[s] += g
+    # Fleets of the operator's size: mixed products, 12 models, 2-8 replicas each (a
+    # Model that asks several replicas for availability, not to fill the fleet).
+    for seed in range(big_seeds):
+        rng = random.Random(500 + seed)
+        snap = fleet(rng, nodes)
+        demands = workload(rng, snap, Policy(), list(MODELS), kinds=12, replicas=60)
+        demands = [replace(d, replicas=rng.randint(2, 8)) for d in demands]
+        gpus, placed = row("mixed", nodes, seed, snap, demands, exact=False)
+        if len(set(placed)) == 1:
+            for s, g in zip(SPREADS, gpus):
+                totals[s] += g
+    if totals["none"]:
+        print(f"all instances that place as many each way: {totals['none']} GPUs packed, "
+              f"{totals['gpu']} spread by GPU ({totals['gpu'] / totals['none']:.3f} x), "
+              f"{totals['node']} by node ({totals['node'] / totals['none']:.3f} x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer instances, 20 s ILP limit")
     parser.add_argument("--ilp-limit", type=float, default=300.0,
                         help="seconds per ILP instance (default 300)")
-    parser.add_argument("--only", choices=("exact", "itl", "baseline", "speed"),
+    parser.add_argument("--only", choices=("exact", "itl", "baseline", "spread", "speed"),
                         help="run one part only")
     args = parser.parse_args()
     print(f"# kvpilot placement benchmark\nmachine: {hardware()}")
-    parts = (args.only,) if args.only else ("exact", "itl", "baseline", "speed")
+    parts = (args.only,) if args.only else ("exact", "itl", "baseline", "spread", "speed")
     if "exact" in parts:
         if args.quick:
             bench_exact([4, 8], seeds=4, limit=20)
@@ -365,6 +439,11 @@ def main() -> None:
         bench_itl(50 if args.quick else 200, seeds=2 if args.quick else 4)
     if "baseline" in parts:
         bench_baseline(50 if args.quick else 200, seeds=2 if args.quick else 4)
+    if "spread" in parts:
+        if args.quick:
+            bench_spread([4, 8], seeds=4, nodes=50, big_seeds=1, exact_limit=20)
+        else:
+            bench_spread([4, 8, 16, 32], seeds=4, nodes=200, big_seeds=3, exact_limit=60)
     if "speed" in parts:
         bench_speed(2000, 8, 5000, repeat=1 if args.quick else 5)
         bench_many_models(2000, 5000)
