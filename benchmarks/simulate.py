@@ -63,7 +63,7 @@ def fleet() -> list[Node]:
             for name, product, gpus, count in FLEET for i in range(count)]
 
 
-def models() -> list[Model]:
+def models(spread: str = "none") -> list[Model]:
     out = []
     for name, (arch, kv, ctx, seqs, ttft, itl, hi, *_rest) in MODELS.items():
         params, layers, heads, kv_heads, hd, max_ctx = ARCH[arch]
@@ -80,6 +80,7 @@ def models() -> list[Model]:
                 "replicas": 1, "minReplicas": 1, "maxReplicas": hi,
                 "runtimeOverhead": "1Gi" if params < 2e9 else "2Gi",
                 "autoscaling": {"enabled": True, "targetKvPressurePercent": 75},
+                "placement": {"spread": spread},
             },
         }))
     return out
@@ -102,15 +103,18 @@ def main() -> int:
     ap.add_argument("--load", type=float, default=4.0,
                     help="every Model's request rate times this (default 4)")
     ap.add_argument("--startup-seconds", type=float, default=60.0)
+    ap.add_argument("--spread", choices=("none", "gpu", "node"), default="none",
+                    help="every Model's placement.spread (default none: packed, as the "
+                         "figures in docs/simulator.md; node is a Model's own default)")
     ap.add_argument("--plots", type=Path)
     args = ap.parse_args()
-    nodes, ms = fleet(), models()
+    nodes, ms = fleet(), models(args.spread)
     reqs = trace(args.minutes, args.seed, args.load)
     gpus = sum(n.gpus for n in nodes)
     print(f"# {hardware()}")
     print(f"# {len(reqs)} requests over {args.minutes:.0f} min, {len(ms)} models, "
           f"{len(nodes)} nodes / {gpus} GPUs, start-up {args.startup_seconds:.0f} s, load "
-          f"x{args.load:g}, seed {args.seed}")
+          f"x{args.load:g}, seed {args.seed}, spread {args.spread}")
     settings = Settings(startup_seconds=args.startup_seconds)
     results, summaries = [], []
     peak = None
