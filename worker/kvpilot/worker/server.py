@@ -381,13 +381,259 @@ class Preparer:
         return await asyncio.wrap_future(work)
 
 
-def create_app(state: WorkerState, settings: ServerSettings | None = None) -> FastAPI:
-    settings = settings or ServerSettings()
-    app = FastAPI(title="kvpilot worker", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.worker = state
-    app.state.settings = settings
-    registry = {}
-    preparer = Preparer(settings.prepare_threads, settings.max_preparing)
+def _engine_client(state: WorkerState) -> EngineClient:
+    """The engine to send a request to, or the ApiError saying why there is none."""
+    engine = state.engine
+    if engine is None:
+        raise _loading(retry=True)
+    if engine.error is not None:
+        raise _engine_gone(engine.error)
+    if engine.draining:
+        raise _draining()
+    return engine
+
+
+def _sse(obj: dict) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+def _usage(out: Output) -> dict:
+    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+            "total_tokens": out.prompt_tokens + out.completion_tokens}
+
+
+def _error_event(out: Output) -> bytes:
+    err = _engine_failed(out.error)
+    return _sse({"error": {"message": err.message, "type": err.type, "param": None,
+                           "code": None}})
+
+
+async def _unless_disconnected(request: Request, work) -> Any:
+    """Await ``work``; cancel it (aborting its sequence) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            with suppress(asyncio.CancelledError, ApiError):
+                await task
+            return Response(status_code=499)
+
+
+class CompletionService:
+    """Completions and chat completions: a request's body to a sequence (checked,
+    templated, tokenized; ``prepare_*`` run on the ``Preparer``'s threads), the sequence
+    to the engine, and its outputs back as one JSON body or a stream of events."""
+
+    def __init__(self, state: WorkerState, settings: ServerSettings):
+        self.state = state
+        self.settings = settings
+
+    # ---- a body to a sequence (a Preparer thread) -------------------------------------
+    def check_model(self, name: str) -> None:
+        if name != self.state.name:
+            raise ApiError(404, f"The model `{name}` does not exist (this worker serves "
+                           f"`{self.state.name}`).", param="model", code="model_not_found")
+
+    def prepare(self, body: _Body, prompt: list[int], default_max: int | None) -> Sequence:
+        facts = _engine_client(self.state).facts
+        limit = facts.max_model_len
+        vocab = facts.vocab_size
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ApiError(400, f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
+        if len(prompt) >= limit:
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens; the "
+                           f"prompt has {len(prompt)} (room must be left for one output "
+                           f"token).", param="prompt", code="context_length_exceeded")
+        max_tokens = body.max_tokens if body.max_tokens is not None else default_max
+        if max_tokens is None:
+            max_tokens = limit - len(prompt)
+        if max_tokens < 1:
+            raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+        if len(prompt) + max_tokens > limit:
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens; "
+                           f"{len(prompt)} in the prompt + {max_tokens} max_tokens is "
+                           f"{len(prompt) + max_tokens}.", param="max_tokens",
+                           code="context_length_exceeded")
+        if facts.pages_for(len(prompt) + max_tokens) > facts.num_pages:
+            raise ApiError(400, f"{len(prompt) + max_tokens} tokens exceed this worker's KV "
+                           f"cache ({facts.num_pages * facts.page_size} tokens)",
+                           param="max_tokens", code="context_length_exceeded")
+        params = _sampling(body, max_tokens)
+        return Sequence(prompt, params, arrival=time.monotonic())
+
+    @staticmethod
+    def check_text(engine: EngineClient, text: str, param: str) -> None:
+        """Refuse text that no context can hold before tokenizing it: a token stands for
+        at most ``max_token_chars`` characters (after a normalizer, which may shrink)."""
+        limit = engine.facts.max_model_len
+        if len(text) > limit * engine.tokenizer.max_token_chars * _NORMALIZER_SHRINK:
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens; the "
+                           f"prompt has {len(text)} characters, more than {limit} tokens "
+                           f"can hold.", param=param, code="context_length_exceeded")
+
+    def prepare_completion(self, raw: bytes) -> tuple[CompletionBody, Sequence]:
+        body = _parse(raw, CompletionBody)
+        self.check_model(body.model)
+        engine = _engine_client(self.state)
+        if body.echo:
+            raise ApiError(400, "echo is not supported", param="echo")
+        if body.suffix:
+            raise ApiError(400, "suffix is not supported", param="suffix")
+        p = body.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise ApiError(400, "one prompt per request is supported", param="prompt")
+            p = p[0]
+        if isinstance(p, str):
+            if engine.tokenizer is None:
+                raise ApiError(400, "this worker has no tokenizer: send token ids", param="prompt")
+            self.check_text(engine, p, "prompt")
+            # The whole prompt is the client's: its special-token text is parsed as such.
+            prompt = engine.tokenizer.encode(p)
+        else:
+            prompt = list(p)
+        return body, self.prepare(body, prompt, default_max=16)
+
+    def prepare_chat(self, raw: bytes) -> tuple[ChatBody, Sequence]:
+        body = _parse(raw, ChatBody)
+        self.check_model(body.model)
+        engine = _engine_client(self.state)
+        tokenizer = engine.tokenizer
+        if tokenizer is None:
+            raise ApiError(400, "this worker has no tokenizer", param="messages")
+        if body.max_completion_tokens is not None and body.max_tokens is None:
+            body.max_tokens = body.max_completion_tokens
+        messages = [{"role": m.role, "content": m.text()} for m in _messages(body.messages)]
+        if not self.settings.special_tokens_in_chat:
+            for i, m in enumerate(messages):
+                found = tokenizer.special_token_in(m["content"])
+                if found is not None:
+                    raise ApiError(400, f"messages[{i}] holds the text of the special token "
+                                   f"{found!r}, which would become that token and could "
+                                   f"forge the conversation's turns",
+                                   param=f"messages.{i}.content",
+                                   code="special_token_in_content")
+        try:
+            text = tokenizer.apply_chat_template(messages)
+        except Exception as err:  # noqa: BLE001 - a template may refuse a conversation
+            raise ApiError(400, f"the chat template refused these messages: {err}",
+                           param="messages") from None
+        self.check_text(engine, text, "messages")
+        # The template writes the special tokens itself (transformers does the same).
+        prompt = tokenizer.encode(text, add_special_tokens=False)
+        return body, self.prepare(body, prompt, default_max=None)
+
+    # ---- a sequence to its answer (the event loop) ------------------------------------
+    async def outputs(self, seq: Sequence) -> AsyncIterator[Output]:
+        """The engine's outputs for one sequence; aborts it if the consumer stops early."""
+        queue: asyncio.Queue[Output] = asyncio.Queue()
+        engine = _engine_client(self.state)
+        try:
+            engine.submit(seq, asyncio.get_running_loop(), queue)
+        except QueueFull:
+            raise _queue_full() from None
+        except Draining:
+            raise _draining() from None
+        except EngineFailed as err:
+            raise _engine_gone(err) from None
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                engine.abort(seq.seq_id)
+
+    @staticmethod
+    async def first(gen: AsyncIterator[Output]) -> Output:
+        """The first output, so that errors before any token are HTTP errors."""
+        out = await gen.__anext__()
+        if out.finish_reason is FinishReason.ERROR:
+            await gen.aclose()
+            if out.error == QUEUE_FULL:
+                raise _queue_full()
+            raise _engine_failed(out.error)
+        return out
+
+    async def respond(self, request: Request, body: _Body, seq: Sequence, *, chat: bool):
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        name = self.state.name
+        gen = self.outputs(seq)
+        if not body.stream:
+            return await _unless_disconnected(request, self._collect(gen, rid, created, chat))
+
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        head = await _unless_disconnected(request, self.first(gen))
+        if isinstance(head, Response):
+            return head
+        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, reason: FinishReason | None, role: bool = False) -> bytes:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else (
+                    {"content": text} if text else {})
+                choice = {"index": 0, "delta": delta, "logprobs": None,
+                          "finish_reason": reason.value if reason else None}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None,
+                          "finish_reason": reason.value if reason else None}
+            return _sse({"id": rid, "object": chunk_obj, "created": created, "model": name,
+                         "choices": [choice]})
+
+        async def stream():
+            try:
+                if chat:
+                    yield chunk(None, None, role=True)
+                out = head
+                while True:
+                    if out.finish_reason is FinishReason.ERROR:
+                        yield _error_event(out)
+                        return
+                    if out.text or out.finished:
+                        yield chunk(out.text, out.finish_reason)
+                    if out.finished:
+                        break
+                    out = await gen.__anext__()
+                if include_usage:
+                    yield _sse({"id": rid, "object": chunk_obj, "created": created,
+                                "model": name, "choices": [], "usage": _usage(out)})
+                yield b"data: [DONE]\n\n"
+            finally:
+                await gen.aclose()
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _collect(self, gen: AsyncIterator[Output], rid: str, created: int,
+                       chat: bool) -> dict:
+        """A whole (non-streamed) answer."""
+        out = await self.first(gen)
+        text = out.text
+        async for more in gen:
+            if more.finish_reason is FinishReason.ERROR:
+                raise _engine_failed(more.error)
+            text += more.text
+            out = more
+        choice = {"index": 0, "finish_reason": out.finish_reason.value, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                "created": created, "model": self.state.name, "choices": [choice],
+                "usage": _usage(out)}
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error a client can meet as an OpenAI-style JSON body."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError):
@@ -417,22 +663,11 @@ def create_app(state: WorkerState, settings: ServerSettings | None = None) -> Fa
         return ApiError(405, f"{request.method} is not allowed on {request.url.path}",
                         code="method_not_allowed").response()
 
-    def engine_client() -> EngineClient:
-        engine = state.engine
-        if engine is None:
-            raise _loading(retry=True)
-        if engine.error is not None:
-            raise _engine_gone(engine.error)
-        if engine.draining:
-            raise _draining()
-        return engine
 
-    def check_model(name: str) -> None:
-        if name != state.name:
-            raise ApiError(404, f"The model `{name}` does not exist (this worker serves "
-                           f"`{state.name}`).", param="model", code="model_not_found")
+def _contract_routes(app: FastAPI, state: WorkerState) -> None:
+    """Health, readiness, metrics, drain (``kvpilot.api.contract``) and ``/v1/models``."""
+    registry = {}
 
-    # ---- contract endpoints -------------------------------------------------------------
     @app.get(contract.PATH_HEALTH)
     async def health():
         if state.load_error:
@@ -490,238 +725,34 @@ def create_app(state: WorkerState, settings: ServerSettings | None = None) -> Fa
             data["max_model_len"] = state.engine.facts.max_model_len
         return {"object": "list", "data": [data]}
 
-    # ---- generation ---------------------------------------------------------------------
-    def prepare(body: _Body, prompt: list[int], default_max: int | None) -> Sequence:
-        facts = engine_client().facts
-        limit = facts.max_model_len
-        vocab = facts.vocab_size
-        if not prompt:
-            raise ApiError(400, "the prompt is empty", param="prompt")
-        if any(not 0 <= t < vocab for t in prompt):
-            raise ApiError(400, f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
-        if len(prompt) >= limit:
-            raise ApiError(400, f"This model's maximum context length is {limit} tokens; the "
-                           f"prompt has {len(prompt)} (room must be left for one output "
-                           f"token).", param="prompt", code="context_length_exceeded")
-        max_tokens = body.max_tokens if body.max_tokens is not None else default_max
-        if max_tokens is None:
-            max_tokens = limit - len(prompt)
-        if max_tokens < 1:
-            raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
-        if len(prompt) + max_tokens > limit:
-            raise ApiError(400, f"This model's maximum context length is {limit} tokens; "
-                           f"{len(prompt)} in the prompt + {max_tokens} max_tokens is "
-                           f"{len(prompt) + max_tokens}.", param="max_tokens",
-                           code="context_length_exceeded")
-        if facts.pages_for(len(prompt) + max_tokens) > facts.num_pages:
-            raise ApiError(400, f"{len(prompt) + max_tokens} tokens exceed this worker's KV "
-                           f"cache ({facts.num_pages * facts.page_size} tokens)",
-                           param="max_tokens", code="context_length_exceeded")
-        params = _sampling(body, max_tokens)
-        return Sequence(prompt, params, arrival=time.monotonic())
+    @app.get("/")
+    async def root():
+        return PlainTextResponse(f"kvpilot worker serving {state.name}\n")
 
-    async def outputs(seq: Sequence) -> AsyncIterator[Output]:
-        """The engine's outputs for one sequence; aborts it if the consumer stops early."""
-        queue: asyncio.Queue[Output] = asyncio.Queue()
-        engine = engine_client()
-        try:
-            engine.submit(seq, asyncio.get_running_loop(), queue)
-        except QueueFull:
-            raise _queue_full() from None
-        except Draining:
-            raise _draining() from None
-        except EngineFailed as err:
-            raise _engine_gone(err) from None
-        finished = False
-        try:
-            while not finished:
-                out = await queue.get()
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                engine.abort(seq.seq_id)
 
-    async def first(gen: AsyncIterator[Output]) -> Output:
-        """The first output, so that errors before any token are HTTP errors."""
-        out = await gen.__anext__()
-        if out.finish_reason is FinishReason.ERROR:
-            await gen.aclose()
-            if out.error == QUEUE_FULL:
-                raise _queue_full()
-            raise _engine_failed(out.error)
-        return out
-
-    async def unless_disconnected(request: Request, work) -> Any:
-        """Await ``work``; cancel it (aborting its sequence) if the client goes away."""
-        task = asyncio.ensure_future(work)
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                with suppress(asyncio.CancelledError, ApiError):
-                    await task
-                return Response(status_code=499)
-
-    def sse(obj: dict) -> bytes:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
-
-    def usage(out: Output) -> dict:
-        return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-                "total_tokens": out.prompt_tokens + out.completion_tokens}
-
-    def error_event(out: Output) -> bytes:
-        err = _engine_failed(out.error)
-        return sse({"error": {"message": err.message, "type": err.type, "param": None,
-                              "code": None}})
-
-    async def respond(request: Request, body: _Body, seq: Sequence, *, chat: bool):
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        created = int(time.time())
-        obj = "chat.completion" if chat else "text_completion"
-        gen = outputs(seq)
-
-        if not body.stream:
-            async def collect():
-                out = await first(gen)
-                text = out.text
-                async for more in gen:
-                    if more.finish_reason is FinishReason.ERROR:
-                        raise _engine_failed(more.error)
-                    text += more.text
-                    out = more
-                choice = {"index": 0, "finish_reason": out.finish_reason.value, "logprobs": None}
-                if chat:
-                    choice["message"] = {"role": "assistant", "content": text}
-                else:
-                    choice["text"] = text
-                return {"id": rid, "object": obj, "created": created, "model": state.name,
-                        "choices": [choice], "usage": usage(out)}
-
-            return await unless_disconnected(request, collect())
-
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
-        head = await unless_disconnected(request, first(gen))
-        if isinstance(head, Response):
-            return head
-        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(text: str | None, reason: FinishReason | None, role: bool = False) -> bytes:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if role else (
-                    {"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "logprobs": None,
-                          "finish_reason": reason.value if reason else None}
-            else:
-                choice = {"index": 0, "text": text or "", "logprobs": None,
-                          "finish_reason": reason.value if reason else None}
-            return sse({"id": rid, "object": chunk_obj, "created": created,
-                        "model": state.name, "choices": [choice]})
-
-        async def stream():
-            try:
-                if chat:
-                    yield chunk(None, None, role=True)
-                out = head
-                while True:
-                    if out.finish_reason is FinishReason.ERROR:
-                        yield error_event(out)
-                        return
-                    if out.text or out.finished:
-                        yield chunk(out.text, out.finish_reason)
-                    if out.finished:
-                        break
-                    out = await gen.__anext__()
-                if include_usage:
-                    yield sse({"id": rid, "object": chunk_obj, "created": created,
-                               "model": state.name, "choices": [], "usage": usage(out)})
-                yield b"data: [DONE]\n\n"
-            finally:
-                await gen.aclose()
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-
-    def check_text(engine: EngineClient, text: str, param: str) -> None:
-        """Refuse text that no context can hold before tokenizing it: a token stands for
-        at most ``max_token_chars`` characters (after a normalizer, which may shrink)."""
-        limit = engine.facts.max_model_len
-        if len(text) > limit * engine.tokenizer.max_token_chars * _NORMALIZER_SHRINK:
-            raise ApiError(400, f"This model's maximum context length is {limit} tokens; the "
-                           f"prompt has {len(text)} characters, more than {limit} tokens "
-                           f"can hold.", param=param, code="context_length_exceeded")
-
-    def prepare_completion(raw: bytes) -> tuple[CompletionBody, Sequence]:
-        """Runs on a Preparer thread."""
-        body = _parse(raw, CompletionBody)
-        check_model(body.model)
-        engine = engine_client()
-        if body.echo:
-            raise ApiError(400, "echo is not supported", param="echo")
-        if body.suffix:
-            raise ApiError(400, "suffix is not supported", param="suffix")
-        p = body.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise ApiError(400, "one prompt per request is supported", param="prompt")
-            p = p[0]
-        if isinstance(p, str):
-            if engine.tokenizer is None:
-                raise ApiError(400, "this worker has no tokenizer: send token ids", param="prompt")
-            check_text(engine, p, "prompt")
-            # The whole prompt is the client's: its special-token text is parsed as such.
-            prompt = engine.tokenizer.encode(p)
-        else:
-            prompt = list(p)
-        return body, prepare(body, prompt, default_max=16)
-
-    def prepare_chat(raw: bytes) -> tuple[ChatBody, Sequence]:
-        """Runs on a Preparer thread."""
-        body = _parse(raw, ChatBody)
-        check_model(body.model)
-        engine = engine_client()
-        tokenizer = engine.tokenizer
-        if tokenizer is None:
-            raise ApiError(400, "this worker has no tokenizer", param="messages")
-        if body.max_completion_tokens is not None and body.max_tokens is None:
-            body.max_tokens = body.max_completion_tokens
-        messages = [{"role": m.role, "content": m.text()} for m in _messages(body.messages)]
-        if not settings.special_tokens_in_chat:
-            for i, m in enumerate(messages):
-                found = tokenizer.special_token_in(m["content"])
-                if found is not None:
-                    raise ApiError(400, f"messages[{i}] holds the text of the special token "
-                                   f"{found!r}, which would become that token and could "
-                                   f"forge the conversation's turns",
-                                   param=f"messages.{i}.content",
-                                   code="special_token_in_content")
-        try:
-            text = tokenizer.apply_chat_template(messages)
-        except Exception as err:  # noqa: BLE001 - a template may refuse a conversation
-            raise ApiError(400, f"the chat template refused these messages: {err}",
-                           param="messages") from None
-        check_text(engine, text, "messages")
-        # The template writes the special tokens itself (transformers does the same).
-        prompt = tokenizer.encode(text, add_special_tokens=False)
-        return body, prepare(body, prompt, default_max=None)
+def create_app(state: WorkerState, settings: ServerSettings | None = None) -> FastAPI:
+    """The worker's HTTP API: error handlers, the contract's routes, and completions
+    through a ``CompletionService`` whose bodies are prepared off the event loop."""
+    settings = settings or ServerSettings()
+    app = FastAPI(title="kvpilot worker", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker = state
+    app.state.settings = settings
+    _error_handlers(app)
+    _contract_routes(app, state)
+    service = CompletionService(state, settings)
+    preparer = Preparer(settings.prepare_threads, settings.max_preparing)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         raw = await read_body(request, settings)
-        body, seq = await preparer.run(prepare_completion, raw)
-        return await respond(request, body, seq, chat=False)
+        body, seq = await preparer.run(service.prepare_completion, raw)
+        return await service.respond(request, body, seq, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         raw = await read_body(request, settings)
-        body, seq = await preparer.run(prepare_chat, raw)
-        return await respond(request, body, seq, chat=True)
-
-    @app.get("/")
-    async def root():
-        return PlainTextResponse(f"kvpilot worker serving {state.name}\n")
+        body, seq = await preparer.run(service.prepare_chat, raw)
+        return await service.respond(request, body, seq, chat=True)
 
     return app
 
