@@ -623,6 +623,6 @@ def test_unreadable_safetensors(tmp_path):
 
 
 def test_checkpoint_module_is_pure():
-    from tests.test_layering import imported_heavy
+    from tests.layering_helpers import imported_heavy
 
     assert imported_heavy("kvpilot.api.checkpoint") == []

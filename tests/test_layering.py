@@ -5,15 +5,12 @@ when it solves); and plans do not depend on the interpreter's hash seed."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import EXAMPLES, ROOT
+from tests.conftest import EXAMPLES
+from tests.layering_helpers import imported_heavy, run
 
-HEAVY = ("kopf", "kubernetes", "torch", "triton", "highspy", "numpy")
 PURE_MODULES = [
     "kvpilot.api.model", "kvpilot.api.memory", "kvpilot.api.quantity", "kvpilot.api.gpus",
     "kvpilot.api.fleet", "kvpilot.api.files", "kvpilot.api.crd", "kvpilot.api.source",
@@ -26,21 +23,6 @@ PURE_MODULES = [
     # not decision logic, but the weights' init container: it starts without torch
     "kvpilot.worker.fetch",
 ]
-
-
-def run(code: str, **env: str) -> str:
-    return subprocess.run(
-        [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT,
-        env={"PATH": os.environ.get("PATH", ""), **env,
-             "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'worker'}"},
-    ).stdout
-
-
-def imported_heavy(module: str) -> list[str]:
-    code = (f"import importlib, json, sys; importlib.import_module({module!r}); "
-            f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} "
-            f"& set({list(HEAVY)!r}))))")
-    return json.loads(run(code))
 
 
 @pytest.mark.parametrize("module", PURE_MODULES)

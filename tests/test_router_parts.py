@@ -220,6 +220,6 @@ def test_the_load_board_adds_open_requests_to_fresh_scrapes_only():
                                     "kvpilot.router.endpoints", "kvpilot.router.request",
                                     "kvpilot.router.loads", "kvpilot.router.main"])
 def test_the_routers_decisions_import_nothing_heavy(module):
-    from tests.test_layering import imported_heavy
+    from tests.layering_helpers import imported_heavy
 
     assert imported_heavy(module) == []

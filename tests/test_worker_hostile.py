@@ -33,7 +33,7 @@ from kvpilot.worker.sampler import Sampler  # noqa: E402
 from kvpilot.worker.scheduler import FinishReason, SamplingParams, Sequence, Status  # noqa: E402
 from kvpilot.worker.server import RepeatFilter, ServerSettings, uvicorn_config  # noqa: E402
 from kvpilot.worker.tiny import write_tiny_checkpoint  # noqa: E402
-from tests.test_worker_server import NAME, Served, greedy  # noqa: E402
+from tests.server_helpers import NAME, Served, greedy  # noqa: E402
 from tests.worker_helpers import tiny_engine  # noqa: E402
 
 MAX_BODY = 8 * 2**20

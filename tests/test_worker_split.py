@@ -25,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from kvpilot.api import contract  # noqa: E402
 from kvpilot.worker.model import load_config  # noqa: E402
 from kvpilot.worker.tiny import write_tiny_checkpoint  # noqa: E402
-from tests.test_layering import imported_heavy  # noqa: E402
-from tests.test_worker_server import NAME, Served, greedy  # noqa: E402
+from tests.layering_helpers import imported_heavy  # noqa: E402
+from tests.server_helpers import NAME, Served, greedy  # noqa: E402
 from tests.worker_helpers import WorkerProcess, proc_parent  # noqa: E402
 
 
