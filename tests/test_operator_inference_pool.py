@@ -17,7 +17,7 @@ from kvpilot.operator.runner import Fleet, Indexes
 from kvpilot.operator.settings import Settings
 from kvpilot.operator.view import cluster_view, inference_pool_served, signature, trimmed
 
-from tests.test_operator_reconcile import NOW, model, node
+from tests.operator_helpers import NOW, model, node
 
 SERVING = {"app.kubernetes.io/managed-by": "kvpilot", "kvpilot.dev/model": "llama",
            "app.kubernetes.io/component": "worker", "kvpilot.dev/serving": "true"}

@@ -13,7 +13,6 @@ import json
 import socket
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,55 +23,10 @@ from kvpilot.router.app import RouteTable, Router, RouterSettings, upstream_clie
 from kvpilot.router.auth import ApiKeys
 from kvpilot.router.endpoints import ModelRoute, Routes, endpoint
 from kvpilot.router.loads import LoadBoard
-from kvpilot.router.server import ServerBounds, uvicorn_config
+from kvpilot.router.server import ServerBounds
+from tests.router_helpers import Loop, serve as _serve
 
 MODEL = "tiny"
-
-
-class Loop:
-    """An event loop on a thread: the servers live there, the test calls in."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 30) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def call(self, fn, *args) -> Any:
-        done: Future = Future()
-
-        def go():
-            try:
-                done.set_result(fn(*args))
-            except BaseException as err:  # noqa: BLE001 - handed to the caller
-                done.set_exception(err)
-
-        self.loop.call_soon_threadsafe(go)
-        return done.result(10)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
-async def _serve(app, bounds: ServerBounds | None = None, host: str = "127.0.0.1"):
-    import uvicorn
-
-    if bounds is None:
-        config = uvicorn.Config(app, host=host, port=0, lifespan="off", log_level="critical",
-                                access_log=False)
-    else:
-        config = uvicorn_config(app, host=host, port=0, bounds=bounds, log_level="critical")
-    server = uvicorn.Server(config)
-    task = asyncio.get_running_loop().create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.005)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return server, task, port
 
 
 def completion(text: str = "hello", model: str = MODEL) -> bytes:

@@ -14,8 +14,8 @@ import pytest
 from kvpilot.operator.kube import Credentials
 from kvpilot.router.discovery import SliceWatch
 from kvpilot.router.endpoints import SLICE_SELECTOR, Routes
-from tests.test_router_app import Loop, _serve
-from tests.test_router_parts import ep, slice_of
+from tests.router_helpers import Loop, ep, slice_of
+from tests.router_helpers import serve as _serve
 
 
 class Token:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from kvpilot.api import contract
-from kvpilot.operator.objects import service_for
 from kvpilot.router.endpoints import (
     SLICE_SELECTOR, Endpoint, ModelRoute, Routes, routes_from, static_routes,
 )
@@ -14,6 +13,7 @@ from kvpilot.router.loads import LoadBoard, WorkerLoad, parse_load
 from kvpilot.router.prefix import PrefixIndex, block_hashes, prompt_head
 from kvpilot.router.request import BadRequest, parse
 from kvpilot.router.scoring import Load
+from tests.router_helpers import ep, slice_of
 
 
 # -- prompt heads and block hashes --------------------------------------------------------
@@ -87,28 +87,6 @@ def test_parse_reads_the_model_and_the_prompt_head():
 
 
 # -- routes from EndpointSlices -------------------------------------------------------------
-
-def slice_of(model: str, endpoints: list[dict], *, namespace: str = "default",
-             name: str = "", ports=None, address_type: str = "IPv4") -> dict:
-    """An EndpointSlice as the kube-controller-manager writes it for a Model's Service."""
-    service = service_for(model, namespace, "uid")
-    labels = {**service["metadata"]["labels"], "kubernetes.io/service-name": model,
-              "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}
-    return {"metadata": {"name": name or f"{model}-abcde", "namespace": namespace,
-                         "labels": labels},
-            "addressType": address_type,
-            "ports": ports if ports is not None else [{"name": "http", "port": 8000,
-                                                       "protocol": "TCP"}],
-            "endpoints": endpoints}
-
-
-def ep(ip: str, pod: str, ready=True, terminating=False) -> dict:
-    conditions = {"serving": ready, "terminating": terminating}
-    if ready is not None:
-        conditions["ready"] = ready
-    return {"addresses": [ip], "conditions": conditions,
-            "targetRef": {"kind": "Pod", "name": pod, "namespace": "default"}}
-
 
 def test_the_slice_selector_matches_what_a_models_service_labels_its_slices_with():
     labels = slice_of("m", [])["metadata"]["labels"]
