@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from e2e.cluster import Cluster, install_crds
+from e2e.fleet import FLEET, fleet_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,3 +28,10 @@ def cluster(tmp_path_factory) -> Cluster:
         yield c
     finally:
         c.down()
+
+
+@pytest.fixture(scope="module")
+def dra_cluster(tmp_path_factory):
+    """A control plane of its own for the module: FLEET's nodes, GPUs as ResourceSlices."""
+    with fleet_cluster(tmp_path_factory.mktemp("dra-cluster"), FLEET, dra=True, crds=ROOT / "crds") as c:
+        yield c

@@ -190,3 +190,42 @@ def fleet_cluster(state: Path, nodes: list[FleetNode], *, dra: bool = False,
         yield cluster
     finally:
         cluster.down()
+
+
+# ---- the Models and the fleet most e2e tests run -----------------------------------------
+H100 = "NVIDIA-H100-80GB-HBM3"
+FLEET = [FleetNode(name=f"h100-{i}", product=H100, gpus=2, gpu_memory_mib=81559)
+         for i in range(3)] + [FleetNode(name="l40s-0", product="NVIDIA-L40S", gpus=1,
+                                         gpu_memory_mib=46068)]
+SELECTOR = "app.kubernetes.io/managed-by=kvpilot"
+
+
+def model(name: str, replicas: int, *, weights: str = "15Gi", layers: int = 32,
+          kv_heads: int = 8, head_dim: int = 128, context: int = 8192, seqs: int = 4) -> dict:
+    return {
+        "apiVersion": "kvpilot.dev/v1alpha1", "kind": "Model",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"weights": {"bytes": weights},
+                 "architecture": {"layers": layers, "attentionHeads": 32, "kvHeads": kv_heads,
+                                  "headDim": head_dim, "maxContextTokens": 131072},
+                 "sla": {"contextTokens": context, "concurrentSequences": seqs},
+                 "replicas": replicas, "maxReplicas": 16},
+    }
+
+
+LLAMA = model("llama", 2)  # 15 GiB + 4 GiB KV + 2 GiB = 21 GiB per replica
+QWEN = model("qwen", 3, weights="1Gi", layers=24, kv_heads=2, head_dim=64, context=4096,
+             seqs=8)  # 1 GiB + 384 MiB + 2 GiB
+MISTRAL = model("mistral", 1)
+HUGE = model("huge", 1, context=131072, seqs=64)  # 1 TiB of KV: fits nowhere
+# A small Model: 1 GiB of weights, 384 MiB of KV, 2 GiB of overhead.
+SMALL = dict(weights="1Gi", layers=24, kv_heads=2, head_dim=64, context=4096, seqs=8)
+
+
+def autoscaled(name: str, replicas: int = 1, up: int = 2, down: int = 2) -> dict:
+    """A small Model autoscaled on KV pressure (target 75%), 1 to 3 replicas."""
+    m = model(name, replicas, **SMALL)
+    m["spec"].update(minReplicas=1, maxReplicas=3, autoscaling={
+        "enabled": True, "targetKvPressurePercent": 75, "scaleUpStabilizationSeconds": up,
+        "scaleDownStabilizationSeconds": down, "cooldownSeconds": 0})
+    return m

@@ -11,45 +11,27 @@ import pytest
 
 from e2e.fake_workers import FakeWorkers
 from e2e.operator import OperatorProcess, wait_for
-from e2e.test_operator import dra_cluster, events, model, model_status  # noqa: F401
+from e2e.fleet import SMALL, autoscaled, model
+from e2e.state import events, live, model_status
 
-SMALL = dict(weights="1Gi", layers=24, kv_heads=2, head_dim=64, context=4096, seqs=8)
 SCRAPE = 1.0
 DRAIN_TIMEOUT = 10
 
 
-def autoscaled(name: str, replicas: int = 1, up: int = 2, down: int = 2) -> dict:
-    m = model(name, replicas, **SMALL)
-    m["spec"].update(minReplicas=1, maxReplicas=3, autoscaling={
-        "enabled": True, "targetKvPressurePercent": 75, "scaleUpStabilizationSeconds": up,
-        "scaleDownStabilizationSeconds": down, "cooldownSeconds": 0})
-    return m
-
-
 @pytest.fixture(scope="module")
-def fakes(dra_cluster):  # noqa: F811
+def fakes(dra_cluster):
     f = FakeWorkers(dra_cluster).start()
     yield f
     f.stop()
 
 
 @pytest.fixture(scope="module")
-def operator(dra_cluster, tmp_path_factory):  # noqa: F811
+def operator(dra_cluster, tmp_path_factory):
     op = OperatorProcess(dra_cluster, tmp_path_factory.mktemp("op") / "operator.log",
                          scrape_seconds=SCRAPE, drain_timeout_seconds=DRAIN_TIMEOUT)
     op.start()
     yield op
     op.stop()
-
-
-def pods(cluster, name: str) -> dict[str, dict]:
-    items = cluster.get("pods", "-l", f"kvpilot.dev/model={name}")["items"]
-    return {p["metadata"]["name"]: p for p in items}
-
-
-def live(cluster, name: str) -> list[str]:
-    return sorted(n for n, p in pods(cluster, name).items()
-                  if not p["metadata"].get("deletionTimestamp"))
 
 
 def spec_replicas(cluster, name: str) -> int:

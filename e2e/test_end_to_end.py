@@ -20,7 +20,8 @@ from e2e.chart import NAMESPACE, RELEASE, kube_helm
 from e2e.fleet import fleet_cluster
 from e2e.load import Load, LoadThread
 from e2e.operator import chart_operator, wait_for
-from e2e.test_operator import FLEET, events, model_status
+from e2e.fleet import FLEET
+from e2e.state import events, model_status
 from e2e.workers import Workers, endpoints, tiny_checkpoint, tiny_model
 
 

@@ -27,8 +27,9 @@ from e2e.cluster import AUDITED_NAMESPACE, Cluster
 from e2e.fake_workers import FakeWorkers
 from e2e.fleet import fleet_cluster
 from e2e.operator import OperatorProcess, wait_for
-from e2e.test_autoscaling import autoscaled, live
-from e2e.test_operator import FLEET, LLAMA, check_consistent, replicas, running
+from e2e.fleet import autoscaled
+from e2e.fleet import FLEET, LLAMA
+from e2e.state import check_consistent, live, replicas, running
 from e2e.chart import (
     CHART, NAMESPACE, OPERATOR, RELEASE, chart_settings, kube_helm, service_account_kubeconfig,
 )

@@ -29,7 +29,8 @@ from e2e.cluster import Cluster
 from e2e.fleet import fleet_cluster
 from e2e.inference_extension import VERSION, pool_crd
 from e2e.operator import chart_operator, wait_for
-from e2e.test_operator import FLEET, model, running
+from e2e.fleet import FLEET, model
+from e2e.state import running
 from tests.chart_helpers import grants
 
 SERVICE_ACCOUNT = f"system:serviceaccount:{NAMESPACE}:kvpilot"

@@ -12,53 +12,18 @@ from __future__ import annotations
 import random
 import signal
 import time
-from collections import Counter, defaultdict
 
 import pytest
 
-from kvpilot.api.fleet import FleetNode
 from kvpilot.api.memory import replica_budget
 from kvpilot.api.model import ModelSpec
-from kvpilot.api.quantity import parse_bytes
 from kvpilot.operator.objects import spec_hash
 
-from e2e.cluster import Cluster
-from e2e.conftest import ROOT
-from e2e.fleet import fleet_cluster
+from e2e.fleet import HUGE, LLAMA, MISTRAL, QWEN, SELECTOR, model
 from e2e.operator import OperatorProcess, operator_writes, wait_for
-
-H100 = "NVIDIA-H100-80GB-HBM3"
-FLEET = [FleetNode(name=f"h100-{i}", product=H100, gpus=2, gpu_memory_mib=81559)
-         for i in range(3)] + [FleetNode(name="l40s-0", product="NVIDIA-L40S", gpus=1,
-                                         gpu_memory_mib=46068)]
-SELECTOR = "app.kubernetes.io/managed-by=kvpilot"
-
-
-def model(name: str, replicas: int, *, weights: str = "15Gi", layers: int = 32,
-          kv_heads: int = 8, head_dim: int = 128, context: int = 8192, seqs: int = 4) -> dict:
-    return {
-        "apiVersion": "kvpilot.dev/v1alpha1", "kind": "Model",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"weights": {"bytes": weights},
-                 "architecture": {"layers": layers, "attentionHeads": 32, "kvHeads": kv_heads,
-                                  "headDim": head_dim, "maxContextTokens": 131072},
-                 "sla": {"contextTokens": context, "concurrentSequences": seqs},
-                 "replicas": replicas, "maxReplicas": 16},
-    }
-
-
-LLAMA = model("llama", 2)  # 15 GiB + 4 GiB KV + 2 GiB = 21 GiB per replica
-QWEN = model("qwen", 3, weights="1Gi", layers=24, kv_heads=2, head_dim=64, context=4096,
-             seqs=8)  # 1 GiB + 384 MiB + 2 GiB
-MISTRAL = model("mistral", 1)
-HUGE = model("huge", 1, context=131072, seqs=64)  # 1 TiB of KV: fits nowhere
-
-
-@pytest.fixture(scope="module")
-def dra_cluster(tmp_path_factory):
-    with fleet_cluster(tmp_path_factory.mktemp("dra-cluster"), FLEET, dra=True, crds=ROOT / "crds") as c:
-        yield c
-
+from e2e.state import (
+    check_consistent, condition, events, model_status, objects, replicas, running,
+)
 
 @pytest.fixture(scope="module")
 def operator(dra_cluster, tmp_path_factory):
@@ -68,91 +33,6 @@ def operator(dra_cluster, tmp_path_factory):
     op.start()
     yield op
     op.stop()
-
-
-def objects(cluster: Cluster, kind: str) -> list[dict]:
-    return cluster.get(kind, "-A", "-l", SELECTOR)["items"]
-
-
-def replicas(cluster: Cluster) -> dict[str, dict]:
-    """Replica name -> its pod and claim (either may be missing)."""
-    out: dict[str, dict] = defaultdict(dict)
-    for kind, key in (("pods", "pod"), ("resourceclaims", "claim")):
-        for o in objects(cluster, kind):
-            if not o["metadata"].get("deletionTimestamp"):
-                out[o["metadata"]["name"]][key] = o
-    return dict(out)
-
-
-def running(cluster: Cluster, counts: dict[str, int], others: bool = False) -> dict | None:
-    """The replicas once exactly ``counts`` per model run with allocated claims (with
-    ``others``: of those models; other models may have any)."""
-    reps = replicas(cluster)
-    if others:
-        reps = {n: r for n, r in reps.items()
-                if (r.get("pod") or r.get("claim"))["metadata"]["labels"]["kvpilot.dev/model"]
-                in counts}
-    per_model = Counter(r["pod"]["metadata"]["labels"]["kvpilot.dev/model"]
-                        for r in reps.values() if "pod" in r)
-    if dict(per_model) != counts:
-        return None
-    for r in reps.values():
-        if "pod" not in r or "claim" not in r:
-            return None
-        if r["pod"]["status"].get("phase") != "Running":
-            return None
-        if not (r["claim"].get("status") or {}).get("allocation"):
-            return None
-    return reps
-
-
-def allocated(claim: dict) -> list[tuple[str, str, int]]:
-    """(pool, device, consumed bytes) the kube-scheduler allocated to a claim."""
-    return [(r["pool"], r["device"], parse_bytes(r["consumedCapacity"]["memory"]))
-            for r in claim["status"]["allocation"]["devices"]["results"]]
-
-
-def check_consistent(cluster: Cluster, reps: dict) -> dict[tuple[str, str], list[str]]:
-    """Every pod runs where it was planned, every claim holds the planned GPUs with the
-    planned memory, and no GPU's claims exceed its capacity. Returns GPU -> replicas."""
-    capacity = {}
-    for s in cluster.get("resourceslices")["items"]:
-        for d in s["spec"]["devices"]:
-            capacity[(s["spec"]["pool"]["name"], d["name"])] = parse_bytes(
-                d["capacity"]["memory"]["value"])
-    used: dict[tuple[str, str], int] = defaultdict(int)
-    holders: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for c in cluster.get("resourceclaims", "-A")["items"]:
-        for pool, dev, consumed in allocated(c) if (c.get("status") or {}).get("allocation") \
-                else []:
-            used[(pool, dev)] += consumed
-    for name, r in reps.items():
-        ann = r["pod"]["metadata"]["annotations"]
-        assert r["pod"]["spec"]["nodeName"] == ann["kvpilot.dev/node"], name
-        planned = sorted(f"gpu-{g}" for g in ann["kvpilot.dev/gpus"].split(","))
-        got = allocated(r["claim"])
-        assert sorted(d for _, d, _ in got) == planned, name
-        assert {p for p, _, _ in got} == {ann["kvpilot.dev/node"]}, name
-        assert {c for _, _, c in got} == {int(ann["kvpilot.dev/hbm-per-gpu"])}, name
-        for pool, dev, _ in got:
-            holders[(pool, dev)].append(r["pod"]["metadata"]["labels"]["kvpilot.dev/model"])
-    for gpu, total in used.items():
-        assert total <= capacity[gpu], f"{gpu} holds {total} > {capacity[gpu]}"
-    return holders
-
-
-def model_status(cluster: Cluster, name: str) -> dict:
-    return cluster.get("model", name).get("status") or {}
-
-
-def condition(status: dict, type_: str) -> dict:
-    return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
-
-
-def events(cluster: Cluster, name: str) -> list[dict]:
-    return [e for e in cluster.get("events", "-n", "default")["items"]
-            if e["involvedObject"].get("kind") == "Model"
-            and e["involvedObject"].get("name") == name]
 
 
 def test_models_become_claims_and_pods_where_the_plan_says(dra_cluster, operator):

@@ -12,7 +12,8 @@ from kvpilot.api.fleet import FleetNode
 from e2e.conftest import ROOT
 from e2e.fleet import fleet_cluster
 from e2e.operator import OperatorProcess, wait_for
-from e2e.test_operator import LLAMA, MISTRAL, QWEN, SELECTOR, condition, model, model_status
+from e2e.fleet import LLAMA, MISTRAL, QWEN, SELECTOR, model
+from e2e.state import condition, model_status
 
 FLEET = [FleetNode(name="h100-0", product="NVIDIA-H100-80GB-HBM3", gpus=4,
                    gpu_memory_mib=81559),

@@ -13,7 +13,7 @@ from kvpilot.api.fleet import FleetNode
 from e2e.conftest import ROOT
 from e2e.fleet import fleet_cluster
 from e2e.operator import OperatorProcess, wait_for
-from e2e.test_operator import SELECTOR, model
+from e2e.fleet import SELECTOR, model
 
 H100 = "NVIDIA-H100-80GB-HBM3"
 # One GPU each, admitting three pods each. Five 3.4 GiB replicas would share one GPU.

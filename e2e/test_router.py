@@ -32,7 +32,7 @@ from e2e.fleet import fleet_cluster
 from e2e.load import Load, LoadThread
 from e2e.operator import chart_operator, wait_for
 from e2e.router import RouterProcess, metric_sum
-from e2e.test_operator import FLEET
+from e2e.fleet import FLEET
 from e2e.workers import Workers, endpoints, tiny_checkpoint, tiny_model
 
 ROUTER_ACCOUNT = "kvpilot-router"

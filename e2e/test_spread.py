@@ -19,14 +19,12 @@ from kvpilot.api.fleet import FleetNode
 from e2e.conftest import ROOT
 from e2e.fleet import fleet_cluster
 from e2e.operator import OperatorProcess, wait_for
-from e2e.test_operator import (
-    H100, allocated, check_consistent, condition, events, model, model_status, running,
-)
+from e2e.fleet import H100, SMALL, model
+from e2e.state import allocated, check_consistent, condition, events, model_status, running
 
 FLEET = [FleetNode(name=f"h100-{i}", product=H100, gpus=2, gpu_memory_mib=81559)
          for i in range(3)]
-# 3.4 GiB a replica: packed, three share one GPU.
-SMALL = dict(weights="1Gi", layers=24, kv_heads=2, head_dim=64, context=4096, seqs=8)
+# SMALL is 3.4 GiB a replica: packed, three share one GPU.
 
 
 def spread_model(name: str, replicas: int, spread: str) -> dict:
