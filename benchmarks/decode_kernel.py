@@ -173,7 +173,7 @@ def read_ceiling(log) -> float:
     us = time_rotating([lambda: y.copy_(x[: n // 2])], reps=5)
     log(f"  (for comparison) device copy of 2 GiB: {us:8.1f} us "
         f"{2 * nbytes / 2 / us / 1e3:7.0f} GB/s read+write")
-    del x, y
+    x = y = None  # free the GPU memory before the next case
     torch.cuda.empty_cache()
     return best
 
@@ -323,7 +323,7 @@ def bench_table(log, ceiling, gen, orders):
                        err=err, mib=inp.kv_bytes / 2**20)
             rows.append(row)
             log(fmt_row(row))
-            del inp, kv, outs, sdpa_in
+            inp = kv = outs = sdpa_in = None  # free the GPU memory before the next case
             torch.cuda.empty_cache()
     return rows
 
@@ -375,7 +375,7 @@ def sweep(log, gen, parts):
                 log(f"  sweep {kv_name(kv_dtype):4} B={batch:>3} S={ctx:>6} "
                     f"{label(cfg):>9} maxnreg={cfg.maxnreg} occ={occ} splits={splits:>3}: "
                     f"{us:8.1f} us {inp.kv_bytes / us / 1e3:6.0f} GB/s")
-            del inp, outs
+            inp = outs = None  # free the GPU memory before the next case
             torch.cuda.empty_cache()
     # Split counts by hand.
     for kv_dtype in (torch.bfloat16, FP8_DTYPE) if "splits" in parts else ():
@@ -395,7 +395,7 @@ def sweep(log, gen, parts):
                 us = time_rotating(calls, reps=3)
                 line += f" {splits}:{us:.1f}"
             log(line + " (splits:us)")
-            del inp, outs
+            inp = outs = None  # free the GPU memory before the next case
             torch.cuda.empty_cache()
     # The merge alone: 32 query heads x 8, 33 and 132 splits (the last two: bf16 and FP8
     # at B = 1), the launcher's shape against whole heads 32 splits at a time.
@@ -466,7 +466,7 @@ def compare_variants(log, gen, kv_dtype, variants):
         log(f"  variants {name} B={batch} S={ctx}: SDPA {sdpa:.1f} us; default "
             f"{results[0][1]:.1f} / {results[-1][1]:.1f} us; best {best[0]} {best[1]:.1f} us "
             f"(x SDPA {sdpa / best[1]:.3f}, x default {results[0][1] / best[1]:.3f})")
-        del inp, outs, kv
+        inp = outs = kv = None  # free the GPU memory before the next case
         torch.cuda.empty_cache()
 
 
@@ -485,7 +485,7 @@ def diagnose(log, gen, parts):
                 f"S={WIDE[1]} {name}: {us:8.1f} us = "
                 f"{WIDE[0] * WIDE[1] * KV_HEADS / us / 1e3:.1f} G token-heads/s "
                 f"({inp.kv_bytes / us / 1e3:.0f} GB/s equivalent)")
-        del inp, outs
+        inp = outs = None  # free the GPU memory before the next case
         torch.cuda.empty_cache()
     # Timed call by call (no graph: launch overhead included), L2 flushed before each.
     for batch, ctx in ((1, 4096), (1, 32768), (16, 32768)) if "eager" in parts else ():
@@ -511,7 +511,7 @@ def diagnose(log, gen, parts):
             f"({inp.kv_bytes / kern / 1e3:5.0f} GB/s), SDPA {sdpa:7.1f} us "
             f"({inp.kv_bytes / sdpa / 1e3:5.0f} GB/s); host time per call: kernel "
             f"{host['kernel']:.1f} us, SDPA {host['SDPA']:.1f} us")
-        del inp, k, v
+        inp = k = v = None  # free the GPU memory before the next case
         torch.cuda.empty_cache()
     # What paging costs: the same pool read through shuffled vs in-order block tables,
     # and in order from a pool laid out head-outermost ([kv_heads, pages, page, dim]),
@@ -533,7 +533,7 @@ def diagnose(log, gen, parts):
                                    device="cuda")
                 pool.view(torch.uint8).copy_(pages.view(torch.uint8).permute(2, 0, 1, 3))
                 setattr(inp, name, pool.permute(1, 2, 0, 3))
-                del pages
+                pages = None  # free the GPU memory before the next case
             streamed = time_rotating(kernel_calls(inp, None, outs), reps=3)
             line = (f"  block table {kv_name(kv_dtype):4} B={batch:>3} S={ctx:>6}: "
                     f"shuffled {shuffled:7.1f} us ({inp.kv_bytes / shuffled / 1e3:5.0f} GB/s), "
@@ -545,7 +545,7 @@ def diagnose(log, gen, parts):
                 line += (f"; SDPA {sdpa:7.1f} us ({inp.kv_bytes / sdpa / 1e3:5.0f} GB/s, "
                          f"x head-outermost {streamed / sdpa:.3f})")
             log(line)
-            del inp, outs
+            inp = outs = None  # free the GPU memory before the next case
             torch.cuda.empty_cache()
 
     # What reading the pages alone costs: the decode's exact bytes, split as it splits,
@@ -574,7 +574,7 @@ def diagnose(log, gen, parts):
             f"({gbs[best]:5.0f} GB/s, x SDPA {sdpa / reads[best]:.3f}, kernel / read "
             f"{reads[best] / kernel:.3f}); all reads (GB/s): "
             + ", ".join(f"{k} {v:.0f}" for k, v in gbs.items()))
-        del inp, outs
+        inp = outs = None  # free the GPU memory before the next case
         torch.cuda.empty_cache()
 
 
@@ -596,7 +596,7 @@ def scaling(log, gen):
         for ctx in ctxs:
             for kv_dtype in (torch.bfloat16, FP8_DTYPE):
                 elt = kv_elt(kv_dtype)
-                inp, outs, us = time_default(batch, ctx, kv_dtype, gen)
+                inp, _, us = time_default(batch, ctx, kv_dtype, gen)
                 points[f"{kv_name(kv_dtype)} kernel"].append((inp.kv_bytes, us))
                 line = (f"  scaling B={batch:>3} S={ctx:>6} {kv_name(kv_dtype):4}: "
                         f"kernel {us:8.1f} us {inp.kv_bytes / us / 1e3:6.0f} GB/s")
@@ -605,7 +605,7 @@ def scaling(log, gen):
                     points["SDPA"].append((inp.kv_bytes, sdpa))
                     line += f"; SDPA {sdpa:8.1f} us {inp.kv_bytes / sdpa / 1e3:6.0f} GB/s"
                 log(line)
-                del inp, outs
+                inp = _ = None  # free the GPU memory before the next case
                 torch.cuda.empty_cache()
         for name, pts in points.items():
             slope, fixed = statistics.linear_regression([b for b, _ in pts], [u for _, u in pts])

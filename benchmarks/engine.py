@@ -246,7 +246,7 @@ def bench_transformers(cfg: LlamaConfig, weights, batches, context, steps) -> di
         log(f"  transformers batch {b:3d}: {out[b]['step_ms']:7.2f} ms/step "
             f"{out[b]['tokens_per_s']:9.1f} tok/s")
         torch.cuda.empty_cache()
-    del hf
+    hf = None  # free the GPU memory before the next part
     gc.collect()
     torch.cuda.empty_cache()
     return out

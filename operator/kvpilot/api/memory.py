@@ -97,7 +97,8 @@ def kv_bytes_per_sequence(arch: Architecture, kv_dtype: str, context_tokens: int
     """KV-cache bytes one sequence of ``context_tokens`` tokens holds on each GPU of a
     replica: global layers keep every token, local ones the last ``window``."""
     local = local_layers(arch)
-    kept = min(context_tokens, arch.sliding_window.tokens) if local else context_tokens
+    window = arch.sliding_window
+    kept = min(context_tokens, window.tokens) if window is not None else context_tokens
     layer_tokens = (arch.layers - local) * context_tokens + local * kept
     return kv_bytes_per_layer_token(arch, kv_dtype, tp) * layer_tokens
 
@@ -110,11 +111,12 @@ def max_context_within(arch: Architecture, kv_dtype: str, bytes_per_sequence: in
     layer_tokens = max(0, bytes_per_sequence) // kv_bytes_per_layer_token(arch, kv_dtype, tp)
     context = layer_tokens // arch.layers
     local = local_layers(arch)
-    if local and context >= arch.sliding_window.tokens:
+    window = arch.sliding_window
+    if window is not None and local and context >= window.tokens:
         # Past the window only the global layers grow; with none, no context is too long.
         rest = arch.layers - local
         context = (arch.max_context_tokens if rest == 0
-                   else (layer_tokens - local * arch.sliding_window.tokens) // rest)
+                   else (layer_tokens - local * window.tokens) // rest)
     return min(context, arch.max_context_tokens)
 
 
@@ -130,6 +132,7 @@ def weight_bytes(spec: ModelSpec) -> int:
     """Total weight bytes: the explicit size if given, else parameters x dtype width."""
     if spec.weights.bytes is not None:
         return parse_bytes(spec.weights.bytes)
+    assert spec.weights.parameters is not None  # the API requires one of the two
     return math.ceil(spec.weights.parameters * DTYPE_BYTES[spec.weights.dtype])
 
 

@@ -226,7 +226,7 @@ def reconcile(models: Sequence[Obj], view: ClusterView, config: Config, now: str
         unplaced = unplaced_by_model.get(m.key, [])
         moving = ""
         if surge.get(m.key):  # the replacement of a replica on a cordoned node
-            moving = (f"; 1 more while a replica moves off a cordoned node"
+            moving = ("; 1 more while a replica moves off a cordoned node"
                       + (f" (it has no room yet: {unplaced[0].reason})" if unplaced else ""))
             unplaced = unplaced[1:]
         placed = placed_by_model.get(m.key, [])

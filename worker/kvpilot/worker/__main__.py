@@ -34,8 +34,13 @@ import logging
 import os
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from kvpilot.api import contract
+
+if TYPE_CHECKING:  # imported where used: the server's process never imports torch
+    from kvpilot.api.model import ModelSpec
+    from kvpilot.worker.config import WorkerSettings
 
 log = logging.getLogger("kvpilot.worker")
 

@@ -282,7 +282,8 @@ class BlockManager:
         while self._cached_free:
             page_id, _ = self._cached_free.popitem(last=False)
             page = self._pages[page_id]
-            del self._by_hash[page.hash]
+            if page.hash is not None:  # a cached free page is registered
+                del self._by_hash[page.hash]
             page.hash, page.parent, page.tokens = None, ROOT_HASH, ()
             self._empty.append(page_id)
 
