@@ -1,18 +1,30 @@
 """The fleet simulator's target run: a mixed fleet of 12 Models under a bursty trace,
 kvpilot against count-based scheduling and a static fleet provisioned for the peak,
-all three in one run on the same trace.
+every strategy on the same trace, in two scenarios:
 
-    python benchmarks/simulate.py                 # the full run (one hour of traffic)
-    python benchmarks/simulate.py --minutes 10    # shorter
-    python benchmarks/simulate.py --plots DIR     # and PNG plots
+* **met**: every Model's ``maxReplicas`` raised to 64 and the fleet doubled (176
+  GPUs), so that neither a Model's cap nor the fleet binds any strategy (the time any
+  Model's desired count sat at its cap, and the fleet passes that left a replica
+  unplaced, are printed per strategy, so nothing is excluded silently);
+* **capped**: the Models' own bounds (4 to 8 replicas), where several Models' peaks
+  need more replicas than their cap allows, so no scaler can meet every SLA.
+
+    python benchmarks/simulate.py                     # both scenarios (one hour each)
+    python benchmarks/simulate.py --scenario met      # one of them
+    python benchmarks/simulate.py --minutes 10        # shorter
+    python benchmarks/simulate.py --plots DIR         # and PNG plots
 
 kvpilot: replicas share GPUs by their HBM budgets, each worker's KV pool is its
-budget, ``autoscale()`` on KV pressure (target 75%). Count-based: whole GPUs per
-replica (placement with sharing off, as the device plugin schedules), each worker's
-KV pool 90% of its GPUs as vLLM sizes it, KubeAI's rule on active requests with
-``targetRequests`` = concurrentSequences x 0.75 (the same headroom) over a 60 s moving
-average, scale-down after 30 s. Static: kvpilot's placement with, for every Model,
-the most replicas the kvpilot run had at any time, from the start and never scaled.
+budget, ``autoscale()`` on KV pressure (target 75%), waiting requests, the TTFT and
+ITL targets and the demand trend projected a start-up ahead. Count-based: whole GPUs
+per replica (placement with sharing off, as the device plugin schedules), each
+worker's KV pool 90% of its GPUs as vLLM sizes it, KubeAI's rule on active requests
+with ``targetRequests`` = concurrentSequences x 0.75 (the same headroom) over a 60 s
+moving average, scale-down after 30 s. Static: kvpilot's placement with, for every
+Model, the most replicas the kvpilot run had at any time, from the start and never
+scaled. Start-up: download (when the node's cache lacks the weights), load and graph
+capture, from ``kvpilot.simulator.startup`` (estimates until measured on a GPU), or
+``--startup-seconds`` for every start.
 """
 
 from __future__ import annotations
@@ -58,14 +70,21 @@ FLEET = [("h100", "NVIDIA-H100-80GB-HBM3", 8, 6), ("h200", "NVIDIA-H200", 8, 2),
          ("a100", "NVIDIA-A100-SXM4-80GB", 8, 2), ("l40s", "NVIDIA-L40S", 4, 2)]
 
 
-def fleet() -> list[Node]:
+def fleet(times: int = 1) -> list[Node]:
     return [Node(f"{name}-{i}", product, gpus, CATALOG[product].hbm_bytes)
-            for name, product, gpus, count in FLEET for i in range(count)]
+            for name, product, gpus, count in FLEET for i in range(count * times)]
 
 
-def models(spread: str = "none") -> list[Model]:
+# Scenario: (maxReplicas of every Model, None: its own from MODELS; the fleet's nodes
+# times this). The met scenario doubles the fleet, so that count-based scheduling (a
+# whole GPU or more per replica) is not bound by the fleet either.
+SCENARIOS = {"met": (64, 2), "capped": (None, 1)}
+
+
+def models(spread: str = "none", max_replicas: int | None = None) -> list[Model]:
     out = []
     for name, (arch, kv, ctx, seqs, ttft, itl, hi, *_rest) in MODELS.items():
+        hi = max_replicas or hi
         params, layers, heads, kv_heads, hd, max_ctx = ARCH[arch]
         out.append(Model.model_validate({
             "apiVersion": "kvpilot.dev/v1alpha1", "kind": "Model", "metadata": {"name": name},
@@ -96,26 +115,21 @@ def trace(minutes: float, seed: int, load: float = 1.0):
     return generate(work, minutes * 60, shape, seed)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--minutes", type=float, default=60.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--load", type=float, default=4.0,
-                    help="every Model's request rate times this (default 4)")
-    ap.add_argument("--startup-seconds", type=float, default=60.0)
-    ap.add_argument("--spread", choices=("none", "gpu", "node"), default="none",
-                    help="every Model's placement.spread (default none: packed, as the "
-                         "figures in docs/simulator.md; node is a Model's own default)")
-    ap.add_argument("--plots", type=Path)
-    args = ap.parse_args()
-    nodes, ms = fleet(), models(args.spread)
-    reqs = trace(args.minutes, args.seed, args.load)
+def run(scenario: str, args, reqs) -> list:
+    """Every strategy on one trace; prints the scenario's tables, returns the results."""
+    cap, times = SCENARIOS[scenario]
+    nodes, ms = fleet(times), models(args.spread, cap)
     gpus = sum(n.gpus for n in nodes)
-    print(f"# {hardware()}")
+    caps = (f"maxReplicas {cap}" if cap else "each Model's own maxReplicas (4-8)") \
+        + f", fleet x{times}"
+    print(f"\n## scenario {scenario}: {caps}")
     print(f"# {len(reqs)} requests over {args.minutes:.0f} min, {len(ms)} models, "
-          f"{len(nodes)} nodes / {gpus} GPUs, start-up {args.startup_seconds:.0f} s, load "
-          f"x{args.load:g}, seed {args.seed}, spread {args.spread}")
-    settings = Settings(startup_seconds=args.startup_seconds)
+          f"{len(nodes)} nodes / {gpus} GPUs, start-up "
+          + (f"{args.startup_seconds:.0f} s" if args.startup_seconds is not None
+             else "modelled (download if not cached + load + graphs)")
+          + f", load x{args.load:g}, seed {args.seed}, spread {args.spread}")
+    settings = Settings(startup_seconds=args.startup_seconds,
+                        headroom_seconds=args.headroom_seconds)
     results, summaries = [], []
     peak = None
     for strategy in ("kvpilot", "count-based", "static-peak"):
@@ -136,10 +150,13 @@ def main() -> int:
     print(f"kvpilot vs count-based: {100 * saved:.1f}% fewer GPU-hours; SLA attainment "
           f"{100 * k.attainment:.2f}% vs {100 * c.attainment:.2f}%")
     print("peak replicas (kvpilot): " + ", ".join(f"{m} {n}" for m, n in peak.items()))
-    per_model = {}
+    per_model: dict[str, list[int]] = {}
     for i, req in enumerate(reqs):
         per_model.setdefault(req.model, []).append(i)
-    print(f"{'MODEL':<12} " + " ".join(f"{s.strategy + ' SLA':>17}" for s in summaries))
+    print(f"{'MODEL':<12} {'CAP':>3} " + " ".join(
+        f"{s.strategy + ' SLA':>17} {'AT CAP':>7}" for s in summaries)
+        + f" {'STARTS (CACHED) MEAN S':>23}")
+    cap = {m.metadata.name: m.spec.replica_ceiling for m in ms}
     for name, idx in per_model.items():
         cells = []
         for r in results:
@@ -148,11 +165,37 @@ def main() -> int:
                                     finish=[r.finish[i] for i in idx],
                                     rejected=[r.rejected[i] for i in idx],
                                     preempted=[r.preempted[i] for i in idx]))
-            cells.append(f"{100 * sub.attainment:>16.2f}%")
-        print(f"{name:<12} " + " ".join(cells))
-    if args.plots:
-        for path in plot(results, args.plots):
-            print(f"# wrote {path}")
+            cells.append(f"{100 * sub.attainment:>16.2f}% {r.at_cap[name]:>6.0f}s")
+        n, cached, mean = results[0].starts[name]
+        print(f"{name:<12} {cap[name]:>3} " + " ".join(cells)
+              + f" {n:>9} ({cached:>3}) {mean:>6.0f} s")
+    return results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scenario", choices=(*SCENARIOS, "both"), default="both")
+    ap.add_argument("--minutes", type=float, default=60.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--load", type=float, default=4.0,
+                    help="every Model's request rate times this (default 4)")
+    ap.add_argument("--startup-seconds", type=float, default=None,
+                    help="every start takes this long (default: the start-up model)")
+    ap.add_argument("--headroom-seconds", type=float, default=60.0,
+                    help="autoscale()'s look-ahead (the operator's "
+                         "scaleUpHeadroomSeconds; 0: none)")
+    ap.add_argument("--spread", choices=("none", "gpu", "node"), default="none",
+                    help="every Model's placement.spread (default none: packed, as the "
+                         "figures in docs/simulator.md; node is a Model's own default)")
+    ap.add_argument("--plots", type=Path)
+    args = ap.parse_args()
+    reqs = trace(args.minutes, args.seed, args.load)
+    print(f"# {hardware()}")
+    for scenario in (SCENARIOS if args.scenario == "both" else (args.scenario,)):
+        results = run(scenario, args, reqs)
+        if args.plots:
+            for path in plot(results, args.plots / scenario):
+                print(f"# wrote {path}")
     return 0
 
 

@@ -18,7 +18,7 @@ KUBE_VERSION = build.KUBERNETES_VERSION.lstrip("v")
 ALL_FEATURES: dict[str, Any] = {
     "operator": {"replicas": 2},
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
-                "podMonitor": {"enabled": True}},
+                "podMonitor": {"enabled": True}, "dashboard": {"enabled": True}},
     "podDisruptionBudget": {"enabled": True},
     "networkPolicy": {"enabled": True, "apiServerCIDRs": ["10.0.0.1/32"],
                       "metricsFrom": [{"namespaceSelector": {"matchLabels": {

@@ -60,7 +60,8 @@ def test_every_optional_feature_renders_its_object():
     objs = render(ALL_FEATURES)
     extra = set(kinds(objs)) - set(kinds(render()))
     assert extra == {("NetworkPolicy", OPERATOR), ("PodDisruptionBudget", OPERATOR),
-                     ("PodMonitor", "kvpilot-workers"), ("ServiceMonitor", OPERATOR)}
+                     ("PodMonitor", "kvpilot-workers"), ("ServiceMonitor", OPERATOR),
+                     ("ConfigMap", "kvpilot-dashboard")}
     assert one(objs, "Deployment", OPERATOR)["spec"]["replicas"] == 2
 
 
@@ -200,7 +201,8 @@ def test_the_default_env_is_valid_settings_and_sets_every_one():
         reserve=0, packing=1, not_ready_grace_seconds=60, reserved_pods_per_node=10,
         worker_image="kvpilot/worker:0.1.0", worker_port=8000,
         worker_command=("python", "-m", "kvpilot.worker"), scrape_seconds=15,
-        scrape_timeout_seconds=2, drain_timeout_seconds=120,
+        scrape_timeout_seconds=2, drain_timeout_seconds=120, scale_up_headroom_seconds=60,
+        demand_trend_seconds=60, latency_miss_budget=0.01,
         weights_cache_dir="/var/cache/kvpilot/models", hub_endpoint="", reconcile_seconds=30,
         debounce_seconds=0.2, write_concurrency=16, namespace=NAMESPACE,
         lease_name=OPERATOR, lease_seconds=15, identity=POD, metrics_port=8080,
@@ -218,6 +220,8 @@ CHANGED = {
                "scrapeSeconds": 5, "scrapeTimeoutSeconds": 1.5, "drainTimeoutSeconds": 600,
                "weightsCache": {"enabled": False, "hostPath": "/data/models"},
                "hubEndpoint": "http://hub-mirror.ml.svc:8080"},
+    "autoscaling": {"scaleUpHeadroomSeconds": 120, "demandTrendSeconds": 90,
+                    "latencyMissBudget": 0.05},
     "operator": {"reconcileSeconds": 10, "debounceSeconds": 0, "writeConcurrency": 4,
                  "leaseSeconds": 30, "metricsPort": 9090, "healthPort": 9091, "verbose": True},
     "inferencePool": {"enabled": True, "endpointPicker": {
@@ -235,6 +239,7 @@ def test_values_flow_into_the_operators_settings():
         worker_image="registry.example.com/ml/kvpilot-worker:0.1.0-cu13@sha256:" + "ab" * 32,
         worker_port=9000, worker_command=("/opt/kvpilot/bin/python", "-m", "kvpilot.worker"),
         scrape_seconds=5, scrape_timeout_seconds=1.5, drain_timeout_seconds=600,
+        scale_up_headroom_seconds=120, demand_trend_seconds=90, latency_miss_budget=0.05,
         weights_cache_dir="", hub_endpoint="http://hub-mirror.ml.svc:8080", reconcile_seconds=10, debounce_seconds=0, write_concurrency=4, lease_seconds=30,
         metrics_port=9090, health_port=9091, inference_pool="true",
         endpoint_picker="gie-{model}", endpoint_picker_port=9100,
@@ -260,6 +265,9 @@ SETTINGS_OF_VALUES = {
     ("worker", "scrapeTimeoutSeconds"): "scrape_timeout_seconds",
     ("worker", "drainTimeoutSeconds"): "drain_timeout_seconds",
     ("worker", "hubEndpoint"): "hub_endpoint",
+    ("autoscaling", "scaleUpHeadroomSeconds"): "scale_up_headroom_seconds",
+    ("autoscaling", "demandTrendSeconds"): "demand_trend_seconds",
+    ("autoscaling", "latencyMissBudget"): "latency_miss_budget",
     ("operator", "reconcileSeconds"): "reconcile_seconds",
     ("operator", "debounceSeconds"): "debounce_seconds",
     ("operator", "writeConcurrency"): "write_concurrency",

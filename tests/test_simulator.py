@@ -216,3 +216,58 @@ def test_inputs_the_simulation_cannot_run_are_refused():
     with pytest.raises(ValueError, match="not sorted"):
         simulate([node()], [model()], [Request(1.0, "m", 1, 1), Request(0.0, "m", 1, 1)],
                  kvpilot())
+
+
+# --- start-up: download when the node's cache lacks the weights, load, graphs ------------
+
+def test_the_startup_model_downloads_once_per_node_and_weights():
+    from kvpilot.simulator.startup import StartupModel, WeightsCache
+
+    spec = model(params=4_250_000_000).spec  # 8.5 GB of bf16 weights
+    sm = StartupModel(download_bytes_per_second=1e9, load_bytes_per_second=1e9,
+                      process_seconds=5, graph_capture_seconds=2)
+    assert sm.download_seconds(spec) == 8.5
+    assert sm.serve_seconds(spec, 1) == 5 + 8.5 + 2
+    assert sm.serve_seconds(spec, 2) == 5 + 4.25 + 2  # the ranks load their shards at once
+    cache = WeightsCache()
+    first = cache.start("a", "w", spec, 1, 10.0, sm)
+    assert (first.waited_for_weights, first.seconds) == (8.5, 8.5 + 15.5)
+    during = cache.start("a", "w", spec, 1, 12.0, sm)  # waits for the same download
+    assert (during.waited_for_weights, during.seconds) == (6.5, 6.5 + 15.5)
+    later = cache.start("a", "w", spec, 1, 30.0, sm)
+    assert later.cached and later.seconds == 15.5
+    assert cache.start("b", "w", spec, 1, 30.0, sm).waited_for_weights == 8.5  # other node
+    cache.hold("c", "w")
+    assert cache.holds("c", "w", 0.0) and not cache.holds("a", "w", 11.0)
+
+
+def test_a_fixed_startup_overrides_the_model():
+    m = model(context=128, seqs=1, params=425_000_000, minReplicas=1, maxReplicas=3,
+              autoscaling={"enabled": True, "targetKvPressurePercent": 50})
+    reqs = [Request(0.0, "m", 31, 33), Request(0.0, "m", 31, 33)]
+    r = simulate([node(bandwidth=1)], [m], reqs, kvpilot(),
+                 Settings(startup_seconds=10, scrape_seconds=15))
+    assert r.starts["m"] == (1, 1, 10.0)  # one start, on the node that had the weights
+
+
+def test_the_latency_signals_count_first_tokens_and_gaps_against_the_targets():
+    # One sequence at a time: the second request waits for the first's 5 tokens, so its
+    # first token comes after ~52 ms, over the 50 ms target; every decode gap (~12 ms)
+    # is within 1 s.
+    m = model(context=1024, sla={"contextTokens": 1024, "concurrentSequences": 4,
+                                 "ttftMilliseconds": 50, "interTokenLatencyMilliseconds": 1000})
+    from kvpilot.simulator.engine import Simulation
+    sim = Simulation([node()], [m], [Request(0.0, "m", 100, 5), Request(0.0, "m", 100, 5)],
+                     kvpilot(), Settings(max_num_seqs=1))
+    r = sim.run()
+    assert r.first_token[1] > 0.05
+    run = sim.models["m"]
+    assert (run.ttft_count, run.ttft_over) == (2, 1)
+    assert (run.itl_count, run.itl_over) == (8, 0)
+
+
+def test_time_at_the_cap_is_reported_per_model():
+    m = model(replicas=2, minReplicas=1, maxReplicas=2)
+    r = simulate([node(gpus=2)], [m], [Request(31.0, "m", 10, 2)], static({"m": 2}),
+                 Settings(scrape_seconds=10))
+    assert r.at_cap == {"m": 30.0}  # scrapes at 10, 20, 30 s, each 10 s at the cap

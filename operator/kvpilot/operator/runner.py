@@ -225,6 +225,8 @@ class Fleet:
 
     def observe(self, result: PassResult, models: list[Obj]) -> None:
         metrics.RECONCILE_SECONDS.observe(result.seconds)
+        snap = result.view.snapshot
+        metrics.observe_nodes(snap.nodes, snap.replicas)
         plan = result.actions.plan
         live = live_by_model(result.view)
         placed = Counter(a.model for a in plan.assignments) if plan else Counter()
@@ -237,7 +239,9 @@ class Fleet:
                 continue
             reps = [r for r in live.get(key, []) if not r.drain_started]
             try:
-                desired = ModelSpec.model_validate(raw.get("spec") or {}).desired_replicas
+                spec = ModelSpec.model_validate(raw.get("spec") or {})
+                desired = spec.desired_replicas
+                metrics.observe_targets(ns, name, spec)
             except ValidationError:
                 desired = 0
             # A Model placement never saw (its worker cannot serve it) has all unplaced.

@@ -18,12 +18,15 @@ import asyncio
 import logging
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Any, Mapping
 
 import httpx
 
 from kvpilot.operator import metrics
-from kvpilot.operator.autoscale import Policy, Sample, State, autoscale, trim_window
+from kvpilot.operator.autoscale import (
+    Policy, Sample, State, autoscale, latency_seen, trim_window,
+)
 from kvpilot.operator.kube import ApiError, Kube
 from kvpilot.operator.objects import LABEL_MODEL, event_for
 from kvpilot.operator.reconcile import parse_models
@@ -76,6 +79,7 @@ class Scaler:
         self.windows: dict[str, deque[Sample]] = {}
         self.states: dict[str, State] = {}
         self.counters: dict[str, int] = {}  # replica key -> preemption counter last seen
+        self.histograms: dict[str, WorkerMetrics] = {}  # replica key -> last read (TTFT/ITL)
         self.written: dict[str, int] = {}  # model key -> replicas this operator last set
         self.observed: dict[str, int] = {}  # model key -> spec.replicas seen last round
 
@@ -120,8 +124,23 @@ class Scaler:
                 counters[r.key] = got.preemptions
             s = sample(now, m.spec.replicas, read, self.counters, counters)
             self.counters.update(counters)
+            s = self._latency(m, s, [r.key for r in reps if results[r.key][0] is not None],
+                              read)
             writes.extend(self._decide(m, s, now))
         await asyncio.gather(*writes)
+
+    def _latency(self, m, s: Sample, keys: list[str], read: list[WorkerMetrics]) -> Sample:
+        """``s`` with what the workers' TTFT and ITL histograms saw since last round,
+        against the Model's targets."""
+        sla = m.spec.sla
+        ttft = None if sla.ttft_milliseconds is None else sla.ttft_milliseconds / 1000
+        itl = (None if sla.inter_token_latency_milliseconds is None
+               else sla.inter_token_latency_milliseconds / 1000)
+        before = [self.histograms.get(k) for k in keys]
+        t = latency_seen([(b.ttft if b else None, w.ttft) for b, w in zip(before, read)], ttft)
+        i = latency_seen([(b.itl if b else None, w.itl) for b, w in zip(before, read)], itl)
+        self.histograms.update(zip(keys, read))
+        return replace(s, ttft_count=t[0], ttft_over=t[1], itl_count=i[0], itl_over=i[1])
 
     def _decide(self, m, s: Sample, now: float) -> list:
         """The writes one Model's sample leads to (as coroutines)."""
@@ -135,7 +154,9 @@ class Scaler:
         if not m.spec.autoscaling.enabled:
             self.windows.pop(m.key, None)
             return out
-        policy = Policy.of(m.spec)
+        st = self.settings
+        policy = Policy.of(m.spec, st.scale_up_headroom_seconds, st.demand_trend_seconds,
+                           st.latency_miss_budget)
         window = self.windows.setdefault(m.key, deque())
         window.append(s)
         trim_window(window, policy, now, self.settings.scrape_seconds)

@@ -25,14 +25,25 @@ class WorkerMetrics:
     waiting: int
     preemptions: int  # counter, since the worker started
     draining: bool
+    # TTFT and ITL histograms since the worker started: (upper bound, cumulative count)
+    ttft: tuple[tuple[float, float], ...] = ()
+    itl: tuple[tuple[float, float], ...] = ()
 
 
 def parse_metrics(text: str, model: str) -> WorkerMetrics:
     """The autoscaling signals of one worker, for ``model``, from Prometheus text."""
     values: dict[str, float] = {}
+    buckets: dict[str, dict[float, float]] = {contract.TTFT_SECONDS + "_bucket": {},
+                                              contract.ITL_SECONDS + "_bucket": {}}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.labels.get(contract.LABEL_MODEL) == model:
+            if s.labels.get(contract.LABEL_MODEL) != model:
+                continue
+            if s.name in buckets and "le" in s.labels:
+                b = buckets[s.name]
+                le = float(s.labels["le"])
+                b[le] = b.get(le, 0.0) + s.value
+            else:
                 values[s.name] = values.get(s.name, 0.0) + s.value
     missing = [n for n in (contract.KV_USED_BYTES, contract.KV_CAPACITY_BYTES)
                if n not in values]
@@ -45,6 +56,8 @@ def parse_metrics(text: str, model: str) -> WorkerMetrics:
         waiting=int(values.get(contract.REQUESTS_WAITING, 0)),
         preemptions=int(values.get(contract.PREEMPTIONS + "_total", 0)),
         draining=values.get(contract.DRAINING, 0) > 0,
+        ttft=tuple(sorted(buckets[contract.TTFT_SECONDS + "_bucket"].items())),
+        itl=tuple(sorted(buckets[contract.ITL_SECONDS + "_bucket"].items())),
     )
 
 

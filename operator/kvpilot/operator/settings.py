@@ -51,6 +51,18 @@ class Settings(BaseModel):
     scrape_timeout_seconds: float = Field(2.0, gt=0, le=60)
     drain_timeout_seconds: float = Field(120.0, ge=0, le=86400,
                                          description="Longest wait for a worker to drain.")
+    scale_up_headroom_seconds: float = Field(
+        60.0, ge=0, le=3600, description="How far ahead the autoscaler projects a Model's "
+        "rising demand when it scales up: a replica's start-up (weights download when its "
+        "node does not cache them, load, graph capture), so that capacity asked for now "
+        "serves when the demand arrives; 0: no look-ahead.")
+    demand_trend_seconds: float = Field(
+        60.0, gt=0, le=3600, description="Seconds of scrape samples the demand trend "
+        "(running and waiting requests) is fitted over.")
+    latency_miss_budget: float = Field(
+        0.01, ge=0, le=1, description="Share of a scrape round's first tokens (or token "
+        "gaps) over the Model's TTFT (ITL) target, from the workers' histograms, that asks "
+        "for another replica and holds off scale-down; 1: latency is not looked at.")
     not_ready_grace_seconds: float = Field(
         60.0, ge=0, le=3600, description="How long a NotReady node keeps its replicas "
         "before they are placed elsewhere (it takes nothing new meanwhile).")

@@ -28,8 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", action="append", choices=STRATEGIES,
                    help="run only these (repeatable; default: all three; static-peak "
                         "needs kvpilot, whose peak replicas it keeps all along)")
-    p.add_argument("--startup-seconds", type=float, default=60.0,
-                   help="pod created -> worker serving (default 60)")
+    p.add_argument("--startup-seconds", type=float, default=None,
+                   help="every start takes this long, pod created to serving (default: "
+                        "download when the node lacks the weights, load, graph capture)")
     p.add_argument("--scrape-seconds", type=float, default=15.0,
                    help="scrape and autoscaling interval (default 15)")
     p.add_argument("--drain-timeout-seconds", type=float, default=120.0)

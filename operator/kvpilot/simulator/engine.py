@@ -30,6 +30,17 @@ could admit cuts its segment after the step in progress, as continuous batching 
 Model's context; no ready replica; the replica's waiting queue full (the worker's 429);
 still in a replica when its drain timed out. The run ends when the last request is
 decided.
+
+**Start-up.** A new replica serves after the download of its weights when its node's
+cache does not hold them, then process start, load and graph capture
+(``kvpilot.simulator.startup``; estimates until measured on a GPU), or after a fixed
+``startup_seconds`` when that is set. A warm fleet's nodes hold the weights of the
+replicas they start with.
+
+**Latency signals.** Per scrape round each Model counts what its workers' TTFT and ITL
+histograms would have seen: first tokens, and token gaps (a decode step, or the
+prefill that held a running sequence's next token), each against the Model's target,
+so ``autoscale()`` reads the same latency signal as in the operator.
 """
 
 from __future__ import annotations
@@ -50,6 +61,7 @@ from kvpilot.operator.autoscale import Sample, State, autoscale, trim_window
 from kvpilot.operator.placement import Existing, Node, Snapshot, demand_for, place
 from kvpilot.operator.placement import Policy as PlacementPolicy
 from kvpilot.simulator.baseline import CountPolicy, CountState, count_autoscale
+from kvpilot.simulator.startup import StartupModel, WeightsCache, weights_key
 from kvpilot.simulator.trace import Request
 
 STARTING, SERVING, DRAINING, GONE = "starting", "serving", "draining", "gone"
@@ -67,7 +79,10 @@ REJECT_DRAIN = "drain timed out"
 class Settings:
     """What the simulated operator and workers are configured with."""
 
-    startup_seconds: float = 60.0  # pod created -> worker ready (image, weights, graphs)
+    # pod created -> worker ready; None: the start-up model (download when the node's
+    # cache lacks the weights, then load and graph capture), a number: every start
+    startup_seconds: Optional[float] = None
+    startup: StartupModel = StartupModel()
     scrape_seconds: float = 15.0  # the operator's scrape interval (and autoscale rounds)
     drain_timeout_seconds: float = 120.0
     page_size: int = 16  # tokens per KV page, as the worker
@@ -75,11 +90,18 @@ class Settings:
     max_waiting: int = 256  # per replica; beyond it the worker answers 429
     max_batched_tokens: int = 8192
     warm_start: bool = True  # the first plan's replicas are ready at t = 0
+    # autoscale()'s look-ahead and latency budget, as the operator's settings
+    # (scale_up_headroom_seconds, demand_trend_seconds, latency_miss_budget)
+    headroom_seconds: float = 60.0
+    trend_seconds: float = 60.0
+    latency_miss_budget: Optional[float] = 0.01
 
     def __post_init__(self) -> None:
-        for name in ("startup_seconds", "drain_timeout_seconds"):
-            if getattr(self, name) < 0:
+        for name in ("startup_seconds", "drain_timeout_seconds", "headroom_seconds"):
+            if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.trend_seconds <= 0:
+            raise ValueError("trend_seconds must be > 0")
         if self.scrape_seconds <= 0 or self.page_size < 1 or self.max_num_seqs < 1:
             raise ValueError("scrape_seconds, page_size and max_num_seqs must be > 0")
 
@@ -185,6 +207,11 @@ class ModelRun:
         self.state = State()
         self.count_state = CountState()
         self.preemptions = 0  # since the last scrape
+        # what its workers' TTFT and ITL histograms saw since the last scrape
+        self.ttft_count = self.ttft_over = self.itl_count = self.itl_over = 0
+        self.starts = 0  # replicas started after t = 0
+        self.cached_starts = 0  # of them, on a node that held the weights
+        self.start_seconds = 0.0  # summed over those starts
         sla = model.spec.sla
         self.context = sla.context_tokens
         self.ttft = None if sla.ttft_milliseconds is None else sla.ttft_milliseconds / 1000
@@ -228,6 +255,11 @@ class Result:
     peak_replicas: dict[str, int] = field(default_factory=dict)
     peak_gpus: int = 0
     unplaced_rounds: int = 0  # reconcile rounds that left a desired replica unplaced
+    # per Model: seconds its desired count sat at its maxReplicas (the cap bound)
+    at_cap: dict[str, float] = field(default_factory=dict)
+    # per Model: (replicas started after t = 0, of them on a node holding the weights,
+    # mean seconds from created to serving)
+    starts: dict[str, tuple[int, int, float]] = field(default_factory=dict)
 
 
 class Simulation:
@@ -280,6 +312,8 @@ class Simulation:
         self.peak_replicas = {name: 0 for name in self.models}
         self.peak_gpus = 0
         self.unplaced_rounds = 0
+        self.at_cap = {name: 0.0 for name in self.models}
+        self.cache = WeightsCache()
 
     # --- events ------------------------------------------------------------------------
 
@@ -322,7 +356,9 @@ class Simulation:
             self.strategy.name, self.requests, self.first, self.finish, self.rejected,
             self.preempted, {k: (m.ttft, m.itl) for k, m in self.models.items()},
             self.gpu_seconds, self.now, self.timeline, self.peak_replicas, self.peak_gpus,
-            self.unplaced_rounds)
+            self.unplaced_rounds, self.at_cap,
+            {k: (m.starts, m.cached_starts, m.start_seconds / m.starts if m.starts else 0.0)
+             for k, m in self.models.items()})
 
     # --- requests ----------------------------------------------------------------------
 
@@ -475,18 +511,31 @@ class Simulation:
         r.model.preemptions += 1
 
     def _end_segment(self, r: Replica, now: float) -> None:
+        m = r.model
         if r.prefill:
+            held = 0  # running sequences whose next token waited for this prefill
             for q in r.prefill:
                 if q.generated == 0:
                     self.first[q.req] = now
+                    m.ttft_count += 1
+                    if m.ttft is not None and now - self.requests[q.req].t > m.ttft:
+                        m.ttft_over += 1
                 q.generated += 1
                 q.tokens += 1
+            held = len(r.running) - len(r.prefill)
+            if held > 0:
+                m.itl_count += held
+                if m.itl is not None and now - r.t0 > m.itl:
+                    m.itl_over += held
         else:
             k = r.n
             r.used += self._extra_pages(r, k)
             for q in r.running:
                 q.generated += k
                 q.tokens += k
+            m.itl_count += k * len(r.running)
+            if m.itl is not None and r.step > m.itl:
+                m.itl_over += k * len(r.running)
         still = []
         for q in r.running:
             if q.generated >= q.output:
@@ -567,6 +616,7 @@ class Simulation:
         if plan.unplaced:
             self.unplaced_rounds += 1
         by_node = {n.name: n for n in self.nodes}
+        s = self.settings
         for name in plan.removals:
             r = self.replicas.get(name)
             if r is not None and r.state in (STARTING, SERVING):
@@ -577,8 +627,18 @@ class Simulation:
             m = self.models[a.model]
             node = by_node[a.node]
             pages = self._pool_pages(m.spec, node, len(a.gpus), a.hbm_per_gpu)
-            r = Replica(a.replica, m, node, a.gpus, a.hbm_per_gpu, pages, self.settings)
-            self._add(r, now, now if warm else now + self.settings.startup_seconds)
+            r = Replica(a.replica, m, node, a.gpus, a.hbm_per_gpu, pages, s)
+            key = weights_key(m.name, m.spec)
+            if warm:
+                self.cache.hold(node.name, key)
+                self._add(r, now, now)
+                continue
+            start = self.cache.start(node.name, key, m.spec, len(a.gpus), now, s.startup)
+            seconds = start.seconds if s.startup_seconds is None else s.startup_seconds
+            m.starts += 1
+            m.cached_starts += start.cached
+            m.start_seconds += seconds
+            self._add(r, now, now + seconds)
 
     # --- the scrape round --------------------------------------------------------------
 
@@ -595,12 +655,15 @@ class Simulation:
             capacity = sum(r.pages * s.page_size * r.kv_token_bytes for r in serving)
             waiting = sum(len(r.waiting) for r in serving)
             sample = Sample(now, m.desired, len(serving), used, capacity, waiting,
-                            m.preemptions, sum(len(r.running) for r in serving))
+                            m.preemptions, sum(len(r.running) for r in serving),
+                            m.ttft_count, m.ttft_over, m.itl_count, m.itl_over)
             m.preemptions = 0
+            m.ttft_count = m.ttft_over = m.itl_count = m.itl_over = 0
             pressure[name] = sample.pressure
             want = m.desired
             if st.scaler == "kv" and m.spec.autoscaling.enabled:
-                policy = ScalePolicy.of(m.spec)
+                policy = ScalePolicy.of(m.spec, s.headroom_seconds, s.trend_seconds,
+                                        s.latency_miss_budget)
                 m.window.append(sample)
                 trim_window(m.window, policy, now, s.scrape_seconds)  # as the scrape loop
                 decision = autoscale(list(m.window), policy, m.desired, m.state, now)
@@ -613,6 +676,8 @@ class Simulation:
             if want != m.desired:
                 m.desired = want
                 changed = True
+            if m.desired >= m.spec.replica_ceiling:
+                self.at_cap[name] += s.scrape_seconds
         if changed or any(m.desired != sum(1 for r in m.replicas if r.state != DRAINING)
                           for m in self.models.values()):
             self._reconcile(now)
