@@ -170,6 +170,29 @@ class Cluster:
     def running(self) -> bool:
         return any(_alive(pid) for pid in self._pids().values())
 
+    def stop_component(self, name: str) -> None:
+        """Stop one component (SIGTERM, then SIGKILL): an outage for fault tests."""
+        pid = self._pids().get(name)
+        if pid is None:
+            raise ValueError(f"no {name} was started from {self.state}")
+        _terminate(pid)
+
+    def start_component(self, name: str, timeout: float = 120.0) -> None:
+        """Start a stopped component again with its arguments and state (etcd keeps its
+        data directory); for the API server, wait until it is ready."""
+        args = {"etcd": self._etcd_args, "kube-apiserver": self._apiserver_args,
+                "kube-controller-manager": self._controller_manager_args,
+                "kube-scheduler": self._scheduler_args, "kwok": self._kwok_args}[name]
+        self._start(name, args(build.binary(name)))
+        if name == "kube-apiserver":
+            self._wait_ready(time.monotonic() + timeout)
+
+    def restart(self, name: str, down_seconds: float = 0.0, timeout: float = 120.0) -> None:
+        """Stop ``name``, leave it down ``down_seconds``, start it again."""
+        self.stop_component(name)
+        time.sleep(down_seconds)
+        self.start_component(name, timeout)
+
     def status(self) -> dict[str, Any]:
         pids = self._pids()
         result: dict[str, Any] = {

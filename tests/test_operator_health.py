@@ -17,6 +17,9 @@ def test_a_standby_is_healthy_and_a_stuck_leader_is_not():
     assert h.problem() == "leading, but no fleet pass finished for 61s"
     h.passed()
     assert h.problem() is None
+    h.last_pass -= 61
+    h.standing_by()  # the Lease was lost: a standby again, which is healthy
+    assert h.problem() is None
 
 
 def test_healthz_answers_over_http():

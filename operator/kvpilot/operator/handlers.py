@@ -200,6 +200,7 @@ def serve_inference_pools() -> None:
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
+    _seen.clear()  # kopf lists everything afresh (also after the Lease was lost and retaken)
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kvpilot.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(

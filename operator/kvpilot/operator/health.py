@@ -22,6 +22,10 @@ class Health:
     def leading(self) -> None:
         self.leading_since = time.monotonic()
 
+    def standing_by(self) -> None:
+        """The Lease was lost: a standby again, healthy while it waits."""
+        self.leading_since = self.last_pass = None
+
     def passed(self) -> None:
         self.last_pass = time.monotonic()
 

@@ -1,10 +1,11 @@
 """Leader election on a coordination.k8s.io Lease: one operator replica acts at a time.
 
 The replica holding the Lease runs the handlers and the fleet loop; the others wait to
-acquire it. A holder that cannot renew within the lease duration stops acting (the
-process exits and is restarted as a follower), as controller-runtime's leader election
-does. Kopf's own peering is not used for this: it freezes every operator of equal
-priority, and it does not pause tasks the operator runs itself, such as the fleet loop.
+acquire it. A holder that cannot renew within the lease duration stops acting, as
+controller-runtime's leader election does, and stands by to acquire it again (in the
+same process: an API server restart must not become a crash loop). Kopf's own peering
+is not used for this: it freezes every operator of equal priority, and it does not
+pause tasks the operator runs itself, such as the fleet loop.
 
 The decision (may I take the Lease?) is the pure :func:`may_acquire`.
 """

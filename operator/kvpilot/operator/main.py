@@ -2,8 +2,8 @@
 
 Start-up order: settings (refused with a clear message when invalid), credentials, the
 Lease (a standby replica waits here), then kopf with the handlers of
-``kvpilot.operator.handlers``. Losing the Lease stops kopf; the process then exits
-non-zero, and its restart comes back as a standby.
+``kvpilot.operator.handlers``. Losing the Lease stops kopf; the process stands by again
+and starts kopf afresh once it holds the Lease again.
 """
 
 from __future__ import annotations
@@ -38,7 +38,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 async def run(settings: Settings, kubeconfig: str | None = None) -> int:
-    """Run until stopped (0) or until the Lease is lost (1)."""
+    """Run until stopped (0). Losing the Lease (another replica took it, or the API
+    server could not be reached for a lease duration) stops kopf and every loop; the
+    process stands by and, once it holds the Lease again, starts them afresh (kopf
+    lists everything again), with no exit: an API server restart must not become a
+    crash loop."""
     import kopf
 
     from kvpilot.operator import handlers, metrics  # importing handlers registers them
@@ -51,26 +55,34 @@ async def run(settings: Settings, kubeconfig: str | None = None) -> int:
     kube = Kube(load_credentials(kubeconfig), settings.write_concurrency)
     lease = Lease(kube, settings.namespace, settings.lease_name, settings.identity,
                   settings.lease_seconds)
-    lost = asyncio.Event()
-    keeper = None
     health = Health(stale_after=max(120.0, 4 * settings.reconcile_seconds))
     server = health.serve(settings.health_port)
+    metrics_served = False
     try:
-        await lease.acquire()
-        health.leading()
-        metrics.serve(settings.metrics_port)
-        keeper = asyncio.create_task(lease.keep(lost))
-        memo = kopf.Memo(kube=kube, settings=settings, health=health)
-        await kopf.operator(clusterwide=True, standalone=True, memo=memo, stop_flag=lost)
+        while True:
+            await lease.acquire()
+            health.leading()
+            if not metrics_served:
+                metrics.serve(settings.metrics_port)
+                metrics_served = True
+            lost = asyncio.Event()
+            keeper = asyncio.create_task(lease.keep(lost))
+            try:
+                memo = kopf.Memo(kube=kube, settings=settings, health=health)
+                await kopf.operator(clusterwide=True, standalone=True, memo=memo,
+                                    stop_flag=lost)
+            finally:
+                keeper.cancel()
+            if not lost.is_set():  # stopped (a signal): hand the Lease on at once
+                await lease.release()
+                return 0
+            health.standing_by()
+            log.warning("lost lease %s/%s: stopped acting; standing by to take it again",
+                        settings.namespace, settings.lease_name)
     finally:
         if server is not None:
             server.shutdown()
-        if keeper is not None:
-            keeper.cancel()
-        if not lost.is_set():
-            await lease.release()
         await kube.close()
-    return 1 if lost.is_set() else 0
 
 
 def main(args: argparse.Namespace) -> int:

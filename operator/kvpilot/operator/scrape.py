@@ -3,11 +3,18 @@
 ``parse_metrics`` is pure; ``scrape`` and ``drain`` do the HTTP, concurrently and with
 short timeouts. A worker that does not answer gives ``None``, never zeros: silence is
 not idleness (see ``autoscale``).
+
+A worker cannot hold a scrape round: the timeout bounds a whole scrape (connect, head
+and body together; httpx's own timeouts are per read, so a worker dripping a byte a
+second would never meet them), a body beyond ``MAX_BODY_BYTES`` is cut off and counts as
+no answer, and bodies are parsed on a thread, never on the event loop the operator's
+watches run on. Anything the parser refuses is no answer too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -66,14 +73,45 @@ def worker_url(ip: str, port: int, path: str) -> str:
     return f"http://{host}:{port}{path}"
 
 
+# A worker's /metrics is a few KB (one Model's labels); a megabyte is no metrics page.
+MAX_BODY_BYTES = 2**20
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(client: httpx.AsyncClient, method: str, url: str, timeout: float,
+                    limit: int = MAX_BODY_BYTES) -> str:
+    """The body of ``method url``, all of it within ``timeout`` seconds and ``limit``
+    bytes (TimeoutError, BodyTooLarge); a status other than 2xx is an httpx error."""
+    async with asyncio.timeout(timeout):
+        async with client.stream(method, url, timeout=timeout) as resp:
+            resp.raise_for_status()
+            declared = resp.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise BodyTooLarge(f"Content-Length {declared} > {limit} bytes")
+            body = bytearray()
+            async for chunk in resp.aiter_bytes():  # decoded: a gzip bomb is bounded too
+                body += chunk
+                if len(body) > limit:
+                    raise BodyTooLarge(f"body over {limit} bytes")
+    return body.decode("utf-8", errors="replace")
+
+
 async def scrape(client: httpx.AsyncClient, ip: str, port: int, model: str,
                  timeout: float) -> tuple[Optional[WorkerMetrics], str]:
     """(metrics, "") or (None, why it failed)."""
+    url = worker_url(ip, port, contract.PATH_METRICS)
     try:
-        resp = await client.get(worker_url(ip, port, contract.PATH_METRICS), timeout=timeout)
-        resp.raise_for_status()
-        return parse_metrics(resp.text, model), ""
-    except (httpx.HTTPError, ValueError) as err:
+        text = await read_body(client, "GET", url, timeout)
+    except TimeoutError:
+        return None, f"no whole answer within {timeout:g}s"
+    except (httpx.HTTPError, BodyTooLarge) as err:
+        return None, f"{type(err).__name__}: {err}"
+    try:
+        return await asyncio.to_thread(parse_metrics, text, model), ""
+    except Exception as err:  # noqa: BLE001 - whatever garbage makes the parser raise
         return None, f"{type(err).__name__}: {err}"
 
 
@@ -102,8 +140,6 @@ async def drain(client: httpx.AsyncClient, ip: str, port: int, timeout: float
     """Ask a worker to drain (again: it is idempotent): drained? None: no answer."""
     url = worker_url(ip, port, contract.PATH_DRAIN)
     try:
-        resp = await client.post(url, timeout=timeout)
-        resp.raise_for_status()
-        return bool(resp.json().get("drained"))
-    except (httpx.HTTPError, ValueError):
+        return bool(json.loads(await read_body(client, "POST", url, timeout)).get("drained"))
+    except (TimeoutError, httpx.HTTPError, BodyTooLarge, ValueError, AttributeError):
         return None
