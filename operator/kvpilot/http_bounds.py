@@ -9,6 +9,14 @@ connection at ``header_timeout``; a connection answered before its body was all 
 closed, not read on. uvicorn's ``limit_concurrency`` answers 503 only once a request
 arrives and never closes anything, so the connection cap is kept here, when the
 connection is made.
+
+A client that stops reading a response (a stream's client that went away without closing,
+or one that holds its socket open and reads nothing) would hold its request forever:
+uvicorn waits for the transport's buffer to drain with no timeout. With
+``write_timeout``, a connection whose writes make no progress for that long (the buffer
+stays above its high-water mark) is aborted, which the app sees as a disconnect.
+``write_buffer`` (bytes) caps what is buffered towards a client, in the transport and in
+the socket's send buffer; None leaves asyncio's 64 KiB and the kernel's autotuning.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 
 
 def too_many_connections(who: str, retry_after: int = 1) -> bytes:
@@ -30,13 +39,15 @@ def too_many_connections(who: str, retry_after: int = 1) -> bytes:
 
 
 def bounded_protocol(*, max_connections: int, header_timeout: float, refusal: bytes,
-                     log: logging.Logger) -> type:
+                     log: logging.Logger, write_timeout: float | None = None,
+                     write_buffer: int | None = None) -> type:
     """The protocol class to give uvicorn (``http=``)."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class BoundedH11Protocol(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
+        _write_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -46,6 +57,11 @@ def bounded_protocol(*, max_connections: int, header_timeout: float, refusal: by
                 transport.write(refusal)
                 transport.close()
                 return
+            if write_buffer is not None:
+                transport.set_write_buffer_limits(high=write_buffer)
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, write_buffer)
             self._await_head()
 
         def _await_head(self) -> None:
@@ -78,8 +94,29 @@ def bounded_protocol(*, max_connections: int, header_timeout: float, refusal: by
             elif self.conn.their_state is h11.IDLE:
                 self._await_head()
 
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if write_timeout is not None and self._write_timer is None:
+                self._write_timer = self.loop.call_later(write_timeout, self._write_late)
+
+        def resume_writing(self) -> None:
+            self._stop_write_timer()
+            super().resume_writing()
+
+        def _stop_write_timer(self) -> None:
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+
+        def _write_late(self) -> None:
+            self._write_timer = None
+            log.warning("aborted a connection whose client read nothing for %gs "
+                        "(write_timeout)", write_timeout)
+            self.transport.abort()  # close() would wait for the buffer to drain
+
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_head_timer()
+            self._stop_write_timer()
             super().connection_lost(exc)
 
     return BoundedH11Protocol

@@ -30,7 +30,9 @@ and ``/health`` answers while a large body is worked on. ``uvicorn_config`` serv
 app with uvicorn's h11 protocol plus what it lacks against idle clients: a connection
 that has not sent a whole request head within ``header_timeout`` (from its opening or
 from its last response) is closed, and connections beyond ``max_connections`` are
-answered 503 and closed at once; ``keep_alive_timeout`` closes idle keep-alive ones. A
+answered 503 and closed at once; ``keep_alive_timeout`` closes idle keep-alive ones; a
+response whose client reads nothing for ``write_timeout`` is aborted (a stream's
+sequence with it: a client that stops reading holds no pages for long). A
 log message repeated within ``log_interval`` is dropped and counted (``RepeatFilter``).
 """
 
@@ -95,6 +97,11 @@ class ServerSettings:
     body_timeout: float = 30.0  # seconds to receive a whole body, once the head is in
     header_timeout: float = 10.0  # seconds to a whole request head (new or idle connection)
     keep_alive_timeout: int = 5  # seconds an idle keep-alive connection stays open
+    # seconds a response may wait on a client that reads nothing before the connection
+    # is aborted (a stream's sequence with it, freeing its pages)
+    write_timeout: float = 30.0
+    # bytes buffered towards one client (transport and socket); None: the OS's own
+    write_buffer_bytes: int | None = None
     max_connections: int = field(default_factory=_default_max_connections)
     max_header_bytes: int = 16 * 1024  # a request head beyond this is a 400
     prepare_threads: int = 2  # threads that parse, template and tokenize request bodies
@@ -105,11 +112,13 @@ class ServerSettings:
     special_tokens_in_chat: bool = False
 
     def __post_init__(self):
+        if self.write_buffer_bytes is not None and self.write_buffer_bytes < 1024:
+            raise ValueError(f"write_buffer_bytes must be >= 1024, got {self.write_buffer_bytes}")
         for name in ("max_body_bytes", "keep_alive_timeout", "max_connections",
                      "max_header_bytes", "prepare_threads", "max_preparing"):
             if not getattr(self, name) >= 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("body_timeout", "header_timeout", "log_interval"):
+        for name in ("body_timeout", "header_timeout", "write_timeout", "log_interval"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value}")
@@ -807,7 +816,8 @@ def bounded_protocol(settings: ServerSettings) -> type:
     """uvicorn's h11 protocol bounded by ``settings`` (``kvpilot.http_bounds``)."""
     return http_bounds.bounded_protocol(
         max_connections=settings.max_connections, header_timeout=settings.header_timeout,
-        refusal=http_bounds.too_many_connections("this worker", RETRY_AFTER_SECONDS), log=log)
+        refusal=http_bounds.too_many_connections("this worker", RETRY_AFTER_SECONDS), log=log,
+        write_timeout=settings.write_timeout, write_buffer=settings.write_buffer_bytes)
 
 
 def uvicorn_config(app: FastAPI, *, host: str, port: int, log_level: str | int = "info"):
