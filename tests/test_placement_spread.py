@@ -19,7 +19,7 @@ from kvpilot.operator.placement.engine import World
 from kvpilot.operator.placement.exact import solve
 from kvpilot.operator.placement.orders import largest_first
 from tests.conftest import llama_spec
-from tests.test_placement_properties import check_independently
+from tests.placement_helpers import check_independently
 
 GiB = 2**30
 NODE_FULL = ("spread node: every node with room for another replica of the Model holds one "
