@@ -21,7 +21,6 @@ at the end, whether all of that held and the hardware.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile

@@ -13,7 +13,6 @@ import asyncio
 import time
 
 import httpx
-import pytest
 
 from kvpilot.api import contract
 from kvpilot.operator.scrape import MAX_BODY_BYTES, drain, scrape_all
