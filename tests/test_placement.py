@@ -10,7 +10,9 @@ from kvpilot.operator.placement import (
     Demand, Existing, Node, Policy, Requirement, Snapshot, demand_for, place, without,
 )
 from kvpilot.operator.placement.check import violations
+from kvpilot.operator.placement.improve import consolidate
 from kvpilot.operator.placement.packing import best_fill
+from kvpilot.operator.placement.plan_state import PlanState
 from tests.conftest import llama_70b, llama_spec
 
 GiB = 2**30
@@ -347,72 +349,63 @@ def test_a_fresh_gpu_is_completed_with_the_best_fill():
 
 
 def test_consolidation_empties_a_gpu_by_moving_single_gpu_replicas():
-    from kvpilot.operator.placement.engine import World
-    from kvpilot.operator.placement.packing import consolidate
-
     # A poor arrangement made by hand: 6 | 4 | 5 | 5 on four GPUs of 10.
     snap = Snapshot(nodes=(node("n", gpus=4, hbm=10),))
     demands = [demand("six", 1, gib=6), demand("four", 1, gib=4), demand("five", 2, gib=5)]
-    world = World(snap, demands, Policy())
-    world.load_existing()
-    pool = world.pools[0]
-    s = world.states[0]
+    state = PlanState(snap, demands, Policy())
+    state.load_existing()
+    pool = state.pools[0]
+    s = state.nodes[0]
     for d, g in ((demands[0], 0), (demands[1], 1), (demands[2], 2), (demands[2], 3)):
-        world.commit(d, pool, s, (g,), d.requirement("P80"))
+        state.commit(d, pool, s, (g,), d.requirement("P80"))
     assert sum(1 for t in s.tenants if t) == 4
-    consolidate(world, budget=1000)
+    consolidate(state, budget=1000)
     assert sum(1 for t in s.tenants if t) == 2
     assert sorted(s.free) == [0, 0, 10 * GiB, 10 * GiB]
 
 
 def hand_made(snap, demands, layout):
-    """A World with this run's replicas placed by hand: ``layout`` lists (demand index,
-    node index, GPUs), each committed with the demand's requirement on that node."""
-    from kvpilot.operator.placement.engine import World
-
-    world = World(snap, demands, Policy())
-    world.load_existing()
-    pools = {p.product: p for p in world.pools}
+    """A PlanState with this run's replicas placed by hand: ``layout`` lists (demand
+    index, node index, GPUs), each committed with the demand's requirement on that
+    node."""
+    state = PlanState(snap, demands, Policy())
+    state.load_existing()
     for d, n, gpus in layout:
-        s = world.states[n]
-        world.commit(demands[d], pools[s.node.product], s, gpus,
+        s = state.nodes[n]
+        state.commit(demands[d], state.by_product[s.node.product], s, gpus,
                      demands[d].requirement(s.node.product))
-    return world
+    return state
 
 
-def in_use(world):
-    return {(s.node.name, g) for s in world.states for g, t in enumerate(s.tenants) if t}
+def in_use(state):
+    return {(s.node.name, g) for s in state.nodes for g, t in enumerate(s.tenants) if t}
 
 
 def test_consolidation_moves_a_tp_group_onto_one_fresh_larger_gpu():
-    from kvpilot.operator.placement.packing import consolidate
-
     # "m" needs two 24 GiB GPUs of "small" at TP 2, or one GPU of "big" at TP 1; placed by
     # hand on the small node, it holds two GPUs where one suffices. Consolidation moves
     # the whole TP group, opening the fresh big GPU.
     snap = Snapshot(nodes=(node("small", gpus=2, hbm=24, product="S"),
                            node("big", gpus=1, hbm=100, product="B")))
     demands = [demand("m", 1, S=(2, 20), B=(1, 38)), demand("x", 1, S=(1, 3), B=(1, 3))]
-    world = hand_made(snap, demands, [(0, 0, (0, 1)), (1, 0, (0,))])
-    assert in_use(world) == {("small", 0), ("small", 1)}
-    consolidate(world, budget=1000)
-    assert in_use(world) == {("big", 0)}
-    assert [(p.state.node.name, p.gpus, p.req.tp) for p in world.placed] == [
+    state = hand_made(snap, demands, [(0, 0, (0, 1)), (1, 0, (0,))])
+    assert in_use(state) == {("small", 0), ("small", 1)}
+    consolidate(state, budget=1000)
+    assert in_use(state) == {("big", 0)}
+    assert [(p.state.node.name, p.gpus, p.req.tp) for p in state.placed] == [
         ("big", (0,), 1), ("big", (0,), 1)]
 
 
 def test_consolidation_leaves_small_gpus_for_a_fresh_large_one():
-    from kvpilot.operator.placement.packing import consolidate
-
     # Three 30 GiB replicas, one on each 40 GiB GPU: no GPU in use holds a second, so
     # single moves between them gain nothing. One fresh 100 GiB GPU holds all three.
     snap = Snapshot(nodes=(node("s", gpus=3, hbm=40, product="S"),
                            node("b", gpus=1, hbm=100, product="B")))
     demands = [demand("m", 3, gib=30)]
-    world = hand_made(snap, demands, [(0, 0, (0,)), (0, 0, (1,)), (0, 0, (2,))])
-    consolidate(world, budget=1000)
-    assert in_use(world) == {("b", 0)}
-    assert world.states[1].free == [10 * GiB]
+    state = hand_made(snap, demands, [(0, 0, (0,)), (0, 0, (1,)), (0, 0, (2,))])
+    consolidate(state, budget=1000)
+    assert in_use(state) == {("b", 0)}
+    assert state.nodes[1].free == [10 * GiB]
 
 
 def test_when_not_all_fit_the_plan_places_the_most_replicas():

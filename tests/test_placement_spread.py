@@ -15,9 +15,11 @@ from kvpilot.operator.placement import (
 )
 from kvpilot.operator.placement.assemble import RUNNING_STAY
 from kvpilot.operator.placement.check import violations
-from kvpilot.operator.placement.engine import World
+from kvpilot.operator.placement.construct import place_demand
 from kvpilot.operator.placement.exact import solve
 from kvpilot.operator.placement.orders import largest_first
+from kvpilot.operator.placement.plan_state import PlanState
+from kvpilot.operator.placement.spread import respread
 from tests.conftest import llama_spec
 from tests.placement_helpers import check_independently
 
@@ -185,18 +187,18 @@ def test_respread_moves_a_crowded_replica_where_room_appeared():
     # (here: big is taken off, as consolidation takes replicas off GPUs), respread moves
     # it there.
     snap = Snapshot(nodes=(node("a", gpus=1), node("b", gpus=1)))
-    world = World(snap, [demand("big", 1, gib=70), demand("m", 2, gib=30, spread="node")],
-                  Policy())
-    world.load_existing()
-    for d in largest_first(world):
-        world.place_demand(d)
-    assert [(p.demand.model, p.state.node.name) for p in world.placed] == [
+    state = PlanState(snap, [demand("big", 1, gib=70), demand("m", 2, gib=30, spread="node")],
+                      Policy())
+    state.load_existing()
+    for d in largest_first(state):
+        place_demand(state, d)
+    assert [(p.demand.model, p.state.node.name) for p in state.placed] == [
         ("big", "a"), ("m", "b"), ("m", "b")]
-    big = world.placed[0]
-    world.pools[0].release(big.state, "big", big.gpus, big.req)
-    world.placed.remove(big)
-    assert world.respread() == 1
-    assert sorted(p.state.node.name for p in world.placed) == ["a", "b"]
+    big = state.placed[0]
+    state.pools[0].release(big.state, "big", big.gpus, big.req)
+    state.placed.remove(big)
+    assert respread(state) == 1
+    assert sorted(p.state.node.name for p in state.placed) == ["a", "b"]
 
 
 def test_check_flags_a_crowded_replica_beside_a_node_with_room():

@@ -7,22 +7,29 @@ count the surplus is removed, those freeing the most first.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Mapping, NamedTuple, Sequence
 
-from kvpilot.operator.placement.model import Existing
-from kvpilot.operator.placement.state import existing_load, natural
-
-if TYPE_CHECKING:  # pragma: no cover
-    from kvpilot.operator.placement.engine import World
+from kvpilot.operator.placement.model import Demand, Existing
+from kvpilot.operator.placement.state import NodeState, existing_load, natural
 
 
-def resolve_existing(world: "World") -> tuple[list[Existing], list[str], list[Existing]]:
-    """Load the existing replicas into ``world``: (kept in place, to remove, previous
-    replicas a rebalance may move)."""
+class Resolved(NamedTuple):
+    """What becomes of the replicas that already run."""
+
+    kept: list[Existing]  # stay where they are; their load is on the node states
+    removals: list[str]  # names of those to remove (lost with their node, or surplus)
+    previous: list[Existing]  # of a model a rebalance places again: it may move them
+
+
+def resolve_existing(existing: Sequence[Existing], by_name: Mapping[str, NodeState],
+                     by_model: Mapping[str, Demand], rebalance: bool) -> Resolved:
+    """Load the ``existing`` replicas (by name) onto the node states ``by_name``;
+    ``by_model``: the demands, in their order; ``rebalance``: every replica of a
+    demanded model is placed again (it is ``previous``, not loaded)."""
     removals: list[str] = []
     alive: list[Existing] = []
-    for e in world.existing:
-        s = world.by_name.get(e.node)
+    for e in existing:
+        s = by_name.get(e.node)
         if s is None or not s.node.ready:
             removals.append(e.name)  # lost with its node: placed again as new
             continue
@@ -31,37 +38,39 @@ def resolve_existing(world: "World") -> tuple[list[Existing], list[str], list[Ex
                              f"distinct indices below {s.node.gpus} on node {e.node!r}")
         alive.append(e)
     previous: list[Existing] = []
-    if world.policy.rebalance:
-        previous = [e for e in alive if e.model in world.by_model]
-        alive = [e for e in alive if e.model not in world.by_model]
+    if rebalance:
+        previous = [e for e in alive if e.model in by_model]
+        alive = [e for e in alive if e.model not in by_model]
     for e in alive:
-        _load(world, e, add=True)
+        _load(by_name, by_model, e, add=True)
     kept = list(alive)
-    for d in world.demands:
+    for d in by_model.values():
         mine = [e for e in kept if e.model == d.model]
         excess = len(mine) - d.replicas
         if excess <= 0:
             continue
-        for e in sorted(mine, key=lambda e: _removal_key(world, e))[:excess]:
-            _load(world, e, add=False)
+        for e in sorted(mine, key=lambda e: _removal_key(by_name, by_model, e))[:excess]:
+            _load(by_name, by_model, e, add=False)
             kept.remove(e)
             removals.append(e.name)
-    return kept, removals, previous
+    return Resolved(kept, removals, previous)
 
 
-def _load(world: "World", e: Existing, add: bool) -> None:
-    s = world.by_name[e.node]
-    step, budget = existing_load(e, world.by_model.get(e.model), s.node.product)
+def _load(by_name: Mapping[str, NodeState], by_model: Mapping[str, Demand], e: Existing,
+          add: bool) -> None:
+    s = by_name[e.node]
+    step, budget = existing_load(e, by_model.get(e.model), s.node.product)
     (s.add if add else s.remove)(e.model, e.gpus, e.hbm_per_gpu, step, budget)
 
 
-def _removal_key(world: "World", e: Existing) -> tuple:
+def _removal_key(by_name: Mapping[str, NodeState], by_model: Mapping[str, Demand],
+                 e: Existing) -> tuple:
     """Which surplus replica goes first: one on a cordoned node (being drained), then,
     for a model that spreads, the one on its most crowded node ("node") or GPU ("gpu"),
     then the one that is alone on the most GPUs (removing it frees whole GPUs), then the
     one on the least loaded node, then the newest name."""
-    s = world.by_name[e.node]
-    d = world.by_model.get(e.model)
+    s = by_name[e.node]
+    d = by_model.get(e.model)
     crowd = 0
     if d is not None and d.apart_nodes:
         crowd = s.models.get(e.model, 0)

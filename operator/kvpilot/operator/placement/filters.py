@@ -68,7 +68,7 @@ def fits_bandwidth(s: NodeState, demand: Demand, req: Optional[Requirement],
 def spread_allows(s: NodeState, apart: Optional[Apart]) -> Optional[str]:
     """The spread filter of a model whose replicas keep to distinct nodes
     (``Demand.spread``): a node that holds as many of them as the model's limit stands
-    at takes no more. Its limit moves within a run (``engine.World.relax``), so it is
+    at takes no more. Its limit moves within a run (``spread.relax``), so it is
     not one of ``FILTERS``; the engine, the packing steps and the ILP ask it beside
     them. At GPU level the same limit is part of the fit (``NodeState.fits``)."""
     if apart is None or apart.node_allows(s):

@@ -39,47 +39,79 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from kvpilot.operator.placement.model import Demand, Requirement
+from kvpilot.operator.placement.plan_state import PlanState
 from kvpilot.operator.placement.state import NodeState
 
-if TYPE_CHECKING:  # pragma: no cover
-    from kvpilot.operator.placement.engine import World
-
 CUTS = (1, 2, 3)
-Start = tuple[Demand, NodeState, tuple[int, ...]]  # a replica of a start: demand, node, GPUs
 NODES = (50, 1000)  # the fewest and the most branch-and-bound nodes a ``work`` limit gives
+
+
+class Start(NamedTuple):
+    """A replica of a start (an incumbent for the search): where it is."""
+
+    demand: Demand
+    node: NodeState
+    gpus: tuple[int, ...]
+
+
+class NewReplica(NamedTuple):
+    """A replica the solution places."""
+
+    demand: Demand
+    node: NodeState
+    gpus: tuple[int, ...]
+    req: Requirement
+
+
+class Row(NamedTuple):
+    """A constraint: ``low <= sum(coef x[col] for col, coef in coefs) <= high``."""
+
+    coefs: dict[int, float]
+    low: float
+    high: float
+
+
+class _Pair(NamedTuple):
+    """The columns of one (model, node) pair: ``v``, replicas of the model on the node;
+    ``w``, GPU -> how many of them have a shard on it."""
+
+    demand: Demand
+    req: Requirement
+    node: NodeState
+    v: int
+    w: dict[int, int]
 
 
 @dataclass(frozen=True)
 class Solution:
     """``status``: "optimal", "work limit" or "time limit" (the best found within the
     node or time limit), "none" (no solution found) or "too large" (not solved).
-    ``new``: (demand, node, GPUs, requirement) of each replica placed. ``bound``: a lower
-    bound on GPUs used when every replica is placed, else None."""
+    ``new``: each replica placed. ``bound``: a lower bound on GPUs used when every
+    replica is placed, else None."""
 
     status: str
-    new: list[tuple[Demand, NodeState, tuple[int, ...], Requirement]]
+    new: list[NewReplica]
     bound: Optional[float]
 
 
-def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[float] = None,
-                work: Optional[int] = None, start: Sequence[Start] = (),
-                max_variables: Optional[int] = None) -> Solution:
-    """Solve for ``residual`` replicas per model on ``world``'s states (read, not
+def solve_ilp(state: PlanState, residual: dict[str, int], time_limit: Optional[float] = None,
+              work: Optional[int] = None, start: Sequence[Start] = (),
+              max_variables: Optional[int] = None) -> Solution:
+    """Solve for ``residual`` replicas per model on ``state``'s nodes (read, not
     changed), within the limits given. ``work`` bounds branch-and-bound nodes x
     variables (the nodes allowed, ``work`` / variables, kept within ``NODES``): a
     bound on work, so the answer does not depend on the machine, unlike a time limit.
-    ``start``, a feasible placement of (some of) the replicas (demand, node, GPUs),
-    is the incumbent the search starts from: the answer is never worse than it. A model
+    ``start``, a feasible placement of (some of) the replicas, is the incumbent the search starts from: the answer is never worse than it. A model
     of more than ``max_variables`` is not solved (status "too large")."""
-    share = world.policy.share_gpus
-    nodes = [s for s in world.states if s.node.schedulable]
+    share = state.policy.share_gpus
+    nodes = [s for s in state.nodes if s.node.schedulable]
     cols_lb: list[float] = []
     cols_ub: list[float] = []
     cost: list[float] = []
-    rows: list[tuple[dict[int, float], float, float]] = []
+    rows: list[Row] = []
 
     def var(lb: float, ub: float, c: float) -> int:
         cols_lb.append(lb)
@@ -87,22 +119,22 @@ def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[f
         cost.append(c)
         return len(cost) - 1
 
-    total_gpus = sum(s.node.gpus for s in world.states)
+    total_gpus = sum(s.node.gpus for s in state.nodes)
     big = total_gpus + 1
     u: dict[tuple[int, int], int] = {}
     for s in nodes:
         for g in range(s.node.gpus):
             busy = s.tenants[g] > 0
             u[(s.index, g)] = var(1.0 if busy else 0.0, 1.0, 1.0)
-    pairs: list[tuple[Demand, Requirement, NodeState, int, dict[int, int]]] = []
+    pairs: list[_Pair] = []
     on_node: dict[int, list[int]] = {}  # node -> its v columns
-    for d in world.demands:
+    for d in state.demands:
         r_m = residual[d.model]
         if r_m <= 0:
             continue
         per_model = []
-        apart = world.aparts.get(d.model)
-        products = {pool.product for pool, _ in world.options(d)}
+        apart = state.aparts.get(d.model)
+        products = {pool.product for pool, _ in state.options(d)}
         for s in nodes:
             req = d.requirement(s.node.product)
             if req is None or req.tp > s.node.gpus or s.node.product not in products:
@@ -114,18 +146,18 @@ def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[f
             v = var(0.0, float(most), -float(big))
             w = {g: var(0.0, float(most if apart is None else min(most, apart.gpu_room(s, g))),
                         0.0) for g in gpus}
-            pairs.append((d, req, s, v, w))
+            pairs.append(_Pair(d, req, s, v, w))
             per_model.append(v)
             on_node.setdefault(s.index, []).append(v)
-            rows.append(({**{w[g]: 1.0 for g in gpus}, v: -float(req.tp)}, 0.0, 0.0))
+            rows.append(Row({**{w[g]: 1.0 for g in gpus}, v: -float(req.tp)}, 0.0, 0.0))
             for g in gpus:
-                rows.append(({w[g]: 1.0, v: -1.0}, -math.inf, 0.0))
+                rows.append(Row({w[g]: 1.0, v: -1.0}, -math.inf, 0.0))
         if per_model:
-            rows.append(({v: 1.0 for v in per_model}, -math.inf, float(r_m)))
+            rows.append(Row({v: 1.0 for v in per_model}, -math.inf, float(r_m)))
     for n, mine in on_node.items():  # the node's pod limit
-        s = world.states[n]
+        s = state.nodes[n]
         if s.node.max_pods is not None:
-            rows.append(({v: 1.0 for v in mine}, -math.inf, float(max(0, s.pods_left))))
+            rows.append(Row({v: 1.0 for v in mine}, -math.inf, float(max(0, s.pods_left))))
     # Capacity, valid inequalities, and no sharing, per GPU.
     present: list[tuple[int, int]] = []  # (w, y): y = 1 when w > 0
     loads: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -135,43 +167,44 @@ def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[f
             loads.setdefault((s.index, g), []).append((col, req.hbm_per_gpu))
             streams.setdefault((s.index, g), []).append((col, req, residual[d.model]))
     for (n, g), items in streams.items():
-        s = world.states[n]
+        s = state.nodes[n]
         scale = float(max([s.streamed[g], 1] + [r.step_bytes for _, r, _ in items]))
         most = s.streamed[g] + sum(r.step_bytes * ub for _, r, ub in items)
         limit = s.limit(g)
         if limit is not None and most > limit:
-            rows.append(({col: r.step_bytes / scale for col, r, _ in items}, -math.inf,
-                         (limit - s.streamed[g]) / scale))
+            rows.append(Row({col: r.step_bytes / scale for col, r, _ in items}, -math.inf,
+                            (limit - s.streamed[g]) / scale))
         for col, r, ub in items:
             if r.step_budget is None or most <= r.step_budget:
                 continue
             y = var(0.0, 1.0, 0.0)
             present.append((col, y))
-            rows.append(({col: 1.0, y: -float(ub)}, -math.inf, 0.0))
+            rows.append(Row({col: 1.0, y: -float(ub)}, -math.inf, 0.0))
             big_m = (most - r.step_budget) / scale
             row = {c: rr.step_bytes / scale for c, rr, _ in items}
             row[y] = row.get(y, 0.0) + big_m
-            rows.append((row, -math.inf, (r.step_budget - s.streamed[g]) / scale + big_m))
+            rows.append(Row(row, -math.inf, (r.step_budget - s.streamed[g]) / scale + big_m))
     for (n, g), items in loads.items():
-        s = world.states[n]
+        s = state.nodes[n]
         free = s.free[g]
         row = {col: need / s.cap for col, need in items}
         if s.tenants[g] == 0:
             row[u[(n, g)]] = -free / s.cap
-            rows.append((row, -math.inf, 0.0))
+            rows.append(Row(row, -math.inf, 0.0))
         else:
-            rows.append((row, -math.inf, free / s.cap))
+            rows.append(Row(row, -math.inf, free / s.cap))
         for j in CUTS:
             big_items = [col for col, need in items if need * (j + 1) > free]
             if big_items:
-                rows.append(({**{c: 1.0 for c in big_items}, u[(n, g)]: -float(j)},
-                             -math.inf, 0.0))
+                rows.append(Row({**{c: 1.0 for c in big_items}, u[(n, g)]: -float(j)},
+                                -math.inf, 0.0))
         if not share:
-            rows.append(({**{col: 1.0 for col, _ in items}, u[(n, g)]: -1.0}, -math.inf, 0.0))
+            rows.append(Row({**{col: 1.0 for col, _ in items}, u[(n, g)]: -1.0},
+                            -math.inf, 0.0))
     if not start:  # symmetry breaking: a start need not be in the chosen order
         rows.extend(_symmetry_rows(nodes, u))
 
-    fixed_used = sum(1 for s in world.states if not s.node.schedulable
+    fixed_used = sum(1 for s in state.nodes if not s.node.schedulable
                      for t in s.tenants if t > 0)
     if not cost:
         return Solution("optimal", [], None)
@@ -188,22 +221,22 @@ def solve_world(world: "World", residual: dict[str, int], time_limit: Optional[f
             continue
         shards = [g for g in sorted(w) for _ in range(int(round(x[w[g]])))]
         for k in range(count):
-            new.append((d, s, tuple(sorted(shards[k::count])), req))
+            new.append(NewReplica(d, s, tuple(sorted(shards[k::count])), req))
     bound = None
     if len(new) == sum(max(0, r) for r in residual.values()) and dual is not None:
         bound = dual + big * len(new) + fixed_used
     return Solution(status, new, bound)
 
 
-def _symmetry_rows(nodes: list[NodeState], u: dict[tuple[int, int], int]
-                   ) -> list[tuple[dict[int, float], float, float]]:
+def _symmetry_rows(nodes: list[NodeState], u: dict[tuple[int, int], int]) -> list[Row]:
     """Of identical fresh GPUs of a node the lower index is used first; of identical
     empty nodes the earlier one carries at least as many used GPUs."""
     rows = []
     for s in nodes:
         for g in range(1, s.node.gpus):
             if (s.free[g], s.tenants[g]) == (s.free[g - 1], s.tenants[g - 1]) and s.tenants[g] == 0:
-                rows.append(({u[(s.index, g - 1)]: 1.0, u[(s.index, g)]: -1.0}, 0.0, math.inf))
+                rows.append(Row({u[(s.index, g - 1)]: 1.0, u[(s.index, g)]: -1.0}, 0.0,
+                                math.inf))
     groups: dict[tuple[str, int, int], list[NodeState]] = {}
     for s in nodes:
         if not any(s.tenants):
@@ -213,18 +246,19 @@ def _symmetry_rows(nodes: list[NodeState], u: dict[tuple[int, int], int]
             row = {u[(a.index, g)]: 1.0 for g in range(a.node.gpus)}
             for g in range(b.node.gpus):
                 row[u[(b.index, g)]] = -1.0
-            rows.append((row, 0.0, math.inf))
+            rows.append(Row(row, 0.0, math.inf))
     return rows
 
 
-def _start_values(lower: list[float], u: dict, pairs: list, present: list[tuple[int, int]],
-                  start: Sequence[Start]) -> list[float]:
+def _start_values(lower: list[float], u: dict[tuple[int, int], int], pairs: list[_Pair],
+                  present: list[tuple[int, int]], start: Sequence[Start]) -> list[float]:
     """The variables' values for the placement ``start`` (GPUs in use before it are in
     use: their lower bound is 1)."""
     x = list(lower)
-    col = {(d.model, s.index): (v, w) for d, _, s, v, w in pairs}
+    col = {(p.demand.model, p.node.index): p for p in pairs}
     for d, s, gpus in start:
-        v, w = col[(d.model, s.index)]
+        pair = col[(d.model, s.index)]
+        v, w = pair.v, pair.w
         x[v] += 1
         for g in gpus:
             x[w[g]] += 1
@@ -235,7 +269,7 @@ def _start_values(lower: list[float], u: dict, pairs: list, present: list[tuple[
 
 
 def _run(cost: list[float], lb: list[float], ub: list[float],
-         rows: list[tuple[dict[int, float], float, float]], x0: Optional[list[float]],
+         rows: list[Row], x0: Optional[list[float]],
          time_limit: Optional[float], work: Optional[int]
          ) -> tuple[Optional[list[float]], str, Optional[float]]:
     """(values, status, dual bound) of the ILP; values None when no solution was found."""
@@ -270,7 +304,7 @@ _banner_shown = False
 
 
 def _highs(cost: list[float], lower: list[float], upper: list[float],
-           rows: list[tuple[dict[int, float], float, float]], integer: bool):
+           rows: list[Row], integer: bool):
     """A silent HiGHS instance holding the model: minimise cost x subject to
     lower <= x <= upper and, per row (coefficients by column, low, high), low <= a x <=
     high; x integer when ``integer``."""
@@ -302,8 +336,8 @@ def _highs(cost: list[float], lower: list[float], upper: list[float],
     lp.col_cost_ = np.array(cost, dtype=float)
     lp.col_lower_ = np.array(lower, dtype=float)
     lp.col_upper_ = np.array(upper, dtype=float)
-    lp.row_lower_ = np.array([r[1] for r in rows], dtype=float)
-    lp.row_upper_ = np.array([r[2] for r in rows], dtype=float)
+    lp.row_lower_ = np.array([r.low for r in rows], dtype=float)
+    lp.row_upper_ = np.array([r.high for r in rows], dtype=float)
     starts, index, value = [0], [], []
     for row, _, _ in rows:
         for c in sorted(row):
@@ -320,9 +354,29 @@ def _highs(cost: list[float], lower: list[float], upper: list[float],
     return h
 
 
-def lp_bound_world(world: "World", residual: dict[str, int]) -> Optional[float]:
+class _GpuClass(NamedTuple):
+    """Identical GPUs, for the relaxation: their product, GPUs on their node, free
+    bytes, and whether they are in use."""
+
+    product: str
+    gpus: int
+    free: int
+    in_use: bool
+
+
+class _ClassColumn(NamedTuple):
+    """The column of shards of one model on one GPU class (an index into the sorted
+    classes)."""
+
+    demand: Demand
+    req: Requirement
+    klass: int
+    col: int
+
+
+def relaxation_bound(state: PlanState, residual: dict[str, int]) -> Optional[float]:
     """A lower bound on GPUs used by any plan that places every ``residual`` replica on
-    ``world``, or None when not even the relaxation can place them all.
+    ``state``'s nodes, or None when not even the relaxation can place them all.
 
     Identical GPUs are pooled into classes (dropping "a TP group on one node" and
     bandwidth, which only relaxes it further) and the continuous relaxation is solved
@@ -330,60 +384,60 @@ def lp_bound_world(world: "World", residual: dict[str, int]) -> Optional[float]:
     """
     import highspy
 
-    share = world.policy.share_gpus
-    # GPU classes: (product, GPUs on its node, free bytes, in use) -> count.
-    classes: dict[tuple[str, int, int, bool], int] = {}
+    share = state.policy.share_gpus
+    # GPU classes -> how many GPUs are of each.
+    classes: dict[_GpuClass, int] = {}
     fixed_used = 0
-    for s in world.states:
+    for s in state.nodes:
         for g in range(s.node.gpus):
             in_use = s.tenants[g] > 0
             if not s.node.schedulable:
                 fixed_used += in_use
                 continue
-            key = (s.node.product, s.node.gpus, s.free[g], in_use)
+            key = _GpuClass(s.node.product, s.node.gpus, s.free[g], in_use)
             classes[key] = classes.get(key, 0) + 1
     keys = sorted(classes)
     # One column per class (GPUs of it in use; those in use already are a constant),
     # then one per (model, class): shards of the model there.
-    cost = [0.0 if k[3] else 1.0 for k in keys]
-    lower = [float(classes[k]) if k[3] else 0.0 for k in keys]
+    cost = [0.0 if k.in_use else 1.0 for k in keys]
+    lower = [float(classes[k]) if k.in_use else 0.0 for k in keys]
     upper = [float(classes[k]) for k in keys]
-    fixed_used += sum(classes[k] for k in keys if k[3])
-    cols: list[tuple[Demand, Requirement, int, int]] = []  # (demand, req, class, column)
-    for d in world.demands:
+    fixed_used += sum(classes[k] for k in keys if k.in_use)
+    cols: list[_ClassColumn] = []
+    for d in state.demands:
         if residual[d.model] <= 0:
             continue
         for ci, (product, gpus, free, in_use) in enumerate(keys):
             req = d.requirement(product)
             if req is None or req.tp > gpus or req.hbm_per_gpu > free or (in_use and not share):
                 continue
-            cols.append((d, req, ci, len(cost)))
+            cols.append(_ClassColumn(d, req, ci, len(cost)))
             cost.append(0.0)
             lower.append(0.0)
             upper.append(math.inf)
-    rows: list[tuple[dict[int, float], float, float]] = []
-    for d in world.demands:
+    rows: list[Row] = []
+    for d in state.demands:
         r_m = residual[d.model]
         if r_m <= 0:
             continue
-        row = {col: 1.0 / req.tp for dd, req, _, col in cols if dd is d}
+        row = {c.col: 1.0 / c.req.tp for c in cols if c.demand is d}
         if not row:
             return None
-        rows.append((row, float(r_m), float(r_m)))
+        rows.append(Row(row, float(r_m), float(r_m)))
     for ci, (product, gpus, free, in_use) in enumerate(keys):
-        mine = [(col, req) for _, req, c, col in cols if c == ci]
+        mine = [(c.col, c.req) for c in cols if c.klass == ci]
         if not mine:
             continue
         scale = max(free, 1)
-        rows.append(({**{col: req.hbm_per_gpu / scale for col, req in mine}, ci: -free / scale},
-                     -math.inf, 0.0))
+        rows.append(Row({**{col: req.hbm_per_gpu / scale for col, req in mine},
+                         ci: -free / scale}, -math.inf, 0.0))
         for j in CUTS:
             big_items = [col for col, req in mine if req.hbm_per_gpu * (j + 1) > free]
             if big_items:
-                rows.append(({**{col: 1.0 for col in big_items}, ci: -float(j)},
-                             -math.inf, 0.0))
+                rows.append(Row({**{col: 1.0 for col in big_items}, ci: -float(j)},
+                                -math.inf, 0.0))
         if not share:
-            rows.append(({**{col: 1.0 for col, _ in mine}, ci: -1.0}, -math.inf, 0.0))
+            rows.append(Row({**{col: 1.0 for col, _ in mine}, ci: -1.0}, -math.inf, 0.0))
     if not rows:
         return float(fixed_used)
     h = _highs(cost, lower, upper, rows, integer=False)

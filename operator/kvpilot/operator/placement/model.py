@@ -110,7 +110,7 @@ class Demand:
     replicas then share the least crowded domains (``Plan.crowded`` says so), and
     within a node they share, "node" replicas pack as any. "Room" is on the products
     where a replica takes its fewest GPUs: spreading shares a node before it raises a
-    replica's tensorParallel elsewhere. See ``engine.World.relax``.
+    replica's tensorParallel elsewhere. See ``spread.relax``.
     """
 
     model: str

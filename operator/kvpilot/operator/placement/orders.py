@@ -3,24 +3,20 @@ instances (which replicas get a scarce large product is decided by the order).""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from kvpilot.operator.placement.model import Demand, Requirement
-
-if TYPE_CHECKING:  # pragma: no cover
-    from kvpilot.operator.placement.engine import World
-    from kvpilot.operator.placement.state import Pool
+from kvpilot.operator.placement.plan_state import PlanState
+from kvpilot.operator.placement.state import Pool
 
 
-def largest_first(world: "World") -> list[Demand]:
+def largest_first(state: PlanState) -> list[Demand]:
     """Largest replica first (HBM over all its GPUs, then per GPU), then by name."""
     def size(d: Demand) -> tuple[int, int]:
-        return max(((r.total, r.hbm_per_gpu) for _, r in world.sized(d)), default=(0, 0))
+        return max(((r.total, r.hbm_per_gpu) for _, r in state.sized(d)), default=(0, 0))
 
-    return sorted(world.demands, key=lambda d: (tuple(-x for x in size(d)), d.model))
+    return sorted(state.demands, key=lambda d: (tuple(-x for x in size(d)), d.model))
 
 
-def alternative_orders(world: "World", incomplete: bool = False) -> list[list[str]]:
+def alternative_orders(state: PlanState, incomplete: bool = False) -> list[list[str]]:
     """Other model orders worth a plan on a small instance, most promising first, each
     once and none equal to largest first: when the plan so far leaves replicas unplaced,
     smallest first (what places the most replicas when not all fit) and loosest ITL
@@ -31,7 +27,7 @@ def alternative_orders(world: "World", incomplete: bool = False) -> list[list[st
     H200 GPU and one to an 80 GB GPU may deserve it more than a larger one that needs
     the same GPUs on either. Model names only: deterministic.
     """
-    base = [d.model for d in largest_first(world)]
+    base = [d.model for d in largest_first(state)]
     rank = {m: i for i, m in enumerate(base)}
     seen = {tuple(base)}
     out: list[list[str]] = []
@@ -45,7 +41,7 @@ def alternative_orders(world: "World", incomplete: bool = False) -> list[list[st
         add(list(reversed(base)))
 
         def tightness(m: str) -> float:
-            budgets = [r.step_budget / r.step_bytes for _, r in world.sized(world.by_model[m])
+            budgets = [r.step_budget / r.step_bytes for _, r in state.sized(state.by_model[m])
                        if r.step_budget is not None and r.step_bytes]
             return min(budgets, default=float("inf"))
 
@@ -56,20 +52,20 @@ def alternative_orders(world: "World", incomplete: bool = False) -> list[list[st
         add(swapped)
 
     def per_gpu(m: str) -> int:
-        return max((r.hbm_per_gpu for _, r in world.sized(world.by_model[m])), default=0)
+        return max((r.hbm_per_gpu for _, r in state.sized(state.by_model[m])), default=0)
 
     add(sorted(base, key=lambda m: (-per_gpu(m), rank[m])))
-    largest = world.largest_pool()
-    if world.scarce and largest is not None:
-        add(sorted(base, key=lambda m: (-saved_per_scarce(world, m, largest), rank[m])))
+    largest = state.largest_pool()
+    if state.scarce and largest is not None:
+        add(sorted(base, key=lambda m: (-saved_per_scarce(state, m, largest), rank[m])))
     return out
 
 
-def saved_per_scarce(world: "World", model: str, largest: "Pool") -> float:
+def saved_per_scarce(state: PlanState, model: str, largest: Pool) -> float:
     """GPUs one replica saves by running on the largest product instead of the cheapest
     other one, per GPU of the largest it takes; a single-GPU replica takes 1/k of a GPU
     that holds k of it. -1 where it cannot run on the largest."""
-    d = world.by_model[model]
+    d = state.by_model[model]
     here_req = d.requirement(largest.product)
     if here_req is None or here_req.tp > largest.max_gpus:
         return -1.0
@@ -80,6 +76,6 @@ def saved_per_scarce(world: "World", model: str, largest: "Pool") -> float:
         return 1.0 / max(1, cap // req.hbm_per_gpu)
 
     here = gpus(here_req, largest.states[0].cap)
-    other = [gpus(r, p.states[0].cap) for p, r in world.sized(d)
+    other = [gpus(r, p.states[0].cap) for p, r in state.sized(d)
              if p is not largest and r.tp <= p.max_gpus]
     return (min(other) - here) / here if other else 0.0

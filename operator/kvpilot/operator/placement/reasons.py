@@ -17,7 +17,7 @@ some node (:func:`fits_now`). An SLA reduction is the largest that passes.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from kvpilot.api.memory import (
     TP_DEGREES, kv_bytes_per_sequence, max_context_within, replica_budget, tp_is_valid,
@@ -28,6 +28,19 @@ from kvpilot.operator.placement.filters import first_failure, product_fits, spre
 from kvpilot.operator.placement.inputs import requirement
 from kvpilot.operator.placement.model import Demand, Policy, Requirement
 from kvpilot.operator.placement.state import Apart, NodeState, tighter
+
+
+class BestSet(NamedTuple):
+    """The closest a node comes to holding a replica: ``with_need`` of its GPUs (at most
+    the replica's TP) have what one GPU of it needs free, and (``gpus``, ``size``)
+    describes them: that many GPUs with at least ``size`` free each. When no GPU has the
+    need, (``gpus``, ``size``) is its best set of up to TP GPUs instead, all short.
+    ``node`` is None when no node of the product has a GPU free."""
+
+    with_need: int
+    gpus: int
+    size: int
+    node: Optional[str]
 
 
 class _Free:
@@ -47,13 +60,11 @@ class _Free:
     def fits(self, product: str, tp: int, need: int) -> bool:
         return any(len(f) >= tp and f[tp - 1] >= need for f, _ in self.by_product.get(product, ()))
 
-    def best_set(self, product: str, tp: int, need: int) -> tuple[int, int, int, Optional[str]]:
-        """The closest a node of ``product`` comes: (k, n, size, node). k of its GPUs (at
-        most ``tp``) have ``need`` free, and (n, size) describes them: n GPUs with at
-        least ``size`` free each. When no GPU has ``need``, (n, size) is its best set of
-        up to ``tp`` GPUs instead, all short."""
+    def best_set(self, product: str, tp: int, need: int) -> "BestSet":
+        """The closest a node of ``product`` comes to holding ``tp`` GPUs with ``need``
+        free each (``BestSet``)."""
         best_key: Optional[tuple] = None
-        best: tuple[int, int, int, Optional[str]] = (0, 0, 0, None)
+        best = BestSet(0, 0, 0, None)
         for free, s in self.by_product.get(product, ()):
             if not free:
                 continue
@@ -62,7 +73,7 @@ class _Free:
             size = max(0, free[n - 1])
             key = (k, size if k else 0, n, size, -s.index)
             if best_key is None or key > best_key:
-                best_key, best = key, (k, n, size, s.node.name)
+                best_key, best = key, BestSet(k, n, size, s.node.name)
         return best
 
     def best_group(self, product: str, tp: int) -> int:
@@ -276,7 +287,7 @@ def _fixes(demand: Demand, free: _Free, allowed: list[str], products: list[str],
         found = (_sla_fit(spec, closest[1], closest[2]) if closest is not None
                  else _sla_on_any(spec, free, allowed))
         if found is not None:
-            tries.extend(_verified_sla(spec, found[1], found[2], states, policy))
+            tries.extend(_verified_sla(spec, found.field, found.value, states, policy))
     tries.extend(_other_products(demand, free, products, states, policy))
     return _join(tries) if tries else ""
 
@@ -321,24 +332,33 @@ def _larger_tp(spec, states: list[NodeState], policy: Policy, current: int) -> O
     return None
 
 
-def _sla_fit(spec, tp: int, best_free: int) -> Optional[tuple[int, str, int]]:
-    """(rank, field, value) of the SLA that fits ``best_free`` per GPU at ``tp``: fewer
-    sequences first (rank 1), else shorter contexts (rank 0); None when neither does."""
+class SlaFit(NamedTuple):
+    """An SLA field lowered to ``value`` so that a replica fits; of two, the larger is
+    the better fix (fewer sequences, rank 1, before a shorter context, rank 0)."""
+
+    rank: int
+    field: str
+    value: int
+
+
+def _sla_fit(spec, tp: int, best_free: int) -> Optional[SlaFit]:
+    """The SLA that fits ``best_free`` per GPU at ``tp``: fewer sequences first, else
+    shorter contexts; None when neither does."""
     b = replica_budget(spec, tp)
     room = best_free - b.weights - b.overhead
     if room <= 0:
         return None
     sequences = room // b.kv_bytes_per_sequence
     if 1 <= sequences < spec.sla.concurrent_sequences:
-        return (1, "concurrentSequences", sequences)
+        return SlaFit(1, "concurrentSequences", sequences)
     tokens = max_context_within(spec.architecture, spec.kv_cache_dtype,
                                 room // spec.sla.concurrent_sequences, tp)
     if 1 <= tokens < spec.sla.context_tokens:
-        return (0, "contextTokens", tokens)
+        return SlaFit(0, "contextTokens", tokens)
     return None
 
 
-def _sla_on_any(spec, free: _Free, allowed: list[str]) -> Optional[tuple[int, str, int]]:
+def _sla_on_any(spec, free: _Free, allowed: list[str]) -> Optional[SlaFit]:
     """The least reduction of the SLA whose budget fits some allowed product at some
     tensorParallel a worker runs, when no product holds the SLA as it is."""
     fits = [f for p in allowed for t in _candidate_tps(spec, WORKER_MAX_TENSOR_PARALLEL)

@@ -22,7 +22,7 @@ def gpu_most_allocated(free: int, tenants: int, cap: int, need: int, fresh: floa
     the share of the ITL byte budget its tenants stream (``stream_fill``, 0-1). A fresh
     GPU scores up to ``50 x fresh``,
     where ``fresh`` (0-1) is what opening a GPU of this product is worth (see
-    ``engine.World.fresh_values``); of equal fresh GPUs, the one on the node with more
+    ``search.fresh_values``); of equal fresh GPUs, the one on the node with more
     HBM in use (``node_used``, 0-1) wins, which keeps whole nodes free.
     """
     if tenants > 0:

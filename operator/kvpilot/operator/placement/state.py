@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_left, insort
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 from kvpilot.operator.placement.model import Demand, Existing, Node, Requirement
 
@@ -52,7 +52,7 @@ class Apart:
     replicas of ``model`` takes no more of them (None: no limit), nor does a GPU that
     holds ``gpu_cap``. They start at one per node ("node") or per GPU ("gpu"), the other
     without limit (``NO_LIMIT``), and rise only when nothing fits within them
-    (``engine.World.relax``)."""
+    (``spread.relax``)."""
 
     model: str
     node_cap: Optional[int]
@@ -84,18 +84,24 @@ def natural(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def existing_load(e: Existing, demand: Optional[Demand], product: str
-                  ) -> tuple[int, Optional[int]]:
-    """(bytes per decode step on each GPU, ITL byte budget) of a replica that already
-    runs: as stated, else as its model's requirement on that product says (never more
-    than it holds), else everything it holds and no budget. A replica cannot stream more
-    than its HBM, so the fallback overestimates and never oversubscribes a GPU."""
+class Load(NamedTuple):
+    """What a replica streams on each of its GPUs, and the budget it holds them to."""
+
+    step_bytes: int  # bytes per decode step
+    step_budget: Optional[int]  # its ITL byte budget; None: no target
+
+
+def existing_load(e: Existing, demand: Optional[Demand], product: str) -> Load:
+    """The load of a replica that already runs: its bytes per decode step as stated,
+    else as its model's requirement on that product says (never more than it holds),
+    else everything it holds and no budget. A replica cannot stream more than its HBM,
+    so the fallback overestimates and never oversubscribes a GPU."""
     req = demand.size_on(product) if demand is not None else None
     step = e.step_bytes
     if step is None:
         fits = req is not None and req.tp == len(e.gpus)
         step = min(req.step_bytes, e.hbm_per_gpu) if fits else e.hbm_per_gpu
-    return step, (req.step_budget if req is not None else None)
+    return Load(step, req.step_budget if req is not None else None)
 
 
 @dataclass(eq=False, slots=True)
