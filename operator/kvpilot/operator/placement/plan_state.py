@@ -90,7 +90,7 @@ class PlanState:
     __slots__ = ("policy", "mode", "demands", "by_model", "nodes", "by_name", "existing",
                  "taken_names", "weights", "spread", "max_cap", "optimizes", "pools",
                  "by_product", "scarce", "work", "moves", "pending", "placed", "aparts",
-                 "narrow", "crowded", "fill_index")
+                 "narrow", "crowded", "fill_index", "_sized")
 
     def __init__(self, snapshot: Snapshot, demands: Sequence[Demand], policy: Policy,
                  mode: str = "largest") -> None:
@@ -134,6 +134,7 @@ class PlanState:
         self.crowded: dict[str, str] = {}
         # product -> pending single-GPU requirements, in ``_fill_order``
         self.fill_index: dict[str, list[_FillEntry]] = {}
+        self._sized: dict[str, list[Option]] = {}  # model -> ``sized``, once pools exist
 
     def load_existing(self) -> Resolved:
         """Existing replicas first (``existing.resolve_existing``), then the indexes and
@@ -187,9 +188,15 @@ class PlanState:
     # -- where a demand may go ---------------------------------------------------------
 
     def sized(self, demand: Demand) -> list[Option]:
-        """Every product the demand may use, with what one replica needs there."""
-        return [Option(p, r) for p in self.pools
-                if (r := demand.requirement(p.product)) is not None]
+        """Every product the demand may use, with what one replica needs there (the same
+        list on every call once the pools exist: do not change it)."""
+        found = self._sized.get(demand.model)
+        if found is None:
+            found = [Option(p, r) for p in self.pools
+                     if (r := demand.requirement(p.product)) is not None]
+            if self.pools:
+                self._sized[demand.model] = found
+        return found
 
     def options(self, demand: Demand) -> list[Option]:
         """Every product the demand may use and whose nodes are large enough; for a
