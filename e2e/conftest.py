@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from e2e.cluster import Cluster, install_crds
+from e2e.fake_workers import FakeWorkers
 from e2e.fleet import FLEET, fleet_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,3 +36,11 @@ def dra_cluster(tmp_path_factory):
     """A control plane of its own for the module: FLEET's nodes, GPUs as ResourceSlices."""
     with fleet_cluster(tmp_path_factory.mktemp("dra-cluster"), FLEET, dra=True, crds=ROOT / "crds") as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def fakes(dra_cluster):
+    """Stand-in workers for the module's pods, whose metrics and drains the test sets."""
+    f = FakeWorkers(dra_cluster).start()
+    yield f
+    f.stop()

@@ -9,20 +9,12 @@ import time
 
 import pytest
 
-from e2e.fake_workers import FakeWorkers
 from e2e.operator import OperatorProcess, wait_for
 from e2e.fleet import SMALL, autoscaled, model
 from e2e.state import events, live, model_status
 
 SCRAPE = 1.0
 DRAIN_TIMEOUT = 10
-
-
-@pytest.fixture(scope="module")
-def fakes(dra_cluster):
-    f = FakeWorkers(dra_cluster).start()
-    yield f
-    f.stop()
 
 
 @pytest.fixture(scope="module")

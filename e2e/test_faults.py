@@ -15,20 +15,13 @@ from datetime import datetime, timezone
 import pytest
 
 from e2e.cluster import KWOK_NODE_ANNOTATION
-from e2e.fake_workers import MISBEHAVIOURS, FakeWorkers
+from e2e.fake_workers import MISBEHAVIOURS
 from e2e.fleet import SMALL, autoscaled, model
 from e2e.operator import OperatorProcess, operator_writes, wait_for
 from e2e.state import live, objects, replicas, running
 
 SCRAPE = 1.0
 GRACE = 60  # not_ready_grace_seconds: far longer than any flap here
-
-
-@pytest.fixture(scope="module")
-def fakes(dra_cluster):
-    f = FakeWorkers(dra_cluster).start()
-    yield f
-    f.stop()
 
 
 @pytest.fixture(scope="module")
